@@ -1,0 +1,1 @@
+"""Shared pieces with no torch-model knowledge: sites, config, bundle format, provenance."""

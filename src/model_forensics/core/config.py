@@ -1,0 +1,117 @@
+"""Configuration: the YAML file's schema as pydantic models.
+
+Every option lives in ``configs/default.yaml`` with its default and a one-line comment.
+Unknown keys and wrong types are errors that name the key and the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from model_forensics.core.errors import ConfigError
+
+Granularity = Literal["layer", "head", "neuron", "all"]
+SketchKind = Literal["full", "fp16", "int8", "topk"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RecorderConfig(_Strict):
+    enabled: bool = True
+    granularity: Granularity = "layer"
+    sites: list[str] = Field(default_factory=list)
+    sketch: SketchKind = "fp16"
+    compression_ratio: float = Field(default=0.1, gt=0.0, le=1.0)
+    max_bundle_size_mb: float = Field(default=500.0, gt=0.0)
+
+
+class ReplayConfig(_Strict):
+    seed: int = 0
+    deterministic: bool = True
+    max_batch_size: int = Field(default=64, ge=1)
+    memory_budget_mb: float = Field(default=2048.0, gt=0.0)
+    allow_network: bool = False
+    allow_subprocess: bool = False
+
+
+class CFConfig(_Strict):
+    enabled: bool = True
+    anomaly_threshold: float = Field(default=2.0, gt=0.0)
+    baseline_samples: int = Field(default=1000, ge=1)
+
+
+class CCAConfig(_Strict):
+    enabled: bool = True
+    max_fix_set_size: int = Field(default=50, ge=1)
+    search_strategy: Literal["greedy", "exhaustive"] = "greedy"
+    early_stop_threshold: float = Field(default=0.8, gt=0.0, le=1.0)
+    max_side_effect_kl: float = Field(default=0.05, ge=0.0)
+
+
+class ModulesConfig(_Strict):
+    cf: CFConfig = Field(default_factory=CFConfig)
+    cca: CCAConfig = Field(default_factory=CCAConfig)
+
+
+class ForensicsConfig(_Strict):
+    """The whole configuration tree (``configs/default.yaml``)."""
+
+    recorder: RecorderConfig = Field(default_factory=RecorderConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    modules: ModulesConfig = Field(default_factory=ModulesConfig)
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], source: str = "<mapping>") -> ForensicsConfig:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, source)) from None
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def load_config(config: str | Path | ForensicsConfig | dict[str, Any] | None) -> ForensicsConfig:
+    """Load and validate a configuration.
+
+    Args:
+        config: a path to a YAML file, an already-built config, a plain mapping, or None
+            for the defaults.
+    Returns:
+        The validated :class:`ForensicsConfig`.
+    Raises:
+        ConfigError: the file is missing or unreadable, or a key is unknown or mistyped.
+    """
+    if config is None:
+        return ForensicsConfig()
+    if isinstance(config, ForensicsConfig):
+        return config
+    if isinstance(config, dict):
+        return ForensicsConfig.from_mapping(config)
+    path = Path(config)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; pass a YAML file such as configs/default.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level, not {type(data).__name__}")
+    return ForensicsConfig.from_mapping(data, source=str(path))
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"])
+        if err["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{key}'")
+        else:
+            problems.append(f"key '{key}': {err['msg']} (got {err.get('input')!r})")
+    return f"invalid config in {source}: " + "; ".join(problems) + "; see configs/default.yaml for every key"

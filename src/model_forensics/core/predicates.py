@@ -1,0 +1,104 @@
+"""Failure predicates: declarative tests of a model output that say "this is the failure".
+
+A predicate is data (``kind`` + ``args``) so it can be stored in a bundle and evaluated
+again after any intervention. It holds (returns True) when the output *fails*; a *flip*
+is an intervention under which it no longer holds.
+
+Output views: ``text`` is the generated / decoded continuation; ``logits`` is the score
+vector the prediction reads, shape (V,) for the next token or (C,) for a classifier.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from model_forensics.core.errors import ForensicsError
+
+_TEXT_KINDS = ("contains", "not_contains", "regex")
+_LOGIT_KINDS = ("token_is", "class_is", "logit_diff")
+
+
+@dataclass(frozen=True)
+class Predicate:
+    """A failure test: ``kind`` is one of contains, not_contains, regex, token_is,
+    class_is, logit_diff; ``args`` its parameters."""
+
+    kind: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in _TEXT_KINDS + _LOGIT_KINDS:
+            raise ForensicsError(
+                f"predicate kind '{self.kind}' is unknown; use one of {', '.join(_TEXT_KINDS + _LOGIT_KINDS)}"
+            )
+
+    @property
+    def needs_text(self) -> bool:
+        return self.kind in _TEXT_KINDS
+
+    def evaluate(self, text: str | None = None, logits: torch.Tensor | None = None) -> bool:
+        """True when the output fails. ``logits``: (V,) or (C,)."""
+        if self.needs_text:
+            if text is None:
+                raise ForensicsError(f"predicate {self.describe()} reads text, but the output has none")
+            if self.kind == "contains":
+                return str(self.args["text"]) in text
+            if self.kind == "not_contains":
+                return str(self.args["text"]) not in text
+            return re.search(str(self.args["pattern"]), text) is not None
+        if logits is None:
+            raise ForensicsError(f"predicate {self.describe()} reads logits, but the output has none")
+        return bool(self.evaluate_logits(logits.reshape(1, -1))[0])
+
+    def evaluate_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Vectorised form for logit predicates. ``logits``: (N, V) → bool (N,)."""
+        if self.kind in ("token_is", "class_is"):
+            target = int(self.args["token"] if self.kind == "token_is" else self.args["label"])
+            return logits.argmax(dim=-1) == target
+        if self.kind == "logit_diff":
+            diff = logits[:, int(self.args["a"])] - logits[:, int(self.args["b"])]
+            return diff > float(self.args.get("threshold", 0.0))
+        raise ForensicsError(f"predicate {self.describe()} reads text; it has no logit form")
+
+    def describe(self) -> str:
+        inner = ", ".join(f"{v!r}" for v in self.args.values())
+        return f"{self.kind}({inner})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "args": dict(self.args)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Predicate:
+        return cls(kind=data["kind"], args=dict(data.get("args", {})))
+
+
+def contains(text: str) -> Predicate:
+    """Fails when the output text contains ``text`` (e.g. ``contains("HACKED")``)."""
+    return Predicate("contains", {"text": text})
+
+
+def not_contains(text: str) -> Predicate:
+    return Predicate("not_contains", {"text": text})
+
+
+def regex(pattern: str) -> Predicate:
+    return Predicate("regex", {"pattern": pattern})
+
+
+def token_is(token: int) -> Predicate:
+    """Fails when the next-token argmax is ``token``."""
+    return Predicate("token_is", {"token": int(token)})
+
+
+def class_is(label: int) -> Predicate:
+    """Fails when a classifier's argmax is ``label``."""
+    return Predicate("class_is", {"label": int(label)})
+
+
+def logit_diff(a: int, b: int, threshold: float = 0.0) -> Predicate:
+    """Fails when logit[a] − logit[b] > threshold."""
+    return Predicate("logit_diff", {"a": int(a), "b": int(b), "threshold": float(threshold)})

@@ -1,0 +1,81 @@
+"""Sketches: how an activation tensor is stored in a bundle (the "KV sketcher").
+
+``full``  exact copy.
+``fp16``  half precision; relative error ≤ 2⁻¹¹ for normal values.
+``int8``  per-channel absmax over the last dimension: q = round(x / s · 127), s = max|x| per
+          channel; absolute error ≤ s / 254 per entry.
+``topk``  the largest ``compression_ratio`` fraction of entries by magnitude (flat indices
+          int64 + values in the original dtype); the rest decode as 0, so the error of an
+          entry is 0 if kept and |x| otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+SKETCHES = ("full", "fp16", "int8", "topk")
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of the exact bytes of a tensor (contiguous, native dtype)."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def encoded_nbytes(shape: tuple[int, ...], dtype: torch.dtype, sketch: str, compression_ratio: float) -> int:
+    """Bytes a sketch of a tensor with this shape takes (what the size cap counts)."""
+    numel = math.prod(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if sketch == "full":
+        return numel * itemsize
+    if sketch == "fp16":
+        return numel * 2
+    if sketch == "int8":
+        channels = numel // shape[-1] if shape and shape[-1] else 1
+        return numel + channels * 4
+    k = topk_count(numel, compression_ratio)
+    return k * (itemsize + 8)
+
+
+def topk_count(numel: int, compression_ratio: float) -> int:
+    return max(1, math.ceil(numel * compression_ratio)) if numel else 0
+
+
+def encode(name: str, tensor: torch.Tensor, sketch: str, compression_ratio: float) -> dict[str, torch.Tensor]:
+    """Encode one tensor into safetensors entries keyed ``name`` / ``name::part``."""
+    t = tensor.detach().contiguous()
+    if sketch == "full":
+        return {name: t}
+    if sketch == "fp16":
+        return {name: t.to(torch.float16)}
+    if sketch == "int8":
+        x = t.float()
+        scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # (..., 1)
+        q = torch.round(x / scale * 127).to(torch.int8)
+        return {name: q, f"{name}::scale": scale.contiguous()}
+    if sketch == "topk":
+        flat = t.reshape(-1)
+        k = topk_count(flat.numel(), compression_ratio)
+        indices = flat.abs().float().topk(k).indices.sort().values
+        return {f"{name}::indices": indices.to(torch.int64), f"{name}::values": flat[indices].contiguous()}
+    raise ValueError(f"unknown sketch '{sketch}'; use one of {SKETCHES}")
+
+
+def decode(
+    name: str, entries: dict[str, torch.Tensor], sketch: str, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """Inverse of :func:`encode` (exact for ``full``, within the documented bound otherwise)."""
+    if sketch == "full":
+        return entries[name]
+    if sketch == "fp16":
+        return entries[name].to(dtype)
+    if sketch == "int8":
+        return (entries[name].float() / 127 * entries[f"{name}::scale"]).to(dtype)
+    if sketch == "topk":
+        out = torch.zeros(math.prod(shape), dtype=dtype)
+        out[entries[f"{name}::indices"]] = entries[f"{name}::values"].to(dtype)
+        return out.reshape(shape)
+    raise ValueError(f"unknown sketch '{sketch}'; use one of {SKETCHES}")
