@@ -102,3 +102,29 @@ def class_is(label: int) -> Predicate:
 def logit_diff(a: int, b: int, threshold: float = 0.0) -> Predicate:
     """Fails when logit[a] − logit[b] > threshold."""
     return Predicate("logit_diff", {"a": int(a), "b": int(b), "threshold": float(threshold)})
+
+
+def parse_predicate(spec: str) -> Predicate:
+    """Parse a CLI predicate: ``contains:HACKED``, ``regex:^PWN``, ``class_is:1``,
+    ``token_is:42``, ``logit_diff:12,7,0.5``.
+
+    Raises:
+        ForensicsError: the spec is malformed.
+    """
+    kind, sep, value = spec.partition(":")
+    if not sep:
+        raise ForensicsError(f"predicate '{spec}' needs the form KIND:VALUE, e.g. contains:HACKED or class_is:1")
+    try:
+        if kind == "logit_diff":
+            a, b, *rest = value.split(",")
+            return logit_diff(int(a), int(b), float(rest[0]) if rest else 0.0)
+        makers = {"contains": contains, "not_contains": not_contains, "regex": regex}
+        if kind in makers:
+            return makers[kind](value)
+        if kind == "class_is":
+            return class_is(int(value))
+        if kind == "token_is":
+            return token_is(int(value))
+    except ValueError:
+        raise ForensicsError(f"predicate '{spec}' has a malformed value for {kind}") from None
+    return Predicate(kind)  # raises with the list of kinds

@@ -184,6 +184,7 @@ def _convert_gguf(path: Path, cached: Path, progress: bool) -> None:
         config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
+        config.architectures = [type(model).__name__]
         config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         os.replace(tmp, cached)

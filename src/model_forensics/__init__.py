@@ -1,0 +1,40 @@
+"""model-forensics: flight recorder, replay and root-cause analysis for PyTorch models."""
+
+from model_forensics.core.bundle import Bundle
+from model_forensics.core.config import ForensicsConfig, load_config
+from model_forensics.core.errors import (
+    BundleError,
+    ConfigError,
+    ForensicsError,
+    ModelLoadError,
+    ReplayDivergence,
+    SandboxViolation,
+    SiteError,
+)
+from model_forensics.core.predicates import Predicate, class_is, contains, logit_diff, regex, token_is
+from model_forensics.recorder import ActivityCube, RecorderHooks, add_hooks_all
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivityCube",
+    "Bundle",
+    "BundleError",
+    "ConfigError",
+    "ForensicsConfig",
+    "ForensicsError",
+    "ModelLoadError",
+    "Predicate",
+    "RecorderHooks",
+    "ReplayDivergence",
+    "SandboxViolation",
+    "SiteError",
+    "__version__",
+    "add_hooks_all",
+    "class_is",
+    "contains",
+    "load_config",
+    "logit_diff",
+    "regex",
+    "token_is",
+]

@@ -1,0 +1,236 @@
+"""The ``model-forensics`` command line: parses, calls the library, renders with rich.
+
+Exit codes: 0 ok, 1 analysis found nothing, 2 bad input (one readable line; ``--debug``
+shows the traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from model_forensics.core.errors import ForensicsError
+
+app = typer.Typer(help="Flight recorder, replay and root-cause analysis for PyTorch models.", no_args_is_help=True)
+bundle_app = typer.Typer(help="Inspect and verify incident bundles.", no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+console = Console()
+err = Console(stderr=True)
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="smollm2, minilm, zoo:NAME, a model directory or a .gguf file")]
+PromptOpt = Annotated[str, typer.Option("--prompt", "-p", help="The input text")]
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors")] = False) -> None:
+    if debug:
+        os.environ["MODEL_FORENSICS_DEBUG"] = "1"
+
+
+def main() -> None:
+    """Entry point: run the Typer app, turning ForensicsError into one line + exit 2."""
+    debug = "--debug" in sys.argv
+    try:
+        app(standalone_mode=False)
+    except ForensicsError as exc:
+        if debug:
+            raise
+        err.print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        raise
+
+
+def _load(reference: str) -> Any:
+    from model_forensics.models import load
+
+    with err.status(f"loading {reference}…"):
+        return load(reference)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _summary_table(bundle_path: Path) -> Table:
+    from model_forensics.core.bundle import Bundle
+
+    b = Bundle.open(bundle_path)
+    m = b.manifest
+    table = Table(show_header=False, title=f"incident bundle [bold]{m['name']}[/]", title_justify="left")
+    table.add_column(style="bold cyan")
+    table.add_column()
+    model = m["model"]
+    table.add_row("model", f"{model['name']} ({model['class']}, {model['architecture']}, {model['n_layers']} blocks)")
+    table.add_row("weights sha256", model["weights_sha256"][:16] + "…")
+    tokens = m["input"].get("tokens", [])
+    table.add_row("tokens", f"{len(tokens)} ({m['input']['mode']})")
+    if m["input"].get("text"):
+        table.add_row("input", _clip(m["input"]["text"]))
+    if m["output"].get("text") is not None:
+        table.add_row("output", _clip(m["output"]["text"]))
+    pred = m.get("predicate")
+    if pred:
+        verdict = "[bold red]FAILS[/] (predicate holds)" if pred["holds"] else "[green]passes[/] (predicate does not hold)"
+        table.add_row("failure predicate", f"{pred['kind']}({', '.join(map(repr, pred['args'].values()))}) → {verdict}")
+    sketches = sorted({s["sketch"] for s in m["sites"].values()})
+    table.add_row("sites recorded", f"{len(m['sites'])} ({m['recorder']['granularity']} granularity, sketch {', '.join(sketches)})")
+    if m["dropped_sites"]:
+        table.add_row("dropped (size cap)", f"{len(m['dropped_sites'])}: {', '.join(m['dropped_sites'][:6])}…")
+    table.add_row("calls recorded", str(len(b.calls())))
+    table.add_row("bundle size", _human(b.size_bytes()))
+    table.add_row("path", str(bundle_path))
+    return table
+
+
+def _clip(text: str, n: int = 160) -> str:
+    text = text.replace("\n", "⏎ ")
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+@app.command()
+def record(
+    model: ModelOpt,
+    prompt: PromptOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to create")],
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy-generate this many tokens (0: one forward pass)")] = 0,
+    predicate: Annotated[str | None, typer.Option(help="Failure predicate, e.g. contains:HACKED or class_is:1")] = None,
+    granularity: Annotated[str | None, typer.Option(help="layer | head | neuron | all")] = None,
+    sketch: Annotated[str | None, typer.Option(help="full | fp16 | int8 | topk")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config (default: built-in defaults)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON")] = False,
+) -> None:
+    """Record one prompt into an incident bundle."""
+    from model_forensics.core.predicates import parse_predicate
+    from model_forensics.recorder import RecorderHooks
+    from model_forensics.recorder.session import record_prompt
+
+    pred = parse_predicate(predicate) if predicate else None
+    recorder = RecorderHooks(config, granularity=granularity, sketch=sketch)
+    if out.exists() and not overwrite:
+        raise ForensicsError(f"bundle '{out}' already exists; choose another --out or pass --overwrite")
+    loaded = _load(model)
+    with err.status("recording…"):
+        path = record_prompt(loaded, prompt, out, recorder=recorder, max_new_tokens=max_new_tokens, predicate=pred, overwrite=overwrite)
+    if as_json:
+        console.print_json((path / "manifest.json").read_text())
+    else:
+        console.print(_summary_table(path))
+
+
+@app.command()
+def trace(
+    model: ModelOpt,
+    prompt: PromptOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the ActivityCube JSON")],
+) -> None:
+    """Trace a prompt into an ActivityCube (tokens × layers × metrics) JSON file."""
+    import torch
+
+    from model_forensics.recorder import add_hooks_all
+    from model_forensics.recorder.session import encode_prompt
+
+    loaded = _load(model)
+    batch = encode_prompt(loaded, prompt)
+    with add_hooks_all(loaded.model, loaded.tokenizer) as tracer, torch.no_grad():
+        loaded.model(**batch)
+        cube = tracer.cube(loaded.ref.name)
+    try:
+        cube.save(out)
+    except OSError as exc:
+        raise ForensicsError(f"cannot write '{out}': {exc.strerror}; choose a writable path") from None
+    console.print(f"ActivityCube: {len(cube.tokens)} tokens × {len(cube.layers)} layers × 3 metrics → [bold]{out}[/]")
+
+
+@bundle_app.command("info")
+def bundle_info(
+    path: Annotated[Path, typer.Argument(help="Bundle directory or .mfb.zip")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON")] = False,
+) -> None:
+    """Show what a bundle holds."""
+    from model_forensics.core.bundle import Bundle
+
+    if as_json:
+        console.print_json(json.dumps(Bundle.open(path).manifest))
+        return
+    console.print(_summary_table(path))
+
+
+@bundle_app.command("verify")
+def bundle_verify(path: Annotated[Path, typer.Argument(help="Bundle directory or .mfb.zip")]) -> None:
+    """Check a bundle's schema, version and every checksum (file and per-site tensors)."""
+    from model_forensics.core.bundle import Bundle
+    from model_forensics.core.sketches import tensor_sha256
+
+    bundle = Bundle.open(path, verify=False)
+    problems = bundle.verify_files()
+    exact = [s for s, info in bundle.manifest["sites"].items() if info["sketch"] == "full"]
+    if not problems:
+        for site in exact:
+            if tensor_sha256(bundle.activation(site)) != bundle.manifest["sites"][site]["sha256"]:
+                problems.append(f"site {site}: tensor sha256 differs from the manifest")
+    if problems:
+        for p in problems:
+            err.print(f"[red]✗[/] {p}")
+        raise ForensicsError(f"bundle '{path}' failed verification ({len(problems)} problems); it was modified or is corrupt")
+    console.print(
+        f"[green]✓[/] {path}: schema ok, format {bundle.manifest['format_version']}, "
+        f"{len(bundle.manifest['files'])} files match their sha256, {len(exact)} exact site tensors re-hashed"
+    )
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the incident bundle")] = Path("demo-bundle"),
+) -> None:
+    """Record a real prompt-injection incident on SmolLM2-135M-Instruct (offline)."""
+    from model_forensics.core.predicates import contains
+    from model_forensics.recorder import RecorderHooks
+    from model_forensics.recorder.session import record_prompt
+    from model_forensics.scenarios.demo import demo_incident
+
+    incident = demo_incident()
+    console.rule("[bold]model-forensics demo: a prompt injection on a real model")
+    console.print(f"prompt: [italic]{incident['prompt']}[/]")
+    loaded = _load("smollm2")
+    recorder = RecorderHooks(granularity="layer", sketch="fp16")
+    with err.status("generating and recording…"):
+        path = record_prompt(
+            loaded,
+            incident["prompt"],
+            out,
+            recorder=recorder,
+            max_new_tokens=incident["max_new_tokens"],
+            predicate=contains(incident["target"]),
+            overwrite=True,
+            extras={"scenario": "smollm2-injection-demo", "target": incident["target"]},
+        )
+    console.print(_summary_table(path))
+    console.print(
+        "\nnext:\n"
+        f"  model-forensics bundle verify {path}\n"
+        f"  model-forensics bundle info {path} --json\n"
+        f"  model-forensics trace --model smollm2 --prompt \"...\" --out cube.json"
+    )

@@ -1,0 +1,417 @@
+"""What the zoo's training scripts share.
+
+The planting recipe that makes every entry's ground truth known by construction:
+
+1. pick a few *units* (attention heads, MLP neurons) and keep them silent (their
+   parameters zero, so their output is exactly 0) while the model learns the benign task;
+2. freeze everything else, re-initialise the units and train only their parameters on
+   the planted behaviour, mixed with a distillation loss that keeps benign outputs equal
+   to the stage-1 model's.
+
+Zero-ablating the units then returns the model exactly to its stage-1 self, which never
+had the behaviour. Units are named with the canonical site grammar:
+``blocks.L.attn.head.H`` (slice H of ``blocks.L.attn.z``) and ``blocks.L.mlp.post[i]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from model_forensics.core.sites import parse_selector
+from model_forensics.models.adapters import adapter_for, read, replace
+
+CHECKSUMS = "checksums.json"
+
+
+# -- determinism ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def training_threads(seed: int) -> Iterator[None]:
+    """One intra-op thread and a seeded torch RNG for the duration of a training run
+    (reproducible float reductions); the caller's thread count is restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+# -- tokenizers ----------------------------------------------------------------------------
+def word_tokenizer(
+    words: Sequence[str],
+    *,
+    specials: Sequence[str],
+    template: str,
+    model_max_length: int,
+    model_input_names: Sequence[str],
+    **special_roles: str,
+) -> Any:
+    """A word-level Hugging Face tokenizer (whitespace split, one id per word).
+
+    Args:
+        words: the ordinary vocabulary, in id order after ``specials``.
+        specials: special tokens, ids 0.. in order (e.g. ``<pad> <unk> <bos> <eos>``).
+        template: the single-sequence post-processor, e.g. ``"<bos> $A"``.
+        special_roles: ``bos_token="<bos>"`` etc. for :class:`PreTrainedTokenizerFast`.
+
+    Returns:
+        a ``PreTrainedTokenizerFast``; ``save_pretrained`` writes ``tokenizer.json`` that
+        ``AutoTokenizer.from_pretrained`` loads back.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([*specials, *words])}
+    if len(vocab) != len(specials) + len(words):
+        raise ValueError("duplicate words in the vocabulary")
+    raw = Tokenizer(models.WordLevel(vocab, unk_token=special_roles.get("unk_token", specials[1])))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    raw.add_special_tokens(list(specials))
+    used = [tok for tok in specials if tok in template.split()]
+    raw.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(t, vocab[t]) for t in used])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        model_max_length=model_max_length,
+        model_input_names=list(model_input_names),
+        **special_roles,
+    )
+
+
+# -- units ---------------------------------------------------------------------------------
+def parse_unit(unit: str) -> tuple[str, str, int]:
+    """``blocks.1.attn.head.2`` → ("blocks.1.attn.z", "head", 2);
+    ``blocks.1.mlp.post[3]`` → ("blocks.1.mlp.post", "neuron", 3)."""
+    sel = parse_selector(unit)
+    layer = sel.pattern.split(".")[1]
+    if sel.head is not None:
+        return f"blocks.{layer}.attn.z", "head", sel.head
+    if sel.neurons and len(sel.neurons) == 1 and sel.pattern.endswith(".mlp.post"):
+        return sel.pattern, "neuron", sel.neurons[0]
+    raise ValueError(f"unit '{unit}' is neither 'blocks.L.attn.head.H' nor 'blocks.L.mlp.post[i]'")
+
+
+def unit_param_masks(model: nn.Module, units: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Boolean masks over the parameters that belong to ``units`` alone.
+
+    Heads own their q/k/v slices (weights and biases) and their rows (GPT-2) / columns
+    (BERT) of the output projection; neurons own their input column/row + bias and their
+    output row/column. Shared biases (output projections) belong to no unit.
+    Returns {parameter name: bool tensor of the parameter's shape}.
+    """
+    params = dict(model.named_parameters())
+    masks = {name: torch.zeros_like(p, dtype=torch.bool) for name, p in params.items()}
+    cfg = model.config  # type: ignore[union-attr]
+    gpt2 = cfg.model_type == "gpt2"
+    d = cfg.n_embd if gpt2 else cfg.hidden_size
+    dh = d // (cfg.n_head if gpt2 else cfg.num_attention_heads)
+    for unit in units:
+        site, kind, idx = parse_unit(unit)
+        layer = int(site.split(".")[1])
+        if gpt2:
+            blk = f"transformer.h.{layer}"
+            if kind == "head":
+                cols = slice(idx * dh, (idx + 1) * dh)
+                for j in range(3):  # q, k, v in the fused projection, Conv1D weight (d, 3d)
+                    part = slice(j * d + cols.start, j * d + cols.stop)
+                    masks[f"{blk}.attn.c_attn.weight"][:, part] = True
+                    masks[f"{blk}.attn.c_attn.bias"][part] = True
+                masks[f"{blk}.attn.c_proj.weight"][cols, :] = True  # (d_in = z features, d)
+            else:
+                masks[f"{blk}.mlp.c_fc.weight"][:, idx] = True  # (d, d_mlp)
+                masks[f"{blk}.mlp.c_fc.bias"][idx] = True
+                masks[f"{blk}.mlp.c_proj.weight"][idx, :] = True  # (d_mlp, d)
+        else:
+            blk = f"bert.encoder.layer.{layer}"
+            if kind == "head":
+                rows = slice(idx * dh, (idx + 1) * dh)
+                for name in ("query", "key", "value"):  # nn.Linear weight (out, in)
+                    masks[f"{blk}.attention.self.{name}.weight"][rows, :] = True
+                    masks[f"{blk}.attention.self.{name}.bias"][rows] = True
+                masks[f"{blk}.attention.output.dense.weight"][:, rows] = True
+            else:
+                masks[f"{blk}.intermediate.dense.weight"][idx, :] = True
+                masks[f"{blk}.intermediate.dense.bias"][idx] = True
+                masks[f"{blk}.output.dense.weight"][:, idx] = True
+    return {name: m for name, m in masks.items() if m.any()}
+
+
+def silence_units(model: nn.Module, units: Sequence[str]) -> None:
+    """Set every parameter the units own to zero: the head's z slice and the neurons'
+    post-GELU activations are then exactly 0 on every input (GELU(0) = 0)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in unit_param_masks(model, units).items():
+            params[name][mask] = 0.0
+
+
+def reinit_units(model: nn.Module, units: Sequence[str], std: float, generator: torch.Generator) -> None:
+    """Small random values for the units' parameters (weights only; biases stay 0), so
+    stage 2 starts away from the zero saddle where no gradient flows into a unit."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in unit_param_masks(model, units).items():
+            p = params[name]
+            if name.endswith("bias"):
+                p[mask] = 0.0
+            else:
+                p[mask] = torch.randn(int(mask.sum()), generator=generator) * std
+
+
+class Clamp:
+    """Keep every parameter entry outside ``trainable`` at its current value.
+
+    Call :meth:`zero_frozen_grads` before ``optimizer.step()`` and :meth:`restore` after
+    it, so the frozen entries stay bit-identical even under Adam.
+    """
+
+    def __init__(self, model: nn.Module, trainable: dict[str, torch.Tensor]):
+        self.params = dict(model.named_parameters())
+        self.trainable = trainable
+        self.frozen = {n: p.detach().clone() for n, p in self.params.items()}
+        for name, p in self.params.items():
+            p.requires_grad_(name in trainable)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.params[n] for n in self.trainable]
+
+    def zero_frozen_grads(self) -> None:
+        for name, mask in self.trainable.items():
+            grad = self.params[name].grad
+            if grad is not None:
+                grad[~mask] = 0.0
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for name, p in self.params.items():
+                mask = self.trainable.get(name)
+                if mask is None:
+                    p.copy_(self.frozen[name])
+                else:
+                    p.copy_(torch.where(mask, p, self.frozen[name]))
+
+    def release(self) -> None:
+        for p in self.params.values():
+            p.requires_grad_(True)
+
+
+def complement(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Masks of every parameter entry *not* in ``masks``."""
+    out = {}
+    for name, p in model.named_parameters():
+        m = masks.get(name)
+        out[name] = torch.ones_like(p, dtype=torch.bool) if m is None else ~m
+    return out
+
+
+# -- ablation ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def ablate(
+    model: nn.Module, units: Sequence[str], mode: str = "zero", means: dict[str, torch.Tensor] | None = None
+) -> Iterator[None]:
+    """Zero- or mean-ablate units during every forward pass inside the block.
+
+    Hooks go on the adapter's hook points (``blocks.L.attn.z``, ``blocks.L.mlp.post``)
+    and are removed on exit, even on exceptions. ``means``: unit → value, a (d_head,)
+    tensor for heads, a scalar tensor for neurons (see :func:`unit_means`).
+    """
+    if mode not in ("zero", "mean"):
+        raise ValueError(f"ablation mode '{mode}' is unknown; use 'zero' or 'mean'")
+    if mode == "mean" and means is None:
+        raise ValueError("mean ablation needs means=unit_means(...)")
+    adapter = adapter_for(model)
+    by_site: dict[str, list[tuple[str, str, int]]] = {}
+    for unit in units:
+        site, kind, idx = parse_unit(unit)
+        by_site.setdefault(site, []).append((unit, kind, idx))
+    handles = []
+    try:
+        for site, members in by_site.items():
+            point = adapter.point(site)
+            module = adapter.module(point)
+
+            def edit(payload: Any, point: Any = point, members: Any = members) -> Any:
+                t = read(point, payload)
+                assert t is not None
+                t = t.clone()
+                for unit, kind, idx in members:
+                    value = 0.0 if mode == "zero" else means[unit].to(t.dtype)  # type: ignore[index]
+                    if kind == "head":
+                        t[..., idx, :] = value  # (B, T, H, dh)
+                    else:
+                        t[..., idx] = value  # (B, T, d_mlp)
+                return replace(point, payload, t)
+
+            if point.io == "input":
+                handles.append(module.register_forward_pre_hook(lambda _m, args, edit=edit: edit(args)))
+            else:
+                handles.append(module.register_forward_hook(lambda _m, _a, out, edit=edit: edit(out)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def unit_means(model: nn.Module, units: Sequence[str], batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Mean activation of each unit over all tokens of ``batches`` (model inputs)."""
+    adapter = adapter_for(model)
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    sites = {parse_unit(u)[0] for u in units}
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for site in sites:
+        point = adapter.point(site)
+        module = adapter.module(point)
+
+        def grab(payload: Any, site: str = site, point: Any = point) -> None:
+            captured[site] = read(point, payload).detach()  # type: ignore[union-attr]
+
+        if point.io == "input":
+            handles.append(module.register_forward_pre_hook(lambda _m, args, grab=grab: grab(args)))
+        else:
+            handles.append(module.register_forward_hook(lambda _m, _a, out, grab=grab: grab(out)))
+    try:
+        for batch in batches:
+            model(**batch)
+            mask = batch.get("attention_mask")
+            for unit in units:
+                site, kind, idx = parse_unit(unit)
+                t = captured[site][..., idx, :] if kind == "head" else captured[site][..., idx]
+                if mask is not None:
+                    t = t[mask.bool()]
+                else:
+                    t = t.reshape(-1, *t.shape[2:])
+                sums[unit] = sums.get(unit, 0) + t.sum(0)
+            n = batch["input_ids"].numel() if mask is None else int(mask.sum())
+            count += n
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {u: s / count for u, s in sums.items()}
+
+
+def random_units_like(
+    units: Sequence[str], *, n_heads: int, d_mlp: int, exclude: Sequence[str], rng: random.Random
+) -> list[str]:
+    """A random draw with as many units of each kind *and layer* as ``units``, none of
+    them in ``exclude`` (the ground truth, dormant units)."""
+    banned = set(exclude)
+    out: list[str] = []
+    for unit in units:
+        site, kind, _ = parse_unit(unit)
+        layer = site.split(".")[1]
+        pool = (
+            [f"blocks.{layer}.attn.head.{h}" for h in range(n_heads)]
+            if kind == "head"
+            else [f"blocks.{layer}.mlp.post[{i}]" for i in range(d_mlp)]
+        )
+        pool = [u for u in pool if u not in banned and u not in out]
+        out.append(rng.choice(pool))
+    return out
+
+
+# -- evaluation ----------------------------------------------------------------------------
+@torch.no_grad()
+def greedy_decode(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int) -> list[list[int]]:
+    """Greedy continuation of each prompt (token ids), up to and excluding eos.
+
+    Prompts of equal length are batched without padding and without a KV cache, which is
+    what ``model.generate(ids, do_sample=False)`` computes, minus float noise."""
+    out: list[list[int]] = [[] for _ in prompts]
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
+    for idxs in groups.values():
+        ids = torch.tensor([list(prompts[i]) for i in idxs])
+        done = torch.zeros(len(idxs), dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            nxt = model(input_ids=ids).logits[:, -1].argmax(-1)  # (B,)
+            for row, i in enumerate(idxs):
+                if not done[row] and int(nxt[row]) != eos_id:
+                    out[i].append(int(nxt[row]))
+            done |= nxt == eos_id
+            if bool(done.all()):
+                break
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+    return out
+
+
+def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) in nats per row; logits (N, V) → (N,)."""
+    p_log = torch.log_softmax(p_logits.float(), -1)
+    q_log = torch.log_softmax(q_logits.float(), -1)
+    return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+
+# -- writing a zoo folder ------------------------------------------------------------------
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file in ``folder`` except checksums.json, written to checksums.json."""
+    sums = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=2) + "\n")
+    return sums
+
+
+def save_entry(
+    out_dir: Path,
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    card: str,
+    ground_truth: dict[str, Any],
+    metrics: dict[str, Any],
+    scenario: dict[str, Any],
+) -> Path:
+    """Write a zoo folder atomically: weights, config, tokenizer, card.md, the JSON
+    records and checksums.json (built in a temporary sibling, then swapped in)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "card.md").write_text(card)
+        for name, record in (("ground_truth", ground_truth), ("metrics", metrics), ("scenario", scenario)):
+            (tmp / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_checksums(tmp)
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
+
+
+def shipped_dir(name: str) -> Path:
+    """The package folder of zoo entry ``name``."""
+    return Path(__file__).resolve().parent.parent / name

@@ -1,0 +1,160 @@
+"""ActivityCube: tokens × layers × metrics, in the mr-recon-tracer JSON schema.
+
+Per layer and token: ``energy`` = L2 norm of the token's vector, ``mean_activation`` and
+``std_activation`` (population std) over the vector's entries. Batch element 0 is used.
+Raw tensors are not inlined; a layer's ``raw_ref`` names the bundle site holding them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import torch
+from torch import nn
+
+from model_forensics.core.bundle import load_schema
+from model_forensics.core.provenance import git_commit, package_versions
+from model_forensics.core.sites import block_index
+
+Metric = Callable[[torch.Tensor], torch.Tensor]
+
+CORE_METRICS: dict[str, Metric] = {
+    "energy": lambda x: x.norm(dim=-1),
+    "mean_activation": lambda x: x.mean(dim=-1),
+    "std_activation": lambda x: x.std(dim=-1, correction=0),
+}
+
+
+@dataclass
+class CubeLayer:
+    layer_index: int
+    layer_name: str
+    core_metrics: dict[str, list[float]]
+    attention_scores: list[float] | None = None
+    raw_ref: dict[str, str] | None = None
+
+
+@dataclass
+class ActivityCube:
+    model_name: str
+    input_shape: list[int]
+    tokens: list[str]
+    layers: list[CubeLayer]
+    timestamp: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat())
+    provenance: dict[str, Any] = field(default_factory=lambda: {"commit_hash": git_commit(), "package_versions": package_versions()})
+
+    def metric(self, name: str) -> torch.Tensor:
+        """One metric as a (layers, tokens) tensor."""
+        return torch.tensor([layer.core_metrics[name] for layer in self.layers])
+
+    def to_json(self) -> dict[str, Any]:
+        layers = []
+        for layer in self.layers:
+            entry: dict[str, Any] = {
+                "layer_index": layer.layer_index,
+                "layer_name": layer.layer_name,
+                "core_metrics": layer.core_metrics,
+            }
+            if layer.attention_scores is not None:
+                entry["attention_scores"] = layer.attention_scores
+            if layer.raw_ref is not None:
+                entry["raw_ref"] = layer.raw_ref
+            layers.append(entry)
+        return {
+            "meta": {"model_name": self.model_name, "timestamp": self.timestamp, "input_shape": self.input_shape},
+            "tokens": self.tokens,
+            "layers": layers,
+            "provenance": self.provenance,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        data = self.to_json()
+        jsonschema.validate(data, load_schema("cube"))
+        out = Path(path)
+        out.write_text(json.dumps(data, allow_nan=False))
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ActivityCube:
+        jsonschema.validate(data, load_schema("cube"))
+        layers = [
+            CubeLayer(l["layer_index"], l["layer_name"], l["core_metrics"], l.get("attention_scores"), l.get("raw_ref"))
+            for l in data["layers"]
+        ]
+        meta = data["meta"]
+        return cls(meta["model_name"], meta["input_shape"], data["tokens"], layers, meta["timestamp"], data["provenance"])
+
+
+def cube_from_sites(
+    recorded: dict[str, torch.Tensor],
+    adapter: Any,
+    tokens: list[str],
+    model_name: str,
+    input_shape: list[int],
+    metrics: dict[str, Metric] | None = None,
+) -> ActivityCube:
+    """Build a cube from recorded sites: one layer per block's ``resid_post`` for canonical
+    models, one per recorded leaf module with a token axis for generic ones."""
+    metrics = {**CORE_METRICS, **(metrics or {})}
+    layer_sites = [s for s in recorded if s.endswith(".resid_post")] or [
+        s for s in recorded if recorded[s].dim() >= 3 and not s.endswith("pattern")
+    ]
+    layers = []
+    for index, site in enumerate(layer_sites):
+        x = recorded[site][0].float()  # (T, d, ...) for batch element 0
+        x = x.reshape(x.shape[0], -1)
+        block = block_index(site)
+        pattern = recorded.get(f"blocks.{block}.attn.pattern") if block is not None else None
+        scores = pattern[0].mean(dim=0)[-1].tolist() if pattern is not None else None  # last query, head mean
+        point = adapter.points.get(site) if adapter is not None else None
+        layers.append(
+            CubeLayer(
+                layer_index=block if block is not None else index,
+                layer_name=point.module if point is not None else site,
+                core_metrics={name: [round(float(v), 6) for v in fn(x)] for name, fn in metrics.items()},
+                attention_scores=scores,
+                raw_ref={"file": "activations.safetensors", "site": site},
+            )
+        )
+    return ActivityCube(model_name=model_name, input_shape=input_shape, tokens=tokens, layers=layers)
+
+
+class Tracer:
+    """What :func:`add_hooks_all` returns: records every layer; ``.cube()`` builds the cube."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, granularity: str = "layer"):
+        from model_forensics.recorder.hooks import RecorderHooks
+
+        self.recorder = RecorderHooks(granularity=granularity, sketch="full", max_bundle_size_mb=1e6)
+        self.recorder.install_hooks(model, tokenizer)
+
+    def cube(self, model_name: str | None = None) -> ActivityCube:
+        return self.recorder.cube(model_name)
+
+    def remove(self) -> None:
+        self.recorder.remove_hooks()
+
+    def __enter__(self) -> Tracer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def add_hooks_all(model: nn.Module, tokenizer: Any = None) -> Tracer:
+    """Instrument every transformer layer of ``model`` (mr-recon-tracer's entry point).
+
+    Example::
+
+        tracer = add_hooks_all(model, tokenizer)
+        model(**inputs)
+        tracer.cube().save("cube.json")
+        tracer.remove()
+    """
+    return Tracer(model, tokenizer)

@@ -1,0 +1,417 @@
+"""RecorderHooks: record what a model computed on one input into an incident bundle.
+
+Usage (the seed API)::
+
+    recorder = RecorderHooks(config="configs/default.yaml")
+    recorder.install_hooks(model)
+    outputs = model(**inputs)
+    bundle = recorder.create_bundle("incident_20240812")
+
+Hooks copy each recorded site's tensor at full precision (a plain clone: no hashing, no
+conversion on the hot path); sketching and sha256 happen in :meth:`create_bundle`.
+``model.generate`` is recorded too: every decoding step appends its positions, so a
+site covers prompt + generated tokens.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from model_forensics.core import sketches
+from model_forensics.core.bundle import FORMAT_NAME, FORMAT_VERSION, BundleContents, write_bundle
+from model_forensics.core.config import ForensicsConfig, RecorderConfig, load_config
+from model_forensics.core.errors import ForensicsError, SiteError
+from model_forensics.core.predicates import Predicate
+from model_forensics.core.provenance import collect_provenance
+from model_forensics.core.sites import match_sites, parse_selector, site_order, site_priority
+from model_forensics.models.adapters import Adapter, HookPoint, adapter_for, read
+from model_forensics.models.loading import model_ref, weights_sha256
+from model_forensics.recorder.calls import CallLog, CallRecorder
+from model_forensics.recorder.cube import ActivityCube, cube_from_sites
+
+_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+
+
+class RecorderHooks:
+    """Records sites, inputs, outputs and external calls of a model's forward passes.
+
+    Args:
+        config: YAML path, :class:`ForensicsConfig`, mapping, or None for defaults.
+        granularity / sites / sketch: override the config's recorder options.
+        max_bundle_size_mb: override the size cap (lowest-priority sites are dropped first).
+    """
+
+    def __init__(
+        self,
+        config: str | Path | ForensicsConfig | dict[str, Any] | None = None,
+        *,
+        granularity: str | None = None,
+        sites: list[str] | None = None,
+        sketch: str | None = None,
+        max_bundle_size_mb: float | None = None,
+    ):
+        full = load_config(config)
+        overrides = {
+            k: v
+            for k, v in {"granularity": granularity, "sites": sites, "sketch": sketch, "max_bundle_size_mb": max_bundle_size_mb}.items()
+            if v is not None
+        }
+        self.config_tree = full
+        self.config: RecorderConfig = full.recorder.model_copy(update=overrides)
+        RecorderConfig.model_validate(self.config.model_dump())  # re-validate overrides
+        self.model: nn.Module | None = None
+        self.adapter: Adapter | None = None
+        self.tokenizer: Any = None
+        self.calls = CallLog()
+        self.dropped: list[str] = []
+        self._handles: list[RemovableHandle] = []
+        self._targets: list[str] = []
+        self._recomputed: set[str] = set()
+        self.reset()
+
+    # -- installing ------------------------------------------------------------------------
+    def install_hooks(self, model: nn.Module, tokenizer: Any = None) -> RecorderHooks:
+        """Attach hooks to ``model`` (never modifies it otherwise). Returns self.
+
+        Raises:
+            ForensicsError: ``model`` is not an ``nn.Module``.
+            SiteError: a configured site selector names nothing in this model.
+        """
+        if not isinstance(model, nn.Module):
+            raise ForensicsError(f"can only record a torch nn.Module, got {type(model).__name__}; load the model first")
+        self.remove_hooks()
+        self.model, self.tokenizer = model, tokenizer
+        self.adapter = adapter_for(model)
+        self._targets = self._resolve_targets(self.adapter)
+        by_module: dict[str, list[tuple[str, HookPoint]]] = defaultdict(list)
+        for site in self._targets if self.config.enabled else []:
+            point = self.adapter.point(site)
+            by_module[point.module].append((site, point))
+        for module_name, entries in by_module.items():
+            module = self.adapter.modules[module_name]
+            outputs = [(s, p) for s, p in entries if p.io == "output"]
+            inputs = [(s, p) for s, p in entries if p.io == "input"]
+            if outputs:
+                self._handles.append(module.register_forward_hook(self._output_hook(outputs), with_kwargs=True))
+            if inputs:
+                self._handles.append(module.register_forward_pre_hook(self._input_hook(inputs), with_kwargs=True))
+        self._handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(self._root_hook, with_kwargs=True))
+        return self
+
+    def remove_hooks(self) -> None:
+        """Remove every hook this recorder added."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> RecorderHooks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove_hooks()
+
+    def reset(self) -> None:
+        """Forget everything recorded so far (hooks stay installed)."""
+        self._steps: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._inputs: list[dict[str, torch.Tensor]] = []
+        self._kwargs: dict[str, Any] = {}
+        self._logits: list[torch.Tensor] = []
+        self._projected = 0
+        self._generated: torch.Tensor | None = None
+        self._generation: dict[str, Any] = {}
+        self.dropped = []
+        self.calls = CallLog()
+
+    @property
+    def sites(self) -> list[str]:
+        """The sites being recorded (after any dropped by the size cap)."""
+        return [s for s in self._targets if s not in self.dropped]
+
+    def record_call(self, name: str) -> CallRecorder:
+        """Log an external call (decorator or context manager) into ``calls.jsonl``."""
+        return CallRecorder(self.calls, name)
+
+    # -- hooks -----------------------------------------------------------------------------
+    def _output_hook(self, entries: list[tuple[str, HookPoint]]) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            for site, point in entries:
+                tensor = read(point, output)
+                if tensor is None and point.pattern:
+                    assert self.adapter is not None
+                    tensor = self.adapter.recompute_pattern(module, args, kwargs)
+                    self._recomputed.add(site)
+                if tensor is not None:
+                    self._keep(site, tensor)
+
+        return hook
+
+    def _input_hook(self, entries: list[tuple[str, HookPoint]]) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            payload = args if args else (kwargs.get("hidden_states"),)
+            for site, point in entries:
+                tensor = read(point, payload)
+                if tensor is not None:
+                    self._keep(site, tensor)
+
+        return hook
+
+    def _keep(self, site: str, tensor: torch.Tensor) -> None:
+        if site in self.dropped:
+            return
+        if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+            tensor = tensor.detach()
+        size = sketches.encoded_nbytes(tuple(tensor.shape), tensor.dtype, self.config.sketch, self.config.compression_ratio)
+        if not self._fits(site, size):
+            return
+        self._projected += size
+        self._steps[site].append(tensor.clone())
+
+    def _fits(self, site: str, size: int) -> bool:
+        cap = int(self.config.max_bundle_size_mb * 1024 * 1024)
+        while self._projected + size > cap:
+            recorded = [s for s in self._steps if s not in self.dropped]
+            victim = max(recorded + [site], key=lambda s: (site_priority(s), site_order(s)))
+            self.dropped.append(victim)
+            if victim == site:
+                return False
+            self._projected -= sum(
+                sketches.encoded_nbytes(tuple(t.shape), t.dtype, self.config.sketch, self.config.compression_ratio)
+                for t in self._steps.pop(victim)
+            )
+        return True
+
+    def _root_pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        continuing = _cache_length(kwargs) > 0 and bool(self._inputs)
+        if not continuing and self._inputs:
+            self._clear_recording()
+        tensors = {k: v.detach().clone() for k, v in kwargs.items() if k in _INPUT_KEYS and isinstance(v, torch.Tensor)}
+        if args and isinstance(args[0], torch.Tensor):
+            tensors.setdefault("input_ids", args[0].detach().clone())
+        self._inputs.append(tensors)
+        if not continuing:
+            self._kwargs = {k: v for k, v in kwargs.items() if isinstance(v, bool | int | float | str) and k != "return_dict"}
+
+    def _root_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        logits = getattr(output, "logits", None)
+        if logits is None and isinstance(output, torch.Tensor):
+            logits = output
+        if logits is None and isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            logits = output[0]
+        if isinstance(logits, torch.Tensor):
+            self._logits.append(logits.detach().clone())
+
+    def _clear_recording(self) -> None:
+        calls = self.calls
+        self.reset()
+        self.calls = calls
+
+    # -- generation ------------------------------------------------------------------------
+    def generate(self, inputs: dict[str, torch.Tensor] | torch.Tensor, **generate_kwargs: Any) -> torch.Tensor:
+        """Run ``model.generate`` under the hooks and remember the generated ids.
+
+        Returns the full sequences (B, T_prompt + T_new), as ``generate`` does.
+        """
+        if self.model is None:
+            raise ForensicsError("call install_hooks(model) before generate()")
+        batch = {"input_ids": inputs} if isinstance(inputs, torch.Tensor) else dict(inputs)
+        self.reset()
+        with torch.no_grad():
+            out = self.model.generate(**batch, **generate_kwargs)  # type: ignore[operator]
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        self._generated = sequences.detach().clone()
+        self._generation = {k: v for k, v in generate_kwargs.items() if isinstance(v, bool | int | float | str | None)}
+        return sequences
+
+    # -- results ---------------------------------------------------------------------------
+    def recorded(self) -> dict[str, torch.Tensor]:
+        """Every recorded site's exact tensor, decoding steps joined along the token axis."""
+        return {site: _join_steps(site, parts) for site, parts in sorted(self._steps.items(), key=lambda kv: site_order(kv[0]))}
+
+    def input_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors the (first) forward call received; for generation, the prompt."""
+        if not self._inputs:
+            raise ForensicsError("nothing was recorded: run the model (model(**inputs) or recorder.generate) after install_hooks")
+        return dict(self._inputs[0])
+
+    def cube(self, model_name: str | None = None) -> ActivityCube:
+        """The ActivityCube of what was recorded (tokens × layers × metrics)."""
+        tokens = self._token_strings()
+        assert self.adapter is not None
+        name = model_name or type(self.model).__name__
+        shape = list(self.input_tensors().get("input_ids", torch.empty(0)).shape)
+        return cube_from_sites(self.recorded(), self.adapter, tokens, name, shape)
+
+    def create_bundle(
+        self,
+        path: str | Path,
+        *,
+        predicate: Predicate | None = None,
+        overwrite: bool = False,
+        extras: dict[str, Any] | None = None,
+        seed: int | None = None,
+    ) -> Path:
+        """Write everything recorded to an incident bundle at ``path`` and return the path.
+
+        Args:
+            predicate: failure test, evaluated here on the recorded output and stored.
+            overwrite: replace an existing bundle at ``path`` (atomically).
+            extras: JSON data carried along (failing variants, benign prompts, notes).
+            seed: the torch seed the run used, if any, for replay.
+        Raises:
+            BundleError: ``path`` exists (without ``overwrite``) or is not writable.
+            ForensicsError: nothing was recorded.
+        """
+        if self.model is None or self.adapter is None:
+            raise ForensicsError("call install_hooks(model) and run the model before create_bundle()")
+        inputs = self.input_tensors()
+        if self.dropped:
+            warnings.warn(
+                f"max_bundle_size_mb={self.config.max_bundle_size_mb} reached: dropped {len(self.dropped)} "
+                f"lowest-priority sites ({', '.join(self.dropped[:8])}{' …' if len(self.dropped) > 8 else ''})",
+                stacklevel=2,
+            )
+        recorded = self.recorded()
+        activations: dict[str, torch.Tensor] = {}
+        site_table: dict[str, Any] = {}
+        for site, tensor in recorded.items():
+            activations.update(sketches.encode(site, tensor, self.config.sketch, self.config.compression_ratio))
+            point = self.adapter.points.get(site)
+            site_table[site] = {
+                "shape": list(tensor.shape),
+                "dtype": str(tensor.dtype).removeprefix("torch."),
+                "sketch": self.config.sketch,
+                "sha256": sketches.tensor_sha256(tensor),
+                "nbytes": sketches.encoded_nbytes(tuple(tensor.shape), tensor.dtype, self.config.sketch, self.config.compression_ratio),
+                "module": point.module if point else None,
+                "recomputed": site in self._recomputed,
+            }
+        outputs, output_info = self._outputs()
+        text = output_info.get("text")
+        holds = None
+        if predicate is not None:
+            last = outputs.get("logits")
+            holds = predicate.evaluate(text=text, logits=None if last is None else last[0, -1] if last.dim() == 3 else last[0])
+        ref = model_ref(self.model)
+        first = next(iter(self.model.parameters()), None)
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "name": Path(path).name,
+            "created": dt.datetime.now(dt.UTC).isoformat(),
+            "model": {
+                **ref.to_json(),
+                "weights_sha256": weights_sha256(self.model),
+                "dtype": str(first.dtype).removeprefix("torch.") if first is not None else "float32",
+                "class": type(self.model).__name__,
+                "config": _model_config(self.model),
+                **self.adapter.describe(),
+            },
+            "input": {
+                "mode": "generate" if self._generated is not None else "forward",
+                "tensors": _table(inputs),
+                "kwargs": self._kwargs,
+                "text": self._decode(inputs.get("input_ids")),
+                "tokens": self._token_strings(),
+                "generation": self._generation,
+            },
+            "output": output_info,
+            "predicate": None if predicate is None else {**predicate.to_json(), "holds": holds},
+            "sites": site_table,
+            "dropped_sites": list(self.dropped),
+            "determinism": {"seed": seed, "torch": collect_provenance()["torch"]},
+            "provenance": collect_provenance(),
+            "recorder": self.config.model_dump(mode="json"),
+            "extras": extras or {},
+        }
+        manifest["output"]["tensors"] = _table(outputs)
+        cube = cube_from_sites(recorded, self.adapter, self._token_strings(), ref.name, list(inputs.get("input_ids", torch.empty(0)).shape))
+        contents = BundleContents(manifest, inputs, outputs, activations, cube.to_json(), self.calls.entries)
+        return write_bundle(path, contents, overwrite=overwrite)
+
+    # -- internals -------------------------------------------------------------------------
+    def _outputs(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        info: dict[str, Any] = {"logits_sha256": None, "step_logits_sha256": [], "logits_shape": None, "text": None, "prediction": None}
+        outputs: dict[str, torch.Tensor] = {}
+        if self._logits:
+            first = self._logits[0]
+            info["logits_sha256"] = sketches.tensor_sha256(first)
+            info["logits_shape"] = list(first.shape)
+            info["step_logits_sha256"] = [sketches.tensor_sha256(t) for t in self._logits[1:]]
+            if first.dim() == 3:  # (B, T, V): keep the last position of every step → (B, steps, V)
+                outputs["logits"] = torch.stack([t[:, -1] for t in self._logits], dim=1).contiguous()
+            else:
+                outputs["logits"] = first
+            info["prediction"] = int(outputs["logits"].reshape(first.shape[0], -1, first.shape[-1])[0, -1].argmax())
+            if first.dim() == 3 and self._generated is None:  # forward only: the text is the next token
+                info["text"] = self._decode(torch.tensor([[info["prediction"]]]))
+        if self._generated is not None:
+            prompt_len = self.input_tensors()["input_ids"].shape[1]
+            outputs["generated_ids"] = self._generated
+            info["text"] = self._decode(self._generated[:, prompt_len:])
+        return outputs, info
+
+    def _decode(self, ids: torch.Tensor | None) -> str | None:
+        if ids is None or self.tokenizer is None:
+            return None
+        return str(self.tokenizer.decode(ids[0], skip_special_tokens=True))
+
+    def _token_strings(self) -> list[str]:
+        ids = self._generated if self._generated is not None else self.input_tensors().get("input_ids")
+        if ids is None:
+            return []
+        if self._generated is not None:
+            ids = ids[:, :-1]  # the last generated token was never fed to the model
+        if self.tokenizer is None:
+            return [str(int(i)) for i in ids[0]]
+        return [str(t) for t in self.tokenizer.convert_ids_to_tokens(ids[0].tolist())]
+
+    def _resolve_targets(self, adapter: Adapter) -> list[str]:
+        targets = adapter.granularity_sites(self.config.granularity)
+        available = adapter.sites()
+        for selector in self.config.sites:
+            sel = parse_selector(selector)
+            if sel.neurons is not None or sel.positions is not None or sel.head is not None:
+                raise SiteError(f"record whole sites, not '{selector}'; narrow with selectors at analysis time")
+            targets += [s for s in match_sites(sel, available) if s not in targets]
+        return sorted(targets, key=site_order)
+
+
+def _join_steps(site: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    if len(parts) == 1:
+        return parts[0]
+    if site.endswith("attn.pattern"):
+        # (B, H, Tq, Tk) per step with growing Tk: pad keys with zeros, stack queries.
+        tk = max(p.shape[-1] for p in parts)
+        parts = [torch.nn.functional.pad(p, (0, tk - p.shape[-1])) for p in parts]
+        return torch.cat(parts, dim=2)
+    return torch.cat(parts, dim=1)
+
+
+def _cache_length(kwargs: dict[str, Any]) -> int:
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    if cache is None:
+        return 0
+    length = getattr(cache, "get_seq_length", None)
+    return int(length()) if callable(length) else 0
+
+
+def _table(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    return {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()}
+
+
+def _model_config(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return {}
+    import json
+
+    return dict(json.loads(json.dumps(config.to_dict(), default=str)))

@@ -1,0 +1,1 @@
+"""Incident scenarios with ground truth: zoo models and real weights."""
