@@ -8,23 +8,44 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from model_forensics.core.errors import ForensicsError
 
-app = typer.Typer(help="Flight recorder, replay and root-cause analysis for PyTorch models.", no_args_is_help=True)
+
+class _ForensicsGroup(TyperGroup):
+    """Turns every ForensicsError raised by any command into one line + exit code 2."""
+
+    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except ForensicsError as exc:
+            if os.environ.get("MODEL_FORENSICS_DEBUG") == "1":
+                raise
+            err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            ctx.exit(2)
+
+
+app = typer.Typer(
+    cls=_ForensicsGroup,
+    help="Flight recorder, replay and root-cause analysis for PyTorch models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 bundle_app = typer.Typer(help="Inspect and verify incident bundles.", no_args_is_help=True)
 app.add_typer(bundle_app, name="bundle")
 console = Console()
 err = Console(stderr=True)
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="smollm2, minilm, zoo:NAME, a model directory or a .gguf file")]
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="smollm2, minilm, zoo:NAME, a model directory or a .gguf file")
+]
 PromptOpt = Annotated[str, typer.Option("--prompt", "-p", help="The input text")]
 
 
@@ -35,27 +56,8 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
 
 
 def main() -> None:
-    """Entry point: run the Typer app, turning ForensicsError into one line + exit 2."""
-    debug = "--debug" in sys.argv
-    try:
-        app(standalone_mode=False)
-    except ForensicsError as exc:
-        if debug:
-            raise
-        err.print(f"[bold red]error:[/] {exc}")
-        sys.exit(2)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        err.print("aborted")
-        sys.exit(130)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(2)
-        raise
+    """Console entry point."""
+    app()
 
 
 def _load(reference: str) -> Any:
@@ -92,10 +94,15 @@ def _summary_table(bundle_path: Path) -> Table:
         table.add_row("output", _clip(m["output"]["text"]))
     pred = m.get("predicate")
     if pred:
-        verdict = "[bold red]FAILS[/] (predicate holds)" if pred["holds"] else "[green]passes[/] (predicate does not hold)"
+        verdict = (
+            "[bold red]FAILS[/] (predicate holds)" if pred["holds"] else "[green]passes[/] (predicate does not hold)"
+        )
         table.add_row("failure predicate", f"{pred['kind']}({', '.join(map(repr, pred['args'].values()))}) → {verdict}")
     sketches = sorted({s["sketch"] for s in m["sites"].values()})
-    table.add_row("sites recorded", f"{len(m['sites'])} ({m['recorder']['granularity']} granularity, sketch {', '.join(sketches)})")
+    table.add_row(
+        "sites recorded",
+        f"{len(m['sites'])} ({m['recorder']['granularity']} granularity, sketch {', '.join(sketches)})",
+    )
     if m["dropped_sites"]:
         table.add_row("dropped (size cap)", f"{len(m['dropped_sites'])}: {', '.join(m['dropped_sites'][:6])}…")
     table.add_row("calls recorded", str(len(b.calls())))
@@ -133,7 +140,9 @@ def record(
         raise ForensicsError(f"bundle '{out}' already exists; choose another --out or pass --overwrite")
     loaded = _load(model)
     with err.status("recording…"):
-        path = record_prompt(loaded, prompt, out, recorder=recorder, max_new_tokens=max_new_tokens, predicate=pred, overwrite=overwrite)
+        path = record_prompt(
+            loaded, prompt, out, recorder=recorder, max_new_tokens=max_new_tokens, predicate=pred, overwrite=overwrite
+        )
     if as_json:
         console.print_json((path / "manifest.json").read_text())
     else:
@@ -194,7 +203,9 @@ def bundle_verify(path: Annotated[Path, typer.Argument(help="Bundle directory or
     if problems:
         for p in problems:
             err.print(f"[red]✗[/] {p}")
-        raise ForensicsError(f"bundle '{path}' failed verification ({len(problems)} problems); it was modified or is corrupt")
+        raise ForensicsError(
+            f"bundle '{path}' failed verification ({len(problems)} problems); it was modified or is corrupt"
+        )
     console.print(
         f"[green]✓[/] {path}: schema ok, format {bundle.manifest['format_version']}, "
         f"{len(bundle.manifest['files'])} files match their sha256, {len(exact)} exact site tensors re-hashed"
@@ -232,5 +243,5 @@ def demo(
         "\nnext:\n"
         f"  model-forensics bundle verify {path}\n"
         f"  model-forensics bundle info {path} --json\n"
-        f"  model-forensics trace --model smollm2 --prompt \"...\" --out cube.json"
+        f'  model-forensics trace --model smollm2 --prompt "..." --out cube.json'
     )

@@ -92,7 +92,9 @@ def write_bundle(path: str | Path, contents: BundleContents, overwrite: bool = F
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
     except OSError as exc:
-        raise BundleError(f"cannot write bundle under '{parent}': {exc.strerror}; choose a writable directory") from None
+        raise BundleError(
+            f"cannot write bundle under '{parent}': {exc.strerror}; choose a writable directory"
+        ) from None
     try:
         _write_files(tmp, contents)
         if target.exists():
@@ -174,7 +176,9 @@ class Bundle:
             root = src
         manifest_path = root / MANIFEST
         if not manifest_path.is_file():
-            raise BundleError(f"'{src}' is not a bundle: it has no {MANIFEST}; record one with `model-forensics record`")
+            raise BundleError(
+                f"'{src}' is not a bundle: it has no {MANIFEST}; record one with `model-forensics record`"
+            )
         for entry in root.iterdir():
             if entry.is_symlink():
                 raise BundleError(f"bundle '{src}' contains a link ({entry.name}); bundles must hold plain files only")
@@ -192,7 +196,9 @@ class Bundle:
         if verify:
             problems = bundle.verify_files()
             if problems:
-                raise BundleError(f"bundle '{src}' failed its checksums: {'; '.join(problems)}; it was modified or is corrupt")
+                raise BundleError(
+                    f"bundle '{src}' failed its checksums: {'; '.join(problems)}; it was modified or is corrupt"
+                )
         return bundle
 
     def verify_files(self) -> list[str]:
@@ -243,7 +249,7 @@ class Bundle:
         file = self.path / "activations.safetensors"
         _check_header(file)
         with safe_open(str(file), framework="pt") as fh:
-            entries = {k: fh.get_tensor(k) for k in fh.keys() if k == site or k.startswith(site + "::")}
+            entries = {k: fh.get_tensor(k) for k in fh if k == site or k.startswith(site + "::")}
         dtype = getattr(torch, info["dtype"])
         return sketches.decode(site, entries, info["sketch"], tuple(info["shape"]), dtype)
 
@@ -259,13 +265,15 @@ class Bundle:
         return [json.loads(line) for line in lines if line.strip()]
 
     def size_bytes(self) -> int:
-        return sum(int(info["bytes"]) for info in self.manifest["files"].values()) + (self.path / MANIFEST).stat().st_size
+        return (
+            sum(int(info["bytes"]) for info in self.manifest["files"].values()) + (self.path / MANIFEST).stat().st_size
+        )
 
     def _read_tensors(self, name: str) -> dict[str, torch.Tensor]:
         file = self.path / name
         _check_header(file)
         with safe_open(str(file), framework="pt") as fh:
-            return {k: fh.get_tensor(k) for k in fh.keys()}
+            return {k: fh.get_tensor(k) for k in fh}
 
 
 def _check_version(manifest: dict[str, Any], src: Path) -> None:
@@ -301,7 +309,9 @@ def _safe_extract(archive: Path, dest: Path) -> None:
         for info in zf.infolist():
             name = info.filename
             if name not in allowed or "/" in name or "\\" in name or name.startswith(".."):
-                raise BundleError(f"'{archive}' holds an unexpected entry '{name}' (possible path traversal); refusing it")
+                raise BundleError(
+                    f"'{archive}' holds an unexpected entry '{name}' (possible path traversal); refusing it"
+                )
             if (info.external_attr >> 16) & 0o170000 == 0o120000:
                 raise BundleError(f"'{archive}' holds a link ({name}); bundles must hold plain files only")
             total += info.file_size

@@ -130,7 +130,7 @@ def sites_for_granularity(granularity: str, n_layers: int) -> list[str]:
     names = ["embed"]
     for layer in range(n_layers):
         names += [f"blocks.{layer}.{kind}" for kind in GRANULARITY_SITES[granularity]]
-    return names + ["final"]
+    return [*names, "final"]
 
 
 def match_sites(selector: str | SiteSelector, available: list[str]) -> list[str]:

@@ -176,7 +176,7 @@ class LlamaAdapter(Adapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        cfg = model.config  # type: ignore[union-attr]
+        cfg: Any = model.config
         base = self._find_prefix("model", "")
         pre = f"{base}." if base else ""
         self.n_layers = int(cfg.num_hidden_layers)
@@ -221,7 +221,7 @@ class GPT2Adapter(Adapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        cfg = model.config  # type: ignore[union-attr]
+        cfg: Any = model.config
         base = self._find_prefix("transformer", "")
         pre = f"{base}." if base else ""
         self.n_layers = int(cfg.n_layer)
@@ -237,7 +237,9 @@ class GPT2Adapter(Adapter):
             p[f"blocks.{i}.attn"] = HookPoint(f"{blk}.attn", index=0)
             p[f"blocks.{i}.attn.pattern"] = HookPoint(f"{blk}.attn", index=1, pattern=True)
             for j, name in enumerate("qkv"):
-                p[f"blocks.{i}.attn.{name}"] = HookPoint(f"{blk}.attn.c_attn", span=(j * d, (j + 1) * d), heads=self.n_heads)
+                p[f"blocks.{i}.attn.{name}"] = HookPoint(
+                    f"{blk}.attn.c_attn", span=(j * d, (j + 1) * d), heads=self.n_heads
+                )
             p[f"blocks.{i}.attn.z"] = HookPoint(f"{blk}.attn.c_proj", "input", heads=self.n_heads)
             p[f"blocks.{i}.mlp"] = HookPoint(f"{blk}.mlp")
             p[f"blocks.{i}.mlp.post"] = HookPoint(f"{blk}.mlp.c_proj", "input")
@@ -267,7 +269,7 @@ class BertAdapter(Adapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        cfg = model.config  # type: ignore[union-attr]
+        cfg: Any = model.config
         base = self._find_prefix("bert", "")
         pre = f"{base}." if base else ""
         self.n_layers = int(cfg.num_hidden_layers)

@@ -97,7 +97,9 @@ def load_directory(
     from transformers import AutoConfig, AutoTokenizer
 
     if not (path / "config.json").is_file():
-        raise ModelLoadError(f"'{path}' has no config.json; pass a Hugging Face model directory, a .gguf file or zoo:NAME")
+        raise ModelLoadError(
+            f"'{path}' has no config.json; pass a Hugging Face model directory, a .gguf file or zoo:NAME"
+        )
     try:
         config = AutoConfig.from_pretrained(path)
         arch = (getattr(config, "architectures", None) or ["AutoModel"])[0]
@@ -172,7 +174,9 @@ def _convert_gguf(path: Path, cached: Path, progress: bool) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if progress:
-        Console(stderr=True).print(f"[bold]Dequantising {path.name}[/] once (about 25 s); later loads read the cache {cached}")
+        Console(stderr=True).print(
+            f"[bold]Dequantising {path.name}[/] once (about 25 s); later loads read the cache {cached}"
+        )
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=cached.parent))
     try:

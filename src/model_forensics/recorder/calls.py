@@ -44,7 +44,13 @@ class CallLog:
 
     def append(self, name: str, args: Any, result: Any, error: str | None = None) -> None:
         self.entries.append(
-            {"order": len(self.entries), "name": name, "args": to_jsonable(args), "result": to_jsonable(result), "error": error}
+            {
+                "order": len(self.entries),
+                "name": name,
+                "args": to_jsonable(args),
+                "result": to_jsonable(result),
+                "error": error,
+            }
         )
 
 

@@ -47,7 +47,9 @@ class ActivityCube:
     tokens: list[str]
     layers: list[CubeLayer]
     timestamp: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat())
-    provenance: dict[str, Any] = field(default_factory=lambda: {"commit_hash": git_commit(), "package_versions": package_versions()})
+    provenance: dict[str, Any] = field(
+        default_factory=lambda: {"commit_hash": git_commit(), "package_versions": package_versions()}
+    )
 
     def metric(self, name: str) -> torch.Tensor:
         """One metric as a (layers, tokens) tensor."""
@@ -84,11 +86,13 @@ class ActivityCube:
     def from_json(cls, data: dict[str, Any]) -> ActivityCube:
         jsonschema.validate(data, load_schema("cube"))
         layers = [
-            CubeLayer(l["layer_index"], l["layer_name"], l["core_metrics"], l.get("attention_scores"), l.get("raw_ref"))
-            for l in data["layers"]
+            CubeLayer(x["layer_index"], x["layer_name"], x["core_metrics"], x.get("attention_scores"), x.get("raw_ref"))
+            for x in data["layers"]
         ]
         meta = data["meta"]
-        return cls(meta["model_name"], meta["input_shape"], data["tokens"], layers, meta["timestamp"], data["provenance"])
+        return cls(
+            meta["model_name"], meta["input_shape"], data["tokens"], layers, meta["timestamp"], data["provenance"]
+        )
 
 
 def cube_from_sites(

@@ -61,7 +61,12 @@ class RecorderHooks:
         full = load_config(config)
         overrides = {
             k: v
-            for k, v in {"granularity": granularity, "sites": sites, "sketch": sketch, "max_bundle_size_mb": max_bundle_size_mb}.items()
+            for k, v in {
+                "granularity": granularity,
+                "sites": sites,
+                "sketch": sketch,
+                "max_bundle_size_mb": max_bundle_size_mb,
+            }.items()
             if v is not None
         }
         self.config_tree = full
@@ -169,7 +174,9 @@ class RecorderHooks:
             return
         if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
             tensor = tensor.detach()
-        size = sketches.encoded_nbytes(tuple(tensor.shape), tensor.dtype, self.config.sketch, self.config.compression_ratio)
+        size = sketches.encoded_nbytes(
+            tuple(tensor.shape), tensor.dtype, self.config.sketch, self.config.compression_ratio
+        )
         if not self._fits(site, size):
             return
         self._projected += size
@@ -179,7 +186,7 @@ class RecorderHooks:
         cap = int(self.config.max_bundle_size_mb * 1024 * 1024)
         while self._projected + size > cap:
             recorded = [s for s in self._steps if s not in self.dropped]
-            victim = max(recorded + [site], key=lambda s: (site_priority(s), site_order(s)))
+            victim = max([*recorded, site], key=lambda s: (site_priority(s), site_order(s)))
             self.dropped.append(victim)
             if victim == site:
                 return False
@@ -198,7 +205,9 @@ class RecorderHooks:
             tensors.setdefault("input_ids", args[0].detach().clone())
         self._inputs.append(tensors)
         if not continuing:
-            self._kwargs = {k: v for k, v in kwargs.items() if isinstance(v, bool | int | float | str) and k != "return_dict"}
+            self._kwargs = {
+                k: v for k, v in kwargs.items() if isinstance(v, bool | int | float | str) and k != "return_dict"
+            }
 
     def _root_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         logits = getattr(output, "logits", None)
@@ -234,12 +243,17 @@ class RecorderHooks:
     # -- results ---------------------------------------------------------------------------
     def recorded(self) -> dict[str, torch.Tensor]:
         """Every recorded site's exact tensor, decoding steps joined along the token axis."""
-        return {site: _join_steps(site, parts) for site, parts in sorted(self._steps.items(), key=lambda kv: site_order(kv[0]))}
+        return {
+            site: _join_steps(site, parts)
+            for site, parts in sorted(self._steps.items(), key=lambda kv: site_order(kv[0]))
+        }
 
     def input_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors the (first) forward call received; for generation, the prompt."""
         if not self._inputs:
-            raise ForensicsError("nothing was recorded: run the model (model(**inputs) or recorder.generate) after install_hooks")
+            raise ForensicsError(
+                "nothing was recorded: run the model (model(**inputs) or recorder.generate) after install_hooks"
+            )
         return dict(self._inputs[0])
 
     def cube(self, model_name: str | None = None) -> ActivityCube:
@@ -290,16 +304,21 @@ class RecorderHooks:
                 "dtype": str(tensor.dtype).removeprefix("torch."),
                 "sketch": self.config.sketch,
                 "sha256": sketches.tensor_sha256(tensor),
-                "nbytes": sketches.encoded_nbytes(tuple(tensor.shape), tensor.dtype, self.config.sketch, self.config.compression_ratio),
+                "nbytes": sketches.encoded_nbytes(
+                    tuple(tensor.shape), tensor.dtype, self.config.sketch, self.config.compression_ratio
+                ),
                 "module": point.module if point else None,
                 "recomputed": site in self._recomputed,
             }
         outputs, output_info = self._outputs()
+        output_info["tensors"] = _table(outputs)
         text = output_info.get("text")
         holds = None
         if predicate is not None:
             last = outputs.get("logits")
-            holds = predicate.evaluate(text=text, logits=None if last is None else last[0, -1] if last.dim() == 3 else last[0])
+            holds = predicate.evaluate(
+                text=text, logits=None if last is None else last[0, -1] if last.dim() == 3 else last[0]
+            )
         ref = model_ref(self.model)
         first = next(iter(self.model.parameters()), None)
         manifest = {
@@ -332,14 +351,21 @@ class RecorderHooks:
             "recorder": self.config.model_dump(mode="json"),
             "extras": extras or {},
         }
-        manifest["output"]["tensors"] = _table(outputs)
-        cube = cube_from_sites(recorded, self.adapter, self._token_strings(), ref.name, list(inputs.get("input_ids", torch.empty(0)).shape))
+        cube = cube_from_sites(
+            recorded, self.adapter, self._token_strings(), ref.name, list(inputs.get("input_ids", torch.empty(0)).shape)
+        )
         contents = BundleContents(manifest, inputs, outputs, activations, cube.to_json(), self.calls.entries)
         return write_bundle(path, contents, overwrite=overwrite)
 
     # -- internals -------------------------------------------------------------------------
     def _outputs(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        info: dict[str, Any] = {"logits_sha256": None, "step_logits_sha256": [], "logits_shape": None, "text": None, "prediction": None}
+        info: dict[str, Any] = {
+            "logits_sha256": None,
+            "step_logits_sha256": [],
+            "logits_shape": None,
+            "text": None,
+            "prediction": None,
+        }
         outputs: dict[str, torch.Tensor] = {}
         if self._logits:
             first = self._logits[0]

@@ -1,0 +1,3 @@
+from model_forensics.cli import main
+
+main()

