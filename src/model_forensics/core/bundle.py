@@ -249,7 +249,7 @@ class Bundle:
         file = self.path / "activations.safetensors"
         _check_header(file)
         with safe_open(str(file), framework="pt") as fh:
-            entries = {k: fh.get_tensor(k) for k in fh if k == site or k.startswith(site + "::")}
+            entries = {k: fh.get_tensor(k) for k in fh.keys() if k == site or k.startswith(site + "::")}
         dtype = getattr(torch, info["dtype"])
         return sketches.decode(site, entries, info["sketch"], tuple(info["shape"]), dtype)
 
@@ -273,7 +273,7 @@ class Bundle:
         file = self.path / name
         _check_header(file)
         with safe_open(str(file), framework="pt") as fh:
-            return {k: fh.get_tensor(k) for k in fh}
+            return {k: fh.get_tensor(k) for k in fh.keys()}
 
 
 def _check_version(manifest: dict[str, Any], src: Path) -> None:
