@@ -136,3 +136,21 @@ def test_record_call_logs_and_serves(tmp_path) -> None:
         assert lookup("abc") == {"key": "abc", "value": 3}
         with pytest.raises(ReplayDivergence, match="db.write"):
             lookup("zzz")
+
+
+def test_weights_hash_follows_in_place_updates(tiny, tmp_path) -> None:
+    import copy
+
+    from model_forensics import Bundle
+
+    model = copy.deepcopy(tiny["gpt2"].model)  # the session fixture must stay untouched
+    rec = RecorderHooks().install_hooks(model)
+    with torch.no_grad():
+        model(input_ids=IDS)
+        first = Bundle.open(rec.create_bundle(tmp_path / "a")).manifest["model"]["weights_sha256"]
+        again = Bundle.open(rec.create_bundle(tmp_path / "b")).manifest["model"]["weights_sha256"]
+        param = next(model.parameters())
+        param.add_(1.0)
+        changed = Bundle.open(rec.create_bundle(tmp_path / "c")).manifest["model"]["weights_sha256"]
+    rec.remove_hooks()
+    assert first == again != changed

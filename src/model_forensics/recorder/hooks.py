@@ -80,6 +80,7 @@ class RecorderHooks:
         self._handles: list[RemovableHandle] = []
         self._targets: list[str] = []
         self._recomputed: set[str] = set()
+        self._weights_hash: tuple[tuple[Any, ...], str] | None = None
         self.reset()
 
     # -- installing ------------------------------------------------------------------------
@@ -328,7 +329,7 @@ class RecorderHooks:
             "created": dt.datetime.now(dt.UTC).isoformat(),
             "model": {
                 **ref.to_json(),
-                "weights_sha256": weights_sha256(self.model),
+                "weights_sha256": self._weights_sha256(),
                 "dtype": str(first.dtype).removeprefix("torch.") if first is not None else "float32",
                 "class": type(self.model).__name__,
                 "config": _model_config(self.model),
@@ -358,6 +359,15 @@ class RecorderHooks:
         return write_bundle(path, contents, overwrite=overwrite)
 
     # -- internals -------------------------------------------------------------------------
+    def _weights_sha256(self) -> str:
+        # Hashing 135M parameters takes ~0.5 s; reuse the hash while no parameter has been
+        # replaced or modified in place (torch bumps a tensor's _version on every in-place op).
+        assert self.model is not None
+        key = tuple((n, t.data_ptr(), t._version) for n, t in self.model.state_dict(keep_vars=True).items())
+        if self._weights_hash is None or self._weights_hash[0] != key:
+            self._weights_hash = (key, weights_sha256(self.model))
+        return self._weights_hash[1]
+
     def _outputs(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         info: dict[str, Any] = {
             "logits_sha256": None,
