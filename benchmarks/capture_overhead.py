@@ -51,7 +51,7 @@ def main() -> None:
     def fp16_hooks() -> None:
         fp16_store.clear()
         handles = [
-            l.register_forward_hook(lambda m, a, o: fp16_store.append(o.detach().to(torch.float16))) for l in layers
+            b.register_forward_hook(lambda m, a, o: fp16_store.append(o.detach().to(torch.float16))) for b in layers
         ]
         try:
             plain()
