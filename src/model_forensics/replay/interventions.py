@@ -1,0 +1,475 @@
+"""Interventions as data: what to change at a site, and the hooks that change it.
+
+An :class:`Intervention` names a site (any selector: ``blocks.1.attn.head.3``,
+``blocks.2.mlp.post[17]@pos=5``), a ``kind`` and a value. It is plain data: it
+serialises to JSON and back exactly, so fix sets can be saved, diffed and replayed.
+
+Kinds (``x`` is the targeted slice of the site's activation, per batch row):
+    zero      x ← 0
+    mean      x ← mean of the site over a baseline set (over examples and positions)
+    resample  x ← the activation of one baseline example (chosen by ``seed``), by position
+    patch     x ← the activation of a baseline run or bundle, by position
+    noise     x ← x + value · std(x) · ε,  ε ~ N(0, 1) seeded by ``seed``  (value in std units)
+    scale     x ← value · x
+    steer     x ← x + v   (``value`` is the vector, its length the last dim of the slice)
+
+Targets narrow the site: ``heads`` (query heads of ``blocks.L.attn.z``; GQA-aware,
+since z holds query heads), ``neurons`` (indices of the last dimension), ``positions``
+(token positions; negative ones count from the end of the prompt).
+
+Composition: the interventions of one run apply in the forward order of their sites; at
+the same site, in list order, each one seeing the result of the previous.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from model_forensics.core.errors import ForensicsError, SiteError
+from model_forensics.core.sites import block_index, parse_selector, unknown_site_message
+from model_forensics.models.adapters import Adapter, HookPoint, read, replace
+
+KINDS = ("zero", "mean", "resample", "patch", "noise", "scale", "steer")
+ALIGNS = ("position", "last")
+NEEDS_BASELINE = ("mean", "resample", "patch")
+
+
+def _ints(value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return (int(value),)
+    return tuple(int(v) for v in value)
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One change to one site. Plain data; see the module docstring for the kinds.
+
+    Args:
+        site: a site or selector: ``blocks.0.mlp``, ``blocks.1.attn.head.3``,
+            ``blocks.2.mlp.post[17]@pos=5``.
+        kind: zero | mean | resample | patch | noise | scale | steer.
+        value: the factor (scale), the std multiple (noise, default 1.0) or the vector (steer).
+        heads / neurons / positions: narrow the target (merged with the selector's own).
+        source: where mean / resample / patch read activations: a bundle path
+            (directory or .mfb.zip), ``prompt:TEXT``, or None for the session's baseline set.
+        seed: seeds noise and resample.
+        align: ``position`` (baseline position p patches position p; lengths must match)
+            or ``last`` (right-aligned: the baseline's last token patches the prompt's last).
+
+    Example::
+
+        Intervention("blocks.1.attn.head.3", "zero")
+        Intervention("blocks.0.mlp", "scale", value=0.5)
+        Intervention("blocks.4.resid_post", "patch", source="clean.mfb.zip", positions=(7,))
+    """
+
+    site: str
+    kind: str = "zero"
+    value: float | tuple[float, ...] | None = None
+    heads: tuple[int, ...] | None = None
+    neurons: tuple[int, ...] | None = None
+    positions: tuple[int, ...] | None = None
+    source: str | tuple[str, ...] | None = None
+    seed: int = 0
+    align: str = "position"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ForensicsError(f"intervention kind '{self.kind}' is unknown; use one of {', '.join(KINDS)}")
+        if self.align not in ALIGNS:
+            raise ForensicsError(f"align '{self.align}' is unknown; use 'position' or 'last'")
+        for name in ("heads", "neurons", "positions"):
+            object.__setattr__(self, name, _ints(getattr(self, name)))
+        if isinstance(self.source, list | tuple):
+            object.__setattr__(self, "source", tuple(str(s) for s in self.source))
+        value = self.value
+        if self.kind == "steer":
+            if value is None or isinstance(value, int | float):
+                raise ForensicsError(f"steer on '{self.site}' needs value=[v0, v1, …], the vector to add")
+            object.__setattr__(self, "value", tuple(float(v) for v in value))
+        elif value is not None:
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ForensicsError(f"{self.kind} on '{self.site}' takes a number as value, got {value!r}")
+            if not math.isfinite(float(value)):
+                raise ForensicsError(f"{self.kind} on '{self.site}' has a non-finite value {value!r}")
+            object.__setattr__(self, "value", float(value))
+        if self.kind == "scale" and self.value is None:
+            raise ForensicsError(
+                f"scale on '{self.site}' needs value=FACTOR, e.g. Intervention(site, 'scale', value=0.5)"
+            )
+
+    # -- data ------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-safe dict; :meth:`from_json` turns it back into an equal Intervention."""
+        value = list(self.value) if isinstance(self.value, tuple) else self.value
+        source = list(self.source) if isinstance(self.source, tuple) else self.source
+        return {
+            "site": self.site,
+            "kind": self.kind,
+            "value": value,
+            "heads": None if self.heads is None else list(self.heads),
+            "neurons": None if self.neurons is None else list(self.neurons),
+            "positions": None if self.positions is None else list(self.positions),
+            "source": source,
+            "seed": self.seed,
+            "align": self.align,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Intervention:
+        known = {"site", "kind", "value", "heads", "neurons", "positions", "source", "seed", "align"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ForensicsError(f"intervention JSON has unknown keys {unknown}; known keys: {sorted(known)}")
+        if "site" not in data:
+            raise ForensicsError(f"intervention JSON needs a 'site': {data!r}")
+        return cls(**{k: v for k, v in data.items() if v is not None or k == "value"})
+
+    @classmethod
+    def parse(cls, spec: str) -> Intervention:
+        """Parse a CLI spec ``SELECTOR:KIND[=VALUE][:key=value…]``.
+
+        Examples: ``blocks.1.attn.head.3:zero``, ``blocks.0.mlp:scale=0.5``,
+        ``blocks.2.mlp.post[17]@pos=5:zero``, ``blocks.0.mlp:noise=0.5:seed=3``,
+        ``blocks.3.attn:patch:source=clean.mfb.zip:align=last``, ``embed:steer=0.1,0,-0.2``.
+
+        Raises:
+            ForensicsError: the spec is malformed.
+        """
+        site, sep, rest = spec.partition(":")
+        if not sep or not site.strip() or not rest:
+            raise ForensicsError(
+                f"intervention '{spec}' needs the form SITE:KIND[=VALUE], e.g. blocks.1.attn.head.3:zero or blocks.0.mlp:scale=0.5"
+            )
+        parts = rest.split(":")
+        kind, _, raw = parts[0].partition("=")
+        fields: dict[str, Any] = {"site": site.strip(), "kind": kind.strip()}
+        try:
+            if raw:
+                fields["value"] = tuple(float(v) for v in raw.split(",")) if kind == "steer" else float(raw)
+            for option in parts[1:]:
+                key, eq, val = option.partition("=")
+                if not eq:
+                    raise ForensicsError(f"intervention '{spec}': option '{option}' needs key=value")
+                if key == "seed":
+                    fields["seed"] = int(val)
+                elif key in ("source", "align"):
+                    fields[key] = val
+                elif key in ("heads", "neurons", "positions"):
+                    fields[key] = tuple(int(v) for v in val.split(","))
+                else:
+                    raise ForensicsError(
+                        f"intervention '{spec}': unknown option '{key}'; use seed, source, align, heads, neurons, positions"
+                    )
+        except ValueError:
+            raise ForensicsError(f"intervention '{spec}' has a malformed number") from None
+        return cls(**fields)
+
+    def __str__(self) -> str:
+        text = f"{self.site}:{self.kind}"
+        if isinstance(self.value, tuple):
+            text += "=" + ",".join(f"{v:g}" for v in self.value)
+        elif self.value is not None:
+            text += f"={self.value:g}"
+        for name in ("heads", "neurons", "positions"):
+            items = getattr(self, name)
+            if items is not None:
+                text += f":{name}=" + ",".join(str(i) for i in items)
+        if self.source is not None:
+            text += ":source=" + (",".join(self.source) if isinstance(self.source, tuple) else self.source)
+        if self.kind in ("noise", "resample") and self.seed:
+            text += f":seed={self.seed}"
+        if self.align != "position":
+            text += f":align={self.align}"
+        return text
+
+
+@dataclass(frozen=True)
+class Target:
+    """An intervention resolved against a model: the hook point and index sets."""
+
+    intervention: Intervention
+    site: str  # canonical site hooked (``blocks.1.attn.z`` for a head)
+    point: HookPoint
+    heads: tuple[int, ...] | None
+    neurons: tuple[int, ...] | None
+    positions: tuple[int, ...] | None
+
+    @property
+    def kind(self) -> str:
+        return self.intervention.kind
+
+
+def _merge(name: str, site: str, a: tuple[int, ...] | None, b: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    if a is not None and b is not None and tuple(a) != tuple(b):
+        raise SiteError(
+            f"intervention on '{site}' gives {name} twice ({a} in the selector, {b} as a field); give them once"
+        )
+    return a if a is not None else b
+
+
+def head_names(adapter: Adapter) -> list[str]:
+    """Every ``blocks.L.attn.head.H`` name of a model (for messages and sweeps)."""
+    if not adapter.n_heads:
+        return []
+    return [
+        f"blocks.{layer}.attn.head.{h}"
+        for layer in range(adapter.n_layers)
+        if f"blocks.{layer}.attn.z" in adapter.points
+        for h in range(adapter.n_heads)
+    ]
+
+
+def resolve(intervention: Intervention, adapter: Adapter) -> Target:
+    """Resolve an intervention's site against a model.
+
+    Raises:
+        SiteError: the site or head does not exist (the message lists the nearest valid
+            names), the site is read-only (attention patterns), or targets conflict.
+    """
+    sel = parse_selector(intervention.site)
+    pattern = sel.pattern
+    if any(ch in pattern for ch in "*?["):
+        raise SiteError(
+            f"intervention site '{intervention.site}' is a pattern; name one site (expand patterns into several interventions)"
+        )
+    head = sel.head
+    site = re.sub(r"\.head\.\d+$", ".z", pattern) if head is not None else pattern
+    if site not in adapter.points:
+        raise SiteError(unknown_site_message(pattern, adapter.sites() + head_names(adapter)))
+    point = adapter.points[site]
+    if point.pattern:
+        raise SiteError(
+            f"site '{site}' (attention probabilities) is read-only; intervene on its heads instead, "
+            f"e.g. '{site.removesuffix('.pattern')}.head.0'"
+        )
+    heads = _merge("heads", intervention.site, (head,) if head is not None else None, intervention.heads)
+    if heads is not None:
+        if point.heads is None:
+            raise SiteError(
+                f"site '{site}' has no heads; heads apply to blocks.L.attn.q|k|v|z (or name blocks.L.attn.head.H)"
+            )
+        bad = [h for h in heads if not 0 <= h < point.heads]
+        if bad:
+            names = [n for n in head_names(adapter) if n.startswith(site.removesuffix(".z") + ".head.")] or head_names(
+                adapter
+            )
+            what = "query heads" if site.endswith(".z") or site.endswith(".q") else "key/value heads"
+            raise SiteError(
+                f"head {bad[0]} does not exist: '{site.removesuffix('.z')}' has {point.heads} {what} "
+                f"(0–{point.heads - 1}); valid names: {', '.join(names[:4])} …"
+            )
+    neurons = _merge("neurons", intervention.site, sel.neurons, intervention.neurons)
+    positions = _merge("positions", intervention.site, sel.positions, intervention.positions)
+    return Target(intervention, site, point, heads, neurons, positions)
+
+
+def first_block(targets: Sequence[Target], n_layers: int) -> int | None:
+    """The earliest block a set of targets changes: runs starting there can reuse the clean
+    computation of every earlier block. None when a target sits before block 0 (``embed``)
+    or outside the block structure (``logits``, raw module paths)."""
+    layers = []
+    for t in targets:
+        if t.site == "final":
+            layers.append(n_layers)
+        elif block_index(t.site) is None:
+            return None
+        else:
+            layers.append(int(block_index(t.site)))  # type: ignore[arg-type]
+    return min(layers) if layers else n_layers
+
+
+@dataclass
+class Prepared:
+    """A target plus the tensor its kind reads (baseline mean or activation), if any.
+
+    ``baseline``: mean → per-token shape (e.g. (d_model,) or (n_heads, d_head));
+    patch / resample → (T_baseline, *per-token shape) of one baseline example.
+    """
+
+    target: Target
+    baseline: torch.Tensor | None = None
+
+
+@dataclass
+class Clock:
+    """Where the current forward call sits in the sequence (generation steps advance it)."""
+
+    offset: int = 0
+    prompt_len: int = 0
+
+
+def _positions(target: Target, steps: int, clock: Clock, device: torch.device) -> torch.Tensor:
+    """Local indices (into this call's token axis) of the targeted absolute positions."""
+    if target.positions is None:
+        return torch.arange(steps, device=device)
+    absolute = [p + clock.prompt_len if p < 0 else p for p in target.positions]
+    local = [p - clock.offset for p in absolute if clock.offset <= p < clock.offset + steps]
+    return torch.tensor(local, dtype=torch.long, device=device)
+
+
+def _inner_index(target: Target, x: torch.Tensor, heads_layout: bool) -> tuple[torch.Tensor, ...]:
+    """Index tensors for the dims after the token axis, shaped to broadcast as a grid."""
+    site = target.site
+    last = x.shape[-1]
+    neurons = torch.arange(last) if target.neurons is None else torch.tensor(target.neurons)
+    if target.neurons is not None and (neurons.min() < 0 or neurons.max() >= last):
+        raise SiteError(
+            f"neuron index {target.neurons} is out of range for '{site}', which has {last} units (0–{last - 1})"
+        )
+    if heads_layout:
+        n_heads = x.shape[-2]
+        heads = torch.arange(n_heads) if target.heads is None else torch.tensor(target.heads)
+        return heads[:, None], neurons[None, :]
+    return (neurons,)
+
+
+def apply_row(x: torch.Tensor, prepared: Prepared, clock: Clock) -> None:
+    """Apply one intervention to one batch row ``x`` in place.
+
+    ``x``: (T_step, *per-token shape) for token sites, e.g. (T, d_model) or (T, H, d_head);
+    (C,) for a classifier's logits (no token axis).
+    """
+    target, iv = prepared.target, prepared.target.intervention
+    heads_layout = target.point.heads is not None
+    has_tokens = x.dim() >= (3 if heads_layout else 2)
+    inner = _inner_index(target, x, heads_layout)
+    if has_tokens:
+        pos = _positions(target, x.shape[0], clock, x.device)
+        if pos.numel() == 0:
+            return
+        if iv.kind in ("patch", "resample"):
+            assert prepared.baseline is not None
+            pos, source_pos = _align(prepared, pos, clock)
+            if pos.numel() == 0:
+                return
+        grid = (pos.view(-1, *([1] * len(inner))), *(i.unsqueeze(0) for i in inner))
+    else:
+        if target.positions is not None or iv.kind in NEEDS_BASELINE:
+            raise SiteError(
+                f"site '{target.site}' has no token axis; {iv.kind} with positions or baselines needs a token site"
+            )
+        grid = inner
+    current = x[grid]
+    if iv.kind == "zero":
+        new = torch.zeros_like(current)
+    elif iv.kind == "scale":
+        new = current * float(iv.value)  # type: ignore[arg-type]
+    elif iv.kind == "steer":
+        vec = torch.tensor(iv.value, dtype=x.dtype, device=x.device)
+        if vec.numel() != current.shape[-1]:
+            raise ForensicsError(
+                f"steer on '{iv.site}' has a vector of length {vec.numel()}, but the target's last dimension is {current.shape[-1]}"
+            )
+        new = current + vec
+    elif iv.kind == "noise":
+        scale = 1.0 if iv.value is None else float(iv.value)  # type: ignore[arg-type]
+        std = current.float().std(unbiased=False) if current.numel() > 1 else current.float().abs().mean()
+        gen = torch.Generator().manual_seed(int(iv.seed) * 1_000_003 + clock.offset)
+        eps = torch.randn(current.shape, generator=gen, dtype=torch.float32)
+        new = (current.float() + scale * std * eps.to(current.device)).to(current.dtype)
+    elif iv.kind == "mean":
+        assert prepared.baseline is not None
+        new = prepared.baseline.to(x.dtype)[inner].unsqueeze(0) if has_tokens else prepared.baseline.to(x.dtype)[inner]
+        new = new.expand_as(current)
+    else:  # patch / resample
+        assert prepared.baseline is not None
+        base = prepared.baseline.to(x.dtype)
+        new = base[(source_pos.view(-1, *([1] * len(inner))), *(i.unsqueeze(0) for i in inner))]
+    x[grid] = new
+
+
+def _align(prepared: Prepared, pos: torch.Tensor, clock: Clock) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map local positions onto baseline positions; drop those the baseline does not cover."""
+    assert prepared.baseline is not None
+    t_base = prepared.baseline.shape[0]
+    absolute = pos + clock.offset
+    source = absolute if prepared.target.intervention.align == "position" else absolute - clock.prompt_len + t_base
+    keep = (source >= 0) & (source < t_base)
+    if prepared.target.positions is not None and not bool(keep.all()):
+        missing = absolute[~keep].tolist()
+        raise ForensicsError(
+            f"{prepared.target.intervention.kind} on '{prepared.target.intervention.site}': the baseline has {t_base} "
+            f"positions and cannot supply position(s) {missing}"
+        )
+    return pos[keep], source[keep]
+
+
+Rows = Sequence[Sequence[Prepared]]
+
+
+@dataclass
+class _ModuleHooks:
+    outputs: list[tuple[str, HookPoint]] = field(default_factory=list)
+    inputs: list[tuple[str, HookPoint]] = field(default_factory=list)
+
+
+@contextmanager
+def intervening(adapter: Adapter, rows: Rows, clock: Clock) -> Iterator[None]:
+    """Install hooks that apply ``rows[i]`` to batch row ``i`` of every forward call.
+
+    Rows beyond ``len(rows)`` (and rows with no interventions) run clean. Each hooked
+    tensor is cloned once per call, never modified in place, and every hook is removed on
+    exit, even on errors.
+    """
+    by_site: dict[str, list[tuple[int, Prepared]]] = defaultdict(list)
+    for row, prepared in enumerate(rows):
+        for p in prepared:
+            by_site[p.target.site].append((row, p))
+    modules: dict[str, _ModuleHooks] = defaultdict(_ModuleHooks)
+    for site in by_site:
+        point = adapter.points[site]
+        hooks = modules[point.module]
+        (hooks.outputs if point.io == "output" else hooks.inputs).append((site, point))
+
+    def edit(payload: Any, entries: list[tuple[str, HookPoint]]) -> Any:
+        for site, point in entries:
+            tensor = read(point, payload)
+            if tensor is None:
+                continue
+            new = tensor.clone()
+            for row, p in by_site[site]:
+                if row < new.shape[0]:
+                    apply_row(new[row], p, clock)
+            payload = replace(point, payload, new)
+        return payload
+
+    def output_hook(entries: list[tuple[str, HookPoint]]) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            return edit(output, entries)
+
+        return hook
+
+    def input_hook(entries: list[tuple[str, HookPoint]]) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if args:
+                return edit(args, entries), kwargs
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": edit((kwargs["hidden_states"],), entries)[0]}
+            return None
+
+        return hook
+
+    handles = []
+    try:
+        for name, hooks in modules.items():
+            module = adapter.modules[name]
+            if hooks.outputs:
+                handles.append(module.register_forward_hook(output_hook(hooks.outputs)))
+            if hooks.inputs:
+                handles.append(module.register_forward_pre_hook(input_hook(hooks.inputs), with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,288 @@
+"""Batched sweeps: many intervention sets in few forward passes.
+
+``session.sweep(sets)`` packs the N sets into the batch dimension (row i of the batch runs
+set i), micro-batched so a batch fits ``memory_budget_mb`` and ``max_batch_size``. For
+forward incidents on decoder models it also shares work between runs: a run whose earliest
+intervention is at block l computes exactly what the clean run computes in blocks < l, so
+the clean run's block inputs are captured once and each batch runs as a ladder — it starts
+at the smallest l of its rows, and rows join the batch at their own l, initialised with
+the clean residual stream there. Scores are computed only at the last position, the one
+the predicate reads.
+
+Equality with serial runs: every row sees the same operations as a run of its own. On CPU
+the results are bit-identical whenever the matrix multiplications have enough rows to take
+the same kernel path (the prompt has ≥ 12 tokens here); the last-position scores are
+computed on at least ``GEMM_ROWS`` rows for the same reason. Generation sweeps decode
+greedily in a batch; their decoding steps multiply few rows, so they match serial runs to
+float tolerance rather than bit for bit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from model_forensics.replay.interventions import Clock, Intervention, Prepared, first_block, intervening
+
+if TYPE_CHECKING:
+    from model_forensics.replay.session import InputLike, Inputs, RunResult, Session
+
+# Matrix products with fewer rows than this may take a different CPU kernel (and round
+# differently) than the same rows inside a larger product; pad the last-position logits
+# product to at least this many rows so single runs and batches agree exactly.
+GEMM_ROWS = 64
+
+
+@dataclass
+class SweepResult(Sequence["RunResult"]):
+    """The runs of a sweep, in the order of the sets given, plus what they cost.
+
+    Attributes:
+        results: one :class:`RunResult` per intervention set.
+        forward_passes: forward passes the sweep used (a prefix-shared partial pass counts
+            as one; the one-off capture of the clean prefix is included).
+        batches: how many batches the sets were packed into.
+        shared_prefix: whether the clean computation of early blocks was shared.
+        seconds: wall time.
+    """
+
+    results: list[RunResult]
+    forward_passes: int
+    batches: int
+    shared_prefix: bool
+    seconds: float
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.results[index]
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __iter__(self) -> Iterator[RunResult]:
+        return iter(self.results)
+
+    @property
+    def flip_rate(self) -> float:
+        """Fraction of runs whose failure flipped."""
+        return sum(bool(r.flipped) for r in self.results) / max(1, len(self.results))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "results": [r.to_json() for r in self.results],
+            "forward_passes": self.forward_passes,
+            "batches": self.batches,
+            "shared_prefix": self.shared_prefix,
+            "seconds": self.seconds,
+        }
+
+
+def run_sweep(
+    session: Session,
+    sets: Sequence[Sequence[Intervention | str | dict[str, Any]]],
+    *,
+    inputs: InputLike = None,
+    share_prefix: bool = True,
+) -> SweepResult:
+    """Run every intervention set of ``sets``; results equal :meth:`Session.run` on each.
+
+    Args:
+        session: the replay session.
+        sets: N intervention sets (each a list, possibly empty for a clean run).
+        inputs: run on other inputs than the incident's (a prompt, ids, an input dict).
+        share_prefix: reuse the clean computation of the blocks before each run's earliest
+            intervention (forward incidents on decoder LMs).
+    """
+    start = time.perf_counter()
+    before = session.forward_passes
+    batch = session.encode(inputs)
+    rows = [session.prepare(s, batch) for s in sets]
+    per_batch = rows_per_batch(session, batch)
+    results: list[RunResult | None] = [None] * len(rows)
+    full = list(range(len(rows)))
+    batches = 0
+    shared = False
+    if share_prefix and session.mode == "forward" and len(rows) > 1:
+        prefix = _prefix_for(session, batch)
+        if prefix is not None:
+            n_layers = session.adapter.n_layers
+            starts = {i: first_block([p.target for p in r], n_layers) for i, r in enumerate(rows)}
+            ladder = sorted((i for i in full if starts[i] is not None), key=lambda i: starts[i])  # type: ignore[arg-type,return-value]
+            full = [i for i in full if starts[i] is None]
+            shared = bool(ladder)
+            for chunk in _chunks(ladder, per_batch):
+                chunk_rows = [rows[i] for i in chunk]
+                logits = prefix.tail(chunk_rows, [int(starts[i]) for i in chunk])  # type: ignore[arg-type]
+                for i, r in zip(chunk, session.results(batch, chunk_rows, logits.unsqueeze(1), None, 1), strict=True):
+                    results[i] = r
+                batches += 1
+    for chunk in _chunks(full, per_batch):
+        chunk_rows = [rows[i] for i in chunk]
+        passes = session.forward_passes
+        logits, sequences = session.execute(batch, chunk_rows)
+        used = session.forward_passes - passes
+        for i, r in zip(chunk, session.results(batch, chunk_rows, logits, sequences, used), strict=True):
+            results[i] = r
+        batches += 1
+    done = [r for r in results if r is not None]
+    return SweepResult(done, session.forward_passes - before, batches, shared, time.perf_counter() - start)
+
+
+def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def rows_per_batch(session: Session, batch: Inputs) -> int:
+    """How many runs fit one batch under ``memory_budget_mb`` and ``max_batch_size``.
+
+    Estimate per row (fp32 bytes): T · (10·d_model + 3·d_mlp + 2·n_heads·T) for hidden
+    states, MLP activations and attention probabilities of one block, plus T · vocab for
+    the output scores.
+    """
+    cfg = getattr(session.model, "config", None)
+    a = session.adapter
+    tokens = int(batch["input_ids"].shape[1]) if "input_ids" in batch else 1
+    if session.mode == "generate":
+        tokens += int(session.generation.get("max_new_tokens") or 0)
+    d = a.d_model or int(getattr(cfg, "hidden_size", 1024) or 1024)
+    d_mlp = int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d)
+    heads = a.n_heads or 1
+    vocab = int(getattr(cfg, "vocab_size", 1) or 1)
+    first = next(iter(session.model.parameters()), None)
+    size = first.element_size() if first is not None else 4
+    per_row = size * tokens * (10 * d + 3 * d_mlp + 2 * heads * tokens + vocab)
+    budget = int(session.config.memory_budget_mb * 1024 * 1024)
+    return max(1, min(session.config.max_batch_size, budget // max(1, per_row)))
+
+
+# -- prefix sharing --------------------------------------------------------------------------
+class _Prefix:
+    """The clean run's inputs to every block, and the tail that runs blocks ≥ l on them."""
+
+    def __init__(self, session: Session, blocks: list[nn.Module], final: nn.Module, head: nn.Module):
+        self.session = session
+        self.blocks = blocks
+        self.final = final
+        self.head = head
+        self.calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        self.final_input: torch.Tensor | None = None
+        self.reference: torch.Tensor | None = None
+        self.exact = False
+
+    def capture(self, batch: Inputs) -> None:
+        calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+        def block_hook(index: int) -> Any:
+            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                calls[index] = (args, kwargs)
+
+            return hook
+
+        def final_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            self.final_input = args[0]
+
+        handles = [b.register_forward_pre_hook(block_hook(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
+        handles.append(self.final.register_forward_pre_hook(final_hook))
+        s = self.session
+        try:
+            with s.environment(), s._counting():
+                # use_cache=False: the blocks are called again later and must not append to a cache.
+                out = s.model(**batch, **{**s.kwargs, "use_cache": False})
+        finally:
+            for h in handles:
+                h.remove()
+        logits = getattr(out, "logits", None)
+        if len(calls) != len(self.blocks) or self.final_input is None or logits is None or logits.dim() != 3:
+            raise RuntimeError("the model's forward does not call its blocks once each in order")
+        self.calls = [calls[i] for i in range(len(self.blocks))]
+        self.reference = logits[:, -1]
+
+    def _hidden(self, layer: int) -> torch.Tensor:
+        args, kwargs = self.calls[layer]
+        return args[0] if args else kwargs["hidden_states"]  # type: ignore[no-any-return]
+
+    def tail(self, rows: Sequence[Sequence[Prepared]], starts: Sequence[int]) -> torch.Tensor:
+        """Last-position scores (N, V) of the rows, row i entering at block ``starts[i]``
+        (sorted ascending; ``n_layers`` = only the final norm and head)."""
+        s = self.session
+        n_layers = len(self.blocks)
+        clock = Clock(0, s.prompt_len)
+        hidden: torch.Tensor | None = None
+        j = 0
+
+        def join(current: torch.Tensor | None, clean: torch.Tensor, layer: int) -> torch.Tensor | None:
+            nonlocal j
+            k = 0
+            while j + k < len(starts) and starts[j + k] == layer:
+                k += 1
+            j += k
+            if k == 0:
+                return current
+            new = clean.expand(k, *clean.shape[1:])
+            return new.contiguous() if current is None else torch.cat([current, new])
+
+        with s.environment(), intervening(s.adapter, rows, clock):
+            s.forward_passes += 1
+            for layer in range(starts[0], n_layers):
+                hidden = join(hidden, self._hidden(layer), layer)
+                assert hidden is not None
+                args, kwargs = self.calls[layer]
+                if args:
+                    out = self.blocks[layer](hidden, *args[1:], **kwargs)
+                else:
+                    out = self.blocks[layer](**{**kwargs, "hidden_states": hidden})
+                hidden = out[0] if isinstance(out, tuple) else out
+            assert self.final_input is not None
+            hidden = join(hidden, self.final_input, n_layers)
+            assert hidden is not None
+            last = self.final(hidden)[:, -1]  # (N, d_model)
+            n = last.shape[0]
+            if n < GEMM_ROWS:
+                last = torch.cat([last, last.new_zeros(GEMM_ROWS - n, last.shape[1])])
+            return self.head(last)[:n]  # type: ignore[no-any-return]
+
+    def check(self) -> bool:
+        """Does the tail reproduce the clean run? Sets ``exact`` (bit-identical)."""
+        assert self.reference is not None
+        n_layers = len(self.blocks)
+        got = self.tail([[], []], [0, n_layers])
+        ref = self.reference.expand_as(got)
+        self.exact = bool(torch.equal(got, ref))
+        scale = float(ref.abs().max()) or 1.0
+        return bool((got - ref).abs().max() <= 1e-5 * max(1.0, scale))
+
+
+def _prefix_for(session: Session, batch: Inputs) -> _Prefix | None:
+    """The captured clean prefix for ``batch`` (cached), or None where it cannot be shared."""
+    key = tuple(batch["input_ids"][0].tolist()) if "input_ids" in batch else ()
+    if key in session._prefix:
+        return session._prefix[key]  # type: ignore[no-any-return]
+    prefix = None
+    a = session.adapter
+    names = [a.points.get(f"blocks.{i}.resid_pre") for i in range(a.n_layers)]
+    final, head = a.points.get("final"), a.points.get("logits")
+    if (
+        a.n_layers
+        and all(names)
+        and final is not None
+        and head is not None
+        and isinstance(a.modules[head.module], nn.Linear)
+    ):
+        candidate = _Prefix(
+            session,
+            [a.modules[p.module] for p in names if p is not None],
+            a.modules[final.module],
+            a.modules[head.module],
+        )
+        try:
+            candidate.capture(batch)
+            prefix = candidate if candidate.check() else None
+        except (RuntimeError, TypeError, KeyError, IndexError):
+            prefix = None
+    session._prefix[key] = prefix
+    return prefix
