@@ -13,6 +13,7 @@ from model_forensics.core.errors import (
 )
 from model_forensics.core.predicates import Predicate, class_is, contains, logit_diff, regex, token_is
 from model_forensics.recorder import ActivityCube, RecorderHooks, add_hooks_all
+from model_forensics.replay import Intervention, SandboxReplayer, Session
 
 __version__ = "0.1.0"
 
@@ -23,11 +24,14 @@ __all__ = [
     "ConfigError",
     "ForensicsConfig",
     "ForensicsError",
+    "Intervention",
     "ModelLoadError",
     "Predicate",
     "RecorderHooks",
     "ReplayDivergence",
+    "SandboxReplayer",
     "SandboxViolation",
+    "Session",
     "SiteError",
     "__version__",
     "add_hooks_all",

@@ -188,8 +188,18 @@ def bundle_info(
 
 
 @bundle_app.command("verify")
-def bundle_verify(path: Annotated[Path, typer.Argument(help="Bundle directory or .mfb.zip")]) -> None:
-    """Check a bundle's schema, version and every checksum (file and per-site tensors)."""
+def bundle_verify(
+    path: Annotated[Path, typer.Argument(help="Bundle directory or .mfb.zip")],
+    replay: Annotated[
+        bool, typer.Option("--replay", help="Also re-run the model and compare every site's sha256")
+    ] = False,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Override the bundle's model (with --replay)")
+    ] = None,
+    allow_weight_mismatch: Annotated[bool, typer.Option(help="Replay even if the weights differ (warns)")] = False,
+) -> None:
+    """Check a bundle's schema, version and every checksum (file and per-site tensors);
+    with --replay, re-execute it and check the replay is bit-identical."""
     from model_forensics.core.bundle import Bundle
     from model_forensics.core.sketches import tensor_sha256
 
@@ -210,6 +220,84 @@ def bundle_verify(path: Annotated[Path, typer.Argument(help="Bundle directory or
         f"[green]✓[/] {path}: schema ok, format {bundle.manifest['format_version']}, "
         f"{len(bundle.manifest['files'])} files match their sha256, {len(exact)} exact site tensors re-hashed"
     )
+    if replay:
+        _replay_verify(path, model, allow_weight_mismatch)
+
+
+def _open_session(path: Path, model: str | None, allow_weight_mismatch: bool) -> Any:
+    import warnings
+
+    from model_forensics.replay import SandboxReplayer
+
+    with err.status(f"loading {path} and its model…"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        session = SandboxReplayer().load_bundle(path, model=model, allow_weight_mismatch=allow_weight_mismatch)
+    for w in caught:
+        if "WEIGHT MISMATCH" in str(w.message):
+            err.print(f"[bold red]WARNING:[/] {w.message}")
+    return session
+
+
+def _replay_verify(path: Path, model: str | None, allow_weight_mismatch: bool) -> Any:
+    from model_forensics.core.errors import ReplayDivergence
+
+    session = _open_session(path, model, allow_weight_mismatch)
+    with err.status("replaying…"):
+        report = session.verify()
+    if not report.bit_identical:
+        for check in report.differing[:20]:
+            diff = f"max |Δ| {check.max_abs_diff:.3g}" if check.max_abs_diff is not None else check.note
+            err.print(f"[red]✗[/] {check.site}: {diff}")
+        raise ReplayDivergence(f"replay of '{path}' is {report.summary()}")
+    console.print(f"[green]✓[/] replay {report.summary()} ({report.seconds:.1f} s)")
+    return report
+
+
+@app.command()
+def replay(
+    path: Annotated[Path, typer.Argument(help="Bundle directory or .mfb.zip")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Override the bundle's model")] = None,
+    intervene: Annotated[
+        list[str] | None,
+        typer.Option("--intervene", "-i", help="SITE:KIND[=VALUE], e.g. blocks.1.attn.head.3:zero (repeatable)"),
+    ] = None,
+    verify: Annotated[bool, typer.Option(help="Check the unchanged replay is bit-identical first")] = True,
+    allow_weight_mismatch: Annotated[bool, typer.Option(help="Replay even if the weights differ (warns)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON")] = False,
+) -> None:
+    """Replay an incident bundle in the sandbox, optionally with interventions."""
+    from model_forensics.replay import Intervention
+
+    interventions = [Intervention.parse(spec) for spec in intervene or []]
+    session = _open_session(path, model, allow_weight_mismatch)
+    report = None
+    if verify:
+        with err.status("verifying the replay…"):
+            report = session.verify()
+    with err.status("replaying…"):
+        result = session.run(interventions)
+    if as_json:
+        payload = {"verify": report.to_json() if report else None, "recorded_failed": session.recorded_failed}
+        console.print_json(json.dumps({**payload, "run": result.to_json()}))
+        return
+    table = Table(show_header=False, title=f"replay of [bold]{path}[/]", title_justify="left")
+    table.add_column(style="bold cyan")
+    table.add_column()
+    if report is not None:
+        colour = "green" if report.bit_identical else "red"
+        table.add_row("verification", f"[{colour}]{report.summary()}[/]")
+    table.add_row("interventions", ", ".join(str(iv) for iv in interventions) or "(none)")
+    if session.manifest["output"].get("text") is not None:
+        table.add_row("recorded output", _clip(session.manifest["output"]["text"]))
+    if result.text is not None:
+        table.add_row("replayed output", _clip(result.text))
+    table.add_row("prediction", str(result.prediction))
+    if result.failed is not None:
+        verdict = "[bold red]FAILS[/]" if result.failed else "[green]passes[/]"
+        flip = " (flipped: the intervention fixes it)" if result.flipped else ""
+        table.add_row("failure predicate", verdict + flip)
+    table.add_row("forward passes", str(session.forward_passes))
+    console.print(table)
 
 
 @app.command()
