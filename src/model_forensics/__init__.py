@@ -12,6 +12,7 @@ from model_forensics.core.errors import (
     SiteError,
 )
 from model_forensics.core.predicates import Predicate, class_is, contains, logit_diff, regex, token_is
+from model_forensics.inspection import ModelInspector
 from model_forensics.recorder import ActivityCube, RecorderHooks, add_hooks_all
 from model_forensics.replay import Intervention, SandboxReplayer, Session
 
@@ -25,6 +26,7 @@ __all__ = [
     "ForensicsConfig",
     "ForensicsError",
     "Intervention",
+    "ModelInspector",
     "ModelLoadError",
     "Predicate",
     "RecorderHooks",

@@ -300,6 +300,78 @@ def replay(
     console.print(table)
 
 
+@app.command("inspect")
+def inspect_command(
+    model: ModelOpt,
+    data: Annotated[
+        Path, typer.Option("--data", "-d", help='JSONL inputs: {"text": …, optional "label", "passed", "group"/"time"}')
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.json, figures and summary.md")] = Path(
+        "results"
+    ),
+    reference: Annotated[Path | None, typer.Option(help="JSONL reference inputs (shift; drift baseline)")] = None,
+    compare_model: Annotated[
+        str | None, typer.Option("--compare-model", help="Candidate model for cross-model regression")
+    ] = None,
+    experiments: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated: sparsity,stats,shift,drift,regression,sensitivity,attribution,robustness,pruning"
+        ),
+    ] = "all",
+    batch_size: Annotated[int, typer.Option(help="Inputs per forward pass")] = 8,
+    max_length: Annotated[int, typer.Option(help="Tokens kept per input (the last ones)")] = 128,
+    seed: Annotated[int, typer.Option(help="Seed of every random choice (reservoirs, perturbations, bootstrap)")] = 0,
+    figure_format: Annotated[str, typer.Option("--figures", help="Figure formats, comma-separated: png, svg")] = "png",
+    as_json: Annotated[bool, typer.Option("--json", help="Print results.json to stdout instead of tables")] = False,
+) -> None:
+    """Run the inspection experiments on a model over a JSONL prompt set."""
+    import warnings
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from model_forensics.inspection import InspectorSettings, ModelInspector, read_jsonl
+
+    names = None if experiments.strip() == "all" else experiments.split(",")
+    samples = read_jsonl(data)
+    ref = read_jsonl(reference) if reference is not None else None
+    loaded = _load(model)
+    candidate = _load(compare_model) if compare_model else None
+    settings = InspectorSettings(batch_size=batch_size, max_length=max_length, seed=seed)
+    inspector = ModelInspector(loaded.model, loaded.tokenizer, settings=settings, name=loaded.ref.name)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+    ) as bars:
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(stage, total=total)
+            bars.update(tasks[stage], completed=done)
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = inspector.run(
+                samples,
+                reference=ref,
+                experiments=names,
+                compare_model=candidate.model if candidate else None,
+                compare_tokenizer=candidate.tokenizer if candidate else None,
+                compare_name=candidate.ref.name if candidate else None,
+                progress=progress,
+            )
+    for w in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
+        err.print(f"[yellow]warning:[/] {w}")
+    written = result.save(out, formats=[f.strip() for f in figure_format.split(",") if f.strip()])
+    if as_json:
+        console.print_json((out / "results.json").read_text())
+        return
+    console.print(result.tables())
+    console.print(
+        f"\nwrote {len(written)} files to [bold]{out}[/]: results.json, summary.md and {len(written) - 2} figures"
+    )
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the incident bundle")] = Path("demo-bundle"),

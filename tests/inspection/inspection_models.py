@@ -13,14 +13,14 @@ from torch import nn
 
 
 class Branches(nn.Module):
-    """x (B, n·d) → branch i = Linear(x[:, i·d:(i+1)·d]) → head over all branches (B, 2)."""
+    """x (B, n·d) → branch i = Linear(x[:, i·d:(i+1)·d]) → head over all branches (B, classes)."""
 
-    def __init__(self, d: int = 8, n: int = 3, seed: int = 0, head_ignores: tuple[int, ...] = ()):
+    def __init__(self, d: int = 8, n: int = 3, seed: int = 0, head_ignores: tuple[int, ...] = (), classes: int = 2):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.d, self.n = d, n
         self.branches = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
-        self.head = nn.Linear(n * d, 2)
+        self.head = nn.Linear(n * d, classes)
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) / d**0.5)

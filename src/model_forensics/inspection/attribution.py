@@ -18,10 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.figure import Figure
 from rich.table import Table
 
 from model_forensics.inspection._json import jsonable
@@ -31,6 +30,9 @@ from model_forensics.inspection.summary import pooled_rows
 
 # readout(indices, site or None, units, values) → pooled readout states (n, U) of those inputs
 Readout = Callable[[list[int], str | None, list[int], np.ndarray], np.ndarray]
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.figure import Figure
 from rich.table import Table
 
 from model_forensics.inspection._json import jsonable
 from model_forensics.inspection.collect import Sample
 from model_forensics.inspection.shift import ShiftResult, ShiftSettings, compare
 from model_forensics.inspection.summary import ActivationSummary
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def series_steps(samples: Sequence[Sample], windows: int = 5) -> list[tuple[str, list[int]]] | None:

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from rich.table import Table
 
 from model_forensics.core.errors import ForensicsError
@@ -26,6 +25,9 @@ from model_forensics.inspection._json import jsonable
 from model_forensics.inspection.collect import Recorded, Sample
 from model_forensics.inspection.similarity import centered_gram, cka_from_grams, procrustes_distance, unbiased_hsic
 from model_forensics.inspection.summary import ActivationSummary
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def check_tokenizers(baseline: Any, candidate: Any, texts: Sequence[str], names: tuple[str, str]) -> None:

@@ -22,14 +22,16 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from rich.table import Table
 
 from model_forensics.inspection._json import jsonable
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SYNONYMS = {
     "big": "large", "large": "big", "small": "little", "little": "small", "quick": "fast", "fast": "quick",

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from rich.table import Table
 from torch import nn
 
@@ -36,6 +35,9 @@ from model_forensics.models.adapters import Adapter
 from model_forensics.recorder import RecorderHooks
 
 FAMILIES = ("token_substitution", "embedding_noise")
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass

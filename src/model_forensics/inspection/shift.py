@@ -18,15 +18,17 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.figure import Figure
 from rich.table import Table
 
 from model_forensics.inspection._json import jsonable
 from model_forensics.inspection.summary import ActivationSummary
 from model_forensics.inspection.two_sample import benjamini_hochberg, ks_wasserstein, mmd_test
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.figure import Figure
 from rich.table import Table
 
 from model_forensics.inspection._json import jsonable
 from model_forensics.inspection.collect import Recorded
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass

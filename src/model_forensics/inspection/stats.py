@@ -9,16 +9,18 @@ estimand and its error).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.figure import Figure
 from rich.table import Table
 
 from model_forensics.inspection._json import jsonable
 from model_forensics.inspection.summary import ActivationSummary
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass

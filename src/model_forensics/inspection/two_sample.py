@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 
 @dataclass
@@ -44,6 +43,8 @@ def ks_wasserstein(ref: np.ndarray, cur: np.ndarray) -> UnitTests:
     d = np.where(last_of_tie, gap, 0.0).max(axis=0)
     # W1 = ∫ |F_ref − F_cur| dx: the gap is constant between consecutive pooled values.
     w = (gap[:-1] * np.diff(values, axis=0)).sum(axis=0)
+    from scipy import stats
+
     p = stats.kstwobign.sf(np.sqrt(n * m / (n + m)) * d)
     return UnitTests(ks=d, p_value=np.clip(p, 0.0, 1.0), wasserstein=w)
 
