@@ -1,0 +1,184 @@
+"""Interventions: data round-trips, site resolution errors, and what each kind computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from replay_models import BASELINES
+
+from model_forensics import Intervention, SiteError
+from model_forensics.core.errors import ForensicsError
+
+
+def observe(session, site: str, interventions) -> torch.Tensor:
+    """Row 0 of an input-side site (attn.z, mlp.post, resid_pre) as its module received it,
+    i.e. after the interventions: (T, ...) per-token layout of the site."""
+    from model_forensics.models.adapters import read
+
+    point = session.adapter.points[site]
+    seen = []
+    handle = session.adapter.modules[point.module].register_forward_hook(
+        lambda m, args, out: seen.append(read(point, args)[0].clone())
+    )
+    try:
+        session.run(interventions)
+    finally:
+        handle.remove()
+    return seen[-1]  # earlier calls may be baseline passes
+
+
+def test_json_round_trip_is_exact():
+    ivs = [
+        Intervention("blocks.1.attn.head.3", "zero"),
+        Intervention("blocks.0.mlp", "scale", value=0.5),
+        Intervention("blocks.2.mlp.post[17]@pos=5", "noise", value=0.25, seed=7),
+        Intervention("embed", "steer", value=[0.1, -2.0, 1e-9]),
+        Intervention("blocks.0.attn.z", "patch", heads=[1, 2], positions=[-1], source="b.mfb.zip", align="last"),
+        Intervention("blocks.0.mlp", "mean", source=["a", "b"]),
+    ]
+    for iv in ivs:
+        again = Intervention.from_json(iv.to_json())
+        assert again == iv
+        assert again.to_json() == iv.to_json()
+
+
+def test_cli_spec_parses_into_the_same_data():
+    assert Intervention.parse("blocks.1.attn.head.3:zero") == Intervention("blocks.1.attn.head.3", "zero")
+    assert Intervention.parse("blocks.0.mlp:scale=0.5") == Intervention("blocks.0.mlp", "scale", value=0.5)
+    assert Intervention.parse("blocks.2.mlp.post[17]@pos=5:zero").site == "blocks.2.mlp.post[17]@pos=5"
+    noise = Intervention.parse("blocks.0.mlp:noise=0.5:seed=3")
+    assert (noise.value, noise.seed) == (0.5, 3)
+    assert Intervention.parse("embed:steer=1,0,-2").value == (1.0, 0.0, -2.0)
+    assert Intervention.parse(str(noise)) == noise
+    with pytest.raises(ForensicsError, match="SITE:KIND"):
+        Intervention.parse("blocks.0.mlp")
+    with pytest.raises(ForensicsError, match="kind 'explode' is unknown"):
+        Intervention.parse("blocks.0.mlp:explode")
+
+
+def test_bad_values_are_rejected_on_construction():
+    with pytest.raises(ForensicsError, match="needs value=FACTOR"):
+        Intervention("blocks.0.mlp", "scale")
+    with pytest.raises(ForensicsError, match="steer"):
+        Intervention("blocks.0.mlp", "steer", value=1.0)
+
+
+def test_unknown_site_lists_nearest_names(sessions):
+    s = sessions["forward"]
+    with pytest.raises(SiteError, match=r"blocks\.9\.mlp' does not exist; the model has 2 blocks \(0–1\); nearest: "):
+        s.run([Intervention("blocks.9.mlp", "zero")])
+    with pytest.raises(SiteError, match=r"head 7 does not exist: 'blocks\.1\.attn' has 4 query heads \(0–3\)"):
+        s.run([Intervention("blocks.1.attn.head.7", "zero")])
+    with pytest.raises(SiteError, match="read-only"):
+        s.run([Intervention("blocks.0.attn.pattern", "zero")])
+    with pytest.raises(SiteError, match="out of range"):
+        s.run([Intervention("blocks.0.mlp.post[999]", "zero")])
+
+
+def test_zero_head_touches_only_that_query_head(sessions):
+    s = sessions["forward"]  # GQA: 4 query heads over 2 key/value heads
+    clean = observe(s, "blocks.1.attn.z", [])
+    z = observe(s, "blocks.1.attn.z", [Intervention("blocks.1.attn.head.3", "zero")])
+    assert torch.equal(z[:, 3], torch.zeros_like(z[:, 3]))
+    assert torch.equal(z[:, :3], clean[:, :3])
+
+
+def test_neurons_and_positions_narrow_the_target(sessions):
+    s = sessions["forward"]
+    clean = observe(s, "blocks.0.mlp.post", [])
+    x = observe(s, "blocks.0.mlp.post", [Intervention("blocks.0.mlp.post[3,5]@pos=2,-1", "scale", value=2.0)])
+    changed = (x != clean).nonzero().tolist()
+    assert {(p, n) for p, n in changed} <= {(2, 3), (2, 5), (15, 3), (15, 5)}
+    assert torch.equal(x[2, [3, 5]], clean[2, [3, 5]] * 2)
+    assert torch.equal(x[15, [3, 5]], clean[15, [3, 5]] * 2)
+
+
+def test_several_interventions_compose_in_list_order(sessions):
+    s = sessions["forward"]
+    clean = observe(s, "blocks.0.mlp.post", [])
+    v = [1.0] * clean.shape[-1]
+    a = observe(
+        s,
+        "blocks.0.mlp.post",
+        [Intervention("blocks.0.mlp.post", "scale", value=2.0), Intervention("blocks.0.mlp.post", "steer", value=v)],
+    )
+    b = observe(
+        s,
+        "blocks.0.mlp.post",
+        [Intervention("blocks.0.mlp.post", "steer", value=v), Intervention("blocks.0.mlp.post", "scale", value=2.0)],
+    )
+    assert torch.allclose(a, clean * 2 + 1)
+    assert torch.allclose(b, (clean + 1) * 2)
+
+
+def test_noise_is_seeded_and_in_std_units(sessions):
+    s = sessions["forward"]
+    clean = observe(s, "blocks.0.mlp.post", [])
+    one = observe(s, "blocks.0.mlp.post", [Intervention("blocks.0.mlp.post", "noise", value=0.5, seed=1)])
+    again = observe(s, "blocks.0.mlp.post", [Intervention("blocks.0.mlp.post", "noise", value=0.5, seed=1)])
+    other = observe(s, "blocks.0.mlp.post", [Intervention("blocks.0.mlp.post", "noise", value=0.5, seed=2)])
+    assert torch.equal(one, again)
+    assert not torch.equal(one, other)
+    ratio = float((one - clean).std() / clean.std())
+    assert 0.4 < ratio < 0.6
+
+
+def test_mean_uses_the_baseline_set(sessions):
+    from model_forensics.recorder import RecorderHooks
+
+    s = sessions["forward"]
+    acts = []
+    for prompt in BASELINES:
+        with RecorderHooks(sites=["blocks.1.attn.z"], sketch="full").install_hooks(s.model) as rec, torch.no_grad():
+            s.model(**s.encode(prompt))
+            acts.append(rec.recorded()["blocks.1.attn.z"][0])
+    expected = torch.cat(acts).double().mean(0).float()  # (heads, d_head)
+    z = observe(s, "blocks.1.attn.z", [Intervention("blocks.1.attn.head.2", "mean")])
+    assert torch.allclose(z[:, 2], expected[2].expand_as(z[:, 2]))
+
+
+def test_patch_takes_the_baseline_activation_by_position(sessions):
+    s = sessions["forward"]
+    base = s.encode(BASELINES[0])
+    with torch.no_grad():
+        hidden = s.model(**base, output_hidden_states=True).hidden_states[1][0]  # input of block 1
+    x = observe(
+        s, "blocks.1.resid_pre", [Intervention("blocks.1.resid_pre@pos=4", "patch", source=f"prompt:{BASELINES[0]}")]
+    )
+    clean = observe(s, "blocks.1.resid_pre", [])
+    assert torch.equal(x[4], hidden[4])
+    assert torch.equal(x[:4], clean[:4]) and torch.equal(x[5:], clean[5:])
+
+
+def test_patch_of_another_length_needs_align_last(sessions):
+    s = sessions["forward"]
+    short = "w5 w6 w7 w8"
+    with pytest.raises(ForensicsError, match="baseline has 4 tokens but the incident prompt has 16.*align='last'"):
+        s.run([Intervention("blocks.1.resid_pre", "patch", source=f"prompt:{short}")])
+    x = observe(
+        s, "blocks.1.resid_pre", [Intervention("blocks.1.resid_pre", "patch", source=f"prompt:{short}", align="last")]
+    )
+    clean = observe(s, "blocks.1.resid_pre", [])
+    with torch.no_grad():
+        hidden = s.model(**s.encode(short), output_hidden_states=True).hidden_states[1][0]
+    assert torch.equal(x[-4:], hidden) and torch.equal(x[:-4], clean[:-4])
+
+
+def test_resample_picks_one_baseline_example_by_seed(sessions):
+    s = sessions["forward"]
+    picks = {
+        tuple(observe(s, "blocks.0.mlp.post", [Intervention("blocks.0.mlp.post", "resample", seed=k)])[0, :3].tolist())
+        for k in range(6)
+    }
+    assert 1 <= len(picks) <= len(BASELINES)
+
+
+def test_patch_from_a_bundle(sessions, lms, tmp_path):
+    from replay_models import record
+
+    s = sessions["forward"]
+    other = record(lms["llama"], tmp_path / "clean", prompt=BASELINES[1])
+    x = observe(s, "blocks.1.resid_pre", [Intervention("blocks.1.resid_pre", "patch", source=str(other))])
+    with torch.no_grad():
+        hidden = s.model(**s.encode(BASELINES[1]), output_hidden_states=True).hidden_states[1][0]
+    assert torch.equal(x, hidden)
