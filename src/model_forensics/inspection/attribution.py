@@ -79,7 +79,7 @@ class AttributionResult:
 
     @property
     def best_site(self) -> str | None:
-        return max(self.layers, key=lambda la: la.auroc).site if self.layers else None
+        return max(self.layers, key=lambda la: (la.auroc, la.max_abs_effect)).site if self.layers else None
 
     def to_json(self) -> dict[str, Any]:
         ab = None
@@ -235,7 +235,7 @@ def _ablation_check(
     collector: AttributionCollector, out: AttributionResult, readout: Readout, s: AttributionSettings
 ) -> AblationCheck:
     readout_site = out.layers[-1].site
-    best = max(out.layers[:-1], key=lambda la: la.auroc)
+    best = max(out.layers[:-1], key=lambda la: (la.auroc, la.max_abs_effect))
     res = collector.pooled[readout_site]
     failing = [int(i) for i in res.ids[collector.labels[res.ids] == 1][: s.max_ablation_inputs]]
     pass_r, fail_r = collector.moments[readout_site]

@@ -85,7 +85,7 @@ class DriftResult:
 
     def curve(self, site: str, metric: str = "mean_wasserstein") -> list[float]:
         """One layer's drift curve over the steps: ``mean_wasserstein`` (W̃, in reference
-        σ), ``fraction_shifted`` or ``mmd2``."""
+        σ), ``null_wasserstein`` (its no-shift level), ``fraction_shifted``, ``mmd2`` or ``mmd_p``."""
         out = []
         for comparison in self.comparisons:
             layer = comparison.layer(site)
@@ -105,7 +105,10 @@ class DriftResult:
                 "step_inputs": self.step_inputs,
                 "drifting_layers": self.drifting_layers(),
                 "curves": {
-                    s: {m: self.curve(s, m) for m in ("mean_wasserstein", "fraction_shifted", "mmd2", "mmd_p")}
+                    s: {
+                        m: self.curve(s, m)
+                        for m in ("mean_wasserstein", "null_wasserstein", "fraction_shifted", "mmd2", "mmd_p")
+                    }
                     for s in self.sites
                 },
             }
@@ -122,7 +125,8 @@ class DriftResult:
             cells = []
             for comparison in self.comparisons:
                 layer = comparison.layer(site)
-                cells.append(f"{layer.mean_wasserstein:.3f}{'*' if layer.shifted else ''}")
+                w = layer.mean_wasserstein
+                cells.append("—" if not np.isfinite(w) else f"{w:.3f}{'*' if layer.shifted else ''}")
             t.add_row(site, *cells)
         return t
 

@@ -222,7 +222,7 @@ def _headlines(r: InspectionResult) -> list[str]:
         out.append("**sensitivity**: most sensitive layers " + ", ".join(f"`{s}` ({v:.3g})" for s, v in top))
     if r.attribution and r.attribution.layers:
         a = r.attribution
-        best = max(a.layers, key=lambda la: la.auroc)
+        best = next(la for la in a.layers if la.site == a.best_site)
         check = "" if a.ablation is None else f"; ablation {'confirmed' if a.ablation.confirmed else 'not confirmed'}"
         out.append(f"**attribution**: best layer `{best.site}` (probe AUROC {best.auroc:.3f}){check}")
     if r.robustness and r.robustness.overall:
@@ -331,6 +331,11 @@ class ModelInspector:
             skip("regression", "no candidate model; pass compare_model=… (CLI: --compare-model M2)")
         if "attribution" in wanted and not any(x.passed is not None for x in samples):
             skip("attribution", "no labelled inputs; give inputs a boolean 'passed' field")
+        if "pruning" in wanted and len(samples) // 5 < s.pruning.min_heldout:
+            skip(
+                "pruning",
+                f"needs ≥ {5 * s.pruning.min_heldout} inputs (a fifth is held out to verify, at least {s.pruning.min_heldout})",
+            )
         if "robustness" in wanted and (self.tokenizer is None or any(t is None for t in texts)):
             skip("robustness", "needs text inputs and a tokenizer (perturbation families edit text)")
         if "regression" in wanted and compare_model is not None and all(t is not None for t in texts):

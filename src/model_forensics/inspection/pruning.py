@@ -35,7 +35,8 @@ class PruningSettings:
     max_sites: int = 8
     max_kl: float = 0.01  # nats
     min_agreement: float = 0.98
-    heldout_inputs: int = 32
+    heldout_inputs: int = 32  # at most this many held-out inputs (a fifth of the inputs)
+    min_heldout: int = 8  # fewer held-out inputs than this: pruning is skipped
 
 
 @dataclass

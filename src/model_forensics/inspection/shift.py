@@ -59,6 +59,7 @@ class LayerShift:
     shifted_units: list[int]
     fraction_shifted: float | None
     shifted: bool
+    null_wasserstein: float | None = None  # mean W̃ after randomly relabelling the pooled sample: the noise floor
     mmd2: float | None = None
     mmd_p: float | None = None
     mmd_inputs: tuple[int, int] = (0, 0)
@@ -79,6 +80,7 @@ class LayerShift:
                 "fraction_shifted": self.fraction_shifted,
                 "shifted_units": self.shifted_units,
                 "mean_normalised_wasserstein": self.mean_wasserstein,
+                "null_normalised_wasserstein": self.null_wasserstein,
                 "mmd2": self.mmd2,
                 "mmd_p": self.mmd_p,
                 "mmd_inputs": list(self.mmd_inputs),
@@ -117,7 +119,7 @@ class ShiftResult:
             title=f"Distribution shift (BH FDR α = {s.alpha:g}; layer shifts when > {100 * s.layer_fraction:.0f}% of units do)",
             title_justify="left",
         )
-        for col in ("site", "units shifted", "mean W₁/σ", "MMD²", "MMD p", "verdict"):
+        for col in ("site", "units shifted", "mean W₁/σ", "(no-shift level)", "MMD²", "MMD p", "verdict"):
             t.add_column(col, justify="left" if col in ("site", "verdict") else "right")
         for layer in self.layers:
             frac = "—" if layer.fraction_shifted is None else f"{100 * layer.fraction_shifted:.1f}%"
@@ -128,6 +130,7 @@ class ShiftResult:
                 layer.site,
                 frac,
                 f"{layer.mean_wasserstein:.3f}",
+                "—" if layer.null_wasserstein is None else f"{layer.null_wasserstein:.3f}",
                 "—" if layer.mmd2 is None else f"{layer.mmd2:.4f}",
                 "—" if layer.mmd_p is None else f"{layer.mmd_p:.3f}",
                 verdict,
@@ -189,7 +192,13 @@ def _compare_site(site: str, ref: ActivationSummary, cur: ActivationSummary, s: 
         tests = ks_wasserstein(r_tok, c_tok)
         sigma = ref.moments[site].std
         floor = 1e-3 * float(np.nanmean(sigma)) if np.isfinite(sigma).any() else 1e-12
-        w_norm = tests.wasserstein / np.maximum(np.nan_to_num(sigma), max(floor, 1e-12))
+        scale = np.maximum(np.nan_to_num(sigma), max(floor, 1e-12))
+        w_norm = tests.wasserstein / scale
+        # The same statistic after a random relabelling: W̃'s small-sample level under no shift.
+        pooled = np.concatenate([r_tok, c_tok])[np.random.default_rng(s.seed).permutation(len(r_tok) + len(c_tok))]
+        layer.null_wasserstein = float(
+            np.mean(ks_wasserstein(pooled[: len(r_tok)], pooled[len(r_tok) :]).wasserstein / scale)
+        )
         rejected, q = benjamini_hochberg(tests.p_value, s.alpha)
         hits = rejected & (w_norm >= s.min_effect)
         layer.unit_wasserstein, layer.unit_ks, layer.unit_q = w_norm, tests.ks, q
