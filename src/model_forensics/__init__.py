@@ -13,6 +13,7 @@ from model_forensics.core.errors import (
 )
 from model_forensics.core.predicates import Predicate, class_is, contains, logit_diff, regex, token_is
 from model_forensics.inspection import ModelInspector
+from model_forensics.rca import CausalCCA, CompressionForensics, FixSet
 from model_forensics.recorder import ActivityCube, RecorderHooks, add_hooks_all
 from model_forensics.replay import Intervention, SandboxReplayer, Session
 
@@ -22,7 +23,10 @@ __all__ = [
     "ActivityCube",
     "Bundle",
     "BundleError",
+    "CausalCCA",
+    "CompressionForensics",
     "ConfigError",
+    "FixSet",
     "ForensicsConfig",
     "ForensicsError",
     "Intervention",

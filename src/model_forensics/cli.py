@@ -40,6 +40,10 @@ app = typer.Typer(
 )
 bundle_app = typer.Typer(help="Inspect and verify incident bundles.", no_args_is_help=True)
 app.add_typer(bundle_app, name="bundle")
+scenarios_app = typer.Typer(
+    help="Incident scenarios: zoo models with ground truth, and real weights.", no_args_is_help=True
+)
+app.add_typer(scenarios_app, name="scenarios")
 console = Console()
 err = Console(stderr=True)
 
@@ -372,6 +376,191 @@ def inspect_command(
     )
 
 
+def _progress_callback(progress: Any, task: Any) -> Any:
+    def say(message: str) -> None:
+        progress.update(task, description=message, advance=1)
+
+    return say
+
+
+def _fix_table(result: dict[str, Any]) -> Table:
+    fix = result["fix_set"]
+    table = Table(title=f"minimal fix set: {len(fix['members'])} interventions, flip rate {fix['total_flip_rate']:.0%}")
+    for col in ("intervention", "level", "necessity", "sufficiency", "attribution", "CF score", "benign KL"):
+        table.add_column(col)
+    for m in fix["members"]:
+        iv = m["intervention"]
+        kl = "—" if m["benign_kl"] is None else f"{m['benign_kl']:.4f}"
+        table.add_row(
+            f"{iv['site']}:{iv['kind']}",
+            m["level"],
+            f"{m['necessity']:.0%}",
+            f"{m['sufficiency']:.0%}",
+            f"{m['attribution']:.3f}",
+            f"{m['cf_score']:.1f}",
+            kl,
+        )
+    return table
+
+
+def _anomaly_table(result: dict[str, Any], n: int = 10) -> Table:
+    an = result["anomalies"]
+    fpr = "not measured" if an["false_positive_rate"] is None else f"{an['false_positive_rate']:.1%}"
+    table = Table(
+        title=f"CF anomalies (threshold {an['threshold']} z, {an['baseline_size']} benign runs, "
+        f"measured FPR {fpr}, nominal {an['nominal_rate_max']:.1%})"
+    )
+    for col in ("site", "score (max |z|)", "flagged", "compressed ratio z", "spectral entropy z", "top-k energy z"):
+        table.add_column(col)
+    for a in an["anomalies"][:n]:
+        f = a["features"]
+        table.add_row(
+            a["site"],
+            f"{a['score']:.2f}",
+            "yes" if a["flagged"] else "",
+            *(f"{f[k]['z']:+.2f}" for k in ("compressed_ratio", "spectral_entropy", "topk_energy")),
+        )
+    return table
+
+
+@app.command()
+def analyze(
+    bundle: Annotated[Path, typer.Argument(help="Incident bundle directory or .mfb.zip")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model override (default: the manifest's)")] = None,
+    baseline: Annotated[
+        list[Path] | None, typer.Option("--baseline", "-b", help="Baseline bundle(s), same model")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config")] = None,
+    strategy: Annotated[str | None, typer.Option(help="greedy | exhaustive")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the analysis as JSON")] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the analysis JSON here")] = None,
+) -> None:
+    """Root-cause analysis: CF anomalies, attribution ranking, a verified minimal fix set."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from model_forensics.rca.pipeline import NothingToFix, analyze_bundle
+
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True
+    ) as progress:
+        task = progress.add_task("loading", total=4)
+        try:
+            result = analyze_bundle(
+                bundle,
+                model=model,
+                baseline=baseline or [],
+                config=config,
+                strategy=strategy,
+                progress=_progress_callback(progress, task),
+            ).to_json()
+        except NothingToFix as exc:
+            err.print(f"nothing to fix: {exc}")
+            raise typer.Exit(1) from None
+    if out is not None:
+        out.write_text(json.dumps(result, indent=1))
+    if as_json:
+        console.print_json(json.dumps(result))
+        return
+    console.print(_anomaly_table(result))
+    console.print(_fix_table(result))
+    fix = result["fix_set"]
+    se = fix["side_effects"]
+    if se:
+        console.print(
+            f"side effects on {se['n_benign']} benign prompts: mean KL {se['mean_kl']:.4f} nats "
+            f"(bound {se['bound']}, {'within' if se['within_bound'] else '[red]EXCEEDED[/]'}), "
+            f"accuracy {se['accuracy_clean']:.0%} → {se['accuracy_fixed']:.0%}, predicate changed on {se['predicate_changed']:.0%}"
+        )
+    console.print(
+        f"flip rate {fix['total_flip_rate']:.0%} over {len(fix['flips'])} failing variants · "
+        f"{fix['candidates']} candidate units · {result['forward_passes']} forward passes · {result['seconds']:.1f} s"
+    )
+    for note in fix["notes"]:
+        console.print(f"note: {note}")
+
+
+def _many(directory: Path, model: str | None, config: Path | None, search: bool, workers: int, ray: str | None) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from model_forensics.rca.pipeline import find_bundles, run_many
+
+    paths = find_bundles(directory)
+    with Progress(
+        *Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+    ) as progress:
+        task = progress.add_task("analysing" if search else "triaging", total=len(paths))
+        return run_many(
+            paths,
+            model=model,
+            config=None if config is None else str(config),
+            search=search,
+            workers=workers,
+            ray=ray,
+            on_done=lambda _r: progress.advance(task),
+        )
+
+
+def _print_batch(report: Any, search: bool) -> None:
+    table = Table(title=f"{len(report.results)} incidents analysed ({report.backend}, {report.seconds:.1f} s)")
+    for col in ("bundle", "top sites (attribution)", "max CF score", *(("fix set", "flip rate") if search else ())):
+        table.add_column(col)
+    for r in report.results:
+        sites = [u["unit"] for u in r["ranking"]["units"] if u["level"] == "site"][:3]
+        score = max((a["score"] for a in r["anomalies"]["anomalies"]), default=0.0)
+        row = [Path(r["bundle"]).name, ", ".join(sites), f"{score:.1f}"]
+        if search and r["fix_set"]:
+            row += [", ".join(m["unit"] for m in r["fix_set"]["members"][:4]), f"{r['fix_set']['total_flip_rate']:.0%}"]
+        table.add_row(*row)
+    console.print(table)
+    groups = Table(title="incident groups (shared root-cause sites), by severity")
+    for col in ("severity", "incidents", "shared sites"):
+        groups.add_column(col)
+    for g in report.groups:
+        groups.add_row(
+            f"{g['severity']:.1f}", ", ".join(Path(i).name for i in g["incidents"]), ", ".join(g["shared_sites"]) or "—"
+        )
+    console.print(groups)
+    for s in report.skipped:
+        console.print(f"[yellow]skipped[/] {s['bundle']}: {s['error']}")
+
+
+@app.command()
+def batch(
+    directory: Annotated[Path, typer.Argument(help="Directory of bundles")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model override")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config")] = None,
+    workers: Annotated[int, typer.Option(help="Local worker processes")] = 2,
+    ray: Annotated[str | None, typer.Option(help="Run on Ray: 'auto', 'local' or a cluster ADDRESS")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the summary JSON here")] = None,
+) -> None:
+    """Analyse every bundle in a directory (corrupt ones are skipped and listed)."""
+    report = _many(directory, model, config, True, workers, ray)
+    if out is not None:
+        out.write_text(json.dumps(report.to_json(), indent=1))
+    if as_json:
+        console.print_json(json.dumps(report.to_json()))
+    else:
+        _print_batch(report, search=True)
+
+
+@app.command()
+def triage(
+    directory: Annotated[Path, typer.Argument(help="Directory of bundles")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model override")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config")] = None,
+    workers: Annotated[int, typer.Option(help="Local worker processes")] = 2,
+    ray: Annotated[str | None, typer.Option(help="Run on Ray: 'auto', 'local' or a cluster ADDRESS")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Cheap triage: CF + attribution only; groups incidents sharing root-cause sites."""
+    report = _many(directory, model, config, False, workers, ray)
+    if as_json:
+        console.print_json(json.dumps(report.to_json()))
+    else:
+        _print_batch(report, search=False)
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the incident bundle")] = Path("demo-bundle"),
@@ -405,3 +594,79 @@ def demo(
         f"  model-forensics bundle info {path} --json\n"
         f'  model-forensics trace --model smollm2 --prompt "..." --out cube.json'
     )
+
+
+@scenarios_app.command("list")
+def scenarios_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print every scenario as JSON")] = False,
+) -> None:
+    """List the incident scenarios."""
+    from model_forensics.scenarios import get, names
+
+    found: dict[str, Any] = {}
+    for name in names():
+        try:
+            found[name] = get(name)
+        except ForensicsError as exc:  # one scenario's missing data must not hide the others
+            found[name] = exc
+    if as_json:
+        rows = [s.to_json() if not isinstance(s, Exception) else {"name": n, "error": str(s)} for n, s in found.items()]
+        console.print_json(json.dumps(rows))
+        return
+    table = Table(title="incident scenarios", title_justify="left")
+    for column in ("name", "model", "kind", "variants", "benign", "ground truth", "description"):
+        table.add_column(column, justify="right" if column in ("variants", "benign") else "left")
+    for name, s in found.items():
+        if isinstance(s, Exception):
+            table.add_row(f"[bold]{name}[/]", "", "", "", "", "", f"[red]unavailable:[/] {s}")
+            continue
+        table.add_row(
+            f"[bold]{s.name}[/]",
+            s.model,
+            s.kind,
+            str(len(s.variants)),
+            str(len(s.benign)),
+            s.ground_truth_level,
+            s.description,
+        )
+    console.print(table)
+
+
+@scenarios_app.command("run")
+def scenarios_run(
+    name: Annotated[str, typer.Argument(help="Scenario name (see `scenarios list`)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for incident-*/ and baseline-*/ bundles")],
+    overwrite: Annotated[bool, typer.Option(help="Replace bundles that already exist")] = False,
+    incidents: Annotated[int | None, typer.Option(help="Record only the first N incidents")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run as JSON")] = False,
+) -> None:
+    """Record a scenario's incident and baseline bundles, ready for `analyze`."""
+    from model_forensics.scenarios import get
+
+    scenario = get(name)
+    with err.status(f"loading {scenario.model} and recording {name}…"):
+        run = scenario.record(out, overwrite=overwrite, limit=incidents)
+    if as_json:
+        console.print_json(json.dumps(run.to_json()))
+        return
+    table = Table(title=f"scenario [bold]{name}[/] → {out}", title_justify="left")
+    for column in ("bundle", "output", "predicate"):
+        table.add_column(column)
+    for i, path in enumerate(run.incidents):
+        table.add_row(str(path), _clip(run.outputs[i], 60), _verdict(run.incident_failed[i], expected=True))
+        table.add_row(
+            str(run.baselines[i]), _clip(run.baseline_outputs[i], 60), _verdict(run.baseline_failed[i], expected=False)
+        )
+    console.print(table)
+    for role, path in run.artifacts.items():
+        console.print(f"{role}: {path}")
+    console.print(f"ground truth: {scenario.ground_truth_note}")
+    if run.incidents:
+        console.print(f"\nnext:\n  model-forensics analyze {run.incidents[0]} --baseline {run.baselines[0]}")
+
+
+def _verdict(holds: bool | None, expected: bool) -> str:
+    if holds is None:
+        return "no predicate"
+    text = "FAILS (predicate holds)" if holds else "passes"
+    return f"[green]{text}[/]" if holds == expected else f"[bold red]{text} (unexpected)[/]"

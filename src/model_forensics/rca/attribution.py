@@ -1,0 +1,247 @@
+"""Attribution ranking: attribution patching (activation difference × gradient).
+
+For a failing input, ``m`` is a scalar that measures the failure (log-probability of the
+target tokens a text predicate looks for; the failing class's margin; the logit
+difference of a ``logit_diff`` predicate). One forward and one backward pass give, for
+every unit u (a site, an attention head's slice of z, or an MLP neuron), the first-order
+estimate of how much mean-ablating it would change m:
+
+    Δm_u ≈ Σ_{positions, dims of u} (ā_u − a_u) · ∂m/∂a_u
+
+where ā is the unit's mean over the benign baseline set (0 when there is none). A unit's
+score is −Δm_u averaged over the failing variants: positive = ablating it should reduce
+the failure. The estimates are only a ranking; :mod:`model_forensics.rca.cca` confirms
+every candidate by exact replay.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from model_forensics.core.errors import ForensicsError
+from model_forensics.core.predicates import Predicate
+from model_forensics.models.adapters import HookPoint, read
+from model_forensics.rca.runs import Inputs, capture
+
+LEVELS = ("site", "head", "neuron")
+
+
+@dataclass
+class UnitScore:
+    unit: str  # "blocks.2.mlp", "blocks.1.attn.head.3", "blocks.0.mlp.post[17]"
+    level: str  # site | head | neuron
+    score: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"unit": self.unit, "level": self.level, "score": self.score}
+
+
+@dataclass
+class Ranking:
+    """Units ranked by estimated failure reduction under mean ablation (best first)."""
+
+    units: list[UnitScore]
+    variants_used: int
+    forward_passes: int
+    backward_passes: int
+    notes: list[str] = field(default_factory=list)
+
+    def level(self, level: str) -> list[UnitScore]:
+        return [u for u in self.units if u.level == level]
+
+    def score(self, unit: str) -> float:
+        return next((u.score for u in self.units if u.unit == unit), 0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "variants_used": self.variants_used,
+            "forward_passes": self.forward_passes,
+            "backward_passes": self.backward_passes,
+            "notes": self.notes,
+            "units": [u.to_json() for u in self.units],
+        }
+
+
+def attribution_ranking(session: Any, inputs: list[Inputs] | None = None, max_variants: int = 8) -> Ranking:
+    """Rank every site, head and neuron of ``session``'s model for the incident's failure.
+
+    Args:
+        session: a replay Session with a failure predicate.
+        inputs: failing inputs to attribute (default: the incident and its variants, up to
+            ``max_variants``; inputs on which the model does not fail are skipped).
+    """
+    if session.predicate is None:
+        raise ForensicsError(
+            "the bundle has no failure predicate; record it with one (e.g. --predicate contains:HACKED)"
+        )
+    adapter = session.adapter
+    sites = [s for s in adapter.sites() if _kind(s) in ("attn", "mlp", "attn.z", "mlp.post")]
+    before = session.forward_passes
+    means = _baseline_means(session, sites)
+    totals: dict[tuple[str, str], float] = defaultdict(float)
+    used = backward = 0
+    notes: list[str] = []
+    for batch in (inputs if inputs is not None else session.variants())[:max_variants]:
+        prepared = _teacher_forced(session, batch)
+        if prepared is None:
+            continue
+        ids, metric = prepared
+        grads, acts = _grad_pass(session, ids, sites, metric)
+        session.forward_passes += 1
+        backward += 1
+        used += 1
+        for site in sites:
+            a, g = acts[site], grads[site]
+            if g is None:
+                continue
+            delta = (means.get(site, torch.zeros(())) - a) * g  # (T, ...) first-order Δm per entry
+            kind = _kind(site)
+            if kind in ("attn", "mlp"):
+                totals[(site, "site")] -= float(delta.sum())
+            elif kind == "attn.z":
+                per_head = delta.sum(dim=(0, 2))  # (T, H, dh) → (H,)
+                base = site.removesuffix(".z")
+                for h, v in enumerate(per_head.tolist()):
+                    totals[(f"{base}.head.{h}", "head")] -= v
+            else:
+                per_neuron = delta.sum(dim=0)  # (T, d_mlp) → (d_mlp,)
+                for i, v in enumerate(per_neuron.tolist()):
+                    totals[(f"{site}[{i}]", "neuron")] -= v
+    if used == 0:
+        raise ForensicsError("the model does not fail on the incident or any variant; nothing to attribute")
+    units = [UnitScore(u, level, score / used) for (u, level), score in totals.items()]
+    units.sort(key=lambda u: -u.score)
+    return Ranking(units, used, session.forward_passes - before, backward, notes)
+
+
+def _kind(site: str) -> str:
+    return site.split(".", 2)[-1] if site.startswith("blocks.") else site
+
+
+def _baseline_means(session: Any, sites: list[str]) -> dict[str, torch.Tensor]:
+    """Per site, the mean over baseline runs and positions (the ``mean`` ablation value)."""
+    refs = list(session.baselines) or list(session.benign())
+    if not refs:
+        return {}
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    for batch in refs:
+        got = capture(session, batch, granularity="neuron", sites=["blocks.*.attn.z"])
+        count += 1
+        for site in sites:
+            m = got[site].float().mean(dim=0)
+            sums[site] = sums[site] + m if site in sums else m
+    return {site: s / count for site, s in sums.items()}
+
+
+def _teacher_forced(session: Any, batch: Inputs) -> tuple[torch.Tensor, Any] | None:
+    """The ids to run with gradients and the failure metric on their logits, or None if
+    the model does not fail on ``batch``."""
+    predicate: Predicate = session.predicate
+    result = session.run(inputs=batch)
+    if not result.failed:
+        return None
+    prompt = batch["input_ids"]
+    if session.mode == "generate":
+        full = result.outputs["generated_ids"].reshape(1, -1)
+        span = _target_span(session, full[0, prompt.shape[1] :], predicate)
+        start, end = prompt.shape[1] + span[0], prompt.shape[1] + span[1]
+        ids = full[:, :end]
+        targets = full[0, start:end]
+
+        def metric(logits: torch.Tensor) -> torch.Tensor:  # (1, T, V)
+            logp = logits[0, start - 1 : end - 1].log_softmax(-1)
+            return logp.gather(-1, targets.unsqueeze(-1)).sum()
+
+        return ids, metric
+    return prompt, _logit_metric(predicate, result.prediction)
+
+
+def _target_span(session: Any, generated: torch.Tensor, predicate: Predicate) -> tuple[int, int]:
+    """Token span [start, end) of the generated ids whose text first satisfies the predicate."""
+    tok = session.tokenizer
+    if predicate.kind not in ("contains", "regex"):
+        return 0, len(generated)
+
+    def hit(text: str) -> bool:
+        if predicate.kind == "contains":
+            return str(predicate.args["text"]) in text
+        return re.search(str(predicate.args["pattern"]), text) is not None
+
+    end = next((k + 1 for k in range(len(generated)) if hit(tok.decode(generated[: k + 1]))), len(generated))
+    start = max((j for j in range(end) if hit(tok.decode(generated[j:end]))), default=0)
+    return start, end
+
+
+def _logit_metric(predicate: Predicate, prediction: int) -> Any:
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        scores = logits[0, -1] if logits.dim() == 3 else logits[0]
+        if predicate.kind == "class_is":
+            label = int(predicate.args["label"])
+            others = torch.cat([scores[:label], scores[label + 1 :]])
+            return scores[label] - torch.logsumexp(others, dim=0)
+        if predicate.kind == "token_is":
+            return scores.log_softmax(-1)[int(predicate.args["token"])]
+        if predicate.kind == "logit_diff":
+            return scores[int(predicate.args["a"])] - scores[int(predicate.args["b"])]
+        return scores.log_softmax(-1)[prediction]
+
+    return metric
+
+
+def _grad_pass(
+    session: Any, ids: torch.Tensor, sites: list[str], metric: Any
+) -> tuple[dict[str, torch.Tensor | None], dict[str, torch.Tensor]]:
+    """One forward + backward: every site's activation (T, …) and ∂metric/∂activation."""
+    adapter = session.adapter
+    kept: dict[str, torch.Tensor] = {}
+    handles = []
+    by_module: dict[str, list[tuple[str, Any]]] = defaultdict(list)
+    for site in sites:
+        point = adapter.point(site)
+        by_module[point.module].append((site, point))
+    for name, entries in by_module.items():
+        module: nn.Module = adapter.modules[name]
+        outs = [(s, p) for s, p in entries if p.io == "output"]
+        ins = [(s, p) for s, p in entries if p.io == "input"]
+        if outs:
+            handles.append(module.register_forward_hook(_keeper(outs, kept, output=True)))
+        if ins:
+            handles.append(module.register_forward_pre_hook(_keeper(ins, kept, output=False)))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    try:
+        with session.environment(), torch.enable_grad():
+            out = session.model(**batch)
+            logits = out.logits if hasattr(out, "logits") else out[0]
+            value = metric(logits)
+            grads = torch.autograd.grad(value, [kept[s] for s in sites], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    # Gradients are taken w.r.t. the tensors the model really used, then cut like the site.
+    points = {s: adapter.point(s) for s in sites}
+    return (
+        {s: (None if g is None else _cut(points[s], g.detach())[0]) for s, g in zip(sites, grads, strict=True)},
+        {s: _cut(points[s], kept[s].detach())[0] for s in sites},
+    )
+
+
+def _cut(point: Any, tensor: torch.Tensor) -> torch.Tensor:
+    return read(HookPoint(point.module, point.io, None, point.span, point.heads), tensor)  # type: ignore[return-value]
+
+
+def _keeper(entries: list[tuple[str, Any]], kept: dict[str, torch.Tensor], output: bool) -> Any:
+    def hook(module: nn.Module, args: Any, out: Any = None) -> None:
+        payload = out if output else args
+        for site, point in entries:
+            raw = payload[point.index or 0] if isinstance(payload, tuple | list) else payload
+            if isinstance(raw, torch.Tensor):
+                kept[site] = raw
+
+    return hook

@@ -1,0 +1,369 @@
+"""CausalCCA: the smallest set of interventions that fixes the failure (causal minimal fix sets).
+
+Search, coarse to fine, every number from exact replays:
+1. Rank units by attribution patching, re-weighted by CF anomaly scores (``guided_by``).
+2. Layers: add whole sites (``blocks.L.attn`` / ``blocks.L.mlp``) in rank order until the
+   flip rate over the incident's failing variants reaches ``early_stop_threshold``
+   (all prefixes evaluated in one batched sweep per variant), then delta-debug to a
+   1-minimal set of sites.
+3. Heads / neurons inside those sites: the same greedy addition (at most
+   ``max_fix_set_size`` members; candidates whose solo benign KL exceeds the side-effect
+   bound go last), then delta-debugging removal until removing any member drops the flip
+   rate below the threshold (1-minimal). Among removable members, the one with the largest
+   benign KL goes first.
+4. Side effects of the result on the benign set; necessity (flip-rate loss when a member is
+   removed) and sufficiency (flip rate of the member alone) per member.
+
+``search_strategy: exhaustive`` replaces 3 by a search over every subset (by size) of the
+top candidates — exponential, for small spaces and for testing greedy's optimality.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model_forensics.core.config import CCAConfig, ForensicsConfig, load_config
+from model_forensics.core.errors import ForensicsError
+from model_forensics.rca.attribution import Ranking, UnitScore, attribution_ranking
+from model_forensics.rca.compression import AnomalyReport
+from model_forensics.rca.side_effects import SideEffects, benign_kls, measure
+from model_forensics.replay.interventions import Intervention
+
+Inputs = dict[str, torch.Tensor]
+MAX_EXHAUSTIVE = 12
+
+
+@dataclass
+class FixMember:
+    intervention: Intervention
+    unit: str
+    level: str
+    attribution: float
+    cf_score: float
+    necessity: float  # flip rate of the set − flip rate without this member
+    sufficiency: float  # flip rate of this member alone
+    benign_kl: float | None  # mean benign KL of this member alone
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "intervention": self.intervention.to_json(),
+            "unit": self.unit,
+            "level": self.level,
+            "attribution": self.attribution,
+            "cf_score": self.cf_score,
+            "necessity": self.necessity,
+            "sufficiency": self.sufficiency,
+            "benign_kl": self.benign_kl,
+        }
+
+
+@dataclass
+class FixSet:
+    """The result of :meth:`CausalCCA.search_fix_set`."""
+
+    members: list[FixMember]
+    total_flip_rate: float
+    flips: list[bool]
+    reached_threshold: bool
+    side_effects: SideEffects | None
+    forward_passes: int
+    candidates: int
+    strategy: str
+    guidance: str
+    seconds: float
+    coarse_sites: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def interventions(self) -> list[Intervention]:
+        return [m.intervention for m in self.members]
+
+    @property
+    def units(self) -> list[str]:
+        return [m.unit for m in self.members]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "interventions": [m.intervention.to_json() for m in self.members],
+            "members": [m.to_json() for m in self.members],
+            "total_flip_rate": self.total_flip_rate,
+            "flips": self.flips,
+            "reached_threshold": self.reached_threshold,
+            "side_effects": None if self.side_effects is None else self.side_effects.to_json(),
+            "forward_passes": self.forward_passes,
+            "candidates": self.candidates,
+            "strategy": self.strategy,
+            "guidance": self.guidance,
+            "seconds": self.seconds,
+            "coarse_sites": self.coarse_sites,
+            "notes": self.notes,
+        }
+
+
+class CausalCCA:
+    """Causal minimal fix-set search. ``config``: YAML path / ForensicsConfig / None."""
+
+    def __init__(
+        self,
+        config: str | Path | ForensicsConfig | None = None,
+        *,
+        search_strategy: str | None = None,
+        neurons_per_site: int = 48,
+        guidance: str | None = None,
+    ):
+        full = load_config(config)
+        self.config: CCAConfig = full.modules.cca
+        if search_strategy is not None:
+            self.config = self.config.model_copy(update={"search_strategy": search_strategy})
+        self.neurons_per_site = neurons_per_site
+        self.guidance = guidance  # None: attribution (+ CF if guided_by); "unguided": forward order
+
+    def search_fix_set(
+        self, session: Any, guided_by: AnomalyReport | None = None, ranking: Ranking | None = None
+    ) -> FixSet:
+        """Find a 1-minimal intervention set that flips the incident's failing variants.
+
+        Args:
+            session: a replay Session whose bundle has a failure predicate and fails.
+            guided_by: CF anomalies that re-weight the attribution ranking.
+            ranking: a precomputed attribution ranking (computed here if None).
+        Raises:
+            ForensicsError: no predicate, or nothing fails (nothing to fix).
+        """
+        start, before = time.perf_counter(), session.forward_passes
+        variants = self._failing_variants(session)
+        kind = "mean" if session.baselines else "zero"
+        unguided = self.guidance == "unguided"
+        if ranking is None and not unguided:
+            ranking = attribution_ranking(session)
+        scores = _guided_scores(session, ranking, guided_by, unguided)
+        notes: list[str] = []
+        guidance = "unguided (forward order)" if unguided else "attribution" + (" + CF" if guided_by else "")
+
+        # 1–2. coarse: whole attention / MLP sites
+        coarse = [u for u in scores if u.level == "site"]
+        coarse_set, rate = self._greedy(session, variants, coarse, kind, len(coarse))
+        if rate < self.config.early_stop_threshold:
+            notes.append(f"ablating every attention and MLP site flips only {rate:.0%}; reporting the best set found")
+        coarse_set = self._minimise(session, variants, coarse_set, kind, {})
+        sites = [u.unit for u in coarse_set]
+
+        # 3. fine: heads / neurons inside the coarse sites
+        fine = _fine_candidates(scores, sites, self.neurons_per_site)
+        solo_kl = self._solo_kl(session, fine, kind)
+        fine.sort(
+            key=lambda u: (
+                (solo_kl.get(u.unit, 0.0) > self.config.max_side_effect_kl, -u.score) if not unguided else (0, 0)
+            )
+        )
+        if self.config.search_strategy == "exhaustive":
+            chosen, rate = self._exhaustive(session, variants, fine, kind)
+        else:
+            chosen, rate = self._greedy(session, variants, fine, kind, self.config.max_fix_set_size)
+            if rate >= self.config.early_stop_threshold:
+                chosen = self._minimise(session, variants, chosen, kind, solo_kl)
+        if rate < self.config.early_stop_threshold or not chosen:
+            notes.append("heads/neurons alone do not reach the threshold; the fix set is the coarse (site-level) set")
+            chosen = coarse_set
+        members, flips, rate = self._members(session, variants, chosen, kind, guided_by, solo_kl)
+        effects = (
+            measure(session, [m.intervention for m in members], self.config.max_side_effect_kl)
+            if session.benign()
+            else None
+        )
+        if effects is not None and not effects.within_bound:
+            notes.append(f"side effects exceed the bound: mean benign KL {effects.mean_kl:.4f} > {effects.bound}")
+        return FixSet(
+            members=members,
+            total_flip_rate=rate,
+            flips=flips,
+            reached_threshold=rate >= self.config.early_stop_threshold,
+            side_effects=effects,
+            forward_passes=session.forward_passes - before,
+            candidates=_unit_count(session),
+            strategy=self.config.search_strategy,
+            guidance=guidance,
+            seconds=time.perf_counter() - start,
+            coarse_sites=sites,
+            notes=notes,
+        )
+
+    # -- evaluation ------------------------------------------------------------------------
+    def _failing_variants(self, session: Any) -> list[Inputs]:
+        if session.predicate is None:
+            raise ForensicsError(
+                "the bundle has no failure predicate, so there is nothing to fix; record one with --predicate"
+            )
+        failing = [v for v in session.variants() if session.sweep([[]], inputs=v)[0].failed]
+        if not failing:
+            raise ForensicsError(
+                "the model does not fail on this incident (the predicate does not hold): nothing to fix"
+            )
+        return failing
+
+    def _flip_rates(self, session: Any, variants: list[Inputs], sets: list[list[Intervention]]) -> list[list[bool]]:
+        """flips[set][variant] from one batched sweep per variant."""
+        flips: list[list[bool]] = [[] for _ in sets]
+        for batch in variants:
+            results = session.sweep(sets, inputs=batch)
+            for i, r in enumerate(results):
+                flips[i].append(not r.failed)
+        return flips
+
+    def _greedy(
+        self, session: Any, variants: list[Inputs], ranked: list[UnitScore], kind: str, limit: int
+    ) -> tuple[list[UnitScore], float]:
+        """The shortest rank-order prefix reaching the threshold (or the best prefix)."""
+        best: tuple[list[UnitScore], float] = ([], 0.0)
+        chunk = 8
+        for lo in range(0, min(limit, len(ranked)), chunk):
+            sizes = list(range(lo + 1, min(limit, len(ranked), lo + chunk) + 1))
+            sets = [[_intervention(u, kind) for u in ranked[:k]] for k in sizes]
+            for k, flips in zip(sizes, self._flip_rates(session, variants, sets), strict=True):
+                rate = sum(flips) / len(flips)
+                if rate > best[1]:
+                    best = (ranked[:k], rate)
+                if rate >= self.config.early_stop_threshold:
+                    return ranked[:k], rate
+        return best
+
+    def _minimise(
+        self, session: Any, variants: list[Inputs], chosen: list[UnitScore], kind: str, solo_kl: dict[str, float]
+    ) -> list[UnitScore]:
+        """Delta-debugging removal to a 1-minimal set: drop members while the rest still flips."""
+        current = list(chosen)
+        while len(current) > 1:
+            without = [[_intervention(u, kind) for u in current if u is not m] for m in current]
+            flips = self._flip_rates(session, variants, without)
+            removable = [
+                m for m, f in zip(current, flips, strict=True) if sum(f) / len(f) >= self.config.early_stop_threshold
+            ]
+            if not removable:
+                break
+            drop = max(removable, key=lambda m: (solo_kl.get(m.unit, 0.0), -m.score))
+            current.remove(drop)
+        return current
+
+    def _exhaustive(
+        self, session: Any, variants: list[Inputs], ranked: list[UnitScore], kind: str
+    ) -> tuple[list[UnitScore], float]:
+        pool = ranked[:MAX_EXHAUSTIVE]
+        best: tuple[list[UnitScore], float] = ([], 0.0)
+        for size in range(1, min(len(pool), self.config.max_fix_set_size) + 1):
+            combos = [list(c) for c in itertools.combinations(pool, size)]
+            flips = self._flip_rates(session, variants, [[_intervention(u, kind) for u in c] for c in combos])
+            rates = [sum(f) / len(f) for f in flips]
+            top = max(range(len(combos)), key=lambda i: rates[i])
+            if rates[top] > best[1]:
+                best = (combos[top], rates[top])
+            if rates[top] >= self.config.early_stop_threshold:
+                return best
+        return best
+
+    def _solo_kl(self, session: Any, fine: list[UnitScore], kind: str) -> dict[str, float]:
+        if not session.benign() or not fine:
+            return {}
+        pool = fine[: max(self.config.max_fix_set_size, 16)]
+        kls = benign_kls(session, [[_intervention(u, kind)] for u in pool])
+        return {u.unit: sum(k) / len(k) for u, k in zip(pool, kls, strict=True)}
+
+    def _members(
+        self,
+        session: Any,
+        variants: list[Inputs],
+        chosen: list[UnitScore],
+        kind: str,
+        guided_by: AnomalyReport | None,
+        solo_kl: dict[str, float],
+    ) -> tuple[list[FixMember], list[bool], float]:
+        full = [_intervention(u, kind) for u in chosen]
+        sets = [full] + [[iv for iv in full if iv is not full[i]] for i in range(len(full))] + [[iv] for iv in full]
+        flips = self._flip_rates(session, variants, sets)
+        rates = [sum(f) / len(f) for f in flips]
+        n = len(full)
+        members = [
+            FixMember(
+                intervention=full[i],
+                unit=u.unit,
+                level=u.level,
+                attribution=u.score,
+                cf_score=_cf(guided_by, u.unit),
+                necessity=rates[0] - rates[1 + i],
+                sufficiency=rates[1 + n + i],
+                benign_kl=solo_kl.get(u.unit),
+            )
+            for i, u in enumerate(chosen)
+        ]
+        return members, flips[0], rates[0]
+
+
+def _intervention(unit: UnitScore, kind: str) -> Intervention:
+    return Intervention(site=unit.unit, kind=kind)
+
+
+def _cf(report: AnomalyReport | None, unit: str) -> float:
+    if report is None:
+        return 0.0
+    site = unit.split("[")[0].removesuffix(".post")
+    return max(report.score(unit), report.score(site))
+
+
+def _guided_scores(
+    session: Any, ranking: Ranking | None, guided_by: AnomalyReport | None, unguided: bool
+) -> list[UnitScore]:
+    """Units in search order. Guided: attribution × (1 + CF score / threshold) for flagged
+    units; unguided: every site/head/neuron in forward order."""
+    if unguided or ranking is None:
+        return _forward_order_units(session)
+    out = []
+    for u in ranking.units:
+        weight = 1.0
+        if guided_by is not None:
+            cf = _cf(guided_by, u.unit)
+            if cf > guided_by.threshold:
+                weight += cf / guided_by.threshold
+        out.append(UnitScore(u.unit, u.level, u.score * weight if u.score > 0 else u.score))
+    out.sort(key=lambda u: -u.score)
+    return out
+
+
+def _forward_order_units(session: Any) -> list[UnitScore]:
+    adapter = session.adapter
+    units = []
+    for layer in range(adapter.n_layers):
+        units += [UnitScore(f"blocks.{layer}.attn", "site", 0.0), UnitScore(f"blocks.{layer}.mlp", "site", 0.0)]
+        units += [UnitScore(f"blocks.{layer}.attn.head.{h}", "head", 0.0) for h in range(adapter.n_heads or 0)]
+        d_mlp = _d_mlp(session, layer)
+        units += [UnitScore(f"blocks.{layer}.mlp.post[{i}]", "neuron", 0.0) for i in range(d_mlp)]
+    return units
+
+
+def _d_mlp(session: Any, layer: int) -> int:
+    cfg = getattr(session.model, "config", None)
+    for name in ("intermediate_size", "n_inner"):
+        value = getattr(cfg, name, None)
+        if value:
+            return int(value)
+    return 4 * int(session.adapter.d_model or 0)
+
+
+def _fine_candidates(scores: list[UnitScore], sites: Sequence[str], per_site: int) -> list[UnitScore]:
+    fine: list[UnitScore] = []
+    for site in sites:
+        if site.endswith(".attn"):
+            fine += [u for u in scores if u.level == "head" and u.unit.startswith(site + ".head.")]
+        elif site.endswith(".mlp"):
+            fine += [u for u in scores if u.level == "neuron" and u.unit.startswith(site + ".post[")][:per_site]
+    return fine
+
+
+def _unit_count(session: Any) -> int:
+    adapter = session.adapter
+    return sum((adapter.n_heads or 0) + _d_mlp(session, layer) for layer in range(adapter.n_layers))

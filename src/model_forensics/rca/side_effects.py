@@ -1,0 +1,108 @@
+"""Side effects of an intervention set on the benign prompt set.
+
+mean KL = (1/N) Σ_b KL(p_clean(b) ‖ p_fixed(b)) in nats, over the scores the predicate
+reads (the next-token distribution, or a classifier's classes; the first decoding step of
+generation incidents). Predicate changes = fraction of benign prompts whose predicate
+outcome differs from the clean run. Accuracy uses each benign entry's ``expected``
+(text the output must contain, or the expected class) when the bundle provides it, and
+agreement with the clean prediction otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from model_forensics.replay.interventions import Intervention
+
+
+@dataclass
+class SideEffects:
+    mean_kl: float
+    max_kl: float
+    predicate_changed: float
+    accuracy_clean: float
+    accuracy_fixed: float
+    n_benign: int
+    bound: float
+
+    @property
+    def accuracy_drop(self) -> float:
+        return self.accuracy_clean - self.accuracy_fixed
+
+    @property
+    def within_bound(self) -> bool:
+        return self.mean_kl <= self.bound
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mean_kl": self.mean_kl,
+            "max_kl": self.max_kl,
+            "predicate_changed": self.predicate_changed,
+            "accuracy_clean": self.accuracy_clean,
+            "accuracy_fixed": self.accuracy_fixed,
+            "accuracy_drop": self.accuracy_drop,
+            "n_benign": self.n_benign,
+            "bound": self.bound,
+            "within_bound": self.within_bound,
+        }
+
+
+def kl_divergence(clean: torch.Tensor, fixed: torch.Tensor) -> float:
+    """KL(softmax(clean) ‖ softmax(fixed)) in nats for two score vectors (V,)."""
+    p = clean.float().log_softmax(-1)
+    q = fixed.float().log_softmax(-1)
+    return float((p.exp() * (p - q)).sum())
+
+
+def benign_kls(session: Any, sets: Sequence[Sequence[Intervention]]) -> list[list[float]]:
+    """KL of each intervention set on each benign prompt: [set][benign] (one sweep per prompt)."""
+    out: list[list[float]] = [[] for _ in sets]
+    for batch in session.benign():
+        results = session.sweep([[], *sets], inputs=batch)
+        clean = _first_step(results[0])
+        for i in range(len(sets)):
+            out[i].append(kl_divergence(clean, _first_step(results[i + 1])))
+    return out
+
+
+def measure(session: Any, fix: Sequence[Intervention], bound: float) -> SideEffects:
+    """Side effects of ``fix`` on the session's benign set."""
+    entries = list(session.extras.get("benign", []))
+    kls, changed, right_clean, right_fixed = [], 0, 0, 0
+    benign = session.benign()
+    for entry, batch in zip(entries, benign, strict=False):
+        clean, fixed = session.sweep([[], list(fix)], inputs=batch)
+        kls.append(kl_divergence(_first_step(clean), _first_step(fixed)))
+        changed += clean.failed != fixed.failed
+        expected = entry.get("expected") if isinstance(entry, dict) else None
+        right_clean += _correct(clean, expected, clean)
+        right_fixed += _correct(fixed, expected, clean)
+    n = len(kls)
+    return SideEffects(
+        mean_kl=sum(kls) / n if n else 0.0,
+        max_kl=max(kls) if kls else 0.0,
+        predicate_changed=changed / n if n else 0.0,
+        accuracy_clean=right_clean / n if n else 1.0,
+        accuracy_fixed=right_fixed / n if n else 1.0,
+        n_benign=n,
+        bound=bound,
+    )
+
+
+def _first_step(result: Any) -> torch.Tensor:
+    steps = result.outputs.get("logits")
+    if steps is not None and steps.dim() == 2:
+        return steps[0]
+    return result.logits  # type: ignore[no-any-return]
+
+
+def _correct(result: Any, expected: Any, clean: Any) -> bool:
+    if expected is None:
+        return bool(result.prediction == clean.prediction and result.text == clean.text)
+    if isinstance(expected, int):
+        return bool(result.prediction == expected)
+    return str(expected) in (result.text or "")
