@@ -224,5 +224,5 @@ def group_incidents(results: list[dict[str, Any]], top: int = 5, jaccard: float 
                 "severity": max(severity[m] for m in members),
             }
         )
-    groups.sort(key=lambda g: -float(g["severity"]))
+    groups.sort(key=lambda g: -float(g["severity"]))  # type: ignore[arg-type]
     return groups

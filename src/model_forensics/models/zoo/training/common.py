@@ -264,8 +264,32 @@ def ablate(
             handle.remove()
 
 
+@contextlib.contextmanager
+def capture(model: nn.Module, site: str) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the tensor at ``site`` on every forward pass inside the block (gradients
+    kept): ``with capture(model, "blocks.1.attn.z") as seen: model(...); seen["value"]``."""
+    adapter = adapter_for(model)
+    point = adapter.point(site)
+    module = adapter.module(point)
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(payload: Any) -> None:
+        seen["value"] = read(point, payload)  # type: ignore[assignment]
+
+    if point.io == "input":
+        handle = module.register_forward_pre_hook(lambda _m, args: grab(args))
+    else:
+        handle = module.register_forward_hook(lambda _m, _a, out: grab(out))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
-def unit_means(model: nn.Module, units: Sequence[str], batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def unit_means(
+    model: nn.Module, units: Sequence[str], batches: Sequence[dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
     """Mean activation of each unit over all tokens of ``batches`` (model inputs)."""
     adapter = adapter_for(model)
     sums: dict[str, torch.Tensor] = {}
@@ -291,10 +315,7 @@ def unit_means(model: nn.Module, units: Sequence[str], batches: Sequence[dict[st
             for unit in units:
                 site, kind, idx = parse_unit(unit)
                 t = captured[site][..., idx, :] if kind == "head" else captured[site][..., idx]
-                if mask is not None:
-                    t = t[mask.bool()]
-                else:
-                    t = t.reshape(-1, *t.shape[2:])
+                t = t[mask.bool()] if mask is not None else t.reshape(-1, *t.shape[2:])
                 sums[unit] = sums.get(unit, 0) + t.sum(0)
             n = batch["input_ids"].numel() if mask is None else int(mask.sum())
             count += n
@@ -326,7 +347,9 @@ def random_units_like(
 
 # -- evaluation ----------------------------------------------------------------------------
 @torch.no_grad()
-def greedy_decode(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int) -> list[list[int]]:
+def greedy_decode(
+    model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int
+) -> list[list[int]]:
     """Greedy continuation of each prompt (token ids), up to and excluding eos.
 
     Prompts of equal length are batched without padding and without a KV cache, which is
