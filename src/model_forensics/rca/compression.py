@@ -3,11 +3,16 @@
 For every site (and every attention head's slice of ``attn.z``), the compressibility
 features of :mod:`model_forensics.rca.features` are computed on the incident and on each
 benign baseline run. Each feature becomes a robust z-score against the baseline
-distribution (median / MAD); a unit's score is the largest |z| over its features and it is
-an anomaly when that exceeds ``anomaly_threshold``. The false-positive rate is measured,
-not assumed: leave-one-out over the baseline runs (each benign run scored against the
-others) gives the fraction of benign units flagged, reported beside the nominal rate of
-the threshold (two-sided normal tail, per feature and for the max over features).
+distribution (median / MAD); a unit's score is the largest |z| over its features.
+
+Flagging is calibrated, not assumed: a unit is an anomaly when its score exceeds
+``anomaly_threshold`` *and* its conformal p-value — (1 + #{baseline runs whose
+leave-one-out score ≥ the incident's}) / (n + 1) — is at most the threshold's nominal
+two-sided normal rate α (4.55 % for 2.0). Under exchangeability of benign runs that bounds
+the false-positive rate per unit by α whatever the features' distribution; with fewer than
+1/α − 1 baseline runs nothing can be flagged (reported in ``notes``). The rate is also
+measured: the baseline runs are split in halves, and the fraction of units of held-out
+benign runs flagged against the other half is reported.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from model_forensics.core.config import CFConfig, ForensicsConfig, load_config
-from model_forensics.rca.features import FEATURES, features, robust_z
+from model_forensics.rca.features import FEATURES, features
 from model_forensics.rca.runs import baseline_inputs, capture
 
 _UNIT_KINDS = ("attn", "mlp", "resid_post")
@@ -103,29 +109,43 @@ class CompressionForensics:
         incident = unit_features(capture(session, session.inputs), self.heads)
         reference = [unit_features(capture(session, batch), self.heads) for batch in refs]
         units = [u for u in incident if all(u in r for r in reference)]
-        anomalies = [self._score(u, incident[u], [r[u] for r in reference]) for u in units]
+        alpha = math.erfc(self.config.anomaly_threshold / math.sqrt(2))
+        anomalies = [self._score(u, incident[u], [r[u] for r in reference], alpha) for u in units]
         anomalies.sort(key=lambda a: -a.score)
-        fpr = _leave_one_out_fpr(reference, units, self.config.anomaly_threshold) if len(reference) >= 3 else None
-        per_feature = math.erfc(self.config.anomaly_threshold / math.sqrt(2))
-        notes = [] if fpr is not None else ["fewer than 3 baseline runs: false-positive rate not measured"]
+        notes = []
+        if len(reference) + 1 < 1 / alpha:
+            notes.append(
+                f"{len(reference)} baseline runs: the smallest possible p-value is {1 / (len(reference) + 1):.3f} > "
+                f"α = {alpha:.4f}, so nothing can be flagged; give at least {math.ceil(1 / alpha) - 1} benign runs"
+            )
+        fpr = _held_out_fpr(reference, units, self.config.anomaly_threshold, alpha)
+        if fpr is None:
+            notes.append("fewer than 8 baseline runs: false-positive rate not measured")
         return AnomalyReport(
             anomalies=anomalies,
             threshold=self.config.anomaly_threshold,
             baseline_size=len(reference),
             false_positive_rate=fpr,
-            nominal_rate_per_feature=per_feature,
-            nominal_rate_max=1 - (1 - per_feature) ** len(FEATURES),
+            nominal_rate_per_feature=alpha,
+            nominal_rate_max=alpha,
             forward_passes=session.forward_passes - before,
             notes=notes,
         )
 
-    def _score(self, unit: str, value: dict[str, float], reference: list[dict[str, float]]) -> Anomaly:
-        evidence = {}
-        for name in FEATURES:
-            ref = torch.tensor([r[name] for r in reference])
-            evidence[name] = {"value": value[name], "median": float(ref.median()), "z": robust_z(value[name], ref)}
-        score = max(abs(e["z"]) for e in evidence.values())
-        return Anomaly(unit, score, score > self.config.anomaly_threshold, evidence)
+    def _score(self, unit: str, value: dict[str, float], reference: list[dict[str, float]], alpha: float) -> Anomaly:
+        ref = np.array([[r[name] for name in FEATURES] for r in reference])  # (n, F)
+        here = np.array([value[name] for name in FEATURES])
+        z = _robust_z(here, ref)
+        score = float(np.abs(z).max())
+        null = _loo_scores(ref)
+        p_value = (1 + int((null >= score).sum())) / (len(null) + 1)
+        evidence = {
+            name: {"value": float(here[j]), "median": float(np.median(ref[:, j])), "z": float(z[j])}
+            for j, name in enumerate(FEATURES)
+        }
+        evidence["conformal"] = {"p_value": p_value, "alpha": alpha}
+        flagged = score > self.config.anomaly_threshold and p_value <= alpha
+        return Anomaly(unit, score, flagged, evidence)
 
 
 def unit_features(sites: dict[str, torch.Tensor], heads: bool) -> dict[str, dict[str, float]]:
@@ -141,14 +161,35 @@ def unit_features(sites: dict[str, torch.Tensor], heads: bool) -> dict[str, dict
     return out
 
 
-def _leave_one_out_fpr(reference: list[dict[str, dict[str, float]]], units: list[str], threshold: float) -> float:
+def _robust_z(values: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Robust z of ``values`` (F,) or (m, F) against reference rows ``ref`` (n, F)."""
+    med = np.median(ref, axis=0)
+    mad = np.median(np.abs(ref - med), axis=0) * 1.4826
+    return np.asarray((values - med) / np.maximum(mad, 1e-6 + 1e-3 * np.abs(med)))
+
+
+def _loo_scores(ref: np.ndarray) -> np.ndarray:
+    """Each reference run's score (max |z| over features) against the other runs."""
+    n = len(ref)
+    return np.array([np.abs(_robust_z(ref[i], np.delete(ref, i, axis=0))).max() for i in range(n)])
+
+
+def _held_out_fpr(
+    reference: list[dict[str, dict[str, float]]], units: list[str], threshold: float, alpha: float
+) -> float | None:
+    """Fraction of units of held-out benign runs flagged against the other half."""
+    if len(reference) < 8:
+        return None
+    half = len(reference) // 2
+    calibration, held_out = reference[:half], reference[half:]
     flagged = total = 0
-    for i, sample in enumerate(reference):
-        others = reference[:i] + reference[i + 1 :]
-        for unit in units:
-            score = max(
-                abs(robust_z(sample[unit][name], torch.tensor([o[unit][name] for o in others]))) for name in FEATURES
-            )
-            flagged += score > threshold
+    for unit in units:
+        ref = np.array([[r[unit][f] for f in FEATURES] for r in calibration])
+        null = _loo_scores(ref)
+        test = np.array([[r[unit][f] for f in FEATURES] for r in held_out])
+        scores = np.abs(_robust_z(test, ref)).max(axis=1)
+        for score in scores:
+            p_value = (1 + int((null >= score).sum())) / (len(null) + 1)
+            flagged += bool(score > threshold and p_value <= alpha)
             total += 1
-    return flagged / total if total else 0.0
+    return flagged / total if total else None
