@@ -1,0 +1,55 @@
+"""Acceptance on ground truth: root-cause analysis on the zoo's planted mechanisms.
+
+For each zoo scenario the fix set must flip ≥ 80 % of the failing variants, cost ≤ 2 %
+benign accuracy and ≤ 0.05 nats mean benign KL, hold ≤ 5 % of the candidate units, and
+recall ≥ 0.8 of the planted units (at the ground truth's level).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from model_forensics import CausalCCA, CompressionForensics, SandboxReplayer
+
+zoo = pytest.importorskip("model_forensics.models.zoo")
+SCENARIOS = ["gpt2-injection", "bert-sentiment-bypass", "gpt2-toxic"]
+
+
+def _covered(unit: str, members: list[str]) -> bool:
+    return unit in members
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from model_forensics.scenarios import get
+
+    out = {}
+    for name in SCENARIOS:
+        out[name] = get(name).record(tmp_path_factory.mktemp(name), limit=1).incidents[0]
+    return out
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_fix_set_meets_acceptance_on_ground_truth(recorded: dict[str, Path], name: str) -> None:
+    session = SandboxReplayer().load_bundle(recorded[name])
+    truth = session.extras["ground_truth"]
+    anomalies = CompressionForensics().analyze(session)
+    fix = CausalCCA().search_fix_set(session, guided_by=anomalies)
+    members = fix.units
+    recall = sum(_covered(u, members) for u in truth["units"]) / len(truth["units"])
+    precision = sum(m in truth["units"] for m in members) / max(1, len(members))
+    report = json.dumps(
+        {"members": members, "truth": truth["units"], "recall": recall, "precision": precision, "fix": fix.to_json()},
+        default=str,
+    )[:3000]
+    assert fix.total_flip_rate >= 0.8, report
+    assert fix.side_effects is not None
+    assert fix.side_effects.accuracy_drop <= 0.02, report
+    assert fix.side_effects.mean_kl <= 0.05, report
+    assert len(members) <= 0.05 * fix.candidates, report
+    assert recall >= 0.8, report
+    # every member is necessary: the set is 1-minimal
+    assert all(m.necessity > 0 for m in fix.members) or len(fix.members) == 1, report
