@@ -106,8 +106,8 @@ class CompressionForensics:
         """
         before = session.forward_passes
         refs = baseline_inputs(session, baseline, limit=self.config.baseline_samples)
-        incident = unit_features(capture(session, session.inputs), self.heads)
-        reference = [unit_features(capture(session, batch), self.heads) for batch in refs]
+        incident = unit_features(capture(session, session.inputs, "layer", ["blocks.*.attn.z"]), self.heads)
+        reference = [unit_features(capture(session, batch, "layer", ["blocks.*.attn.z"]), self.heads) for batch in refs]
         units = [u for u in incident if all(u in r for r in reference)]
         alpha = math.erfc(self.config.anomaly_threshold / math.sqrt(2))
         anomalies = [self._score(u, incident[u], [r[u] for r in reference], alpha) for u in units]

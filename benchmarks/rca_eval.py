@@ -1,0 +1,161 @@
+"""Honest evaluation of root-cause analysis on the zoo scenarios (known ground truth).
+
+Per scenario:
+  * forward passes and wall time of CF-guided CCA, attribution-only CCA, unguided greedy
+    (candidates in forward order) and brute force (exhaustive subsets, forward order,
+    capped at the first 12 fine candidates of each coarse site set), with each result's
+    flip rate, size and recall of the planted units;
+  * how well CF ranks the ground-truth sites (sites holding planted units) among all
+    attn/mlp sites — AUROC — against two baselines: activation-norm z-score and the
+    Mahalanobis distance of the token-mean activation (Ledoit–Wolf covariance).
+If CF does not beat the baselines, the table says so.
+
+Run: .venv/bin/python benchmarks/rca_eval.py   → benchmarks/results/rca_eval.{json,md}
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.covariance import LedoitWolf
+from sklearn.metrics import roc_auc_score
+
+from _common import machine, markdown_table, write_results
+from model_forensics import CausalCCA, CompressionForensics, SandboxReplayer
+from model_forensics.rca.attribution import attribution_ranking
+from model_forensics.rca.runs import baseline_inputs, capture
+
+SCENARIOS = ["gpt2-injection", "bert-sentiment-bypass", "gpt2-toxic"]
+
+
+def gt_sites(units: list[str]) -> set[str]:
+    out = set()
+    for u in units:
+        base = u.split("[")[0]
+        out.add(base.removesuffix(".post") if ".mlp" in base else base.split(".head.")[0])
+    return out
+
+
+def baseline_scores(session: Any) -> tuple[dict[str, float], dict[str, float]]:
+    """Activation-norm robust z and Mahalanobis distance per attn/mlp site."""
+    sites = [s for s in session.adapter.sites() if s.endswith((".attn", ".mlp"))]
+    inc = capture(session, session.inputs, "layer")
+    refs = [capture(session, b, "layer") for b in baseline_inputs(session)]
+    norm, maha = {}, {}
+    for s in sites:
+        x = inc[s].float().mean(0).numpy()
+        r = np.stack([ref[s].float().mean(0).numpy() for ref in refs])
+        norms = np.linalg.norm(r, axis=1)
+        med = np.median(norms)
+        mad = np.median(np.abs(norms - med)) * 1.4826 + 1e-9
+        norm[s] = abs(np.linalg.norm(x) - med) / mad
+        lw = LedoitWolf().fit(r)
+        d = x - lw.location_
+        maha[s] = float(np.sqrt(d @ lw.precision_ @ d))
+    return norm, maha
+
+
+def auroc(scores: dict[str, float], positives: set[str]) -> float | None:
+    labels = [s in positives for s in scores]
+    if all(labels) or not any(labels):
+        return None
+    return float(roc_auc_score(labels, list(scores.values())))
+
+
+def run_variant(session: Any, label: str, truth: list[str], **kwargs: Any) -> dict[str, Any]:
+    before, start = session.forward_passes, time.perf_counter()
+    if label == "CF-guided":
+        cf = CompressionForensics().analyze(session)
+        fix = CausalCCA().search_fix_set(session, guided_by=cf)
+    elif label == "attribution only":
+        fix = CausalCCA().search_fix_set(session, ranking=attribution_ranking(session))
+    elif label == "unguided greedy":
+        fix = CausalCCA(guidance="unguided").search_fix_set(session)
+    else:
+        fix = CausalCCA(guidance="unguided", search_strategy="exhaustive").search_fix_set(session)
+    recall = sum(u in fix.units for u in truth) / len(truth)
+    return {
+        "forward_passes": session.forward_passes - before,
+        "seconds": time.perf_counter() - start,
+        "flip_rate": fix.total_flip_rate,
+        "size": len(fix.units),
+        "recall": recall,
+        "units": fix.units,
+    }
+
+
+def main() -> None:
+    from model_forensics.scenarios import get
+
+    torch.manual_seed(0)
+    data: dict[str, Any] = {"machine": machine(), "scenarios": {}}
+    rows, rank_rows = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in SCENARIOS:
+            bundle = get(name).record(Path(tmp) / name, limit=1).incidents[0]
+            session = SandboxReplayer().load_bundle(bundle)
+            truth = session.extras["ground_truth"]["units"]
+            results = {
+                label: run_variant(session, label, truth)
+                for label in ("CF-guided", "attribution only", "unguided greedy", "brute force")
+            }
+            cf = CompressionForensics().analyze(session)
+            cf_scores = {a.site: a.score for a in cf if a.site.endswith((".attn", ".mlp"))}
+            norm, maha = baseline_scores(session)
+            positives = gt_sites(truth)
+            ranks = {
+                "CF": auroc(cf_scores, positives),
+                "activation norm": auroc(norm, positives),
+                "Mahalanobis": auroc(maha, positives),
+            }
+            data["scenarios"][name] = {"search": results, "auroc": ranks, "ground_truth_sites": sorted(positives)}
+            unguided = results["unguided greedy"]["forward_passes"]
+            for label, r in results.items():
+                cut = 1 - r["forward_passes"] / unguided if unguided else 0.0
+                rows.append(
+                    [
+                        name,
+                        label,
+                        r["forward_passes"],
+                        f"{r['seconds']:.1f}",
+                        f"{r['flip_rate']:.0%}",
+                        r["size"],
+                        f"{r['recall']:.2f}",
+                        f"{cut:+.0%}",
+                    ]
+                )
+            best = (
+                max((v, k) for k, v in ranks.items() if v is not None)[1]
+                if any(v is not None for v in ranks.values())
+                else "n/a"
+            )
+            rank_rows.append([name, *(f"{v:.3f}" if v is not None else "n/a" for v in ranks.values()), best])
+    table = markdown_table(
+        [
+            "scenario",
+            "search",
+            "forward passes",
+            "seconds",
+            "flip rate",
+            "fix size",
+            "recall of planted units",
+            "passes saved vs unguided",
+        ],
+        rows,
+    )
+    table += "\n\n" + markdown_table(
+        ["scenario", "CF AUROC", "activation-norm AUROC", "Mahalanobis AUROC", "best ranker"], rank_rows
+    )
+    wins = sum(r[-1] == "CF" for r in rank_rows)
+    table += f"\n\nCF ranks ground-truth sites best on {wins} of {len(rank_rows)} scenarios."
+    print(table)
+    write_results("rca_eval", data, table)
+
+
+if __name__ == "__main__":
+    main()
