@@ -152,26 +152,26 @@ class Intervention:
             raise ForensicsError(
                 f"intervention '{spec}' needs the form SITE:KIND[=VALUE], e.g. blocks.1.attn.head.3:zero or blocks.0.mlp:scale=0.5"
             )
-        parts = rest.split(":")
+        # Options are split at ":key=" only, so a source may itself hold colons (prompt:TEXT).
+        parts = re.split(r":(?=(?:seed|source|align|heads|neurons|positions)=)", rest)
+        if ":" in parts[0]:
+            raise ForensicsError(
+                f"intervention '{spec}': cannot read '{parts[0]}'; after KIND[=VALUE] come options "
+                ":seed=, :source=, :align=, :heads=, :neurons=, :positions="
+            )
         kind, _, raw = parts[0].partition("=")
         fields: dict[str, Any] = {"site": site.strip(), "kind": kind.strip()}
         try:
             if raw:
                 fields["value"] = tuple(float(v) for v in raw.split(",")) if kind == "steer" else float(raw)
             for option in parts[1:]:
-                key, eq, val = option.partition("=")
-                if not eq:
-                    raise ForensicsError(f"intervention '{spec}': option '{option}' needs key=value")
+                key, _, val = option.partition("=")
                 if key == "seed":
                     fields["seed"] = int(val)
                 elif key in ("source", "align"):
                     fields[key] = val
-                elif key in ("heads", "neurons", "positions"):
+                else:  # heads, neurons, positions
                     fields[key] = tuple(int(v) for v in val.split(","))
-                else:
-                    raise ForensicsError(
-                        f"intervention '{spec}': unknown option '{key}'; use seed, source, align, heads, neurons, positions"
-                    )
         except ValueError:
             raise ForensicsError(f"intervention '{spec}' has a malformed number") from None
         return cls(**fields)
