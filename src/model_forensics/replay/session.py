@@ -299,7 +299,7 @@ class Session:
         self.verification: VerifyReport | None = None
         self._baseline_cache: dict[tuple[str, str], list[torch.Tensor]] = {}
         self._clean_failed: dict[tuple[int, ...], bool | None] = {}
-        self._prefix: dict[tuple[int, ...], Any] = {}
+        self._prefix: dict[Any, Any] = {}  # sweep.py: clean prefixes by input, and "usable"
 
     # -- setup -----------------------------------------------------------------------------
     def _check_weights(self, allow: bool) -> None:
@@ -664,8 +664,8 @@ class Session:
         prepared = self.prepare(interventions, batch)
         before = self.forward_passes
         step_logits, sequences = self.execute(batch, [prepared])
-        results = self.results(batch, [prepared], step_logits, sequences, self.forward_passes - before)
-        return results[0]
+        row = None if sequences is None else sequences[0]
+        return self.results(batch, [prepared], [step_logits[0]], [row], [self.forward_passes - before])[0]
 
     def sweep(
         self,
@@ -707,23 +707,33 @@ class Session:
         self,
         batch: Inputs,
         rows: Sequence[Sequence[Prepared]],
-        step_logits: torch.Tensor,
-        sequences: torch.Tensor | None,
-        passes: int,
+        step_logits: Sequence[torch.Tensor],
+        sequences: Sequence[torch.Tensor | None],
+        passes: Sequence[int],
     ) -> list[RunResult]:
-        """Turn a batch's raw outputs into RunResults (predicate, flip, text)."""
+        """Turn raw outputs into RunResults (predicate, flip, text).
+
+        Args:
+            rows: the prepared interventions of each run.
+            step_logits: per run, its last-position scores per forward call (S, V).
+            sequences: per run, its generated sequence (T + S,), or None (forward pass).
+            passes: per run, the forward passes of the batch it ran in.
+        """
+        outcomes = [self._outcome(batch, step_logits[i], sequences[i]) for i in range(len(rows))]
+        clean_row = next((i for i, r in enumerate(rows) if not r), None)
+        if clean_row is not None and batch is not self.inputs and self.predicate is not None:
+            # A clean run in the batch answers "did it fail unchanged?" without another pass.
+            steps, _, text = outcomes[clean_row]
+            self._clean_failed.setdefault(_key(batch), self._evaluate(text, steps[-1]))
         clean = self._baseline_failed(batch)
         results = []
-        for i, prepared in enumerate(rows):
-            steps, ids, text = self._outcome(batch, step_logits[i], None if sequences is None else sequences[i])
+        for prepared, (steps, ids, text), used in zip(rows, outcomes, passes, strict=True):
             logits = steps[-1]
             failed = self._evaluate(text, logits)
             flipped = None if failed is None or clean is None else bool(clean and not failed)
             outputs = {"logits": steps} if ids is None else {"logits": steps, "generated_ids": ids}
             interventions = [p.target.intervention for p in prepared]
-            results.append(
-                RunResult(interventions, failed, flipped, text, int(logits.argmax()), logits, outputs, passes)
-            )
+            results.append(RunResult(interventions, failed, flipped, text, int(logits.argmax()), logits, outputs, used))
         return results
 
     def _outcome(
@@ -763,7 +773,7 @@ class Session:
             return None
         if batch is self.inputs and self.recorded_failed is not None and not self.weight_mismatch:
             return bool(self.recorded_failed)
-        key = tuple(batch["input_ids"][0].tolist()) if "input_ids" in batch else ()
+        key = _key(batch)
         if key not in self._clean_failed:
             logits, sequences = self.execute(batch, [[]])
             steps, _, text = self._outcome(batch, logits[0], None if sequences is None else sequences[0])
@@ -781,6 +791,11 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _key(batch: Inputs) -> tuple[int, ...]:
+    """A cache key for an input: its token ids."""
+    return tuple(batch["input_ids"][0].tolist()) if "input_ids" in batch else ()
 
 
 def _as_intervention(item: Intervention | str | dict[str, Any]) -> Intervention:

@@ -102,34 +102,38 @@ def run_sweep(
     batch = session.encode(inputs)
     rows = [session.prepare(s, batch) for s in sets]
     per_batch = rows_per_batch(session, batch)
-    results: list[RunResult | None] = [None] * len(rows)
+    logits: list[torch.Tensor | None] = [None] * len(rows)  # per row: (S, V)
+    sequences: list[torch.Tensor | None] = [None] * len(rows)
+    passes = [0] * len(rows)
     full = list(range(len(rows)))
     batches = 0
     shared = False
-    if share_prefix and session.mode == "forward" and len(rows) > 1:
+    n_layers = session.adapter.n_layers
+    starts = {i: first_block([p.target for p in r], n_layers) for i, r in enumerate(rows)}
+    # Sharing costs one clean pass of one row; take it when it saves at least two rows' worth.
+    saved = sum(s for s in starts.values() if s is not None) / max(1, n_layers)
+    if share_prefix and session.mode == "forward" and saved >= 2:
         prefix = _prefix_for(session, batch)
         if prefix is not None:
-            n_layers = session.adapter.n_layers
-            starts = {i: first_block([p.target for p in r], n_layers) for i, r in enumerate(rows)}
             ladder = sorted((i for i in full if starts[i] is not None), key=lambda i: starts[i])  # type: ignore[arg-type,return-value]
             full = [i for i in full if starts[i] is None]
-            shared = bool(ladder)
+            shared = True
             for chunk in _chunks(ladder, per_batch):
-                chunk_rows = [rows[i] for i in chunk]
-                logits = prefix.tail(chunk_rows, [int(starts[i]) for i in chunk])  # type: ignore[arg-type]
-                for i, r in zip(chunk, session.results(batch, chunk_rows, logits.unsqueeze(1), None, 1), strict=True):
-                    results[i] = r
+                out = prefix.tail([rows[i] for i in chunk], [int(starts[i]) for i in chunk])  # type: ignore[arg-type]
+                for i, row in zip(chunk, out, strict=True):
+                    logits[i], passes[i] = row.unsqueeze(0), 1
                 batches += 1
     for chunk in _chunks(full, per_batch):
-        chunk_rows = [rows[i] for i in chunk]
-        passes = session.forward_passes
-        logits, sequences = session.execute(batch, chunk_rows)
-        used = session.forward_passes - passes
-        for i, r in zip(chunk, session.results(batch, chunk_rows, logits, sequences, used), strict=True):
-            results[i] = r
+        used = session.forward_passes
+        step_logits, seqs = session.execute(batch, [rows[i] for i in chunk])
+        used = session.forward_passes - used
+        for j, i in enumerate(chunk):
+            logits[i], passes[i] = step_logits[j], used
+            sequences[i] = None if seqs is None else seqs[j]
         batches += 1
-    done = [r for r in results if r is not None]
-    return SweepResult(done, session.forward_passes - before, batches, shared, time.perf_counter() - start)
+    assert all(t is not None for t in logits)
+    results = session.results(batch, rows, logits, sequences, passes)  # type: ignore[arg-type]
+    return SweepResult(results, session.forward_passes - before, batches, shared, time.perf_counter() - start)
 
 
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
@@ -258,31 +262,32 @@ class _Prefix:
 
 
 def _prefix_for(session: Session, batch: Inputs) -> _Prefix | None:
-    """The captured clean prefix for ``batch`` (cached), or None where it cannot be shared."""
+    """The captured clean prefix for ``batch`` (cached for the last few inputs), or None
+    where blocks cannot be re-entered (not a decoder LM, or the tail does not reproduce the
+    clean run; checked once per session)."""
     key = tuple(batch["input_ids"][0].tolist()) if "input_ids" in batch else ()
-    if key in session._prefix:
-        return session._prefix[key]  # type: ignore[no-any-return]
-    prefix = None
+    cache = session._prefix
+    if key in cache:
+        return cache[key]  # type: ignore[no-any-return]
+    if cache.get("usable") is False:
+        return None
     a = session.adapter
-    names = [a.points.get(f"blocks.{i}.resid_pre") for i in range(a.n_layers)]
+    points = [a.points.get(f"blocks.{i}.resid_pre") for i in range(a.n_layers)]
     final, head = a.points.get("final"), a.points.get("logits")
-    if (
-        a.n_layers
-        and all(names)
-        and final is not None
-        and head is not None
-        and isinstance(a.modules[head.module], nn.Linear)
-    ):
-        candidate = _Prefix(
-            session,
-            [a.modules[p.module] for p in names if p is not None],
-            a.modules[final.module],
-            a.modules[head.module],
-        )
-        try:
-            candidate.capture(batch)
-            prefix = candidate if candidate.check() else None
-        except (RuntimeError, TypeError, KeyError, IndexError):
-            prefix = None
-    session._prefix[key] = prefix
+    if not (a.n_layers and all(points) and final and head and isinstance(a.modules[head.module], nn.Linear)):
+        cache["usable"] = False
+        return None
+    blocks = [a.modules[p.module] for p in points if p is not None]
+    prefix = _Prefix(session, blocks, a.modules[final.module], a.modules[head.module])
+    try:
+        prefix.capture(batch)
+        if "usable" not in cache:
+            cache["usable"] = prefix.check()
+    except (RuntimeError, TypeError, KeyError, IndexError, ValueError):
+        cache["usable"] = False
+    if not cache["usable"]:
+        return None
+    while len(cache) > 16:  # keep the prefixes of the last 16 inputs
+        cache.pop(next(k for k in cache if k != "usable"))
+    cache[key] = prefix
     return prefix
