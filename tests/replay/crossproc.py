@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 
-from model_forensics.core.predicates import contains
 from model_forensics.models.loading import load
 from model_forensics.recorder import RecorderHooks
 from model_forensics.recorder.session import record_prompt
@@ -18,7 +17,7 @@ def main(jobs: list[str]) -> None:
         model, out, prompt, new = jobs[i : i + 4]
         loaded = load(model, progress=False)
         recorder = RecorderHooks(granularity="layer", sketch="fp16")
-        record_prompt(loaded, prompt, out, recorder=recorder, max_new_tokens=int(new), predicate=contains("HACKED"))
+        record_prompt(loaded, prompt, out, recorder=recorder, max_new_tokens=int(new))
 
 
 if __name__ == "__main__":
