@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from replay_models import BASELINES
@@ -182,3 +184,15 @@ def test_patch_from_a_bundle(sessions, lms, tmp_path):
     with torch.no_grad():
         hidden = s.model(**s.encode(BASELINES[1]), output_hidden_states=True).hidden_states[1][0]
     assert torch.equal(x, hidden)
+
+
+def test_generation_patched_from_a_recorded_generation_follows_it(sessions, lms, tmp_path):
+    from replay_models import record
+
+    s = sessions["generate"]
+    steps = s.generation["max_new_tokens"]
+    other = record(lms["llama"], tmp_path / "clean", prompt=BASELINES[0], max_new_tokens=steps)
+    clean_text = json.loads((other / "manifest.json").read_text())["output"]["text"]
+    # block 1 sees the baseline's residual stream at every prompt and generated position
+    patched = s.run([Intervention("blocks.1.resid_pre", "patch", source=str(other))])
+    assert patched.text == clean_text != s.manifest["output"]["text"]

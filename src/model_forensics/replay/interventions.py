@@ -295,11 +295,13 @@ class Prepared:
     """A target plus the tensor its kind reads (baseline mean or activation), if any.
 
     ``baseline``: mean → per-token shape (e.g. (d_model,) or (n_heads, d_head));
-    patch / resample → (T_baseline, *per-token shape) of one baseline example.
+    patch / resample → (T_baseline, *per-token shape) of one baseline example, whose prompt
+    was ``baseline_prompt_len`` tokens (``align="last"`` lines up the prompts' last tokens).
     """
 
     target: Target
     baseline: torch.Tensor | None = None
+    baseline_prompt_len: int = 0
 
 
 @dataclass
@@ -395,7 +397,10 @@ def _align(prepared: Prepared, pos: torch.Tensor, clock: Clock) -> tuple[torch.T
     assert prepared.baseline is not None
     t_base = prepared.baseline.shape[0]
     absolute = pos + clock.offset
-    source = absolute if prepared.target.intervention.align == "position" else absolute - clock.prompt_len + t_base
+    if prepared.target.intervention.align == "position":
+        source = absolute
+    else:
+        source = absolute - clock.prompt_len + prepared.baseline_prompt_len
     keep = (source >= 0) & (source < t_base)
     if prepared.target.positions is not None and not bool(keep.all()):
         missing = absolute[~keep].tolist()

@@ -297,7 +297,7 @@ class Session:
         self.inputs: Inputs = self._incident_inputs()
         self.baselines: list[Inputs] = [self.encode(e) for e in self.extras.get("baseline", [])]
         self.verification: VerifyReport | None = None
-        self._baseline_cache: dict[tuple[str, str], list[torch.Tensor]] = {}
+        self._baseline_cache: dict[tuple[str, str], list[tuple[torch.Tensor, int]]] = {}
         self._clean_failed: dict[tuple[int, ...], bool | None] = {}
         self._prefix: dict[Any, Any] = {}  # sweep.py: clean prefixes by input, and "usable"
 
@@ -559,18 +559,19 @@ class Session:
         prompt_len = int((inputs or self.inputs)["input_ids"].shape[1]) if "input_ids" in (inputs or self.inputs) else 0
         prepared = []
         for target in self.resolve(interventions):
-            baseline = None
             if target.kind in NEEDS_BASELINE:
-                baseline = self._baseline_value(target, prompt_len)
-            prepared.append(Prepared(target, baseline))
+                prepared.append(Prepared(target, *self._baseline_value(target, prompt_len)))
+            else:
+                prepared.append(Prepared(target))
         return prepared
 
-    def _baseline_value(self, target: Target, prompt_len: int) -> torch.Tensor:
+    def _baseline_value(self, target: Target, prompt_len: int) -> tuple[torch.Tensor, int]:
+        """(the tensor the intervention reads, the prompt length of the baseline run)."""
         iv = target.intervention
         examples = self._baseline_activations(target.site, iv.source)
         if iv.kind == "mean":
-            flat = torch.cat([e.reshape(-1, *e.shape[1:]).double() for e in examples])  # (sum T, *per-token)
-            return flat.mean(dim=0).to(examples[0].dtype)
+            flat = torch.cat([e.double() for e, _ in examples])  # (Σ T_b, *per-token)
+            return flat.mean(dim=0).to(examples[0][0].dtype), 0
         if iv.kind == "resample":
             chosen = examples[random.Random(iv.seed).randrange(len(examples))]
         else:
@@ -580,18 +581,19 @@ class Session:
                     "pass source=BUNDLE or prompt:TEXT, or use mean / resample"
                 )
             chosen = examples[0]
-        if iv.align == "position" and chosen.shape[0] != prompt_len:
+        if iv.align == "position" and chosen[1] != prompt_len:
             raise ForensicsError(
-                f"{iv.kind} on '{iv.site}': the baseline has {chosen.shape[0]} tokens but the incident prompt has "
+                f"{iv.kind} on '{iv.site}': the baseline has {chosen[1]} tokens but the incident prompt has "
                 f"{prompt_len}; positions cannot be aligned. Use a baseline of the same length or align='last' "
                 "(right-aligned: the baseline's last token patches the prompt's last)"
             )
         return chosen
 
-    def _baseline_activations(self, site: str, source: str | tuple[str, ...] | None) -> list[torch.Tensor]:
-        """One tensor (T_b, *per-token) per baseline example, for ``site``."""
+    def _baseline_activations(self, site: str, source: str | tuple[str, ...] | None) -> list[tuple[torch.Tensor, int]]:
+        """Per baseline example: ``site``'s activation (T_b, *per-token) and its prompt length
+        (T_b for a forward run; shorter for a recorded generation, which covers its tokens too)."""
         sources = source if isinstance(source, tuple) else (source,)
-        examples: list[torch.Tensor] = []
+        examples: list[tuple[torch.Tensor, int]] = []
         for src in sources:
             key = (src or "<baseline>", site)
             if key not in self._baseline_cache:
@@ -599,7 +601,7 @@ class Session:
             examples += self._baseline_cache[key]
         return examples
 
-    def _collect(self, site: str, source: str | None) -> list[torch.Tensor]:
+    def _collect(self, site: str, source: str | None) -> list[tuple[torch.Tensor, int]]:
         if source is None:
             if not self.baselines:
                 raise ForensicsError(
@@ -613,12 +615,14 @@ class Session:
         info = other.manifest["sites"].get(site)
         same_weights = other.manifest["model"].get("weights_sha256") == self.manifest["model"].get("weights_sha256")
         if info is not None and info["sketch"] == "full" and same_weights:
-            return [other.activation(site)[0]]
+            activation = other.activation(site)[0]
+            ids = other.inputs.get("input_ids")
+            return [(activation, int(ids.shape[1]) if ids is not None else activation.shape[0])]
         inputs = {k: v for k, v in other.inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         return [self._capture(site, inputs)]
 
-    def _capture(self, site: str, inputs: Inputs) -> torch.Tensor:
-        """Run ``inputs`` clean and return ``site``'s activation of row 0: (T, *per-token)."""
+    def _capture(self, site: str, inputs: Inputs) -> tuple[torch.Tensor, int]:
+        """Run ``inputs`` clean: ``site``'s activation of row 0 (T, *per-token), and T."""
         point = self.adapter.points[site]
         module = self.adapter.modules[point.module]
         kept: list[torch.Tensor] = []
@@ -643,7 +647,7 @@ class Session:
                 self.model(**inputs, **self.kwargs)
         finally:
             handle.remove()
-        return kept[0]
+        return kept[0], int(kept[0].shape[0])
 
     # -- running -------------------------------------------------------------------------------
     def run(
