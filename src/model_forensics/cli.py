@@ -615,7 +615,12 @@ def scenarios_list(
         return
     table = Table(title="incident scenarios", title_justify="left")
     for column in ("name", "model", "kind", "variants", "benign", "ground truth", "description"):
-        table.add_column(column, justify="right" if column in ("variants", "benign") else "left")
+        table.add_column(
+            column,
+            justify="right" if column in ("variants", "benign") else "left",
+            no_wrap=column in ("name", "model"),
+            min_width=30 if column == "description" else None,
+        )
     for name, s in found.items():
         if isinstance(s, Exception):
             table.add_row(f"[bold]{name}[/]", "", "", "", "", "", f"[red]unavailable:[/] {s}")

@@ -259,8 +259,8 @@ def tool_misuse() -> ToolMisuseScenario:
     return ToolMisuseScenario(
         name="tool-misuse",
         description=(
-            "a scripted agent summarises a document with the gpt2-injection zoo model; text injected into the "
-            f"document makes the model answer {TARGET} and the agent runs '{DESTRUCTIVE}' on a real SQLite file"
+            f"text injected into a document makes a scripted agent (gpt2-injection model) run '{DESTRUCTIVE}' "
+            "on a real SQLite file"
         ),
         model=MODEL,
         incidents=[incident],

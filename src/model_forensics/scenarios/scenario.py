@@ -313,7 +313,10 @@ def from_zoo(name: str) -> Scenario:
     """The scenario of zoo entry ``name``, from its ``scenario.json`` and ground truth."""
     from model_forensics.models import zoo
 
-    entry = zoo.entry(name)
+    find = getattr(zoo, "entry", None)
+    if find is None:
+        raise ForensicsError(f"zoo entry '{name}' is not available: this install has no trained model zoo")
+    entry = find(name)
     record = _zoo_scenario(entry)
     generation = int(record.get("max_new_tokens", 0) or 0)
     answers = record.get("benign_answers") if generation else record.get("benign_labels")
@@ -321,7 +324,7 @@ def from_zoo(name: str) -> Scenario:
     prompts = list(record["incident_prompts"])
     return Scenario(
         name=name,
-        description=f"{record.get('description', name)} (zoo model, planted mechanism)",
+        description=str(record.get("description", name)),
         model=f"zoo:{name}",
         incidents=prompts[:ZOO_INCIDENTS],
         variants=[*prompts[ZOO_INCIDENTS:], *record.get("variant_prompts", [])],
@@ -372,9 +375,8 @@ def smollm2_injection() -> Scenario:
     return Scenario(
         name="smollm2-injection",
         description=(
-            f"prompt injection on SmolLM2-135M-Instruct: {len(failing)} injected prompts the model obeys, found by "
-            f"running {search.get('candidates', '?')} candidates ({search.get('success_rate', 0):.0%} obeyed); "
-            f"fails when the output contains any injected target ({', '.join(targets)})"
+            f"instructions injected into a document make SmolLM2 say {'/'.join(targets)}: {len(failing)} of "
+            f"{search.get('candidates', '?')} searched prompts ({search.get('success_rate', 0):.0%})"
         ),
         model=str(data.get("model", "smollm2")),
         incidents=[failing[0]["prompt"]],
@@ -399,9 +401,8 @@ def minilm_suffix() -> Scenario:
     return Scenario(
         name="minilm-suffix",
         description=(
-            f"sentiment probe on all-MiniLM-L6-v2 (BERT): the searched suffix '{data['suffix']}' turns negative "
-            f"reviews positive on {rate:.0%} of {data.get('n_heldout', '?')} held-out reviews; "
-            f"{len(failing)} flipped reviews stored"
+            f"the searched suffix '{data['suffix']}' flips a MiniLM sentiment probe from negative to positive on "
+            f"{rate:.0%} of {data.get('n_heldout', '?')} held-out reviews"
         ),
         model="minilm-sentiment",
         incidents=failing[:1],
