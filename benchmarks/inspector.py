@@ -190,10 +190,12 @@ def _spawn(mode: str, n: int, n_ref: int, threads: int, batch_size: int) -> dict
     # One BLAS thread per torch thread: oversubscribed OpenBLAS threads spin on a shared machine.
     blas = {k: str(threads) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     env = {**os.environ, **blas, "PYTHONPATH": str(Path(__file__).parent)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"child {mode} {n} failed:\n{proc.stderr[-4000:]}")
-    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+    for attempt in range(2):  # a second try: a first load may race another process's model cache
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        if proc.returncode == 0:
+            return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"child {mode} {n} failed (attempt {attempt + 1}):\n{proc.stderr[-2000:]}", file=sys.stderr)
+    raise SystemExit(f"child {mode} {n} failed twice")
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from model_forensics.inspection.attribution import (
 from model_forensics.inspection.collect import (
     Batch,
     InputAdapter,
+    Recorded,
     Sample,
     TensorAdapter,
     TextAdapter,
@@ -305,170 +306,46 @@ class ModelInspector:
             ForensicsError: empty inputs, or tokenizers that disagree (regression).
         """
         wanted = _experiments(experiments)
-        explicit = experiments is not None
         samples = as_samples(inputs)
         ref_samples = as_samples(reference) if reference is not None else []
         result = InspectionResult(self.name, len(samples), len(ref_samples), wanted)
         report = progress or (lambda stage, done, total: None)
         s = self.settings
-
-        def skip(name: str, reason: str) -> None:
+        steps = series_steps(samples, s.series_windows)
+        for name, reason in self._missing(wanted, samples, ref_samples, steps, compare_model).items():
             wanted.remove(name)
             result.skipped[name] = reason
-            if explicit:
-                warnings.warn(f"{name} skipped: {reason}", stacklevel=3)
-
-        steps = series_steps(samples, s.series_windows)
-        texts = [x.text for x in samples]
-        if "shift" in wanted and not ref_samples:
-            skip("shift", "no reference inputs; pass reference=… (CLI: --reference ref.jsonl)")
-        if "drift" in wanted and (steps is None or len(steps) + bool(ref_samples) < 2):
-            skip(
-                "drift",
-                "needs an ordered series: give inputs a 'group' or 'time' field with at least two values (or one plus reference inputs)",
-            )
-        if "regression" in wanted and compare_model is None:
-            skip("regression", "no candidate model; pass compare_model=… (CLI: --compare-model M2)")
-        if "attribution" in wanted and not any(x.passed is not None for x in samples):
-            skip("attribution", "no labelled inputs; give inputs a boolean 'passed' field")
-        if "pruning" in wanted and len(samples) // 5 < s.pruning.min_heldout:
-            skip(
-                "pruning",
-                f"needs ≥ {5 * s.pruning.min_heldout} inputs (a fifth is held out to verify, at least {s.pruning.min_heldout})",
-            )
-        if "robustness" in wanted and (self.tokenizer is None or any(t is None for t in texts)):
-            skip("robustness", "needs text inputs and a tokenizer (perturbation families edit text)")
-        if "regression" in wanted and compare_model is not None and all(t is not None for t in texts):
-            check_tokenizers(
-                self.tokenizer,
-                compare_tokenizer or self.tokenizer,
-                [t for t in texts if t is not None],
-                (self.name, compare_name or model_ref(compare_model).name),
-            )
+            if experiments is not None:
+                warnings.warn(f"{name} skipped: {reason}", stacklevel=2)
+        candidate = None
+        if "regression" in wanted and compare_model is not None:
+            cand_name = compare_name or model_ref(compare_model).name
+            texts = [x.text for x in samples if x.text is not None]
+            check_tokenizers(self.tokenizer, compare_tokenizer or self.tokenizer, texts, (self.name, cand_name))
+            candidate = _Candidate(compare_model, compare_tokenizer or self.tokenizer, cand_name)
 
         keys = item_keys(len(samples), s.seed)
-        positions = item_keys(len(samples), s.seed + 1)
         heldout = np.zeros(len(samples), dtype=bool)
-        if "pruning" in wanted:
-            n_hold = min(s.pruning.heldout_inputs, max(1, len(samples) // 5))
-            heldout[np.argsort(-keys)[:n_hold]] = True
+        if "pruning" in wanted:  # the largest keys: a random fifth, never used to choose
+            heldout[np.argsort(-keys)[: min(s.pruning.heldout_inputs, len(samples) // 5)]] = True
+        collectors = _Collectors(self, samples, wanted, steps, candidate, keys, heldout)
+        sites = sorted(set(self.layer_sites) | set(self.neuron_sites), key=self.adapter.sites().index)
+        recorder = recorder_for(self.adapter, sites)
 
-        with _eval_mode(self.model), _eval_mode(compare_model):
-            started = time.perf_counter()
-            current = ActivationSummary(s.token_capacity, s.pooled_capacity, keys, positions)
-            sparsity_acc = (
-                SparsityCollector(self.neuron_sites, s.epsilon, s.tau, heldout)
-                if {"sparsity", "pruning"} & set(wanted)
-                else None
-            )
-            attribution_acc = (
-                AttributionCollector(self.layer_sites, samples, s.pooled_capacity, keys)
-                if "attribution" in wanted
-                else None
-            )
-            step_of = np.full(len(samples), -1)
-            step_summaries: list[ActivationSummary] = []
-            if "drift" in wanted and steps is not None:
-                for j, (_, idx) in enumerate(steps):
-                    step_of[idx] = j
-                    step_summaries.append(ActivationSummary(s.series_capacity, s.series_capacity, keys, positions))
-            candidate = None
-            if "regression" in wanted and compare_model is not None:
-                cand_adapter = adapter_for(compare_model)
-                cand_layers, _ = _sites(cand_adapter)
-                candidate = (
-                    compare_model,
-                    cand_adapter,
-                    cand_layers,
-                    ActivationSummary(s.token_capacity, s.pooled_capacity, keys, positions),
-                    OutputComparison(samples, self.tokenizer),
-                )
-
-            sites = sorted(set(self.layer_sites) | set(self.neuron_sites), key=self.adapter.sites().index)
-            recorder = recorder_for(self.adapter, sites)
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(recorder.install_hooks(self.model, self.tokenizer))
-                cand_recorder = None
-                if candidate is not None:
-                    cand_recorder = recorder_for(candidate[1], candidate[2])
-                    stack.enter_context(cand_recorder.install_hooks(candidate[0], compare_tokenizer or self.tokenizer))
-                total = len(samples)
-                for idx in batches(total, s.batch_size):
-                    batch = self.encoder.encode([samples[i] for i in idx])
-                    rec = forward(self.model, recorder, batch, sites, idx)
-                    current.update(rec, idx, self.layer_sites)
-                    if sparsity_acc is not None:
-                        sparsity_acc.update(rec)
-                    if attribution_acc is not None:
-                        attribution_acc.update(rec)
-                    for j, summary in enumerate(step_summaries):
-                        members = [i for i in idx if step_of[i] == j]
-                        if members:
-                            summary.update(rec, members, self.layer_sites)
-                    if candidate is not None and cand_recorder is not None:
-                        rec2 = forward(candidate[0], cand_recorder, batch, candidate[2], idx)
-                        candidate[3].update(rec2, idx, candidate[2])
-                        candidate[4].update(rec, rec2)
-                    report("inputs", idx[-1] + 1, total)
-                result.timings["stream"] = time.perf_counter() - started
-
-                ref_summary = None
-                if ref_samples and ({"shift", "drift"} & set(wanted)):
-                    started = time.perf_counter()
-                    ref_keys = item_keys(len(ref_samples), s.seed + 2)
-                    ref_summary = ActivationSummary(
-                        s.token_capacity, s.pooled_capacity, ref_keys, item_keys(len(ref_samples), s.seed + 3)
-                    )
-                    for idx in batches(len(ref_samples), s.batch_size):
-                        batch = self.encoder.encode([ref_samples[i] for i in idx])
-                        ref_summary.update(
-                            forward(self.model, recorder, batch, self.layer_sites, idx), idx, self.layer_sites
-                        )
-                        report("reference", idx[-1] + 1, len(ref_samples))
-                    result.timings["reference"] = time.perf_counter() - started
-
-                started = time.perf_counter()
-                if "sparsity" in wanted and sparsity_acc is not None:
-                    result.sparsity = sparsity_acc.result()
-                if "stats" in wanted:
-                    result.stats = activation_stats(current)
-                if "shift" in wanted and ref_summary is not None:
-                    result.shift = compare(ref_summary, current, self.layer_sites, s.shift)
-                if "drift" in wanted and steps is not None:
-                    if ref_summary is not None:
-                        result.drift = drift(
-                            "reference",
-                            ref_summary,
-                            [(n, step_summaries[j]) for j, (n, _) in enumerate(steps)],
-                            self.layer_sites,
-                            s.shift,
-                        )
-                    else:
-                        result.drift = drift(
-                            steps[0][0],
-                            step_summaries[0],
-                            [(n, step_summaries[j]) for j, (n, _) in enumerate(steps)],
-                            self.layer_sites,
-                            s.shift,
-                        )
-                if candidate is not None:
-                    result.regression = regression(
-                        current,
-                        candidate[3],
-                        self.layer_sites,
-                        candidate[2],
-                        candidate[4],
-                        (self.name, compare_name or model_ref(candidate[0]).name),
-                    )
-                result.timings["statistics"] = time.perf_counter() - started
-
-                if "sensitivity" in wanted:
-                    started = time.perf_counter()
-                    subset = _subset(keys, s.sensitivity_inputs)
-                    encoded = [
-                        (self.encoder.encode([samples[i] for i in part]), part)
-                        for part in _chunks(subset, s.batch_size)
-                    ]
+        with _eval_mode(self.model), _eval_mode(compare_model), contextlib.ExitStack() as hooks:
+            hooks.enter_context(recorder.install_hooks(self.model, self.tokenizer))
+            with _stage(result, "stream"):
+                self._stream(samples, recorder, sites, collectors, hooks, report)
+            ref_summary = None
+            if ref_samples and {"shift", "drift"} & set(wanted):
+                with _stage(result, "reference"):
+                    ref_summary = self._reference(ref_samples, recorder, report)
+            with _stage(result, "statistics"):
+                self._statistics(result, wanted, collectors, ref_summary, steps)
+            if "sensitivity" in wanted:
+                with _stage(result, "sensitivity"):
+                    part = _subset(keys, s.sensitivity_inputs)
+                    encoded = [(self.encoder.encode([samples[i] for i in c]), c) for c in _chunks(part, s.batch_size)]
                     vocab = getattr(self.encoder, "vocab_size", None) or _vocab(self.model)
                     result.sensitivity = sensitivity(
                         self.model, self.adapter, recorder, encoded, self.layer_sites, s.sensitivity, vocab
@@ -476,40 +353,125 @@ class ModelInspector:
                     for family, reason in result.sensitivity.skipped.items():
                         warnings.warn(f"sensitivity: {family} skipped — {reason}", stacklevel=2)
                     report("sensitivity", 1, 1)
-                    result.timings["sensitivity"] = time.perf_counter() - started
-
-                if "attribution" in wanted and attribution_acc is not None:
-                    started = time.perf_counter()
-                    result.attribution = attribution(attribution_acc, self._readout(samples, recorder), s.attribution)
+            if collectors.attribution is not None:
+                with _stage(result, "attribution"):
+                    result.attribution = attribution(
+                        collectors.attribution, self._readout(samples, recorder), s.attribution
+                    )
                     for what, reason in result.attribution.skipped.items():
                         warnings.warn(f"{what} skipped: {reason}", stacklevel=2)
                     report("attribution", 1, 1)
-                    result.timings["attribution"] = time.perf_counter() - started
-
+            hooks.close()  # the remaining stages need outputs only: no recording
             if "robustness" in wanted:
-                started = time.perf_counter()
-                subset = _subset(keys, s.robustness_inputs)
-                result.robustness = robustness(
-                    [str(texts[i]) for i in subset],
-                    self._predict_texts,
-                    per_family=s.robustness_variants,
-                    tolerance=s.robustness_tolerance,
-                    confidence=s.confidence,
-                    bootstrap=s.bootstrap,
-                    seed=s.seed,
-                )
-                report("robustness", 1, 1)
-                result.timings["robustness"] = time.perf_counter() - started
-
-            if "pruning" in wanted and sparsity_acc is not None:
-                started = time.perf_counter()
-                result.pruning = self._pruning(samples, sparsity_acc, heldout, result.sensitivity)
-                report("pruning", 1, 1)
-                result.timings["pruning"] = time.perf_counter() - started
-
-        summaries = [current, *step_summaries, *([candidate[3]] if candidate else [])]
-        result.state_bytes = sum(x.nbytes() for x in summaries)
+                with _stage(result, "robustness"):
+                    result.robustness = robustness(
+                        [str(samples[i].text) for i in _subset(keys, s.robustness_inputs)],
+                        self._predict_texts,
+                        per_family=s.robustness_variants,
+                        tolerance=s.robustness_tolerance,
+                        confidence=s.confidence,
+                        bootstrap=s.bootstrap,
+                        seed=s.seed,
+                    )
+                    report("robustness", 1, 1)
+            if "pruning" in wanted and collectors.sparsity is not None:
+                with _stage(result, "pruning"):
+                    result.pruning = self._pruning(samples, collectors.sparsity, heldout, result.sensitivity)
+                    report("pruning", 1, 1)
+        result.state_bytes = collectors.nbytes()
         return result
+
+    # -- the stages ------------------------------------------------------------------------
+    def _missing(
+        self,
+        wanted: list[str],
+        samples: list[Sample],
+        ref_samples: list[Sample],
+        steps: list[tuple[str, list[int]]] | None,
+        compare_model: nn.Module | None,
+    ) -> dict[str, str]:
+        """Why each wanted experiment cannot run on these inputs (empty when all can)."""
+        min_heldout = self.settings.pruning.min_heldout
+        reasons = {
+            "shift": None if ref_samples else "no reference inputs; pass reference=… (CLI: --reference ref.jsonl)",
+            "drift": None
+            if steps is not None and len(steps) + bool(ref_samples) >= 2
+            else "needs an ordered series: give inputs a 'group' or 'time' field with at least two values "
+            "(or one plus reference inputs)",
+            "regression": None
+            if compare_model is not None
+            else "no candidate model; pass compare_model=… (CLI: --compare-model M2)",
+            "attribution": None
+            if any(x.passed is not None for x in samples)
+            else "no labelled inputs; give inputs a boolean 'passed' field",
+            "pruning": None
+            if len(samples) // 5 >= min_heldout
+            else f"needs ≥ {5 * min_heldout} inputs (a fifth is held out to verify, at least {min_heldout})",
+            "robustness": None
+            if self.tokenizer is not None and all(x.text is not None for x in samples)
+            else "needs text inputs and a tokenizer (perturbation families edit text)",
+        }
+        return {name: reason for name, reason in reasons.items() if name in wanted and reason is not None}
+
+    def _stream(
+        self,
+        samples: list[Sample],
+        recorder: Any,
+        sites: list[str],
+        collectors: _Collectors,
+        hooks: contextlib.ExitStack,
+        report: Progress,
+    ) -> None:
+        """The one pass over the inputs; the candidate model runs on the same micro-batches."""
+        cand = collectors.candidate
+        cand_recorder = None
+        if cand is not None:
+            cand_recorder = recorder_for(cand.adapter, cand.sites)
+            hooks.enter_context(cand_recorder.install_hooks(cand.model, cand.tokenizer))
+        for idx in batches(len(samples), self.settings.batch_size):
+            batch = self.encoder.encode([samples[i] for i in idx])
+            rec = forward(self.model, recorder, batch, sites, idx)
+            other = forward(cand.model, cand_recorder, batch, cand.sites, idx) if cand and cand_recorder else None
+            collectors.update(rec, other)
+            report("inputs", idx[-1] + 1, len(samples))
+
+    def _reference(self, ref_samples: list[Sample], recorder: Any, report: Progress) -> ActivationSummary:
+        s = self.settings
+        n = len(ref_samples)
+        summary = ActivationSummary(
+            s.token_capacity, s.pooled_capacity, item_keys(n, s.seed + 2), item_keys(n, s.seed + 3)
+        )
+        for idx in batches(n, s.batch_size):
+            batch = self.encoder.encode([ref_samples[i] for i in idx])
+            summary.update(forward(self.model, recorder, batch, self.layer_sites, idx), idx, self.layer_sites)
+            report("reference", idx[-1] + 1, n)
+        return summary
+
+    def _statistics(
+        self,
+        result: InspectionResult,
+        wanted: list[str],
+        c: _Collectors,
+        ref_summary: ActivationSummary | None,
+        steps: list[tuple[str, list[int]]] | None,
+    ) -> None:
+        """The experiments computed from the streamed summaries alone."""
+        s = self.settings
+        if "sparsity" in wanted and c.sparsity is not None:
+            result.sparsity = c.sparsity.result()
+        if "stats" in wanted:
+            result.stats = activation_stats(c.current)
+        if "shift" in wanted and ref_summary is not None:
+            result.shift = compare(ref_summary, c.current, self.layer_sites, s.shift)
+        if "drift" in wanted and steps is not None:
+            series = [(name, c.steps[j]) for j, (name, _) in enumerate(steps)]
+            baseline = ("reference", ref_summary) if ref_summary is not None else series[0]
+            result.drift = drift(baseline[0], baseline[1], series, self.layer_sites, s.shift)
+        if c.candidate is not None:
+            cand = c.candidate
+            result.regression = regression(
+                c.current, cand.summary, self.layer_sites, cand.sites, cand.outputs, (self.name, cand.name)
+            )
 
     # -- helpers that need the model -----------------------------------------------------
     def _predictions(self, batch: Batch) -> torch.Tensor:
@@ -577,6 +539,84 @@ class ModelInspector:
             return float(np.mean(kls)), float(np.mean(agree))
 
         return verify(candidates, evaluate, s, len(held))
+
+
+class _Candidate:
+    """The candidate model of a regression run and what is streamed about it."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, name: str):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.adapter = adapter_for(model)
+        self.sites, _ = _sites(self.adapter)
+        self.summary: ActivationSummary
+        self.outputs: OutputComparison
+
+
+class _Collectors:
+    """Every streaming accumulator of one run, fed each recorded micro-batch."""
+
+    def __init__(
+        self,
+        insp: ModelInspector,
+        samples: list[Sample],
+        wanted: list[str],
+        steps: list[tuple[str, list[int]]] | None,
+        candidate: _Candidate | None,
+        keys: np.ndarray,
+        heldout: np.ndarray,
+    ):
+        s = insp.settings
+        positions = item_keys(len(samples), s.seed + 1)
+        self.layer_sites = insp.layer_sites
+        self.current = ActivationSummary(s.token_capacity, s.pooled_capacity, keys, positions)
+        self.sparsity = (
+            SparsityCollector(insp.neuron_sites, s.epsilon, s.tau, heldout)
+            if {"sparsity", "pruning"} & set(wanted)
+            else None
+        )
+        self.attribution = (
+            AttributionCollector(insp.layer_sites, samples, s.pooled_capacity, keys)
+            if "attribution" in wanted
+            else None
+        )
+        self.step_of = np.full(len(samples), -1)
+        self.steps: list[ActivationSummary] = []
+        if "drift" in wanted and steps is not None:
+            for j, (_, idx) in enumerate(steps):
+                self.step_of[idx] = j
+                self.steps.append(ActivationSummary(s.series_capacity, s.series_capacity, keys, positions))
+        self.candidate = candidate
+        if candidate is not None:
+            candidate.summary = ActivationSummary(s.token_capacity, s.pooled_capacity, keys, positions)
+            candidate.outputs = OutputComparison(samples, insp.tokenizer)
+
+    def update(self, rec: Recorded, cand: Recorded | None) -> None:
+        idx = [int(i) for i in rec.index]
+        self.current.update(rec, idx, self.layer_sites)
+        if self.sparsity is not None:
+            self.sparsity.update(rec)
+        if self.attribution is not None:
+            self.attribution.update(rec)
+        for j, summary in enumerate(self.steps):
+            members = [i for i in idx if self.step_of[i] == j]
+            if members:
+                summary.update(rec, members, self.layer_sites)
+        if self.candidate is not None and cand is not None:
+            self.candidate.summary.update(cand, idx, self.candidate.sites)
+            self.candidate.outputs.update(rec, cand)
+
+    def nbytes(self) -> int:
+        summaries = [self.current, *self.steps, *([self.candidate.summary] if self.candidate else [])]
+        return sum(x.nbytes() for x in summaries)
+
+
+@contextlib.contextmanager
+def _stage(result: InspectionResult, name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        result.timings[name] = time.perf_counter() - started
 
 
 def _setter(
