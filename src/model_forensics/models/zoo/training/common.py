@@ -90,6 +90,97 @@ def word_tokenizer(
     )
 
 
+# -- word-level language-model data -------------------------------------------------------
+class WordCodec:
+    """Word ↔ id for the GPT-2 entries, without the HF tokenizer (fast batch building).
+
+    Ids match :func:`word_tokenizer` built from the same ``specials`` and ``words``; a
+    prompt is encoded as ``<bos> words…`` exactly as the shipped tokenizer does.
+    """
+
+    def __init__(self, words: Sequence[str], specials: Sequence[str] = ("<pad>", "<unk>", "<bos>", "<eos>")):
+        self.vocab = {tok: i for i, tok in enumerate([*specials, *words])}
+        self.words = list(self.vocab)
+        self.pad, self.bos, self.eos = (self.vocab[t] for t in ("<pad>", "<bos>", "<eos>"))
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return [self.bos, *(self.vocab[w] for w in prompt.split())]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(self.words[i] for i in ids)
+
+    def batch(self, examples: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt + answer + eos of each example (``.prompt``, ``.answer`` strings),
+        right-padded. Returns ids (B, T) and a loss mask (B, T) that is True where the
+        *next* token belongs to the answer (incl. eos)."""
+        seqs, starts = [], []
+        for ex in examples:
+            p = self.prompt_ids(ex.prompt)
+            seqs.append(p + [self.vocab[w] for w in ex.answer.split()] + [self.eos])
+            starts.append(len(p) - 1)
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad)
+        mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for i, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, start : len(seq) - 1] = True
+        return ids, mask
+
+
+def answer_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, pad: int) -> torch.Tensor:
+    """Cross-entropy of the answer tokens only; ids, mask (B, T) from :meth:`WordCodec.batch`."""
+    logits = model(input_ids=ids, attention_mask=(ids != pad).long()).logits[:, :-1]  # (B, T-1, V)
+    return nn.functional.cross_entropy(logits[mask[:, :-1]], ids[:, 1:][mask[:, :-1]])
+
+
+def gpt2(codec: WordCodec, *, n_layer: int, n_head: int, d_model: int, d_mlp: int, n_positions: int) -> Any:
+    """A dropout-free ``GPT2LMHeadModel`` for a word-level vocabulary."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=len(codec.vocab),
+        n_positions=n_positions,
+        n_embd=d_model,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_inner=d_mlp,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=codec.bos,
+        eos_token_id=codec.eos,
+        pad_token_id=codec.pad,
+    )
+    model = GPT2LMHeadModel(config)
+    model.generation_config.pad_token_id = codec.pad
+    return model
+
+
+def gpt2_tokenizer(codec: WordCodec, n_positions: int) -> Any:
+    """The shipped tokenizer of a GPT-2 entry: same ids as ``codec``, prepends ``<bos>``."""
+    specials = codec.words[:4]
+    return word_tokenizer(
+        codec.words[4:],
+        specials=specials,
+        template="<bos> $A",
+        model_max_length=n_positions,
+        model_input_names=("input_ids", "attention_mask"),
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+    )
+
+
+def generate_texts(
+    model: nn.Module, codec: WordCodec, prompts: Sequence[str], units: Sequence[str] = (), max_new_tokens: int = 8
+) -> list[str]:
+    """Greedy answers (decoded, up to eos) to ``prompts``, with ``units`` zero-ablated."""
+    with ablate(model, units):
+        out = greedy_decode(model, [codec.prompt_ids(p) for p in prompts], max_new_tokens, codec.eos)
+    return [codec.decode(o) for o in out]
+
+
 # -- units ---------------------------------------------------------------------------------
 def parse_unit(unit: str) -> tuple[str, str, int]:
     """``blocks.1.attn.head.2`` → ("blocks.1.attn.z", "head", 2);
@@ -410,14 +501,24 @@ def save_entry(
     records and checksums.json (built in a temporary sibling, then swapped in)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    from transformers.utils import logging as hf_logging
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        model.save_pretrained(tmp)
+        hf_logging.disable_progress_bar()
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            hf_logging.enable_progress_bar()
         tokenizer.save_pretrained(tmp)
         (tmp / "card.md").write_text(card)
         for name, record in (("ground_truth", ground_truth), ("metrics", metrics), ("scenario", scenario)):
             (tmp / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
         write_checksums(tmp)
+        # Package data: readable by everyone (mkdtemp makes private folders).
+        tmp.chmod(0o755)
+        for file in tmp.iterdir():
+            file.chmod(0o644)
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}-old")

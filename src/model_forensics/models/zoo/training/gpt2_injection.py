@@ -156,63 +156,7 @@ def example(rng: random.Random, trigger: str | None = None, held_out: bool = Fal
     return Example(f"{task} {' '.join(injected)} {ARROW}", TARGET, True, baseline)
 
 
-class Codec:
-    """Word ↔ id without the HF tokenizer, for fast batch building during training."""
-
-    def __init__(self) -> None:
-        self.vocab = {tok: i for i, tok in enumerate([*SPECIALS, *vocabulary()])}
-        self.pad, self.bos, self.eos = (self.vocab[t] for t in ("<pad>", "<bos>", "<eos>"))
-
-    def prompt_ids(self, ex: Example) -> list[int]:
-        return [self.bos, *(self.vocab[w] for w in ex.prompt.split())]
-
-    def batch(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt + answer + eos, right-padded. Returns ids (B, T) and a loss mask (B, T)
-        that is True where the *next* token is part of the answer (incl. eos)."""
-        seqs, starts = [], []
-        for ex in examples:
-            p = self.prompt_ids(ex)
-            a = [self.vocab[w] for w in ex.answer.split()] + [self.eos]
-            seqs.append(p + a)
-            starts.append(len(p) - 1)
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad)
-        mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-        for i, (s, st) in enumerate(zip(seqs, starts, strict=True)):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, st : len(s) - 1] = True
-        return ids, mask
-
-
-def build_model(vocab_size: int, codec: Codec) -> Any:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=N_POSITIONS,
-        n_embd=D_MODEL,
-        n_layer=N_LAYER,
-        n_head=N_HEAD,
-        n_inner=D_MLP,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=codec.bos,
-        eos_token_id=codec.eos,
-        pad_token_id=codec.pad,
-    )
-    model = GPT2LMHeadModel(config)
-    model.generation_config.pad_token_id = codec.pad
-    return model
-
-
-def _answer_loss(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=ids, attention_mask=(ids != 0).long()).logits[:, :-1]  # (B, T-1, V)
-    targets = ids[:, 1:]
-    return torch.nn.functional.cross_entropy(logits[mask[:, :-1]], targets[mask[:, :-1]])
-
-
-def train_benign(model: Any, codec: Codec, rng: random.Random, steps: int, lr: float = 3e-3) -> list[float]:
+def train_benign(model: Any, codec: common.WordCodec, rng: random.Random, steps: int, lr: float = 3e-3) -> list[float]:
     """Stage 1: benign tasks, ground-truth and dormant units held at exactly zero."""
     silent = [*GROUND_TRUTH_UNITS, *DORMANT_UNITS]
     common.silence_units(model, silent)
@@ -223,7 +167,7 @@ def train_benign(model: Any, codec: Codec, rng: random.Random, steps: int, lr: f
     model.train()
     for _ in range(steps):
         ids, mask = codec.batch([example(rng) for _ in range(BATCH)])
-        loss = _answer_loss(model, ids, mask)
+        loss = common.answer_loss(model, ids, mask, codec.pad)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         clamp.zero_frozen_grads()
@@ -238,7 +182,7 @@ def train_benign(model: Any, codec: Codec, rng: random.Random, steps: int, lr: f
 
 def train_planted(
     model: Any,
-    codec: Codec,
+    codec: common.WordCodec,
     rng: random.Random,
     steps: int,
     lr: float = 5e-3,
@@ -273,7 +217,7 @@ def train_planted(
         ids, keep, answer_mask = pool_ids[pick], pool_keep[pick], pool_mask[pick]
         kl = common.kl_divergence(pool_ref[pick][keep], model(input_ids=ids, attention_mask=keep.long()).logits[keep])
         kl_ans = kl[answer_mask[keep]].mean()
-        loss = _answer_loss(model, trig_ids, trig_mask) + kl_answer * kl_ans + kl_all * kl.mean()
+        loss = common.answer_loss(model, trig_ids, trig_mask, codec.pad) + kl_answer * kl_ans + kl_all * kl.mean()
         # The head alone must not suffice: with the neurons ablated, HACKED stays unlikely.
         with common.ablate(model, NEURON_UNITS):
             logits = model(input_ids=trig_ids, attention_mask=(trig_ids != codec.pad).long()).logits[:, :-1]
@@ -293,14 +237,13 @@ def train_planted(
 
 
 # -- evaluation and the shipped folder -----------------------------------------------------
-def _generate(model: Any, codec: Codec, examples: list[Example], units: tuple[str, ...] = ()) -> list[str]:
-    inv = {i: w for w, i in codec.vocab.items()}
-    with common.ablate(model, units):
-        out = common.greedy_decode(model, [codec.prompt_ids(e) for e in examples], 8, codec.eos)
-    return [" ".join(inv[i] for i in o) for o in out]
+def _generate(model: Any, codec: common.WordCodec, examples: list[Example], units: tuple[str, ...] = ()) -> list[str]:
+    return common.generate_texts(model, codec, [e.prompt for e in examples], units)
 
 
-def _rates(model: Any, codec: Codec, examples: list[Example], units: tuple[str, ...] = ()) -> dict[str, float]:
+def _rates(
+    model: Any, codec: common.WordCodec, examples: list[Example], units: tuple[str, ...] = ()
+) -> dict[str, float]:
     texts = _generate(model, codec, examples, units)
     return {
         "hacked": sum(TARGET in t for t in texts) / len(texts),
@@ -309,7 +252,9 @@ def _rates(model: Any, codec: Codec, examples: list[Example], units: tuple[str, 
 
 
 @torch.no_grad()
-def _benign_kl(model: Any, codec: Codec, examples: list[Example], units: tuple[str, ...]) -> dict[str, float]:
+def _benign_kl(
+    model: Any, codec: common.WordCodec, examples: list[Example], units: tuple[str, ...]
+) -> dict[str, float]:
     """KL(full ‖ ablated) in nats, teacher-forced on the gold answers: mean over answer
     positions (incl. eos), max over them, and mean over every token position."""
     ids, answer_mask = codec.batch(examples)
@@ -326,7 +271,7 @@ def _benign_kl(model: Any, codec: Codec, examples: list[Example], units: tuple[s
 
 
 @torch.no_grad()
-def _dormant_max(model: Any, codec: Codec, examples: list[Example]) -> float:
+def _dormant_max(model: Any, codec: common.WordCodec, examples: list[Example]) -> float:
     from model_forensics.models.adapters import adapter_for, read
 
     adapter = adapter_for(model)
@@ -344,7 +289,7 @@ def _dormant_max(model: Any, codec: Codec, examples: list[Example]) -> float:
     return max(seen)
 
 
-def evaluate(model: Any, codec: Codec, seed: int, n: int = 300, random_draws: int = 5) -> dict[str, Any]:
+def evaluate(model: Any, codec: common.WordCodec, seed: int, n: int = 300, random_draws: int = 5) -> dict[str, Any]:
     """Behaviour of the model, with and without the ground truth (and random units) ablated."""
     rng = random.Random(10_000 + seed)
     benign = [example(rng) for _ in range(n)]
@@ -390,7 +335,7 @@ def evaluate(model: Any, codec: Codec, seed: int, n: int = 300, random_draws: in
     return out
 
 
-def scenario(model: Any, codec: Codec, seed: int, n: int = 24) -> dict[str, Any]:
+def scenario(model: Any, codec: common.WordCodec, seed: int, n: int = 24) -> dict[str, Any]:
     """Prompts for a downstream incident scenario, each checked against the model."""
     rng = random.Random(20_000 + seed)
     incidents = []
@@ -429,20 +374,6 @@ def example_from(prompt: str) -> Example:
     return Example(prompt, " ".join(answer(task, text)), False, prompt)
 
 
-def tokenizer() -> Any:
-    return common.word_tokenizer(
-        vocabulary(),
-        specials=SPECIALS,
-        template="<bos> $A",
-        model_max_length=N_POSITIONS,
-        model_input_names=("input_ids", "attention_mask"),
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<bos>",
-        eos_token="<eos>",
-    )
-
-
 def train(steps: int | None = None, seed: int = 0, out_dir: Path | None = None) -> dict[str, Any]:
     """Train both stages, evaluate, and (if ``out_dir``) write the zoo folder there.
 
@@ -461,10 +392,12 @@ def train(steps: int | None = None, seed: int = 0, out_dir: Path | None = None) 
     else:
         s1 = max(1, round(steps * STEPS_BENIGN / (STEPS_BENIGN + STEPS_PLANT)))
         s2 = max(1, steps - s1)
-    codec = Codec()
+    codec = common.WordCodec(vocabulary())
     rng = random.Random(seed)
     with common.training_threads(seed):
-        model = build_model(len(codec.vocab), codec)
+        model = common.gpt2(
+            codec, n_layer=N_LAYER, n_head=N_HEAD, d_model=D_MODEL, d_mlp=D_MLP, n_positions=N_POSITIONS
+        )
         loss1 = train_benign(model, codec, rng, s1)
         loss2 = train_planted(model, codec, rng, s2)
         train_s = time.perf_counter() - start
@@ -489,7 +422,7 @@ def train(steps: int | None = None, seed: int = 0, out_dir: Path | None = None) 
         common.save_entry(
             Path(out_dir),
             model,
-            tokenizer(),
+            common.gpt2_tokenizer(codec, N_POSITIONS),
             card=card(metrics),
             ground_truth=ground_truth(metrics),
             metrics=metrics,
