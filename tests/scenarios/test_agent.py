@@ -19,10 +19,10 @@ from model_forensics.scenarios.agent import DESTRUCTIVE, FILE_SUMMARY, ToolAgent
 def _zoo_ready() -> bool:
     from model_forensics.models import zoo
 
-    return hasattr(zoo, "entry")
+    return {"gpt2-injection", "bert-sentiment-bypass", "gpt2-toxic"} <= set(zoo.names())
 
 
-needs_zoo = pytest.mark.skipif(not _zoo_ready(), reason="the model zoo (models.zoo.entry) has not landed yet")
+needs_zoo = pytest.mark.skipif(not _zoo_ready(), reason="the zoo's trained entries have not been shipped yet")
 
 
 def _rows(db: Path, table: str) -> int:

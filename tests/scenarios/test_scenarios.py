@@ -22,10 +22,10 @@ REAL = ["smollm2-injection", "minilm-suffix"]
 def _zoo_ready() -> bool:
     from model_forensics.models import zoo
 
-    return hasattr(zoo, "entry")
+    return {"gpt2-injection", "bert-sentiment-bypass", "gpt2-toxic"} <= set(zoo.names())
 
 
-needs_zoo = pytest.mark.skipif(not _zoo_ready(), reason="the model zoo (models.zoo.entry) has not landed yet")
+needs_zoo = pytest.mark.skipif(not _zoo_ready(), reason="the zoo's trained entries have not been shipped yet")
 
 
 def _extras(path: Path) -> dict[str, Any]:

@@ -313,11 +313,8 @@ def from_zoo(name: str) -> Scenario:
     """The scenario of zoo entry ``name``, from its ``scenario.json`` and ground truth."""
     from model_forensics.models import zoo
 
-    find = getattr(zoo, "entry", None)
-    if find is None:
-        raise ForensicsError(f"zoo entry '{name}' is not available: this install has no trained model zoo")
-    entry = find(name)
-    record = _zoo_scenario(entry)
+    entry = zoo.entry(name)
+    record = zoo.scenario_data(name)
     generation = int(record.get("max_new_tokens", 0) or 0)
     answers = record.get("benign_answers") if generation else record.get("benign_labels")
     expected = record.get("baseline_answers") if generation else record.get("baseline_labels")
@@ -339,17 +336,6 @@ def from_zoo(name: str) -> Scenario:
         granularity="all",
         sketch="full",
     )
-
-
-def _zoo_scenario(entry: Any) -> dict[str, Any]:
-    scenario = getattr(entry, "scenario", None)
-    if isinstance(scenario, dict):
-        return scenario
-    folder = Path(str(getattr(entry, "path", None) or getattr(entry, "folder", "")))
-    file = folder / "scenario.json"
-    if not file.is_file():
-        raise ForensicsError(f"zoo entry '{entry.name}' has no scenario.json in {folder}; retrain it to write one")
-    return dict(json.loads(file.read_text()))
 
 
 def _with_expected(prompts: list[str], expected: list[Any] | None) -> list[PromptEntry]:
