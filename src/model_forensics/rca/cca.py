@@ -31,7 +31,7 @@ import torch
 
 from model_forensics.core.config import CCAConfig, ForensicsConfig, load_config
 from model_forensics.core.errors import ForensicsError
-from model_forensics.rca.attribution import Ranking, UnitScore, attribution_ranking
+from model_forensics.rca.attribution import Ranking, UnitScore, attribution_ranking, exact_effects
 from model_forensics.rca.compression import AnomalyReport
 from model_forensics.rca.side_effects import SideEffects, benign_kls, measure
 from model_forensics.replay.interventions import Intervention
@@ -79,6 +79,8 @@ class FixSet:
     guidance: str
     seconds: float
     coarse_sites: list[str] = field(default_factory=list)
+    implicated: list[dict[str, Any]] = field(default_factory=list)
+    noise_floor: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -88,6 +90,12 @@ class FixSet:
     @property
     def units(self) -> list[str]:
         return [m.unit for m in self.members]
+
+    @property
+    def implicated_units(self) -> list[str]:
+        """Units confirmed by exact patching to carry the failure (a superset of what a
+        minimal fix needs when the mechanism is redundant)."""
+        return [e["unit"] for e in self.implicated]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -103,6 +111,8 @@ class FixSet:
             "guidance": self.guidance,
             "seconds": self.seconds,
             "coarse_sites": self.coarse_sites,
+            "implicated": self.implicated,
+            "noise_floor": self.noise_floor,
             "notes": self.notes,
         }
 
@@ -117,6 +127,8 @@ class CausalCCA:
         search_strategy: str | None = None,
         neurons_per_site: int = 48,
         guidance: str | None = None,
+        search_variants: int = 12,
+        confirm_top: int = 24,
     ):
         full = load_config(config)
         self.config: CCAConfig = full.modules.cca
@@ -124,6 +136,8 @@ class CausalCCA:
             self.config = self.config.model_copy(update={"search_strategy": search_strategy})
         self.neurons_per_site = neurons_per_site
         self.guidance = guidance  # None: attribution (+ CF if guided_by); "unguided": forward order
+        self.search_variants = search_variants
+        self.confirm_top = confirm_top
 
     def search_fix_set(
         self, session: Any, guided_by: AnomalyReport | None = None, ranking: Ranking | None = None
@@ -138,7 +152,9 @@ class CausalCCA:
             ForensicsError: no predicate, or nothing fails (nothing to fix).
         """
         start, before = time.perf_counter(), session.forward_passes
-        variants = self._failing_variants(session)
+        all_variants = self._failing_variants(session)
+        # Search on a fixed subset; the reported flip rate is re-measured on every variant.
+        variants = all_variants[: self.search_variants]
         kind = "mean" if session.baselines else "zero"
         unguided = self.guidance == "unguided"
         if ranking is None and not unguided:
@@ -172,7 +188,8 @@ class CausalCCA:
         if rate < self.config.early_stop_threshold or not chosen:
             notes.append("heads/neurons alone do not reach the threshold; the fix set is the coarse (site-level) set")
             chosen = coarse_set
-        members, flips, rate = self._members(session, variants, chosen, kind, guided_by, solo_kl)
+        members, flips, rate = self._members(session, all_variants, chosen, kind, guided_by, solo_kl)
+        implicated, floor = self._implicated(session, scores, members, kind)
         effects = (
             measure(session, [m.intervention for m in members], self.config.max_side_effect_kl)
             if session.benign()
@@ -192,8 +209,31 @@ class CausalCCA:
             guidance=guidance,
             seconds=time.perf_counter() - start,
             coarse_sites=sites,
+            implicated=implicated,
+            noise_floor=floor,
             notes=notes,
         )
+
+    def _implicated(
+        self, session: Any, scores: list[UnitScore], members: list[FixMember], kind: str
+    ) -> tuple[list[dict[str, Any]], float]:
+        """Exact patching of the top-ranked heads/neurons (and the fix members), against a
+        noise floor: the largest |effect| of as many random heads/neurons. A unit is
+        implicated when its effect exceeds the floor."""
+        fine = [u.unit for u in scores if u.level in ("head", "neuron")]
+        if not fine:
+            return [], 0.0
+        top = list(dict.fromkeys([m.unit for m in members if m.level != "site"] + fine[: self.confirm_top]))
+        rest = [u for u in fine if u not in top]
+        random_units = [
+            rest[i] for i in torch.randperm(len(rest), generator=torch.Generator().manual_seed(0))[: len(top)].tolist()
+        ]
+        effects = exact_effects(session, top + random_units, kind)
+        floor = max((abs(effects[u]) for u in random_units), default=0.0)
+        implicated = [
+            {"unit": u, "effect": effects[u]} for u in sorted(top, key=lambda u: -effects[u]) if effects[u] > floor
+        ]
+        return implicated, floor
 
     # -- evaluation ------------------------------------------------------------------------
     def _failing_variants(self, session: Any) -> list[Inputs]:
