@@ -62,10 +62,11 @@ def test_corrupt_bundle_is_skipped_and_listed(bundles: Path, tmp_path: Path) -> 
     data = bytearray((work / "incident-1" / "inputs.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (work / "incident-1" / "inputs.safetensors").write_bytes(bytes(data))
-    res = CliRunner().invoke(app, ["triage", str(work), "--workers", "1"])
+    res = CliRunner().invoke(app, ["triage", str(work), "--workers", "1"], env={"COLUMNS": "250"})
     assert res.exit_code == 0, res.output
-    assert "skipped" in res.output and "incident-1" in res.output
-    assert "incident-0" in res.output and "incident-2" in res.output
+    out = res.output.replace("\n", "")
+    assert "skipped" in out and "incident-1" in out and "failed its checksums" in out
+    assert "2 incidents analysed" in out
 
 
 def test_empty_directory_is_a_clear_error(tmp_path: Path) -> None:
