@@ -154,3 +154,16 @@ def test_weights_hash_follows_in_place_updates(tiny, tmp_path) -> None:
         changed = Bundle.open(rec.create_bundle(tmp_path / "c")).manifest["model"]["weights_sha256"]
     rec.remove_hooks()
     assert first == again != changed
+
+
+def test_calls_logged_before_generate_are_kept(tiny, tmp_path) -> None:
+    from model_forensics import Bundle
+
+    loaded = tiny["llama"]
+    rec = RecorderHooks().install_hooks(loaded.model)
+    with rec.record_call("read_document") as call:
+        call.args, call.result = {"id": 1}, "text"
+    rec.generate({"input_ids": IDS}, max_new_tokens=2, do_sample=False)
+    calls = Bundle.open(rec.create_bundle(tmp_path / "b")).calls()
+    rec.remove_hooks()
+    assert [c["name"] for c in calls] == ["read_document"]

