@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from model_forensics import CausalCCA, CompressionForensics, SandboxReplayer
-
 from model_forensics.models import zoo
 
 SCENARIOS = ["gpt2-injection", "bert-sentiment-bypass", "gpt2-toxic"]
