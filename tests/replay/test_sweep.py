@@ -81,3 +81,19 @@ def test_sweep_result_serialises(sessions):
     data = swept.to_json()
     assert len(data["results"]) == 3 and data["forward_passes"] == swept.forward_passes
     assert 0.0 <= swept.flip_rate <= 1.0
+
+
+def test_sweep_on_other_inputs_with_relative_positions(sessions):
+    s = sessions["forward"]
+    other = " ".join(f"w{i}" for i in range(4, 17))  # 13 tokens: positions count from its own end
+    sets = [
+        [Intervention("blocks.1.mlp.post@pos=-1", "scale", value=-5.0)],
+        [Intervention("blocks.0.attn.head.2@pos=-2", "zero")],
+        [Intervention("final@pos=-1", "scale", value=-1.0)],
+        [],
+    ]
+    swept = s.sweep(sets, inputs=other)
+    assert swept.shared_prefix
+    for a, b in zip(swept, [s.run(x, inputs=other) for x in sets], strict=True):
+        assert torch.equal(a.logits, b.logits)
+        assert (a.failed, a.flipped) == (b.failed, b.flipped)

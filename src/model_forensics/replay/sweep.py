@@ -177,6 +177,7 @@ class _Prefix:
         self.final_input: torch.Tensor | None = None
         self.reference: torch.Tensor | None = None
         self.exact = False
+        self.prompt_len = 0
 
     def capture(self, batch: Inputs) -> None:
         calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
@@ -205,6 +206,7 @@ class _Prefix:
             raise RuntimeError("the model's forward does not call its blocks once each in order")
         self.calls = [calls[i] for i in range(len(self.blocks))]
         self.reference = logits[:, -1]
+        self.prompt_len = int(logits.shape[1])
 
     def _hidden(self, layer: int) -> torch.Tensor:
         args, kwargs = self.calls[layer]
@@ -215,7 +217,7 @@ class _Prefix:
         (sorted ascending; ``n_layers`` = only the final norm and head)."""
         s = self.session
         n_layers = len(self.blocks)
-        clock = Clock(0, s.prompt_len)
+        clock = Clock(0, self.prompt_len)
         hidden: torch.Tensor | None = None
         j = 0
 
