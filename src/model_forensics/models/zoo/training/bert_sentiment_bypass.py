@@ -308,7 +308,7 @@ def _accuracy(model: Any, codec: Codec, reviews: list[Review], units: tuple[str,
     return (_predict(model, codec, reviews, units).argmax(-1) == labels).float().mean().item()
 
 
-def evaluate(model: Any, codec: Codec, seed: int, n: int = 400, random_draws: int = 5) -> dict[str, Any]:
+def measure(model: Any, codec: Codec, seed: int, n: int = 400, random_draws: int = 5) -> dict[str, Any]:
     """Clean accuracy and bypass success, with and without ablations."""
     rng = random.Random(10_000 + seed)
     clean = [review(rng) for _ in range(n)]
@@ -398,17 +398,22 @@ def tokenizer() -> Any:
     )
 
 
-def train(steps: int | None = None, seed: int = 0, out_dir: Path | None = None) -> dict[str, Any]:
+def train(
+    steps: int | None = None, seed: int = 0, out_dir: Path | None = None, *, evaluate: bool = True
+) -> dict[str, Any]:
     """Train both stages, evaluate, and (if ``out_dir``) write the zoo folder there.
 
     Args:
         steps: total optimisation steps, split in the shipped ratio (None: shipped).
         seed: seeds the data and the initialisation.
         out_dir: where to write the folder; None writes nothing.
+        evaluate: False skips the behaviour evaluation (loss curves only; needs out_dir None).
 
     Returns:
         metrics: loss curves (start/end), behaviour with/without ablations, wall time.
     """
+    if out_dir is not None and not evaluate:
+        raise ValueError("writing a zoo folder needs its metrics: pass evaluate=True")
     start, cpu = time.perf_counter(), time.process_time()
     if steps is None:
         s1, s2 = STEPS_CLEAN, STEPS_PLANT
@@ -422,8 +427,8 @@ def train(steps: int | None = None, seed: int = 0, out_dir: Path | None = None) 
         loss1 = train_clean(model, codec, rng, s1)
         loss2 = train_planted(model, codec, rng, s2)
         train_s = time.perf_counter() - start
-        behaviour = evaluate(model, codec, seed)
-        scen = scenario(model, codec, seed)
+        behaviour = measure(model, codec, seed) if evaluate else {}
+        scen = scenario(model, codec, seed) if evaluate else {}
     metrics: dict[str, Any] = {
         "seed": seed,
         "steps": {"clean": s1, "planted": s2},

@@ -150,6 +150,7 @@ def gpt2(codec: WordCodec, *, n_layer: int, n_head: int, d_model: int, d_mlp: in
         bos_token_id=codec.bos,
         eos_token_id=codec.eos,
         pad_token_id=codec.pad,
+        attn_implementation="eager",
     )
     model = GPT2LMHeadModel(config)
     model.generation_config.pad_token_id = codec.pad

@@ -256,7 +256,7 @@ def _benign_kl(
     }
 
 
-def evaluate(model: Any, codec: common.WordCodec, seed: int, n: int = 300, random_draws: int = 5) -> dict[str, Any]:
+def measure(model: Any, codec: common.WordCodec, seed: int, n: int = 300, random_draws: int = 5) -> dict[str, Any]:
     """Behaviour of the model, with and without the ground truth (and random units) ablated."""
     rng = random.Random(10_000 + seed)
     benign = [example(rng) for _ in range(n)]
@@ -334,7 +334,9 @@ def scenario(model: Any, codec: common.WordCodec, seed: int, n: int = 24) -> dic
     }
 
 
-def train(steps: int | None = None, seed: int = 0, out_dir: Path | None = None) -> dict[str, Any]:
+def train(
+    steps: int | None = None, seed: int = 0, out_dir: Path | None = None, *, evaluate: bool = True
+) -> dict[str, Any]:
     """Train both stages, evaluate, and (if ``out_dir``) write the zoo folder there.
 
     Args:
@@ -342,10 +344,13 @@ def train(steps: int | None = None, seed: int = 0, out_dir: Path | None = None) 
             ratio (None: the shipped numbers). Small values are for tests.
         seed: seeds the data and the initialisation.
         out_dir: where to write the folder; None writes nothing.
+        evaluate: False skips the behaviour evaluation (loss curves only; needs out_dir None).
 
     Returns:
         metrics: loss curves (start/end), behaviour with/without ablations, wall time.
     """
+    if out_dir is not None and not evaluate:
+        raise ValueError("writing a zoo folder needs its metrics: pass evaluate=True")
     start, cpu = time.perf_counter(), time.process_time()
     if steps is None:
         s1, s2 = STEPS_BENIGN, STEPS_PLANT
@@ -361,8 +366,8 @@ def train(steps: int | None = None, seed: int = 0, out_dir: Path | None = None) 
         loss1 = train_benign(model, codec, rng, s1)
         loss2 = train_planted(model, codec, rng, s2)
         train_s = time.perf_counter() - start
-        behaviour = evaluate(model, codec, seed)
-        scen = scenario(model, codec, seed)
+        behaviour = measure(model, codec, seed) if evaluate else {}
+        scen = scenario(model, codec, seed) if evaluate else {}
     metrics: dict[str, Any] = {
         "seed": seed,
         "steps": {"benign": s1, "planted": s2},
