@@ -180,7 +180,7 @@ class RobustnessResult:
             [f.rate for f in rows],
             [f.low for f in rows],
             [f.high for f in rows],
-            title=f"Robustness (invariance under perturbation, {100 * self.confidence:.0f}% bootstrap CI)",
+            title=f"Robustness: invariance rate ({100 * self.confidence:.0f}% bootstrap CI)",
             ylabel="invariance rate (fraction of variants)",
         )
 

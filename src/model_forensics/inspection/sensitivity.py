@@ -99,7 +99,7 @@ class SensitivityResult:
         return figures.sensitivity_plot(
             self.sites,
             {f"{f.family} (per {f.unit})": [f.layer_change[s] for s in self.sites] for f in self.families},
-            ylabel="relative activation change ‖Δh‖/‖h‖ per unit perturbation",
+            ylabel="‖Δh‖ / ‖h‖ per unit perturbation",
         )
 
 

@@ -140,15 +140,11 @@ class ShiftResult:
     def figure(self) -> Figure:
         from model_forensics.report import figures
 
-        sites = [layer.site for layer in self.layers]
-        return figures.layer_bars(
-            sites,
-            {
-                "fraction of units shifted": [layer.fraction_shifted or 0.0 for layer in self.layers],
-                "mean W₁/σ_ref": [layer.mean_wasserstein for layer in self.layers],
-            },
-            title="Distribution shift: reference → current",
-            ylabel="fraction of units / W₁ in σ_ref",
+        return figures.shift_plot(
+            [layer.site for layer in self.layers],
+            [np.nan if layer.fraction_shifted is None else layer.fraction_shifted for layer in self.layers],
+            [layer.mean_wasserstein for layer in self.layers],
+            [np.nan if layer.null_wasserstein is None else layer.null_wasserstein for layer in self.layers],
             threshold=self.settings.layer_fraction,
         )
 

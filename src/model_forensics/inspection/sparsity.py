@@ -98,9 +98,10 @@ class SparsityResult:
 
         return figures.activation_heatmap(
             {layer.site: layer.relative_mean_abs for layer in self.layers},
-            title=f"Unit activity (dormant below log₁₀ τ = {np.log10(self.tau):.2f})",
-            colorbar_label="log₁₀(mean |a| / layer mean) (dimensionless)",
+            title=f"Unit activity: mean |a| / layer mean (dormant below τ = {self.tau:g}, dark)",
+            colorbar_label="log₁₀ relative mean |a|",
             log10=True,
+            floor=self.tau / 10,
         )
 
 

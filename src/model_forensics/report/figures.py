@@ -88,16 +88,24 @@ def heatmap(
 
 
 def activation_heatmap(
-    values: Mapping[str, np.ndarray], *, title: str, colorbar_label: str, log10: bool = False
+    values: Mapping[str, np.ndarray],
+    *,
+    title: str,
+    colorbar_label: str,
+    log10: bool = False,
+    floor: float | None = None,
 ) -> Figure:
     """Per-unit values of several sites as one heatmap: one row per site, one column per
-    unit (shorter sites padded blank). ``log10`` plots log₁₀ of positive values."""
+    unit (shorter sites padded blank). ``log10`` plots log₁₀ of the values, with values
+    below ``floor`` (zeros included) drawn at log₁₀(floor) so that dead units stay visible."""
     sites = list(values)
     width = max((len(v) for v in values.values()), default=1)
     m = np.full((len(sites), width), np.nan)
     for i, site in enumerate(sites):
         v = np.asarray(values[site], dtype=float)
         if log10:
+            if floor is not None:
+                v = np.maximum(v, floor)
             v = np.where(v > 0, np.log10(np.where(v > 0, v, 1.0)), np.nan)
         m[i, : len(v)] = v
     return heatmap(m, row_labels=sites, title=title, colorbar_label=colorbar_label, xlabel="unit", ylabel="site")
@@ -152,6 +160,8 @@ def drift_plot(
             linewidth=1.2,
         )
     fig.colorbar(mapper, ax=ax, label="layer (depth order)")
+    if not any(np.isfinite(np.asarray(ys, dtype=float)).any() for ys in curves.values()):
+        ax.text(0.5, 0.5, "no step had enough inputs for the tests", transform=ax.transAxes, ha="center", va="center")
     ax.set_xticks(x, list(times), rotation=45, fontsize=7)
     ax.set_title(title)
     ax.set_xlabel("series step")
@@ -227,8 +237,42 @@ def rates_with_ci(
     err = np.vstack([r - np.asarray(low, dtype=float), np.asarray(high, dtype=float) - r])
     ax.barh(y, r, xerr=np.nan_to_num(err), color="#3b528b", capsize=3)
     ax.set_yticks(y, list(names))
+    ax.invert_yaxis()  # first name on top
     ax.set_xlim(0, 1.05)
     ax.set_xlabel(ylabel)
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def shift_plot(
+    layers: Sequence[str],
+    fraction: Sequence[float],
+    wasserstein: Sequence[float],
+    no_shift_level: Sequence[float],
+    *,
+    threshold: float,
+    title: str = "Distribution shift: reference → current",
+) -> Figure:
+    """Two panels over the layers: the fraction of units that shift (bars, with the layer
+    threshold), and the mean normalised W₁ with its no-shift level (lines)."""
+    fig = Figure(figsize=(7.0, 5.5), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    x = np.arange(len(layers))
+    top.bar(x, np.nan_to_num(np.asarray(fraction, dtype=float)), color="#3b528b")
+    top.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"layer shifts above {threshold:g}")
+    top.set_ylabel("fraction of units shifted")
+    top.set_ylim(0, 1)
+    top.legend(fontsize=7)
+    top.set_title(title)
+    bottom.plot(
+        x, np.asarray(wasserstein, dtype=float), marker="o", markersize=3, color="#21918c", label="mean W₁ / σ_ref"
+    )
+    bottom.plot(x, np.asarray(no_shift_level, dtype=float), linestyle=":", color="gray", label="no-shift level")
+    bottom.set_ylabel("W₁ (reference σ units)")
+    bottom.legend(fontsize=7)
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    ticks, labels = _thin_ticks(list(layers), 32)
+    bottom.set_xticks(ticks, labels, rotation=60, fontsize=7)
     return fig
