@@ -199,7 +199,12 @@ def _convert_gguf(path: Path, cached: Path, progress: bool) -> None:
         config.architectures = [type(model).__name__]
         config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, cached)
+        try:
+            os.replace(tmp, cached)
+        except OSError:
+            # Another process finished the same conversion first: its cache is as good.
+            if not (cached / "config.json").is_file():
+                raise
     except OSError as exc:
         raise ModelLoadError(f"cannot convert GGUF '{path}' into the cache {cached}: {exc}") from None
     finally:

@@ -1,0 +1,1 @@
+"""Offline reports and figures (matplotlib)."""
