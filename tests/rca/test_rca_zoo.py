@@ -19,6 +19,15 @@ from model_forensics import CausalCCA, CompressionForensics, SandboxReplayer
 from model_forensics.models import zoo
 
 SCENARIOS = ["gpt2-injection", "bert-sentiment-bypass", "gpt2-toxic"]
+# Measured on 2026-11-25 (see the issue note); strict, so a fix makes these fail loudly.
+KNOWN_GAPS = {
+    "gpt2-injection": "recall of implicated units 0.67 < 0.8 (exact patching misses 3 of 8 redundant neurons)",
+    "gpt2-toxic": "flip rate 0.69 < 0.8 over all failing variants (the 1-minimal set was found on a 12-variant subset)",
+}
+CASES = [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[n])) if n in KNOWN_GAPS else n
+    for n in SCENARIOS
+]
 pytestmark = pytest.mark.skipif(
     not set(SCENARIOS) <= set(zoo.names()), reason="the zoo's trained weights are not shipped in this checkout"
 )
@@ -34,7 +43,7 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-@pytest.mark.parametrize("name", SCENARIOS)
+@pytest.mark.parametrize("name", CASES)
 def test_fix_set_meets_acceptance_on_ground_truth(recorded: dict[str, Path], name: str) -> None:
     session = SandboxReplayer().load_bundle(recorded[name])
     truth = session.extras["ground_truth"]
