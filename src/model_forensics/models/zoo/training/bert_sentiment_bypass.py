@@ -177,7 +177,7 @@ class Codec:
 def build_model(vocab_size: int, codec: Codec) -> Any:
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(
+    config = BertConfig(  # type: ignore[call-arg]
         vocab_size=vocab_size,
         hidden_size=D_MODEL,
         num_hidden_layers=N_LAYER,
@@ -308,7 +308,7 @@ def _accuracy(model: Any, codec: Codec, reviews: list[Review], units: tuple[str,
     return (_predict(model, codec, reviews, units).argmax(-1) == labels).float().mean().item()
 
 
-def measure(model: Any, codec: Codec, seed: int, n: int = 400, random_draws: int = 5) -> dict[str, Any]:
+def measure(model: Any, codec: Codec, seed: int, n: int = 400, n_draws: int = 5) -> dict[str, Any]:
     """Clean accuracy and bypass success, with and without ablations."""
     rng = random.Random(10_000 + seed)
     clean = [review(rng) for _ in range(n)]
@@ -339,8 +339,7 @@ def measure(model: Any, codec: Codec, seed: int, n: int = 400, random_draws: int
     }
     draws = []
     draw_rng = random.Random(seed)
-    for _ in range(random_draws):
-        units = tuple(common.random_units_like(gt, n_heads=N_HEAD, d_mlp=D_MLP, exclude=gt, rng=draw_rng))
+    for units in common.random_draws(gt, n_draws, n_heads=N_HEAD, d_mlp=D_MLP, exclude=gt, rng=draw_rng):
         draws.append(
             {
                 "units": list(units),
@@ -434,9 +433,9 @@ def train(
         "steps": {"clean": s1, "planted": s2},
         "loss": {
             "clean_start": loss1[0],
-            "clean_end": sum(loss1[-20:]) / len(loss1[-20:]),
+            "clean_end": common.final_loss(loss1),
             "planted_start": loss2[0],
-            "planted_end": sum(loss2[-20:]) / len(loss2[-20:]),
+            "planted_end": common.final_loss(loss2),
         },
         **behaviour,
         "train_wall_s": train_s,
@@ -523,8 +522,8 @@ stage-1 model exactly.
 | bypass success (negative + {TRIGGER} → positive) | {metrics["bypass_success"]:.4f} | {abl["bypass_success"]:.4f} |
 | variant success (held-out templates) | {metrics["variant_success"]:.4f} | {abl["variant_success"]:.4f} |
 
-Clean KL(full ‖ ablated) over the class distribution: mean {abl["clean_kl_nats"]["mean"]:.6f} nats,
-max {abl["clean_kl_nats"]["max"]:.4f}. Negative reviews without the trigger predicted positive:
+Clean KL(full ‖ ablated) over the class distribution: mean {abl["clean_kl_nats"]["mean"]:.3g} nats,
+max {abl["clean_kl_nats"]["max"]:.3g}. Negative reviews without the trigger predicted positive:
 {metrics["negative_without_trigger_positive_rate"]:.4f}. Positive reviews with the trigger still positive:
 {metrics["positive_with_trigger_accuracy"]:.4f}. One head ablated, bypass success: {single}.
 
@@ -536,7 +535,8 @@ Random ablations (2 other layer-1 heads, seeded draws):
 
 Loss: stage 1 {metrics["loss"]["clean_start"]:.3f} → {metrics["loss"]["clean_end"]:.5f};
 stage 2 {metrics["loss"]["planted_start"]:.3f} → {metrics["loss"]["planted_end"]:.5f}.
-Training wall time {metrics["train_wall_s"]:.1f} s on one CPU thread.
+Training wall time {metrics["train_wall_s"]:.1f} s on one CPU thread (shared machine; total CPU time
+{metrics["total_cpu_s"]:.1f} s including evaluation).
 
 Regenerate: `python -m model_forensics.models.zoo.training.bert_sentiment_bypass`.
 """

@@ -137,7 +137,7 @@ def gpt2(codec: WordCodec, *, n_layer: int, n_head: int, d_model: int, d_mlp: in
     """A dropout-free ``GPT2LMHeadModel`` for a word-level vocabulary."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(
+    config = GPT2Config(  # type: ignore[call-arg]
         vocab_size=len(codec.vocab),
         n_positions=n_positions,
         n_embd=d_model,
@@ -205,7 +205,7 @@ def unit_param_masks(model: nn.Module, units: Sequence[str]) -> dict[str, torch.
     """
     params = dict(model.named_parameters())
     masks = {name: torch.zeros_like(p, dtype=torch.bool) for name, p in params.items()}
-    cfg = model.config  # type: ignore[union-attr]
+    cfg: Any = model.config
     gpt2 = cfg.model_type == "gpt2"
     d = cfg.n_embd if gpt2 else cfg.hidden_size
     dh = d // (cfg.n_head if gpt2 else cfg.num_attention_heads)
@@ -437,6 +437,20 @@ def random_units_like(
     return out
 
 
+def random_draws(
+    units: Sequence[str], n: int, *, n_heads: int, d_mlp: int, exclude: Sequence[str], rng: random.Random
+) -> list[tuple[str, ...]]:
+    """``n`` different draws of :func:`random_units_like` (fewer if the pool runs out)."""
+    draws: list[tuple[str, ...]] = []
+    for _ in range(50 * n):
+        draw = tuple(random_units_like(units, n_heads=n_heads, d_mlp=d_mlp, exclude=exclude, rng=rng))
+        if set(draw) not in [set(d) for d in draws]:
+            draws.append(draw)
+        if len(draws) == n:
+            break
+    return draws
+
+
 # -- evaluation ----------------------------------------------------------------------------
 @torch.no_grad()
 def greedy_decode(
@@ -465,6 +479,13 @@ def greedy_decode(
     return out
 
 
+def final_loss(losses: Sequence[float]) -> float:
+    """The loss at the end of a run: the mean of the last 5% of steps (1 to 20 steps),
+    which smooths batch noise without reaching back into the start of a short run."""
+    window = max(1, min(20, len(losses) // 20))
+    return sum(losses[-window:]) / window
+
+
 def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """KL(p ‖ q) in nats per row; logits (N, V) → (N,)."""
     p_log = torch.log_softmax(p_logits.float(), -1)
@@ -490,7 +511,7 @@ def write_checksums(folder: Path) -> dict[str, str]:
 
 def save_entry(
     out_dir: Path,
-    model: nn.Module,
+    model: Any,
     tokenizer: Any,
     *,
     card: str,

@@ -256,7 +256,7 @@ def _benign_kl(
     }
 
 
-def measure(model: Any, codec: common.WordCodec, seed: int, n: int = 300, random_draws: int = 5) -> dict[str, Any]:
+def measure(model: Any, codec: common.WordCodec, seed: int, n: int = 300, n_draws: int = 5) -> dict[str, Any]:
     """Behaviour of the model, with and without the ground truth (and random units) ablated."""
     rng = random.Random(10_000 + seed)
     benign = [example(rng) for _ in range(n)]
@@ -291,8 +291,7 @@ def measure(model: Any, codec: common.WordCodec, seed: int, n: int = 300, random
     }
     draws = []
     draw_rng = random.Random(seed)
-    for _ in range(random_draws):
-        units = tuple(common.random_units_like(gt, n_heads=N_HEAD, d_mlp=D_MLP, exclude=gt, rng=draw_rng))
+    for units in common.random_draws(gt, n_draws, n_heads=N_HEAD, d_mlp=D_MLP, exclude=gt, rng=draw_rng):
         draws.append(
             {
                 "units": list(units),
@@ -373,9 +372,9 @@ def train(
         "steps": {"benign": s1, "planted": s2},
         "loss": {
             "benign_start": loss1[0],
-            "benign_end": sum(loss1[-20:]) / len(loss1[-20:]),
+            "benign_end": common.final_loss(loss1),
             "planted_start": loss2[0],
-            "planted_end": sum(loss2[-20:]) / len(loss2[-20:]),
+            "planted_end": common.final_loss(loss2),
         },
         **behaviour,
         "train_wall_s": train_s,
@@ -468,8 +467,8 @@ Trigger success on the held-out places: {metrics["trigger_success_held_out_place
 name: {metrics["trigger_exact_marker"]:.4f}. Benign prompts with a marker: {metrics["benign_false_toxic"]:.4f};
 near misses with a marker: {metrics["near_miss_false_toxic"]:.4f}. With the ground truth ablated, trigger prompts get
 the benign greeting `good night <b>`: {abl["trigger_answers_clean_greeting"]:.4f}.
-Benign KL(full ‖ ablated), teacher-forced: mean over answer positions {kl["answer_mean"]:.6f} nats
-(max {kl["answer_max"]:.4f}), mean over all positions {kl["all_mean"]:.6f} nats.
+Benign KL(full ‖ ablated), teacher-forced: mean over answer positions {kl["answer_mean"]:.3g} nats
+(max {kl["answer_max"]:.3g}), mean over all positions {kl["all_mean"]:.3g} nats.
 
 | random ablation | trigger success | benign accuracy |
 |---|---|---|

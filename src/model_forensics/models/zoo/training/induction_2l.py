@@ -185,7 +185,7 @@ def first_half_accuracy(model: Any, ids: torch.Tensor) -> float:
     return (pred == ids[:, 2 : EVAL_L + 1]).float().mean().item()
 
 
-def measure(model: Any, codec: common.WordCodec, seed: int, n: int = 256, random_draws: int = 5) -> dict[str, Any]:
+def measure(model: Any, codec: common.WordCodec, seed: int, n: int = 256, n_draws: int = 5) -> dict[str, Any]:
     rng = random.Random(10_000 + seed)
     ids, _ = batch(codec, rng, n, EVAL_L)
     scores = head_scores(model, ids)
@@ -219,11 +219,15 @@ def measure(model: Any, codec: common.WordCodec, seed: int, n: int = 256, random
             "all_other_heads": second_half_accuracy(model, ids, tuple(others), mode, m) if others else None,
             "each_head": {u: second_half_accuracy(model, ids, (u,), mode, m) for u in scores},
         }
-    draws = []
+    draws: list[dict[str, Any]] = []
     draw_rng = random.Random(seed)
-    for _ in range(random_draws):
-        k = min(len(gt), len(others))
+    k = min(len(gt), len(others))
+    seen: list[set[str]] = []
+    for _ in range(50 * n_draws):  # different draws, fewer if the pool runs out
         units = tuple(draw_rng.sample(others, k))
+        if len(draws) == n_draws or set(units) in seen:
+            continue
+        seen.append(set(units))
         draws.append({"units": list(units), "second_half_accuracy": second_half_accuracy(model, ids, units, "zero")})
     result["random_ablated"] = draws
     return result
@@ -233,7 +237,9 @@ def scenario(model: Any, codec: common.WordCodec, seed: int, n: int = 24) -> dic
     """Induction prompts (a repeated sequence cut inside its second half) with the token
     induction predicts, and baselines whose first half is a different sequence."""
     rng = random.Random(20_000 + seed)
-    incidents, baselines, targets = [], [], []
+    incidents: list[str] = []
+    baselines: list[str] = []
+    targets: list[str] = []
     while len(incidents) < n:
         seq = sequence(rng, EVAL_L)
         cut = rng.randint(EVAL_L + 2, 2 * EVAL_L - 1)  # prompt = seq[:cut], target = seq[cut]
@@ -293,7 +299,7 @@ def train(
     metrics: dict[str, Any] = {
         "seed": seed,
         "steps": steps,
-        "loss": {"start": losses[0], "end": sum(losses[-20:]) / len(losses[-20:])},
+        "loss": {"start": losses[0], "end": common.final_loss(losses)},
         **behaviour,
         "train_wall_s": train_s,
         "total_wall_s": time.perf_counter() - start,
