@@ -97,3 +97,13 @@ def test_sweep_on_other_inputs_with_relative_positions(sessions):
     for a, b in zip(swept, [s.run(x, inputs=other) for x in sets], strict=True):
         assert torch.equal(a.logits, b.logits)
         assert (a.failed, a.flipped) == (b.failed, b.flipped)
+
+
+def test_sweep_micro_batches_to_the_memory_budget(bundles, lms):
+    from model_forensics.replay.sweep import rows_per_batch
+
+    s = SandboxReplayer(memory_budget_mb=0.2).load_bundle(bundles["forward"], model=lms["llama"])
+    per_batch = rows_per_batch(s, s.inputs)
+    assert 1 <= per_batch < 8
+    swept = s.sweep(head_sets(s), share_prefix=False)
+    assert swept.batches == -(-8 // per_batch)
