@@ -143,7 +143,7 @@ def main() -> None:
     for name, setup in serial.items():
         try:
             peers[name] = setup()
-            rows[name] = {"kind": "serial", "seconds": 0.0, "forward_passes": runs}
+            rows[name] = {"kind": "serial", "seconds": 0.0, "cpu_seconds": 0.0, "forward_passes": runs}
         except Exception as exc:  # a peer that does not install or load offline gets a row saying why
             rows[name] = {"kind": "serial", "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
             traceback.print_exc()
@@ -158,17 +158,18 @@ def main() -> None:
         ]
         sweeps = {"session.sweep, batching only (share_prefix=False)": False, "session.sweep": True}
         for name in sweeps:
-            rows[name] = {"kind": "batched", "times": []}
+            rows[name] = {"kind": "batched", "times": [], "cpu_times": []}
         logits: dict[str, torch.Tensor] = {}
 
         def sweep(name: str) -> None:
             session = SandboxReplayer().load_bundle(bundle, model=loaded)
             load_before = os.getloadavg()[0]
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             result = session.sweep(sets, share_prefix=sweeps[name])
             seconds = time.perf_counter() - start
             row = rows[name]
             row["times"].append(seconds)
+            row["cpu_times"].append(time.process_time() - cpu)
             row["loadavg_1min"] = [*row.get("loadavg_1min", []), load_before]
             row.update(
                 forward_passes=result.forward_passes, batches=result.batches, flips=sum(bool(r.flipped) for r in result)
@@ -180,11 +181,14 @@ def main() -> None:
         print("running: session.sweep (1/3) …", flush=True)
         sweep("session.sweep")
         outputs: dict[str, list[torch.Tensor]] = {name: [] for name in peers}
+        loads: list[float] = [os.getloadavg()[0]]
         for layer in range(n_layers):
             for name, run in peers.items():
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 outputs[name].append(run(layer))
                 rows[name]["seconds"] += time.perf_counter() - start
+                rows[name]["cpu_seconds"] += time.process_time() - cpu
+            loads.append(os.getloadavg()[0])
             print(f"block {layer}: " + ", ".join(f"{n} {rows[n]['seconds']:.0f} s" for n in peers), flush=True)
             if layer == n_layers // 2:
                 print("running: session.sweep (2/3) and batching only …", flush=True)
@@ -196,25 +200,43 @@ def main() -> None:
         logits[name] = torch.cat(outputs[name])
     for name in sweeps:
         rows[name]["seconds"] = statistics.median(rows[name]["times"])
+        rows[name]["cpu_seconds"] = statistics.median(rows[name]["cpu_times"])
 
     reference = logits["plain torch hooks"]
-    fastest = min(r["seconds"] for r in rows.values() if r["kind"] == "serial" and "seconds" in r)
+    done = [r for r in rows.values() if r["kind"] == "serial" and "seconds" in r]
+    fastest, fastest_cpu = min(r["seconds"] for r in done), min(r["cpu_seconds"] for r in done)
     table_rows = []
     for name, row in rows.items():
         if "error" in row:
-            table_rows.append([name, "not run", "–", "–", f"could not run offline: {row['error']}"])
+            table_rows.append([name, "not run", "–", "–", "–", "–", f"could not run offline: {row['error']}"])
             continue
         diff = float((logits[name] - reference).abs().max())
         identical = bool(torch.equal(logits[name], reference))
-        row.update(speedup_vs_fastest_serial=fastest / row["seconds"], max_abs_diff=diff, bit_identical=identical)
+        row.update(
+            speedup_vs_fastest_serial=fastest / row["seconds"],
+            cpu_speedup_vs_fastest_serial=fastest_cpu / row["cpu_seconds"],
+            max_abs_diff=diff,
+            bit_identical=identical,
+        )
         if row["kind"] == "batched":
             times = ", ".join(f"{t:.0f}" for t in row["times"])
             note = f"{row['forward_passes']} forward passes in {row['batches']} batches; median of runs ({times} s)"
         else:
             note = f"{runs} forward passes"
         shown = f"{diff:.2g}" + (" (bit-identical)" if identical else "")
-        table_rows.append([name, f"{row['seconds']:.1f}", f"{fastest / row['seconds']:.2f}×", shown, note])
-    headers = ["method", "wall time (s)", "speed-up vs fastest serial peer", "max |Δ logits| vs plain hooks", "notes"]
+        wall, cpu = row["seconds"], row["cpu_seconds"]
+        table_rows.append(
+            [name, f"{wall:.1f}", f"{fastest / wall:.2f}×", f"{cpu:.1f}", f"{fastest_cpu / cpu:.2f}×", shown, note]
+        )
+    headers = [
+        "method",
+        "wall time (s)",
+        "speed-up vs fastest serial peer (wall)",
+        "CPU time (s)",
+        "speed-up vs fastest serial peer (CPU)",
+        "max |Δ logits| vs plain hooks",
+        "notes",
+    ]
     table = markdown_table(headers, table_rows)
     info = machine()
     context = (
@@ -222,8 +244,9 @@ def main() -> None:
         f"zeroed one at a time, next-token logits; CPU, {info['threads']} threads, torch {info['torch']}, "
         "default replay config (max_batch_size 64, memory_budget_mb 2048). Serial peers interleaved block by "
         "block; session.sweep timed three times on fresh sessions (median). Heads whose ablation flips the "
-        f"prediction: {rows['session.sweep'].get('flips')}. The machine was shared with other jobs "
-        "(1-min load averages in sweep.json)."
+        f"prediction: {rows['session.sweep'].get('flips')}. 1-min load average during the run: "
+        f"{min(loads):.1f}–{max(loads):.1f} on {os.cpu_count()} CPUs (the machine is shared with other jobs); CPU "
+        "time (process time, both threads) is less sensitive to other jobs than wall time."
     )
     print()
     print(table)
@@ -235,6 +258,7 @@ def main() -> None:
             "runs": runs,
             "conditions": rows,
             "reference": "plain torch hooks",
+            "loadavg_1min_per_block": loads,
         },
         "# All-heads ablation sweep (benchmarks/sweep.py)\n\n" + context + "\n\n" + table,
     )
