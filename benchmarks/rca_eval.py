@@ -78,14 +78,20 @@ def run_variant(session: Any, label: str, truth: list[str], **kwargs: Any) -> di
         fix = CausalCCA(guidance="unguided").search_fix_set(session)
     else:
         fix = CausalCCA(guidance="unguided", search_strategy="exhaustive").search_fix_set(session)
-    recall = sum(u in fix.units for u in truth) / len(truth)
+    implicated = set(fix.units) | set(fix.implicated_units)
     return {
         "forward_passes": session.forward_passes - before,
         "seconds": time.perf_counter() - start,
         "flip_rate": fix.total_flip_rate,
         "size": len(fix.units),
-        "recall": recall,
+        "candidates": fix.candidates,
+        "precision": sum(u in truth for u in fix.units) / max(1, len(fix.units)),
+        "recall": sum(u in fix.units for u in truth) / len(truth),
+        "recall_implicated": sum(u in implicated for u in truth) / len(truth),
+        "benign_kl": fix.side_effects.mean_kl if fix.side_effects else None,
+        "accuracy_drop": fix.side_effects.accuracy_drop if fix.side_effects else None,
         "units": fix.units,
+        "notes": fix.notes,
     }
 
 
@@ -94,7 +100,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     data: dict[str, Any] = {"machine": machine(), "scenarios": {}}
-    rows, rank_rows = [], []
+    rows, rank_rows, unit_rows = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in SCENARIOS:
             bundle = get(name).record(Path(tmp) / name, limit=1).incidents[0]
@@ -113,7 +119,23 @@ def main() -> None:
                 "activation norm": auroc(norm, positives),
                 "Mahalanobis": auroc(maha, positives),
             }
-            data["scenarios"][name] = {"search": results, "auroc": ranks, "ground_truth_sites": sorted(positives)}
+            ranking = attribution_ranking(session)
+            fine = {u.unit: u.score for u in ranking.units if u.level in ("head", "neuron")}
+            heads = {u: v for u, v in fine.items() if u.startswith(tuple(f"{s}.head." for s in cf_scores))}
+            cf_heads = {u: cf.score(u) for u in heads}
+            unit_ranks = {
+                "attribution (heads + neurons)": auroc(fine, set(truth)),
+                "attribution (heads)": auroc(heads, set(truth)),
+                "CF (heads)": auroc(cf_heads, set(truth)),
+            }
+            unit_rows.append([name, *(f"{v:.3f}" if v is not None else "n/a" for v in unit_ranks.values())])
+            data["scenarios"][name] = {
+                "search": results,
+                "auroc": ranks,
+                "unit_auroc": unit_ranks,
+                "ground_truth_sites": sorted(positives),
+                "ground_truth_units": truth,
+            }
             unguided = results["unguided greedy"]["forward_passes"]
             for label, r in results.items():
                 cut = 1 - r["forward_passes"] / unguided if unguided else 0.0
@@ -124,8 +146,11 @@ def main() -> None:
                         r["forward_passes"],
                         f"{r['seconds']:.1f}",
                         f"{r['flip_rate']:.0%}",
-                        r["size"],
+                        f"{r['size']} / {r['candidates']}",
+                        f"{r['precision']:.2f}",
                         f"{r['recall']:.2f}",
+                        f"{r['recall_implicated']:.2f}",
+                        "–" if r["benign_kl"] is None else f"{r['benign_kl']:.2g}",
                         f"{cut:+.0%}",
                     ]
                 )
@@ -142,8 +167,11 @@ def main() -> None:
             "forward passes",
             "seconds",
             "flip rate",
-            "fix size",
-            "recall of planted units",
+            "fix size / candidates",
+            "precision",
+            "recall (fix set)",
+            "recall (fix ∪ implicated)",
+            "benign KL (nats)",
             "passes saved vs unguided",
         ],
         rows,
@@ -153,6 +181,10 @@ def main() -> None:
     )
     wins = sum(r[-1] == "CF" for r in rank_rows)
     table += f"\n\nCF ranks ground-truth sites best on {wins} of {len(rank_rows)} scenarios."
+    table += "\n\nRanking of the planted units among all heads/neurons (AUROC; n/a: no planted unit of that kind):\n\n"
+    table += markdown_table(
+        ["scenario", "attribution (heads + neurons)", "attribution (heads)", "CF (heads)"], unit_rows
+    )
     print(table)
     write_results("rca_eval", data, table)
 

@@ -4,8 +4,10 @@ For each zoo scenario the fix set must flip ≥ 80 % of the failing variants, co
 benign accuracy and ≤ 0.05 nats mean benign KL, hold ≤ 5 % of the candidate units, and
 consist of planted units. Recall ≥ 0.8 of the planted units is required of the units the
 analysis implicates (fix set ∪ units confirmed by exact patching): a 1-minimal fix set of a
-redundantly planted mechanism (8 neurons that each carry the trigger) needs only some of
-them, so the fix set's own recall is reported, not required.
+redundantly planted mechanism (neurons that each carry the trigger) needs only some of
+them, so the fix set's own recall is reported, not required. The ground truth lists the
+planted units that carry the mechanism (the zoo card's ``inert_units`` are planted
+neurons that training left unused; ablating the listed units alone removes the failure).
 """
 
 from __future__ import annotations
@@ -19,15 +21,6 @@ from model_forensics import CausalCCA, CompressionForensics, SandboxReplayer
 from model_forensics.models import zoo
 
 SCENARIOS = ["gpt2-injection", "bert-sentiment-bypass", "gpt2-toxic"]
-# Measured on 2026-11-25 with the locally trained zoo (see the issue note).
-KNOWN_GAPS = {
-    "gpt2-injection": "recall of implicated units 0.67 < 0.8 (exact patching misses 3 of 8 redundant neurons)",
-    "gpt2-toxic": "flip rate 0.69 < 0.8 over all failing variants (the 1-minimal set was found on a 12-variant subset)",
-}
-CASES = [
-    pytest.param(n, marks=pytest.mark.xfail(strict=False, reason=KNOWN_GAPS[n])) if n in KNOWN_GAPS else n
-    for n in SCENARIOS
-]
 pytestmark = pytest.mark.skipif(
     not set(SCENARIOS) <= set(zoo.names()), reason="the zoo's trained weights are not shipped in this checkout"
 )
@@ -43,7 +36,7 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", SCENARIOS)
 def test_fix_set_meets_acceptance_on_ground_truth(recorded: dict[str, Path], name: str) -> None:
     session = SandboxReplayer().load_bundle(recorded[name])
     truth = session.extras["ground_truth"]

@@ -68,7 +68,7 @@ class Ranking:
         }
 
 
-def attribution_ranking(session: Any, inputs: list[Inputs] | None = None, max_variants: int = 8) -> Ranking:
+def attribution_ranking(session: Any, inputs: list[Inputs] | None = None, max_variants: int = 16) -> Ranking:
     """Rank every site, head and neuron of ``session``'s model for the incident's failure.
 
     Args:

@@ -38,6 +38,7 @@ from model_forensics.replay.interventions import Intervention
 
 Inputs = dict[str, torch.Tensor]
 MAX_EXHAUSTIVE = 12
+RELATIVE_FLOOR = 0.01  # implicated units carry ≥ 1 % of their level's largest exact effect
 
 
 @dataclass
@@ -80,7 +81,7 @@ class FixSet:
     seconds: float
     coarse_sites: list[str] = field(default_factory=list)
     implicated: list[dict[str, Any]] = field(default_factory=list)
-    noise_floor: float = 0.0
+    noise_floors: dict[str, float] = field(default_factory=dict)  # per level: head, neuron
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -112,13 +113,28 @@ class FixSet:
             "seconds": self.seconds,
             "coarse_sites": self.coarse_sites,
             "implicated": self.implicated,
-            "noise_floor": self.noise_floor,
+            "noise_floors": self.noise_floors,
             "notes": self.notes,
         }
 
 
 class CausalCCA:
-    """Causal minimal fix-set search. ``config``: YAML path / ForensicsConfig / None."""
+    """Causal minimal fix-set search.
+
+    Args:
+        config: YAML path / ForensicsConfig / None (``modules.cca``).
+        search_strategy: overrides the config's ``greedy`` / ``exhaustive``.
+        neurons_per_site: top-ranked neurons of each coarse MLP site that become candidates.
+        guidance: None (attribution, re-weighted by CF when ``guided_by`` is given) or
+            ``"unguided"`` (every unit in forward order, for comparison).
+        search_variants: failing variants the search runs on; the result is re-measured
+            on all of them.
+        refine_rounds: when the set found flips fewer than ``early_stop_threshold`` of all
+            variants, search again with up to ``search_variants`` of the missed variants
+            added, at most this many times (counterexample-guided).
+        confirm_top: top-ranked heads/neurons confirmed by exact patching (``implicated``).
+        confirm_variants: failing variants exact patching averages over.
+    """
 
     def __init__(
         self,
@@ -128,7 +144,9 @@ class CausalCCA:
         neurons_per_site: int = 48,
         guidance: str | None = None,
         search_variants: int = 12,
-        confirm_top: int = 24,
+        confirm_top: int = 48,
+        refine_rounds: int = 2,
+        confirm_variants: int = 16,
     ):
         full = load_config(config)
         self.config: CCAConfig = full.modules.cca
@@ -138,6 +156,8 @@ class CausalCCA:
         self.guidance = guidance  # None: attribution (+ CF if guided_by); "unguided": forward order
         self.search_variants = search_variants
         self.confirm_top = confirm_top
+        self.refine_rounds = refine_rounds
+        self.confirm_variants = confirm_variants
 
     def search_fix_set(
         self, session: Any, guided_by: AnomalyReport | None = None, ranking: Ranking | None = None
@@ -163,33 +183,28 @@ class CausalCCA:
         notes: list[str] = []
         guidance = "unguided (forward order)" if unguided else "attribution" + (" + CF" if guided_by else "")
 
-        # 1–2. coarse: whole attention / MLP sites
-        coarse = [u for u in scores if u.level == "site"]
-        coarse_set, rate = self._greedy(session, variants, coarse, kind, len(coarse))
-        if rate < self.config.early_stop_threshold:
-            notes.append(f"ablating every attention and MLP site flips only {rate:.0%}; reporting the best set found")
-        coarse_set = self._minimise(session, variants, coarse_set, kind, {})
-        sites = [u.unit for u in coarse_set]
-
-        # 3. fine: heads / neurons inside the coarse sites
-        fine = _fine_candidates(scores, sites, self.neurons_per_site)
-        solo_kl = self._solo_kl(session, fine, kind)
-        fine.sort(
-            key=lambda u: (
-                (solo_kl.get(u.unit, 0.0) > self.config.max_side_effect_kl, -u.score) if not unguided else (0, 0)
+        # Counterexample-guided: search on a subset, re-measure on every failing variant, and
+        # search again with the variants the set does not flip added (at most refine_rounds).
+        best: tuple[float, list[str], list[UnitScore], dict[str, float]] | None = None
+        for round_ in range(self.refine_rounds + 1):
+            found = self._search(session, variants, scores, kind, unguided, notes)
+            (flipped,) = self._flip_rates(session, all_variants, [[_intervention(u, kind) for u in found[1]]])
+            rate = sum(flipped) / len(flipped)
+            if best is None or rate > best[0]:
+                best = (rate, *found)
+            missed = [v for v, f in zip(all_variants, flipped, strict=True) if not f and not _among(v, variants)]
+            if rate >= self.config.early_stop_threshold or not missed or round_ == self.refine_rounds:
+                break
+            added = missed[: self.search_variants]
+            notes.append(
+                f"round {round_ + 1}: the set found on {len(variants)} variants flips {rate:.0%} of all "
+                f"{len(all_variants)}; searching again with {len(added)} of the variants it misses added"
             )
-        )
-        if self.config.search_strategy == "exhaustive":
-            chosen, rate = self._exhaustive(session, variants, fine, kind)
-        else:
-            chosen, rate = self._greedy(session, variants, fine, kind, self.config.max_fix_set_size)
-            if rate >= self.config.early_stop_threshold:
-                chosen = self._minimise(session, variants, chosen, kind, solo_kl)
-        if rate < self.config.early_stop_threshold or not chosen:
-            notes.append("heads/neurons alone do not reach the threshold; the fix set is the coarse (site-level) set")
-            chosen = coarse_set
+            variants = variants + added
+        assert best is not None  # the loop runs at least once
+        _, sites, chosen, solo_kl = best
         members, flips, rate = self._members(session, all_variants, chosen, kind, guided_by, solo_kl)
-        implicated, floor = self._implicated(session, scores, members, kind)
+        implicated, floors = self._implicated(session, scores, members, kind)
         effects = (
             measure(session, [m.intervention for m in members], self.config.max_side_effect_kl)
             if session.benign()
@@ -210,30 +225,77 @@ class CausalCCA:
             seconds=time.perf_counter() - start,
             coarse_sites=sites,
             implicated=implicated,
-            noise_floor=floor,
-            notes=notes,
+            noise_floors=floors,
+            notes=list(dict.fromkeys(notes)),
         )
+
+    def _search(
+        self, session: Any, variants: list[Inputs], scores: list[UnitScore], kind: str, unguided: bool, notes: list[str]
+    ) -> tuple[list[str], list[UnitScore], dict[str, float]]:
+        """Coarse sites, then heads/neurons inside them, on ``variants``: (sites, chosen units, solo KLs)."""
+        coarse = [u for u in scores if u.level == "site"]
+        coarse_set, rate = self._greedy(session, variants, coarse, kind, len(coarse))
+        if rate < self.config.early_stop_threshold:
+            notes.append(f"ablating every attention and MLP site flips only {rate:.0%}; reporting the best set found")
+        coarse_set = self._minimise(session, variants, coarse_set, kind, {})
+        sites = [u.unit for u in coarse_set]
+
+        fine = _fine_candidates(scores, sites, self.neurons_per_site)
+        solo_kl = self._solo_kl(session, fine, kind)
+        fine.sort(
+            key=lambda u: (
+                (solo_kl.get(u.unit, 0.0) > self.config.max_side_effect_kl, -u.score) if not unguided else (0, 0)
+            )
+        )
+        if self.config.search_strategy == "exhaustive":
+            chosen, rate = self._exhaustive(session, variants, fine, kind)
+        else:
+            chosen, rate = self._greedy(session, variants, fine, kind, self.config.max_fix_set_size)
+            if rate >= self.config.early_stop_threshold:
+                chosen = self._minimise(session, variants, chosen, kind, solo_kl)
+        if rate < self.config.early_stop_threshold or not chosen:
+            notes.append("heads/neurons alone do not reach the threshold; the fix set is the coarse (site-level) set")
+            chosen = coarse_set
+        return sites, chosen, solo_kl
 
     def _implicated(
         self, session: Any, scores: list[UnitScore], members: list[FixMember], kind: str
-    ) -> tuple[list[dict[str, Any]], float]:
-        """Exact patching of the top-ranked heads/neurons (and the fix members), against a
-        noise floor: the largest |effect| of as many random heads/neurons. A unit is
-        implicated when its effect exceeds the floor."""
-        fine = [u.unit for u in scores if u.level in ("head", "neuron")]
+    ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """Exact patching of the top-ranked heads/neurons (and the fix members), each against
+        a noise floor of its own level: the largest |effect| of as many random units of that
+        level (at least 16), so generally important heads do not hide failure-specific
+        neurons, and at least ``RELATIVE_FLOOR`` of the level's largest effect. A unit is
+        implicated when its effect exceeds its level's floor."""
+        fine = [u for u in scores if u.level in ("head", "neuron")]
         if not fine:
-            return [], 0.0
-        top = list(dict.fromkeys([m.unit for m in members if m.level != "site"] + fine[: self.confirm_top]))
-        rest = [u for u in fine if u not in top]
-        random_units = [
-            rest[i] for i in torch.randperm(len(rest), generator=torch.Generator().manual_seed(0))[: len(top)].tolist()
-        ]
-        effects = exact_effects(session, top + random_units, kind)
-        floor = max((abs(effects[u]) for u in random_units), default=0.0)
+            return [], {}
+        names = [u.unit for u in fine]
+        top = list(dict.fromkeys([m.unit for m in members if m.level != "site"] + names[: self.confirm_top]))
+        level = {u.unit: u.level for u in fine}
+        generator = torch.Generator().manual_seed(0)
+        random_units: dict[str, list[str]] = {}
+        for lvl in ("head", "neuron"):
+            rest = [u for u in names if level[u] == lvl and u not in top]
+            count = max(16, sum(level[u] == lvl for u in top))
+            random_units[lvl] = [rest[i] for i in torch.randperm(len(rest), generator=generator)[:count].tolist()]
+        effects = exact_effects(
+            session, top + random_units["head"] + random_units["neuron"], kind, max_variants=self.confirm_variants
+        )
+        # A level's floor: the largest random |effect|, and at least RELATIVE_FLOOR of the
+        # level's largest effect (when random units are all ~0, tiny effects are not evidence).
+        floors = {
+            lvl: max(
+                max((abs(effects[u]) for u in units), default=0.0),
+                RELATIVE_FLOOR * max((effects[u] for u in top if level[u] == lvl), default=0.0),
+            )
+            for lvl, units in random_units.items()
+        }
         implicated = [
-            {"unit": u, "effect": effects[u]} for u in sorted(top, key=lambda u: -effects[u]) if effects[u] > floor
+            {"unit": u, "level": level[u], "effect": effects[u]}
+            for u in sorted(top, key=lambda u: -effects[u])
+            if effects[u] > floors[level[u]]
         ]
-        return implicated, floor
+        return implicated, floors
 
     # -- evaluation ------------------------------------------------------------------------
     def _failing_variants(self, session: Any) -> list[Inputs]:
@@ -346,6 +408,10 @@ class CausalCCA:
 
 def _intervention(unit: UnitScore, kind: str) -> Intervention:
     return Intervention(site=unit.unit, kind=kind)
+
+
+def _among(batch: Inputs, batches: list[Inputs]) -> bool:
+    return any(batch is other for other in batches)
 
 
 def _cf(report: AnomalyReport | None, unit: str) -> float:

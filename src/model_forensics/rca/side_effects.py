@@ -62,7 +62,8 @@ def benign_kls(session: Any, sets: Sequence[Sequence[Intervention]]) -> list[lis
     """KL of each intervention set on each benign prompt: [set][benign] (one sweep per prompt)."""
     out: list[list[float]] = [[] for _ in sets]
     for batch in session.benign():
-        results = session.sweep([[], *sets], inputs=batch)
+        with session.first_steps(1):  # only the first decoding step is compared
+            results = session.sweep([[], *sets], inputs=batch)
         clean = _first_step(results[0])
         for i in range(len(sets)):
             out[i].append(kl_divergence(clean, _first_step(results[i + 1])))

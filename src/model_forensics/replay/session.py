@@ -396,6 +396,19 @@ class Session:
             yield server
 
     @contextmanager
+    def first_steps(self, n: int = 1) -> Iterator[None]:
+        """Generate at most ``n`` new tokens inside the block (for measurements that read
+        only the first decoding steps, such as side-effect KLs); a no-op for forward passes."""
+        saved = dict(self.generation)
+        if self.mode == "generate":
+            self.generation["max_new_tokens"] = min(n, int(saved.get("max_new_tokens") or n))
+            self.generation.pop("max_length", None)
+        try:
+            yield
+        finally:
+            self.generation = saved
+
+    @contextmanager
     def _counting(self, clock: Clock | None = None, logits: list[torch.Tensor] | None = None) -> Iterator[None]:
         """Count root forward calls; advance ``clock`` by each call's tokens; keep each
         call's last-position scores in ``logits``."""
