@@ -1,0 +1,134 @@
+"""`model-forensics analyze`: the fix-set table, --json, and one-line errors with exit codes
+(0 ok, 1 nothing to fix, 2 bad input)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from model_forensics import Intervention, RecorderHooks, token_is
+from model_forensics.cli import app
+from model_forensics.scenarios import get
+
+WIDE = {"COLUMNS": "250"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory):
+    """bert-sentiment-bypass cut to 12 failing prompts: incident-0 and its clean baseline-0."""
+    scenario = get("bert-sentiment-bypass")
+    small = dataclasses.replace(
+        scenario, variants=scenario.variants[:9], benign=scenario.benign[:8], baseline=scenario.baseline[:8]
+    )
+    return small.record(tmp_path_factory.mktemp("bert"), limit=1)
+
+
+def _tiny_bundle(tiny, path: Path, predicate: bool = True) -> Path:
+    loaded = tiny["gpt2"]
+    with RecorderHooks().install_hooks(loaded.model) as rec, torch.no_grad():
+        loaded.model(input_ids=torch.tensor([[1, 5, 9, 3]]))
+        return rec.create_bundle(path, predicate=token_is(0) if predicate else None)
+
+
+def _analyze(*args: str):
+    return CliRunner().invoke(app, ["analyze", *args], env=WIDE)
+
+
+def _one_clean_line(res) -> None:
+    assert isinstance(res.exception, SystemExit), res.exception
+    assert "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
+
+
+@pytest.fixture(scope="module")
+def table(run, tmp_path_factory: pytest.TempPathFactory):
+    """`analyze INCIDENT --out FILE`: the CLI result and the analysis it wrote."""
+    out = tmp_path_factory.mktemp("analysis") / "analysis.json"
+    res = _analyze(str(run.incidents[0]), "--out", str(out))
+    assert res.exit_code == 0, res.output
+    return res, json.loads(out.read_text())
+
+
+def test_analyze_ends_with_the_fix_set_table(table) -> None:
+    res, analysis = table
+    fix = analysis["fix_set"]
+    assert fix["members"]
+    out = res.stdout
+    title = f"minimal fix set: {len(fix['members'])} interventions, flip rate {fix['total_flip_rate']:.0%}"
+    assert out.index("CF anomalies") < out.index(title)
+    after = out[out.index(title) :]
+    for member in fix["members"]:
+        iv = member["intervention"]
+        assert f"{iv['site']}:{iv['kind']}" in after
+    assert f"flip rate {fix['total_flip_rate']:.0%} over {len(fix['flips'])} failing variants" in after
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="cli.analyze prints only fix_set notes; CF's notes (e.g. too few benign runs to flag anything) "
+    "never reach the user, who sees large unflagged scores and a 'measured FPR 0.0%'",
+)
+def test_analyze_shows_why_cf_flagged_nothing(table) -> None:
+    res, analysis = table
+    notes = analysis["anomalies"]["notes"]
+    assert any("nothing can be flagged" in n for n in notes)  # 16 benign runs < 1/α − 1
+    out = res.stdout.replace("\n", "")
+    assert all(n.replace(" ", "") in out.replace(" ", "") for n in notes)
+
+
+def test_analyze_json_parses(run) -> None:
+    res = _analyze(str(run.incidents[0]), "--json")
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)
+    assert result["bundle"] == str(run.incidents[0])
+    assert result["anomalies"]["anomalies"] and result["ranking"]["units"]
+    fix = result["fix_set"]
+    assert [Intervention.from_json(iv).site for iv in fix["interventions"]] == [m["unit"] for m in fix["members"]]
+    assert 0.0 <= fix["total_flip_rate"] <= 1.0 and len(fix["flips"]) > 0
+
+
+def test_baseline_from_another_model_is_a_clear_error(run, tiny, tmp_path: Path) -> None:
+    other = _tiny_bundle(tiny, tmp_path / "tiny-gpt2")
+    res = _analyze(str(run.incidents[0]), "--baseline", str(other))
+    assert res.exit_code == 2
+    _one_clean_line(res)
+    assert f"baseline bundle '{other}' was recorded with model" in res.output.replace("\n", "")
+    assert "record the baseline with the incident's model" in res.output.replace("\n", "")
+
+
+def test_incident_whose_predicate_does_not_hold_has_nothing_to_fix(run) -> None:
+    res = _analyze(str(run.baselines[0]))
+    assert res.exit_code == 1
+    _one_clean_line(res)
+    assert "nothing to fix" in res.output
+
+
+def test_bundle_without_a_predicate_is_bad_input(tiny, tmp_path: Path) -> None:
+    res = _analyze(str(_tiny_bundle(tiny, tmp_path / "no-predicate", predicate=False)))
+    assert res.exit_code == 2
+    _one_clean_line(res)
+    assert "no failure predicate" in res.output
+
+
+def test_missing_bundle_is_bad_input(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-bundle"
+    res = _analyze(str(missing))
+    assert res.exit_code == 2
+    _one_clean_line(res)
+    assert "error:" in res.output and "no-such-bundle" in res.output
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="cli.analyze passes --strategy unchecked and CausalCCA's model_copy(update=...) does not "
+    "validate it: a typo runs greedy and exits 0",
+)
+def test_unknown_strategy_is_bad_input(run) -> None:
+    res = _analyze(str(run.incidents[0]), "--strategy", "exhaustiv")
+    assert res.exit_code == 2
+    assert "greedy" in res.output and "exhaustive" in res.output

@@ -1,0 +1,90 @@
+"""Side effects of a fix on the benign set: the numbers match an independent recomputation,
+and a fix above the configured KL bound is reported as such."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model_forensics import CausalCCA, ForensicsConfig, Intervention, SandboxReplayer
+from model_forensics.rca.side_effects import measure
+from model_forensics.scenarios import get
+
+
+@pytest.fixture(scope="module")
+def incident(tmp_path_factory: pytest.TempPathFactory):
+    """bert-sentiment-bypass cut to 12 failing prompts and 8 benign reviews with their labels."""
+    scenario = get("bert-sentiment-bypass")
+    small = dataclasses.replace(
+        scenario, variants=scenario.variants[:9], benign=scenario.benign[:8], baseline=scenario.baseline[:8]
+    )
+    return small.record(tmp_path_factory.mktemp("bert"), limit=1).incidents[0]
+
+
+def _kl(clean: torch.Tensor, fixed: torch.Tensor) -> float:
+    """KL(p_clean ‖ p_fixed) in nats, (C,) scores."""
+    return float(F.kl_div(fixed.log_softmax(-1), clean.log_softmax(-1), log_target=True, reduction="sum"))
+
+
+def _recompute(session, fix: list[Intervention]) -> dict[str, float]:
+    kls, changed, right_clean, right_fixed = [], 0, 0, 0
+    for entry, batch in zip(session.extras["benign"], session.benign(), strict=True):
+        clean, fixed = session.sweep([[], fix], inputs=batch)
+        kls.append(_kl(clean.logits, fixed.logits))
+        changed += clean.failed != fixed.failed
+        right_clean += clean.prediction == entry["expected"]
+        right_fixed += fixed.prediction == entry["expected"]
+    n = len(kls)
+    return {
+        "mean_kl": sum(kls) / n,
+        "max_kl": max(kls),
+        "predicate_changed": changed / n,
+        "accuracy_clean": right_clean / n,
+        "accuracy_fixed": right_fixed / n,
+    }
+
+
+def test_fix_above_a_tiny_kl_bound_is_reported_with_a_note(incident) -> None:
+    config = ForensicsConfig.from_mapping({"modules": {"cca": {"max_side_effect_kl": 1e-9}}})
+    session = SandboxReplayer().load_bundle(incident)
+    fix = CausalCCA(config, neurons_per_site=8, confirm_top=8).search_fix_set(session)
+
+    effects = fix.side_effects
+    assert effects is not None and effects.bound == 1e-9
+    assert effects.mean_kl > effects.bound
+    assert not effects.within_bound and fix.to_json()["side_effects"]["within_bound"] is False
+    assert any("side effects exceed the bound" in note for note in fix.notes)
+    assert effects.mean_kl == pytest.approx(_recompute(session, fix.interventions)["mean_kl"], rel=1e-4)
+    # the same fix under the default bound is within it
+    assert measure(session, fix.interventions, ForensicsConfig().modules.cca.max_side_effect_kl).within_bound
+
+    for member in fix.members:
+        if member.benign_kl is not None:  # the member alone, on every benign prompt
+            assert member.benign_kl == pytest.approx(
+                _recompute(session, [member.intervention])["mean_kl"], rel=1e-4, abs=1e-9
+            )
+
+
+def test_measure_matches_an_independent_recomputation(incident) -> None:
+    session = SandboxReplayer().load_bundle(incident)
+    # A blunt fix that changes predictions on benign reviews too.
+    fix = [Intervention("blocks.0.attn", "zero"), Intervention("blocks.1.attn", "zero")]
+    effects = measure(session, fix, bound=0.05)
+    expected = _recompute(session, fix)
+    assert effects.n_benign == len(session.benign())
+    for name, value in expected.items():
+        assert getattr(effects, name) == pytest.approx(value, rel=1e-4, abs=1e-9), name
+    assert effects.accuracy_drop == pytest.approx(expected["accuracy_clean"] - expected["accuracy_fixed"])
+    assert effects.mean_kl > 0.05 and not effects.within_bound
+
+
+def test_empty_fix_has_no_side_effects(incident) -> None:
+    session = SandboxReplayer().load_bundle(incident)
+    effects = measure(session, [], bound=0.0)
+    assert effects.mean_kl == 0.0 and effects.max_kl == 0.0
+    assert effects.predicate_changed == 0.0
+    assert effects.accuracy_fixed == effects.accuracy_clean
+    assert effects.within_bound
