@@ -475,7 +475,7 @@ def analyze(
         f"flip rate {fix['total_flip_rate']:.0%} over {len(fix['flips'])} failing variants · "
         f"{fix['candidates']} candidate units · {result['forward_passes']} forward passes · {result['seconds']:.1f} s"
     )
-    for note in fix["notes"]:
+    for note in [*result["anomalies"].get("notes", []), *fix["notes"]]:
         console.print(f"note: {note}")
 
 

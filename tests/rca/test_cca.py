@@ -181,21 +181,11 @@ def test_incident_that_does_not_fail_has_nothing_to_fix(tiny, tmp_path: Path) ->
         CausalCCA().search_fix_set(SandboxReplayer().load_bundle(path))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cca.py CausalCCA.__init__: model_copy(update=...) skips validation, so an unknown "
-    "search_strategy silently runs greedy and is reported as the strategy used",
-)
 def test_unknown_search_strategy_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="greedy"):
         CausalCCA(search_strategy="exhaustiv")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cca.py CausalCCA._search: when heads/neurons do not reach the threshold the fix set falls back "
-    "to the coarse site set, whose greedy search ignores max_fix_set_size",
-)
 def test_max_fix_set_size_holds_when_the_fix_falls_back_to_sites(tiny, tmp_path: Path) -> None:
     # The tiny Llama's most frequent next token: no single site (or head/neuron) removes it.
     loaded = tiny["llama"]

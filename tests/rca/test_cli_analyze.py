@@ -68,11 +68,6 @@ def test_analyze_ends_with_the_fix_set_table(table) -> None:
     assert f"flip rate {fix['total_flip_rate']:.0%} over {len(fix['flips'])} failing variants" in after
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.analyze prints only fix_set notes; CF's notes (e.g. too few benign runs to flag anything) "
-    "never reach the user, who sees large unflagged scores and a 'measured FPR 0.0%'",
-)
 def test_analyze_shows_why_cf_flagged_nothing(table) -> None:
     res, analysis = table
     notes = analysis["anomalies"]["notes"]
@@ -123,11 +118,6 @@ def test_missing_bundle_is_bad_input(tmp_path: Path) -> None:
     assert "error:" in res.output and "no-such-bundle" in res.output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.analyze passes --strategy unchecked and CausalCCA's model_copy(update=...) does not "
-    "validate it: a typo runs greedy and exits 0",
-)
 def test_unknown_strategy_is_bad_input(run) -> None:
     res = _analyze(str(run.incidents[0]), "--strategy", "exhaustiv")
     assert res.exit_code == 2

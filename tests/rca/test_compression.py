@@ -155,11 +155,6 @@ def test_report_measures_its_false_positive_rate_on_held_out_benign_runs(tiny, t
     assert report.false_positive_rate <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / n)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="compression._held_out_fpr reports 0 % as a measured FPR even when its calibration half is too "
-    "small for any held-out unit to be flagged (half + 1 < 1/α)",
-)
 def test_false_positive_rate_is_not_reported_when_the_measurement_cannot_flag(tiny, tmp_path: Path) -> None:
     # 30 runs: the incident can be flagged (31 ≥ 1/α) but the held-out halves (15) cannot.
     path = _record(tiny["gpt2"], _prompts(1, seed=13)[0], tmp_path / "incident", _prompts(30, seed=11))

@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from model_forensics.core.config import CCAConfig, ForensicsConfig, load_config
-from model_forensics.core.errors import ForensicsError
+from model_forensics.core.errors import ConfigError, ForensicsError
 from model_forensics.rca.attribution import Ranking, UnitScore, attribution_ranking, exact_effects
 from model_forensics.rca.compression import AnomalyReport
 from model_forensics.rca.side_effects import SideEffects, benign_kls, measure
@@ -151,7 +152,10 @@ class CausalCCA:
         full = load_config(config)
         self.config: CCAConfig = full.modules.cca
         if search_strategy is not None:
-            self.config = self.config.model_copy(update={"search_strategy": search_strategy})
+            try:
+                self.config = CCAConfig.model_validate({**self.config.model_dump(), "search_strategy": search_strategy})
+            except ValidationError as exc:
+                raise ConfigError(f"unknown search strategy '{search_strategy}': use 'greedy' or 'exhaustive'") from exc
         self.neurons_per_site = neurons_per_site
         self.guidance = guidance  # None: attribution (+ CF if guided_by); "unguided": forward order
         self.search_variants = search_variants
@@ -211,7 +215,9 @@ class CausalCCA:
             else None
         )
         if effects is not None and not effects.within_bound:
-            notes.append(f"side effects exceed the bound: mean benign KL {effects.mean_kl:.4f} > {effects.bound}")
+            notes.append(
+                f"side effects exceed the bound: mean benign KL {effects.mean_kl:.3g} > {effects.bound:g} nats"
+            )
         return FixSet(
             members=members,
             total_flip_rate=rate,
@@ -256,6 +262,12 @@ class CausalCCA:
         if rate < self.config.early_stop_threshold or not chosen:
             notes.append("heads/neurons alone do not reach the threshold; the fix set is the coarse (site-level) set")
             chosen = coarse_set
+            if len(chosen) > self.config.max_fix_set_size:
+                notes.append(
+                    f"the site-level set needs {len(chosen)} sites; reporting the top {self.config.max_fix_set_size} "
+                    "(max_fix_set_size)"
+                )
+                chosen = chosen[: self.config.max_fix_set_size]
         return sites, chosen, solo_kl
 
     def _implicated(

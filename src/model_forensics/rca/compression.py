@@ -11,8 +11,9 @@ leave-one-out score ≥ the incident's}) / (n + 1) — is at most the threshold'
 two-sided normal rate α (4.55 % for 2.0). Under exchangeability of benign runs that bounds
 the false-positive rate per unit by α whatever the features' distribution; with fewer than
 1/α − 1 baseline runs nothing can be flagged (reported in ``notes``). The rate is also
-measured: the baseline runs are split in halves, and the fraction of units of held-out
-benign runs flagged against the other half is reported.
+measured: the baseline runs are split in interleaved halves, and the fraction of units of
+held-out benign runs flagged against the other half is reported (None when a half is too
+small for anything to be flaggable).
 """
 
 from __future__ import annotations
@@ -120,7 +121,10 @@ class CompressionForensics:
             )
         fpr = _held_out_fpr(reference, units, self.config.anomaly_threshold, alpha)
         if fpr is None:
-            notes.append("fewer than 8 baseline runs: false-positive rate not measured")
+            notes.append(
+                f"false-positive rate not measured: each half of the {len(reference)} baseline runs needs at least "
+                f"{math.ceil(1 / alpha) - 1} runs for a unit to be flaggable"
+            )
         return AnomalyReport(
             anomalies=anomalies,
             threshold=self.config.anomaly_threshold,
@@ -178,10 +182,11 @@ def _held_out_fpr(
     reference: list[dict[str, dict[str, float]]], units: list[str], threshold: float, alpha: float
 ) -> float | None:
     """Fraction of units of held-out benign runs flagged against the other half."""
-    if len(reference) < 8:
-        return None
-    half = len(reference) // 2
-    calibration, held_out = reference[:half], reference[half:]
+    # Interleaved halves: the reference mixes kinds of runs (benign prompts, then clean
+    # counterparts), and both halves must hold both kinds.
+    calibration, held_out = reference[::2], reference[1::2]
+    if len(reference) < 8 or len(calibration) + 1 < 1 / alpha:
+        return None  # too few runs: nothing could be flagged, so a rate of 0 would mean nothing
     flagged = total = 0
     for unit in units:
         ref = np.array([[r[unit][f] for f in FEATURES] for r in calibration])
