@@ -71,7 +71,7 @@ def run_variant(session: Any, label: str, truth: list[str], **kwargs: Any) -> di
     before, start = session.forward_passes, time.perf_counter()
     if label == "CF-guided":
         cf = CompressionForensics().analyze(session)
-        fix = CausalCCA().search_fix_set(session, guided_by=cf)
+        fix = CausalCCA(guidance="cf").search_fix_set(session, guided_by=cf)
     elif label == "attribution only":
         fix = CausalCCA().search_fix_set(session, ranking=attribution_ranking(session))
     elif label == "unguided greedy":

@@ -454,7 +454,7 @@ def analyze(
                 progress=_progress_callback(progress, task),
             ).to_json()
         except NothingToFix as exc:
-            err.print(f"nothing to fix: {exc}")
+            err.print(f"nothing to fix: {exc}", soft_wrap=True)
             raise typer.Exit(1) from None
     if out is not None:
         out.write_text(json.dumps(result, indent=1))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from model_forensics import Intervention, RecorderHooks, token_is
+from model_forensics import Intervention, RecorderHooks, cli, token_is
 from model_forensics.cli import app
 from model_forensics.scenarios import get
 
@@ -36,7 +36,16 @@ def _tiny_bundle(tiny, path: Path, predicate: bool = True) -> Path:
 
 
 def _analyze(*args: str):
-    return CliRunner().invoke(app, ["analyze", *args], env=WIDE)
+    # The CLI's consoles may have fixed their width when created (an earlier test's
+    # environment); give them the wide terminal explicitly for the duration of the call.
+    saved = [(c, c._width) for c in (cli.console, cli.err)]
+    for c, _ in saved:
+        c.width = int(WIDE["COLUMNS"])
+    try:
+        return CliRunner().invoke(app, ["analyze", *args], env=WIDE)
+    finally:
+        for c, width in saved:
+            c._width = width
 
 
 def _one_clean_line(res) -> None:

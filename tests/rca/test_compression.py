@@ -96,7 +96,9 @@ def test_benign_held_out_units_are_flagged_at_most_at_the_nominal_rate(held_out_
     report = held_out_reports[0]
     alpha = report.nominal_rate_max
     assert alpha == pytest.approx(math.erfc(report.threshold / math.sqrt(2)))
-    assert report.baseline_size == 30 and not report.notes
+    # 30 runs: enough to flag (p ≥ 1/31 < α), too few to measure the rate on halves of 15
+    assert report.baseline_size == 30 and report.false_positive_rate is None
+    assert not any("nothing can be flagged" in n for n in report.notes)
     flags = [a.flagged for r in held_out_reports for a in r]
     n = len(flags)
     assert n == len(held_out_reports) * 15  # embed, 3 sites and 4 heads per block, per incident
