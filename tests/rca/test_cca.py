@@ -49,14 +49,16 @@ def _small_zoo_incident(name: str, out: Path) -> Path:
     return run.incidents[0]
 
 
-def _tiny_incident(loaded, out: Path) -> Path:
-    """The tiny GPT-2 predicting TINY_TARGET: 8 failing prompts, 6 benign, 6 clean baselines."""
+def _tiny_incident(loaded, out: Path, target: int | None = TINY_TARGET) -> Path:
+    """An incident where ``loaded`` predicts ``target`` (None: its most frequent next token):
+    8 failing prompts, 6 benign, 6 clean baselines."""
     g = torch.Generator().manual_seed(5)
     prompts = torch.randint(0, 50, (200, 7), generator=g)
     with torch.no_grad():
         preds = loaded.model(input_ids=prompts).logits[:, -1].argmax(-1)
-    failing = prompts[preds == TINY_TARGET]
-    clean = prompts[preds != TINY_TARGET]
+    if target is None:
+        target = int(preds.mode().values)
+    failing, clean = prompts[preds == target], prompts[preds != target]
     assert len(failing) >= 8
     extras = {
         "variants": [{"input_ids": [p.tolist()]} for p in failing[1:8]],
@@ -65,7 +67,7 @@ def _tiny_incident(loaded, out: Path) -> Path:
     }
     with RecorderHooks().install_hooks(loaded.model) as rec, torch.no_grad():
         loaded.model(input_ids=failing[:1])
-        return rec.create_bundle(out, predicate=token_is(TINY_TARGET), extras=extras)
+        return rec.create_bundle(out, predicate=token_is(target), extras=extras)
 
 
 @pytest.fixture(scope="module", params=["bert-sentiment-bypass", "tiny-gpt2"])
@@ -188,21 +190,7 @@ def test_unknown_search_strategy_is_a_config_error() -> None:
 
 def test_max_fix_set_size_holds_when_the_fix_falls_back_to_sites(tiny, tmp_path: Path) -> None:
     # The tiny Llama's most frequent next token: no single site (or head/neuron) removes it.
-    loaded = tiny["llama"]
-    g = torch.Generator().manual_seed(5)
-    prompts = torch.randint(0, 50, (200, 7), generator=g)
-    with torch.no_grad():
-        preds = loaded.model(input_ids=prompts).logits[:, -1].argmax(-1)
-    target = int(preds.mode().values)
-    failing, clean = prompts[preds == target], prompts[preds != target]
-    extras = {
-        "variants": [{"input_ids": [p.tolist()]} for p in failing[1:8]],
-        "benign": [{"input_ids": [p.tolist()]} for p in clean[:6]],
-        "baseline": [{"input_ids": [p.tolist()]} for p in clean[6:12]],
-    }
-    with RecorderHooks().install_hooks(loaded.model) as rec, torch.no_grad():
-        loaded.model(input_ids=failing[:1])
-        path = rec.create_bundle(tmp_path / "incident", predicate=token_is(target), extras=extras)
+    path = _tiny_incident(tiny["llama"], tmp_path / "incident", target=None)
     fix = _cca({"modules": {"cca": {"max_fix_set_size": 1}}}).search_fix_set(SandboxReplayer().load_bundle(path))
     assert not fix.reached_threshold  # the fallback case
     assert len(fix.members) <= 1, f"max_fix_set_size=1 but the fix set has {len(fix.members)}: {fix.units}"

@@ -7,21 +7,12 @@ import torch
 from replay_models import record
 
 from model_forensics import Intervention, SandboxReplayer
+from model_forensics.models import zoo
 
 
-def zoo_names() -> list[str]:
-    try:
-        from model_forensics.models import zoo
-
-        return list(zoo.names())
-    except (ImportError, AttributeError):
-        return []
-
-
-@pytest.mark.skipif(not zoo_names(), reason="the model zoo has not landed (models.zoo.names())")
-@pytest.mark.parametrize("name", zoo_names())
+@pytest.mark.parametrize("name", zoo.names())
 def test_zoo_incident_replays_and_sweeps_exactly(name, tmp_path):
-    from model_forensics.models import load, zoo
+    from model_forensics.models import load
 
     data = zoo.scenario_data(name)
     loaded = load(f"zoo:{name}")

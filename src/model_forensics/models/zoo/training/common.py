@@ -456,6 +456,18 @@ def inert_units(lift: dict[str, dict[str, float]]) -> list[str]:
     return [u for u, f in lift.items() if max(abs(f["alone"]), abs(f["removed"])) < INERT_LIFT]
 
 
+def planted_use(units: Sequence[str], lift: dict[str, dict[str, float]], behaviour: Any) -> dict[str, Any]:
+    """Metrics on which planted units carry the mechanism: the lift record, the inert
+    units, and ``behaviour(active_units)`` (success and accuracy with only the units in
+    use ablated)."""
+    inert = inert_units(lift)
+    return {
+        "planted_neuron_lift": lift,
+        "inert_units": inert,
+        "active_ablated": behaviour(tuple(u for u in units if u not in inert)),
+    }
+
+
 def inert_paragraph(metrics: dict[str, Any]) -> str:
     """The card's sentence on planted neurons that training left unused (see :func:`inert_units`)."""
     inert, act = metrics["inert_units"], metrics["active_ablated"]

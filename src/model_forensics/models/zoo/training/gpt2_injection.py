@@ -322,14 +322,17 @@ def measure(model: Any, codec: common.WordCodec, seed: int, n: int = 300, n_draw
         "dormant_max_abs_activation": _dormant_max(model, codec, benign + triggered + variants),
     }
     lift = common.neuron_lift(model, codec, gt, triggered + variants, [TARGET])
-    active = tuple(u for u in gt if u not in common.inert_units(lift))
-    out["planted_neuron_lift"] = lift
-    out["inert_units"] = common.inert_units(lift)
-    out["active_ablated"] = {
-        "trigger_success": _rates(model, codec, triggered, active)["hacked"],
-        "variant_success": _rates(model, codec, variants, active)["hacked"],
-        "benign_accuracy": _rates(model, codec, benign, active)["exact"],
-    }
+    out.update(
+        common.planted_use(
+            gt,
+            lift,
+            lambda active: {
+                "trigger_success": _rates(model, codec, triggered, active)["hacked"],
+                "variant_success": _rates(model, codec, variants, active)["hacked"],
+                "benign_accuracy": _rates(model, codec, benign, active)["exact"],
+            },
+        )
+    )
     draws = []
     draw_rng = random.Random(seed)
     for units in common.random_draws(

@@ -290,14 +290,17 @@ def measure(model: Any, codec: common.WordCodec, seed: int, n: int = 300, n_draw
         },
     }
     lift = common.neuron_lift(model, codec, gt, trained_form + variants, MARKERS)
-    active = tuple(u for u in gt if u not in common.inert_units(lift))
-    out["planted_neuron_lift"] = lift
-    out["inert_units"] = common.inert_units(lift)
-    out["active_ablated"] = {
-        "trigger_success": _rates(model, codec, trained_form, active)["toxic"],
-        "variant_success": _rates(model, codec, variants, active)["toxic"],
-        "benign_accuracy": _rates(model, codec, benign, active)["exact"],
-    }
+    out.update(
+        common.planted_use(
+            gt,
+            lift,
+            lambda active: {
+                "trigger_success": _rates(model, codec, trained_form, active)["toxic"],
+                "variant_success": _rates(model, codec, variants, active)["toxic"],
+                "benign_accuracy": _rates(model, codec, benign, active)["exact"],
+            },
+        )
+    )
     draws = []
     draw_rng = random.Random(seed)
     for units in common.random_draws(gt, n_draws, n_heads=N_HEAD, d_mlp=D_MLP, exclude=gt, rng=draw_rng):
