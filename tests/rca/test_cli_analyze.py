@@ -6,9 +6,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 from model_forensics import Intervention, RecorderHooks, cli, token_is
@@ -37,15 +39,13 @@ def _tiny_bundle(tiny, path: Path, predicate: bool = True) -> Path:
 
 def _analyze(*args: str):
     # The CLI's consoles may have fixed their width when created (an earlier test's
-    # environment); give them the wide terminal explicitly for the duration of the call.
-    saved = [(c, c._width) for c in (cli.console, cli.err)]
-    for c, _ in saved:
-        c.width = int(WIDE["COLUMNS"])
-    try:
+    # environment); give the call wide consoles of its own.
+    width = int(WIDE["COLUMNS"])
+    with (
+        mock.patch.object(cli, "console", Console(width=width)),
+        mock.patch.object(cli, "err", Console(stderr=True, width=width)),
+    ):
         return CliRunner().invoke(app, ["analyze", *args], env=WIDE)
-    finally:
-        for c, width in saved:
-            c._width = width
 
 
 def _one_clean_line(res) -> None:

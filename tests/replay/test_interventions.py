@@ -37,6 +37,7 @@ def test_json_round_trip_is_exact():
         Intervention("embed", "steer", value=[0.1, -2.0, 1e-9]),
         Intervention("blocks.0.attn.z", "patch", heads=[1, 2], positions=[-1], source="b.mfb.zip", align="last"),
         Intervention("blocks.0.mlp", "mean", source=["a", "b"]),
+        Intervention("blocks.1.attn.head.2", "mean", direction=[0.3, -1.0, 1 / 3]),
     ]
     for iv in ivs:
         again = Intervention.from_json(iv.to_json())
@@ -52,6 +53,8 @@ def test_cli_spec_parses_into_the_same_data():
     assert (noise.value, noise.seed) == (0.5, 3)
     assert Intervention.parse("embed:steer=1,0,-2").value == (1.0, 0.0, -2.0)
     assert Intervention.parse(str(noise)) == noise
+    directed = Intervention("blocks.1.attn.head.2", "mean", direction=[0.1, -2.5, 1 / 3])
+    assert Intervention.parse(str(directed)) == directed
     with pytest.raises(ForensicsError, match="SITE:KIND"):
         Intervention.parse("blocks.0.mlp")
     with pytest.raises(ForensicsError, match="kind 'explode' is unknown"):
@@ -63,6 +66,8 @@ def test_bad_values_are_rejected_on_construction():
         Intervention("blocks.0.mlp", "scale")
     with pytest.raises(ForensicsError, match="steer"):
         Intervention("blocks.0.mlp", "steer", value=1.0)
+    with pytest.raises(ForensicsError, match="non-zero direction"):
+        Intervention("blocks.0.mlp", "zero", direction=[0.0, 0.0])
 
 
 def test_unknown_site_lists_nearest_names(sessions):
@@ -137,6 +142,22 @@ def test_mean_uses_the_baseline_set(sessions):
     expected = torch.cat(acts).double().mean(0).float()  # (heads, d_head)
     z = observe(s, "blocks.1.attn.z", [Intervention("blocks.1.attn.head.2", "mean")])
     assert torch.allclose(z[:, 2], expected[2].expand_as(z[:, 2]))
+
+
+def test_direction_changes_only_the_component_along_it(sessions):
+    s = sessions["forward"]
+    clean = observe(s, "blocks.1.attn.z", [])[:, 2].double()  # (T, d_head)
+    full = observe(s, "blocks.1.attn.z", [Intervention("blocks.1.attn.head.2", "mean")])[:, 2].double()
+    u = torch.randn(clean.shape[-1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = observe(s, "blocks.1.attn.z", [Intervention("blocks.1.attn.head.2", "mean", direction=u.tolist())])
+    got = got[:, 2].double()
+    u = u / u.norm()
+    # Along û: the baseline mean's component; orthogonal to û: untouched.
+    assert torch.allclose(got @ u, full @ u, atol=1e-5)
+    assert torch.allclose(got - (got @ u)[:, None] * u, clean - (clean @ u)[:, None] * u, atol=1e-5)
+    assert not torch.allclose(got, clean, atol=1e-3)
+    with pytest.raises(ForensicsError, match="direction of length 3"):
+        s.run([Intervention("blocks.1.attn.head.2", "mean", direction=[1.0, 0.0, 0.0])])
 
 
 def test_patch_takes_the_baseline_activation_by_position(sessions):

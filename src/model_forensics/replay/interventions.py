@@ -15,7 +15,10 @@ Kinds (``x`` is the targeted slice of the site's activation, per batch row):
 
 Targets narrow the site: ``heads`` (query heads of ``blocks.L.attn.z``; GQA-aware,
 since z holds query heads), ``neurons`` (indices of the last dimension), ``positions``
-(token positions; negative ones count from the end of the prompt).
+(token positions; negative ones count from the end of the prompt), ``direction`` (a
+vector u over the last dimension of the slice: only the component along û changes,
+x ← x + ((x_new − x)·û) û, where x_new is what the kind alone would write; e.g. ``mean``
+with a direction sets that component to its baseline mean and leaves the rest alone).
 
 Composition: the interventions of one run apply in the forward order of their sites; at
 the same site, in list order, each one seeing the result of the previous.
@@ -83,6 +86,7 @@ class Intervention:
     source: str | tuple[str, ...] | None = None
     seed: int = 0
     align: str = "position"
+    direction: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -93,6 +97,11 @@ class Intervention:
             object.__setattr__(self, name, _ints(getattr(self, name)))
         if isinstance(self.source, list | tuple):
             object.__setattr__(self, "source", tuple(str(s) for s in self.source))
+        if self.direction is not None:
+            direction = tuple(float(v) for v in self.direction)
+            if not direction or not all(math.isfinite(v) for v in direction) or not any(direction):
+                raise ForensicsError(f"{self.kind} on '{self.site}' needs a finite, non-zero direction vector")
+            object.__setattr__(self, "direction", direction)
         value = self.value
         if self.kind == "steer":
             if value is None or isinstance(value, int | float):
@@ -124,11 +133,12 @@ class Intervention:
             "source": source,
             "seed": self.seed,
             "align": self.align,
+            "direction": None if self.direction is None else list(self.direction),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Intervention:
-        known = {"site", "kind", "value", "heads", "neurons", "positions", "source", "seed", "align"}
+        known = {"site", "kind", "value", "heads", "neurons", "positions", "source", "seed", "align", "direction"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ForensicsError(f"intervention JSON has unknown keys {unknown}; known keys: {sorted(known)}")
@@ -153,11 +163,11 @@ class Intervention:
                 f"intervention '{spec}' needs the form SITE:KIND[=VALUE], e.g. blocks.1.attn.head.3:zero or blocks.0.mlp:scale=0.5"
             )
         # Options are split at ":key=" only, so a source may itself hold colons (prompt:TEXT).
-        parts = re.split(r":(?=(?:seed|source|align|heads|neurons|positions)=)", rest)
+        parts = re.split(r":(?=(?:seed|source|align|heads|neurons|positions|direction)=)", rest)
         if ":" in parts[0]:
             raise ForensicsError(
                 f"intervention '{spec}': cannot read '{parts[0]}'; after KIND[=VALUE] come options "
-                ":seed=, :source=, :align=, :heads=, :neurons=, :positions="
+                ":seed=, :source=, :align=, :heads=, :neurons=, :positions=, :direction="
             )
         kind, _, raw = parts[0].partition("=")
         fields: dict[str, Any] = {"site": site.strip(), "kind": kind.strip()}
@@ -170,6 +180,8 @@ class Intervention:
                     fields["seed"] = int(val)
                 elif key in ("source", "align"):
                     fields[key] = val
+                elif key == "direction":
+                    fields[key] = tuple(float(v) for v in val.split(","))
                 else:  # heads, neurons, positions
                     fields[key] = tuple(int(v) for v in val.split(","))
         except ValueError:
@@ -192,6 +204,8 @@ class Intervention:
             text += f":seed={self.seed}"
         if self.align != "position":
             text += f":align={self.align}"
+        if self.direction is not None:
+            text += ":direction=" + ",".join(repr(v) for v in self.direction)
         return text
 
 
@@ -389,7 +403,22 @@ def apply_row(x: torch.Tensor, prepared: Prepared, clock: Clock) -> None:
         assert prepared.baseline is not None
         base = prepared.baseline.to(x.dtype)
         new = base[(source_pos.view(-1, *([1] * len(inner))), *(i.unsqueeze(0) for i in inner))]
+    if iv.direction is not None:
+        new = _along(iv, current, new)
     x[grid] = new
+
+
+def _along(iv: Intervention, current: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Keep only the change along ``iv.direction``: current + ((new − current)·û) û."""
+    u = torch.tensor(iv.direction, dtype=torch.float64, device=current.device)
+    if u.numel() != current.shape[-1]:
+        raise ForensicsError(
+            f"{iv.kind} on '{iv.site}' has a direction of length {u.numel()}, but the target's last dimension "
+            f"is {current.shape[-1]}"
+        )
+    u = u / u.norm()
+    delta = (new.double() - current.double()) @ u
+    return (current.double() + delta.unsqueeze(-1) * u).to(current.dtype)
 
 
 def _align(prepared: Prepared, pos: torch.Tensor, clock: Clock) -> tuple[torch.Tensor, torch.Tensor]:
