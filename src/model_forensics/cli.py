@@ -392,7 +392,7 @@ def _fix_table(result: dict[str, Any]) -> Table:
         iv = m["intervention"]
         kl = "—" if m["benign_kl"] is None else f"{m['benign_kl']:.4f}"
         table.add_row(
-            f"{iv['site']}:{iv['kind']}",
+            f"{iv['site']}:{iv['kind']}" + (" along its failure direction" if iv.get("direction") else ""),
             m["level"],
             f"{m['necessity']:.0%}",
             f"{m['sufficiency']:.0%}",

@@ -27,6 +27,7 @@ from model_forensics import (
     token_is,
 )
 from model_forensics.rca import attribution_ranking
+from model_forensics.rca.side_effects import benign_kls
 from model_forensics.scenarios import get
 
 # Few candidates per MLP site: the exhaustive search then covers the greedy search's whole space.
@@ -194,3 +195,29 @@ def test_max_fix_set_size_holds_when_the_fix_falls_back_to_sites(tiny, tmp_path:
     fix = _cca({"modules": {"cca": {"max_fix_set_size": 1}}}).search_fix_set(SandboxReplayer().load_bundle(path))
     assert not fix.reached_threshold  # the fallback case
     assert len(fix.members) <= 1, f"max_fix_set_size=1 but the fix set has {len(fix.members)}: {fix.units}"
+
+
+def test_narrowing_to_failure_directions_is_verified_by_replay(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # bert-sentiment-bypass: the planted heads write one sentiment direction, so ablating
+    # only the component along each head's failure direction still removes the bypass.
+    incident = _small_zoo_incident("bert-sentiment-bypass", tmp_path_factory.mktemp("narrow"))
+    session = SandboxReplayer().load_bundle(incident)
+    whole = _cca(directions="never").search_fix_set(session)
+    narrowed = _cca(directions="always").search_fix_set(session)
+    assert all(iv.direction is None for iv in whole.interventions)
+    assert narrowed.members and all(iv.direction is not None for iv in narrowed.interventions)
+    assert {len(iv.direction) for iv in narrowed.interventions} == {session.adapter.d_model // session.adapter.n_heads}
+    assert any(note.startswith("narrowed to failure directions") for note in narrowed.notes)
+
+    (rate,) = _flip_rates(session, [narrowed.interventions], _failing(session))
+    assert rate == pytest.approx(narrowed.total_flip_rate)
+    assert rate >= ForensicsConfig().modules.cca.early_stop_threshold
+    kl_whole, kl_narrowed = (
+        sum(k) / len(k) for k in benign_kls(session, [whole.interventions, narrowed.interventions])
+    )
+    assert kl_narrowed <= kl_whole
+
+
+def test_unknown_directions_mode_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="'auto', 'always' or 'never'"):
+        CausalCCA(directions="sometimes")

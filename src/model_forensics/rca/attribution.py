@@ -260,6 +260,7 @@ def exact_effects(
 
     totals = dict.fromkeys(units, 0.0)
     used = 0
+    session.warm_baselines(session.resolve([Intervention(u, kind) for u in units]))
     for batch in session.variants()[:max_variants]:
         prepared = _teacher_forced(session, batch)
         if prepared is None:

@@ -34,6 +34,7 @@ from model_forensics.core.config import CCAConfig, ForensicsConfig, load_config
 from model_forensics.core.errors import ConfigError, ForensicsError
 from model_forensics.rca.attribution import Ranking, UnitScore, attribution_ranking, exact_effects
 from model_forensics.rca.compression import AnomalyReport
+from model_forensics.rca.runs import capture
 from model_forensics.rca.side_effects import SideEffects, benign_kls, measure
 from model_forensics.replay.interventions import Intervention
 
@@ -138,6 +139,12 @@ class CausalCCA:
             added, at most this many times (counterexample-guided).
         confirm_top: top-ranked heads/neurons confirmed by exact patching (``implicated``).
         confirm_variants: failing variants exact patching averages over.
+        directions: ``auto``: when the whole-unit set's first-step benign KL exceeds
+            ``max_side_effect_kl``, search again over heads ablated only along their failure
+            direction (see :meth:`_narrow`) and keep that set when it flips as much (up to
+            the threshold) with less KL; ``always`` / ``never`` force the choice. Greedy
+            search only (``exhaustive`` stays a pure search over whole units).
+        direction_pool: top-ranked heads the direction search draws from.
     """
 
     def __init__(
@@ -151,6 +158,8 @@ class CausalCCA:
         confirm_top: int = 48,
         refine_rounds: int = 2,
         confirm_variants: int = 16,
+        directions: str = "auto",
+        direction_pool: int = 60,
     ):
         full = load_config(config)
         self.config: CCAConfig = full.modules.cca
@@ -167,6 +176,10 @@ class CausalCCA:
         self.confirm_top = confirm_top
         self.refine_rounds = refine_rounds
         self.confirm_variants = confirm_variants
+        if directions not in ("auto", "always", "never"):
+            raise ConfigError(f"unknown directions mode '{directions}': use 'auto', 'always' or 'never'")
+        self.directions = directions
+        self.direction_pool = direction_pool
 
     def search_fix_set(
         self, session: Any, guided_by: AnomalyReport | None = None, ranking: Ranking | None = None
@@ -184,7 +197,7 @@ class CausalCCA:
         all_variants = self._failing_variants(session)
         # Search on a fixed subset; the reported flip rate is re-measured on every variant.
         variants = all_variants[: self.search_variants]
-        kind = "mean" if session.baselines else "zero"
+        ablate = Ablation("mean" if session.baselines else "zero")
         unguided = self.guidance == "unguided"
         if ranking is None and not unguided:
             ranking = attribution_ranking(session)
@@ -193,28 +206,34 @@ class CausalCCA:
         notes: list[str] = []
         guidance = "unguided (forward order)" if unguided else "attribution" + (" + CF" if weighting else "")
 
-        # Counterexample-guided: search on a subset, re-measure on every failing variant, and
-        # search again with the variants the set does not flip added (at most refine_rounds).
-        best: tuple[float, list[str], list[UnitScore], dict[str, float]] | None = None
-        for round_ in range(self.refine_rounds + 1):
-            found = self._search(session, variants, scores, kind, unguided, notes)
-            (flipped,) = self._flip_rates(session, all_variants, [[_intervention(u, kind) for u in found[1]]])
-            rate = sum(flipped) / len(flipped)
-            if best is None or rate > best[0]:
-                best = (rate, *found)
-            missed = [v for v, f in zip(all_variants, flipped, strict=True) if not f and not _among(v, variants)]
-            if rate >= self.config.early_stop_threshold or not missed or round_ == self.refine_rounds:
-                break
-            added = missed[: self.search_variants]
-            notes.append(
-                f"round {round_ + 1}: the set found on {len(variants)} variants flips {rate:.0%} of all "
-                f"{len(all_variants)}; searching again with {len(added)} of the variants it misses added"
-            )
-            variants = variants + added
-        assert best is not None  # the loop runs at least once
-        _, sites, chosen, solo_kl = best
-        members, flips, rate = self._members(session, all_variants, chosen, kind, guided_by, solo_kl)
-        implicated, floors = self._implicated(session, scores, members, kind)
+        found = self._refined(
+            session,
+            all_variants,
+            variants,
+            lambda vs: self._search(session, vs, scores, ablate, unguided, notes),
+            ablate,
+            notes,
+        )
+        _, sites, chosen, solo_kl = found
+        greedy = self.config.search_strategy == "greedy"
+        if greedy and self.directions != "never" and session.benign() and session.adapter.n_heads:
+            unit_kl = _mean(benign_kls(session, [[ablate(u) for u in chosen]])[0])
+            if self.directions == "always" or unit_kl > self.config.max_side_effect_kl:
+                narrowed = self._narrow(session, all_variants, variants, scores, ablate, notes)
+                narrowed_kl = _mean(benign_kls(session, [[narrowed[1](u) for u in narrowed[0][2]]])[0])
+                if narrowed[0][0] >= min(found[0], self.config.early_stop_threshold) and narrowed_kl < unit_kl:
+                    notes.append(
+                        f"narrowed to failure directions: first-step benign KL {unit_kl:.3g} → {narrowed_kl:.3g} "
+                        f"nats at flip rate {narrowed[0][0]:.0%} (whole units: {found[0]:.0%})"
+                    )
+                    (_, _, chosen, solo_kl), ablate = narrowed
+                else:
+                    notes.append(
+                        f"narrowing to failure directions did not help (flip rate {narrowed[0][0]:.0%}, first-step "
+                        f"benign KL {narrowed_kl:.3g} vs {unit_kl:.3g} nats for whole units); whole units kept"
+                    )
+        members, flips, rate = self._members(session, all_variants, chosen, ablate, guided_by, solo_kl)
+        implicated, floors = self._implicated(session, scores, members, ablate)
         effects = (
             measure(session, [m.intervention for m in members], self.config.max_side_effect_kl)
             if session.benign()
@@ -241,30 +260,92 @@ class CausalCCA:
             notes=list(dict.fromkeys(notes)),
         )
 
+    def _refined(
+        self,
+        session: Any,
+        all_variants: list[Inputs],
+        variants: list[Inputs],
+        search: Any,
+        ablate: Ablation,
+        notes: list[str],
+    ) -> tuple[float, list[str], list[UnitScore], dict[str, float]]:
+        """Counterexample-guided: ``search(variants)`` on a subset, re-measure the set on every
+        failing variant, and search again with the variants it does not flip added (at most
+        ``refine_rounds`` times). Returns (flip rate on all variants, sites, units, solo KLs)."""
+        best: tuple[float, list[str], list[UnitScore], dict[str, float]] | None = None
+        for round_ in range(self.refine_rounds + 1):
+            found = search(variants)
+            (flipped,) = self._flip_rates(session, all_variants, [[ablate(u) for u in found[1]]])
+            rate = sum(flipped) / len(flipped)
+            if best is None or rate > best[0]:
+                best = (rate, *found)
+            missed = [v for v, f in zip(all_variants, flipped, strict=True) if not f and not _among(v, variants)]
+            if rate >= self.config.early_stop_threshold or not missed or round_ == self.refine_rounds:
+                break
+            added = missed[: self.search_variants]
+            notes.append(
+                f"round {round_ + 1}: the set found on {len(variants)} variants flips {rate:.0%} of all "
+                f"{len(all_variants)}; searching again with {len(added)} of the variants it misses added"
+            )
+            variants = variants + added
+        assert best is not None  # the loop runs at least once
+        return best
+
+    def _narrow(
+        self,
+        session: Any,
+        all_variants: list[Inputs],
+        variants: list[Inputs],
+        scores: list[UnitScore],
+        ablate: Ablation,
+        notes: list[str],
+    ) -> tuple[tuple[float, list[str], list[UnitScore], dict[str, float]], Ablation]:
+        """The same greedy search over the top ``direction_pool`` heads, each ablated only along
+        its failure direction (rank 1 of d_head): failing variants minus baselines, mean head
+        output at the last prompt position. Benign inputs sit near the baseline along that
+        direction, so the ablation barely moves them."""
+        pool = [u for u in scores if u.level == "head"][: self.direction_pool]
+        narrowed = Ablation(ablate.kind, _failure_directions(session, all_variants, [u.unit for u in pool]))
+        solo_kl = self._solo_kl(session, pool, narrowed)
+
+        def search(vs: list[Inputs]) -> tuple[list[str], list[UnitScore], dict[str, float]]:
+            chosen, rate = self._greedy(session, vs, pool, narrowed, self.config.max_fix_set_size)
+            if rate >= self.config.early_stop_threshold:
+                chosen = self._minimise(session, vs, chosen, narrowed, solo_kl)
+            return sorted({u.unit.rsplit(".head.", 1)[0] for u in chosen}), chosen, solo_kl
+
+        return self._refined(session, all_variants, variants, search, narrowed, notes), narrowed
+
     def _search(
-        self, session: Any, variants: list[Inputs], scores: list[UnitScore], kind: str, unguided: bool, notes: list[str]
+        self,
+        session: Any,
+        variants: list[Inputs],
+        scores: list[UnitScore],
+        ablate: Ablation,
+        unguided: bool,
+        notes: list[str],
     ) -> tuple[list[str], list[UnitScore], dict[str, float]]:
         """Coarse sites, then heads/neurons inside them, on ``variants``: (sites, chosen units, solo KLs)."""
         coarse = [u for u in scores if u.level == "site"]
-        coarse_set, rate = self._greedy(session, variants, coarse, kind, len(coarse))
+        coarse_set, rate = self._greedy(session, variants, coarse, ablate, len(coarse))
         if rate < self.config.early_stop_threshold:
             notes.append(f"ablating every attention and MLP site flips only {rate:.0%}; reporting the best set found")
-        coarse_set = self._minimise(session, variants, coarse_set, kind, {})
+        coarse_set = self._minimise(session, variants, coarse_set, ablate, {})
         sites = [u.unit for u in coarse_set]
 
         fine = _fine_candidates(scores, sites, self.neurons_per_site)
-        solo_kl = self._solo_kl(session, fine, kind)
+        solo_kl = self._solo_kl(session, fine, ablate)
         fine.sort(
             key=lambda u: (
                 (solo_kl.get(u.unit, 0.0) > self.config.max_side_effect_kl, -u.score) if not unguided else (0, 0)
             )
         )
         if self.config.search_strategy == "exhaustive":
-            chosen, rate = self._exhaustive(session, variants, fine, kind)
+            chosen, rate = self._exhaustive(session, variants, fine, ablate)
         else:
-            chosen, rate = self._greedy(session, variants, fine, kind, self.config.max_fix_set_size)
+            chosen, rate = self._greedy(session, variants, fine, ablate, self.config.max_fix_set_size)
             if rate >= self.config.early_stop_threshold:
-                chosen = self._minimise(session, variants, chosen, kind, solo_kl)
+                chosen = self._minimise(session, variants, chosen, ablate, solo_kl)
         if rate < self.config.early_stop_threshold or not chosen:
             notes.append("heads/neurons alone do not reach the threshold; the fix set is the coarse (site-level) set")
             chosen = coarse_set
@@ -277,7 +358,7 @@ class CausalCCA:
         return sites, chosen, solo_kl
 
     def _implicated(
-        self, session: Any, scores: list[UnitScore], members: list[FixMember], kind: str
+        self, session: Any, scores: list[UnitScore], members: list[FixMember], ablate: Ablation
     ) -> tuple[list[dict[str, Any]], dict[str, float]]:
         """Exact patching of the top-ranked heads/neurons (and the fix members), each against
         a noise floor of its own level: the largest |effect| of as many random units of that
@@ -297,7 +378,10 @@ class CausalCCA:
             count = max(16, sum(level[u] == lvl for u in top))
             random_units[lvl] = [rest[i] for i in torch.randperm(len(rest), generator=generator)[:count].tolist()]
         effects = exact_effects(
-            session, top + random_units["head"] + random_units["neuron"], kind, max_variants=self.confirm_variants
+            session,
+            top + random_units["head"] + random_units["neuron"],
+            ablate.kind,
+            max_variants=self.confirm_variants,
         )
         # A level's floor: the largest random |effect|, and at least RELATIVE_FLOOR of the
         # level's largest effect (when random units are all ~0, tiny effects are not evidence).
@@ -338,14 +422,14 @@ class CausalCCA:
         return flips
 
     def _greedy(
-        self, session: Any, variants: list[Inputs], ranked: list[UnitScore], kind: str, limit: int
+        self, session: Any, variants: list[Inputs], ranked: list[UnitScore], ablate: Ablation, limit: int
     ) -> tuple[list[UnitScore], float]:
         """The shortest rank-order prefix reaching the threshold (or the best prefix)."""
         best: tuple[list[UnitScore], float] = ([], 0.0)
         chunk = 8
         for lo in range(0, min(limit, len(ranked)), chunk):
             sizes = list(range(lo + 1, min(limit, len(ranked), lo + chunk) + 1))
-            sets = [[_intervention(u, kind) for u in ranked[:k]] for k in sizes]
+            sets = [[ablate(u) for u in ranked[:k]] for k in sizes]
             for k, flips in zip(sizes, self._flip_rates(session, variants, sets), strict=True):
                 rate = sum(flips) / len(flips)
                 if rate > best[1]:
@@ -355,12 +439,12 @@ class CausalCCA:
         return best
 
     def _minimise(
-        self, session: Any, variants: list[Inputs], chosen: list[UnitScore], kind: str, solo_kl: dict[str, float]
+        self, session: Any, variants: list[Inputs], chosen: list[UnitScore], ablate: Ablation, solo_kl: dict[str, float]
     ) -> list[UnitScore]:
         """Delta-debugging removal to a 1-minimal set: drop members while the rest still flips."""
         current = list(chosen)
         while len(current) > 1:
-            without = [[_intervention(u, kind) for u in current if u is not m] for m in current]
+            without = [[ablate(u) for u in current if u is not m] for m in current]
             flips = self._flip_rates(session, variants, without)
             removable = [
                 m for m, f in zip(current, flips, strict=True) if sum(f) / len(f) >= self.config.early_stop_threshold
@@ -372,13 +456,13 @@ class CausalCCA:
         return current
 
     def _exhaustive(
-        self, session: Any, variants: list[Inputs], ranked: list[UnitScore], kind: str
+        self, session: Any, variants: list[Inputs], ranked: list[UnitScore], ablate: Ablation
     ) -> tuple[list[UnitScore], float]:
         pool = ranked[:MAX_EXHAUSTIVE]
         best: tuple[list[UnitScore], float] = ([], 0.0)
         for size in range(1, min(len(pool), self.config.max_fix_set_size) + 1):
             combos = [list(c) for c in itertools.combinations(pool, size)]
-            flips = self._flip_rates(session, variants, [[_intervention(u, kind) for u in c] for c in combos])
+            flips = self._flip_rates(session, variants, [[ablate(u) for u in c] for c in combos])
             rates = [sum(f) / len(f) for f in flips]
             top = max(range(len(combos)), key=lambda i: rates[i])
             if rates[top] > best[1]:
@@ -387,11 +471,11 @@ class CausalCCA:
                 return best
         return best
 
-    def _solo_kl(self, session: Any, fine: list[UnitScore], kind: str) -> dict[str, float]:
+    def _solo_kl(self, session: Any, fine: list[UnitScore], ablate: Ablation) -> dict[str, float]:
         if not session.benign() or not fine:
             return {}
         pool = fine[: max(self.config.max_fix_set_size, 16)]
-        kls = benign_kls(session, [[_intervention(u, kind)] for u in pool])
+        kls = benign_kls(session, [[ablate(u)] for u in pool])
         return {u.unit: sum(k) / len(k) for u, k in zip(pool, kls, strict=True)}
 
     def _members(
@@ -399,11 +483,11 @@ class CausalCCA:
         session: Any,
         variants: list[Inputs],
         chosen: list[UnitScore],
-        kind: str,
+        ablate: Ablation,
         guided_by: AnomalyReport | None,
         solo_kl: dict[str, float],
     ) -> tuple[list[FixMember], list[bool], float]:
-        full = [_intervention(u, kind) for u in chosen]
+        full = [ablate(u) for u in chosen]
         sets = [full] + [[iv for iv in full if iv is not full[i]] for i in range(len(full))] + [[iv] for iv in full]
         flips = self._flip_rates(session, variants, sets)
         rates = [sum(f) / len(f) for f in flips]
@@ -424,8 +508,47 @@ class CausalCCA:
         return members, flips[0], rates[0]
 
 
-def _intervention(unit: UnitScore, kind: str) -> Intervention:
-    return Intervention(site=unit.unit, kind=kind)
+@dataclass(frozen=True)
+class Ablation:
+    """How a unit is ablated: ``kind`` (mean over the baseline set, or zero), restricted to
+    the unit's failure direction where ``directions`` holds one."""
+
+    kind: str
+    directions: dict[str, tuple[float, ...]] = field(default_factory=dict)
+
+    def __call__(self, unit: UnitScore) -> Intervention:
+        return Intervention(site=unit.unit, kind=self.kind, direction=self.directions.get(unit.unit))
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _failure_directions(
+    session: Any, failing: list[Inputs], heads: list[str], limit: int = 16
+) -> dict[str, tuple[float, ...]]:
+    """Per head: mean output (z) at the last prompt position over up to ``limit`` failing
+    variants minus the same over the baseline set (the benign set when there is none)."""
+    sites = list(dict.fromkeys(h.rsplit(".head.", 1)[0] + ".z" for h in heads))
+    reference = list(session.baselines or session.benign())[:limit]
+
+    def mean_last(batches: list[Inputs]) -> dict[str, torch.Tensor]:
+        total: dict[str, torch.Tensor] = {}
+        for batch in batches:
+            got = capture(session, batch, granularity="layer", sites=sites)
+            for site in sites:
+                total[site] = total.get(site, 0) + got[site][-1].double()
+        return {site: t / len(batches) for site, t in total.items()}
+
+    bad, good = mean_last(failing[:limit]), mean_last(reference)
+    out = {}
+    for head in heads:
+        layer, index = head.rsplit(".head.", 1)
+        site = layer + ".z"
+        diff = bad[site][int(index)] - good[site][int(index)]
+        if bool(diff.abs().max() > 0):
+            out[head] = tuple(diff.tolist())
+    return out
 
 
 def _among(batch: Inputs, batches: list[Inputs]) -> bool:

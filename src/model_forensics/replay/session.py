@@ -35,7 +35,7 @@ from model_forensics.core.config import ForensicsConfig, ReplayConfig, load_conf
 from model_forensics.core.errors import BundleError, ForensicsError, ModelLoadError
 from model_forensics.core.predicates import Predicate
 from model_forensics.core.sketches import tensor_sha256
-from model_forensics.models.adapters import Adapter, adapter_for, read
+from model_forensics.models.adapters import Adapter, HookPoint, adapter_for, read
 from model_forensics.models.loading import LoadedModel, load, model_ref, weights_sha256
 from model_forensics.recorder.calls import CallServer, serving
 from model_forensics.replay.interventions import (
@@ -570,8 +570,10 @@ class Session:
     ) -> list[Prepared]:
         """Resolve interventions and fetch the baseline tensors their kinds read."""
         prompt_len = int((inputs or self.inputs)["input_ids"].shape[1]) if "input_ids" in (inputs or self.inputs) else 0
+        targets = self.resolve(interventions)
+        self.warm_baselines(targets)
         prepared = []
-        for target in self.resolve(interventions):
+        for target in targets:
             if target.kind in NEEDS_BASELINE:
                 prepared.append(Prepared(target, *self._baseline_value(target, prompt_len)))
             else:
@@ -601,6 +603,24 @@ class Session:
                 "(right-aligned: the baseline's last token patches the prompt's last)"
             )
         return chosen
+
+    def warm_baselines(self, targets: Sequence[Target]) -> None:
+        """Capture, in one clean pass per baseline input, every site that ``targets`` read
+        from the session's baseline set and that is not cached yet (instead of one pass per
+        site and input)."""
+        sites = [
+            t.site
+            for t in targets
+            if t.kind in NEEDS_BASELINE
+            and t.intervention.source is None
+            and ("<baseline>", t.site) not in self._baseline_cache
+        ]
+        sites = list(dict.fromkeys(sites))
+        if len(sites) < 2 or not self.baselines:
+            return
+        captured = [self._capture_many(sites, inputs) for inputs in self.baselines]
+        for site in sites:
+            self._baseline_cache[("<baseline>", site)] = [c[site] for c in captured]
 
     def _baseline_activations(self, site: str, source: str | tuple[str, ...] | None) -> list[tuple[torch.Tensor, int]]:
         """Per baseline example: ``site``'s activation (T_b, *per-token) and its prompt length
@@ -636,31 +656,37 @@ class Session:
 
     def _capture(self, site: str, inputs: Inputs) -> tuple[torch.Tensor, int]:
         """Run ``inputs`` clean: ``site``'s activation of row 0 (T, *per-token), and T."""
-        point = self.adapter.points[site]
-        module = self.adapter.modules[point.module]
-        kept: list[torch.Tensor] = []
+        return self._capture_many([site], inputs)[site]
 
-        def out_hook(m: nn.Module, args: Any, output: Any) -> None:
-            t = read(point, output)
-            if t is not None and not kept:
-                kept.append(t[0].detach().clone())
+    def _capture_many(self, sites: Sequence[str], inputs: Inputs) -> dict[str, tuple[torch.Tensor, int]]:
+        """Run ``inputs`` clean once: each site's activation of row 0 (T, *per-token), and T."""
+        kept: dict[str, torch.Tensor] = {}
+        handles = []
 
-        def in_hook(m: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-            t = read(point, args if args else (kwargs.get("hidden_states"),))
-            if t is not None and not kept:
-                kept.append(t[0].detach().clone())
+        def keep(site: str, t: torch.Tensor | None) -> None:
+            if t is not None and site not in kept:
+                kept[site] = t[0].detach().clone()
 
-        handle = (
-            module.register_forward_hook(out_hook)
-            if point.io == "output"
-            else module.register_forward_pre_hook(in_hook, with_kwargs=True)
-        )
+        def output_hook(site: str, point: HookPoint) -> Any:
+            return lambda m, args, output: keep(site, read(point, output))
+
+        def input_hook(site: str, point: HookPoint) -> Any:
+            return lambda m, args, kwargs: keep(site, read(point, args if args else (kwargs.get("hidden_states"),)))
+
+        for site in sites:
+            point = self.adapter.points[site]
+            module = self.adapter.modules[point.module]
+            if point.io == "output":
+                handles.append(module.register_forward_hook(output_hook(site, point)))
+            else:
+                handles.append(module.register_forward_pre_hook(input_hook(site, point), with_kwargs=True))
         try:
             with self.environment(), self._counting():
                 self.model(**inputs, **self.kwargs)
         finally:
-            handle.remove()
-        return kept[0], int(kept[0].shape[0])
+            for handle in handles:
+                handle.remove()
+        return {site: (kept[site], int(kept[site].shape[0])) for site in sites}
 
     # -- running -------------------------------------------------------------------------------
     def run(
