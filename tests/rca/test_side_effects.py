@@ -63,8 +63,10 @@ def test_fix_above_a_tiny_kl_bound_is_reported_with_a_note(incident) -> None:
 
     for member in fix.members:
         if member.benign_kl is not None:  # the member alone, on every benign prompt
+            # (the search computes it in a batch of many candidates: float32 rounding differs
+            # from this two-row sweep at KLs of ~1e-6)
             assert member.benign_kl == pytest.approx(
-                _recompute(session, [member.intervention])["mean_kl"], rel=1e-4, abs=1e-9
+                _recompute(session, [member.intervention])["mean_kl"], rel=1e-2, abs=1e-9
             )
 
 
@@ -88,3 +90,23 @@ def test_empty_fix_has_no_side_effects(incident) -> None:
     assert effects.predicate_changed == 0.0
     assert effects.accuracy_fixed == effects.accuracy_clean
     assert effects.within_bound
+
+
+def test_generation_kl_covers_every_step_of_the_clean_answer(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # gpt2-injection generates 8 tokens. Zeroing an MLP at one position past every benign
+    # prompt leaves the first decoding step alone but changes later steps of the answer.
+    scenario = get("gpt2-injection")
+    small = dataclasses.replace(
+        scenario, variants=scenario.variants[:3], benign=scenario.benign[:6], baseline=scenario.baseline[:4]
+    )
+    session = SandboxReplayer().load_bundle(small.record(tmp_path_factory.mktemp("gen"), limit=1).incidents[0])
+    assert session.mode == "generate"
+    late = max(int(b["input_ids"].shape[1]) for b in session.benign()) + 1
+    effects = measure(session, [Intervention("blocks.0.mlp", "zero", positions=(late,))], bound=0.05)
+    assert effects.first_step_kl == 0.0
+    assert effects.mean_kl > 0.0
+    assert effects.to_json()["first_step_kl"] == 0.0
+
+    # Changing the first step too: both see it, and the whole answer averages it in.
+    both = measure(session, [Intervention("blocks.0.mlp", "zero")], bound=0.05)
+    assert both.first_step_kl is not None and both.first_step_kl > 0.0 and both.mean_kl > 0.0

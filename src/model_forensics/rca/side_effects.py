@@ -1,8 +1,11 @@
 """Side effects of an intervention set on the benign prompt set.
 
 mean KL = (1/N) Σ_b KL(p_clean(b) ‖ p_fixed(b)) in nats, over the scores the predicate
-reads (the next-token distribution, or a classifier's classes; the first decoding step of
-generation incidents). Predicate changes = fraction of benign prompts whose predicate
+reads (the next-token distribution, or a classifier's classes). For generation incidents
+it is averaged over every step of the clean answer, teacher-forced (the fixed model reads
+the clean answer's tokens, so damage late in the answer counts too); ``first_step_kl``
+keeps the first decoding step alone, which is what the search's cheap per-candidate
+checks (:func:`benign_kls`) compare. Predicate changes = fraction of benign prompts whose predicate
 outcome differs from the clean run. Accuracy uses each benign entry's ``expected``
 (text the output must contain, or the expected class) when the bundle provides it, and
 agreement with the clean prediction otherwise.
@@ -28,6 +31,7 @@ class SideEffects:
     accuracy_fixed: float
     n_benign: int
     bound: float
+    first_step_kl: float | None = None  # generation incidents: KL at the first decoding step
 
     @property
     def accuracy_drop(self) -> float:
@@ -48,6 +52,7 @@ class SideEffects:
             "n_benign": self.n_benign,
             "bound": self.bound,
             "within_bound": self.within_bound,
+            "first_step_kl": self.first_step_kl,
         }
 
 
@@ -73,11 +78,13 @@ def benign_kls(session: Any, sets: Sequence[Sequence[Intervention]]) -> list[lis
 def measure(session: Any, fix: Sequence[Intervention], bound: float) -> SideEffects:
     """Side effects of ``fix`` on the session's benign set."""
     entries = list(session.extras.get("benign", []))
-    kls, changed, right_clean, right_fixed = [], 0, 0, 0
+    kls, first, changed, right_clean, right_fixed = [], [], 0, 0, 0
     benign = session.benign()
     for entry, batch in zip(entries, benign, strict=False):
         clean, fixed = session.sweep([[], list(fix)], inputs=batch)
-        kls.append(kl_divergence(_first_step(clean), _first_step(fixed)))
+        first.append(kl_divergence(_first_step(clean), _first_step(fixed)))
+        sequence = clean.outputs.get("generated_ids")
+        kls.append(first[-1] if sequence is None else _answer_kl(session, fix, batch, sequence))
         changed += clean.failed != fixed.failed
         expected = entry.get("expected") if isinstance(entry, dict) else None
         right_clean += _correct(clean, expected, clean)
@@ -91,7 +98,27 @@ def measure(session: Any, fix: Sequence[Intervention], bound: float) -> SideEffe
         accuracy_fixed=right_fixed / n if n else 1.0,
         n_benign=n,
         bound=bound,
+        first_step_kl=sum(first) / n if n and session.mode == "generate" else None,
     )
+
+
+def _answer_kl(session: Any, fix: Sequence[Intervention], batch: Any, sequence: torch.Tensor) -> float:
+    """Mean KL(clean ‖ fixed) over the steps of the clean answer ``sequence`` (prompt +
+    generated ids), teacher-forced: one forward pass of two rows (clean, fixed)."""
+    from model_forensics.replay.interventions import Clock, intervening
+
+    prompt_len = int(batch["input_ids"].shape[1])
+    ids = sequence.reshape(1, -1)[:, :-1]
+    if ids.shape[1] < prompt_len:
+        return 0.0
+    forced = {"input_ids": ids.expand(2, -1), "attention_mask": torch.ones(2, ids.shape[1], dtype=torch.long)}
+    rows = [[], session.prepare(list(fix), {"input_ids": ids})]
+    with session.environment(), torch.no_grad(), intervening(session.adapter, rows, Clock(0, prompt_len)):
+        out = session.model(**forced)
+    session.forward_passes += 1
+    logits = (out.logits if hasattr(out, "logits") else out[0])[:, prompt_len - 1 :].float()
+    p, q = logits[0].log_softmax(-1), logits[1].log_softmax(-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
 
 
 def _first_step(result: Any) -> torch.Tensor:

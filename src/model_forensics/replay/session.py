@@ -298,6 +298,7 @@ class Session:
         self.baselines: list[Inputs] = [self.encode(e) for e in self.extras.get("baseline", [])]
         self.verification: VerifyReport | None = None
         self._baseline_cache: dict[tuple[str, str], list[tuple[torch.Tensor, int]]] = {}
+        self._mean_cache: dict[tuple[str, str], torch.Tensor] = {}  # (str(source), site): mean over examples
         self._clean_failed: dict[tuple[int, ...], bool | None] = {}
         self._prefix: dict[Any, Any] = {}  # sweep.py: clean prefixes by input, and "usable"
 
@@ -371,6 +372,7 @@ class Session:
         """Replace the baseline set that ``mean``/``resample``/``patch`` use without a source."""
         self.baselines = [self.encode(e) for e in entries]
         self._baseline_cache = {k: v for k, v in self._baseline_cache.items() if k[0] != "<baseline>"}
+        self._mean_cache = {k: v for k, v in self._mean_cache.items() if k[0] != "None"}
 
     # -- environment ---------------------------------------------------------------------------
     @contextmanager
@@ -585,8 +587,11 @@ class Session:
         iv = target.intervention
         examples = self._baseline_activations(target.site, iv.source)
         if iv.kind == "mean":
-            flat = torch.cat([e.double() for e, _ in examples])  # (Σ T_b, *per-token)
-            return flat.mean(dim=0).to(examples[0][0].dtype), 0
+            key = (str(iv.source), target.site)
+            if key not in self._mean_cache:
+                flat = torch.cat([e.double() for e, _ in examples])  # (Σ T_b, *per-token)
+                self._mean_cache[key] = flat.mean(dim=0).to(examples[0][0].dtype)
+            return self._mean_cache[key], 0
         if iv.kind == "resample":
             chosen = examples[random.Random(iv.seed).randrange(len(examples))]
         else:
