@@ -61,7 +61,7 @@ def main() -> None:
     rows = [
         [
             m.unit,
-            m.intervention.kind,
+            m.intervention.kind + (" along its failure direction" if m.intervention.direction else ""),
             f"{m.necessity:.2f}",
             f"{m.sufficiency:.2f}",
             "–" if m.benign_kl is None else f"{m.benign_kl:.3g}",
@@ -76,9 +76,10 @@ def main() -> None:
     )
     if se is not None:
         summary += (
-            f"Side effects on {se.n_benign} benign prompts: mean KL {se.mean_kl:.3g} nats (max {se.max_kl:.3g}), "
-            f"accuracy {se.accuracy_clean:.0%} → {se.accuracy_fixed:.0%}, predicate changed on "
-            f"{se.predicate_changed:.0%}.\n"
+            f"Side effects on {se.n_benign} benign prompts: mean KL {se.mean_kl:.3g} nats over every step of the "
+            f"clean answer (max {se.max_kl:.3g}; first step alone {se.first_step_kl or 0:.3g}), bound {se.bound:g} "
+            f"(within: {se.within_bound}); benign answers kept word for word (all 16 tokens): "
+            f"{se.accuracy_clean:.0%} → {se.accuracy_fixed:.0%}; predicate changed on {se.predicate_changed:.0%}.\n"
         )
     timing = markdown_table(
         ["stage", "seconds", "forward passes"],

@@ -142,6 +142,11 @@ def test_mean_uses_the_baseline_set(sessions):
     expected = torch.cat(acts).double().mean(0).float()  # (heads, d_head)
     z = observe(s, "blocks.1.attn.z", [Intervention("blocks.1.attn.head.2", "mean")])
     assert torch.allclose(z[:, 2], expected[2].expand_as(z[:, 2]))
+    # align='last': the mean of each baseline's last prompt position
+    last = torch.stack([a[-1] for a in acts]).double().mean(0).float()
+    z = observe(s, "blocks.1.attn.z", [Intervention("blocks.1.attn.head.2", "mean", align="last")])
+    assert torch.allclose(z[:, 2], last[2].expand_as(z[:, 2]))
+    assert not torch.allclose(last[2], expected[2])
 
 
 def test_direction_changes_only_the_component_along_it(sessions):

@@ -6,7 +6,8 @@ serialises to JSON and back exactly, so fix sets can be saved, diffed and replay
 
 Kinds (``x`` is the targeted slice of the site's activation, per batch row):
     zero      x ← 0
-    mean      x ← mean of the site over a baseline set (over examples and positions)
+    mean      x ← mean of the site over a baseline set (over examples and positions; with
+              align='last', over the examples' last prompt positions)
     resample  x ← the activation of one baseline example (chosen by ``seed``), by position
     patch     x ← the activation of a baseline run or bundle, by position
     noise     x ← x + value · std(x) · ε,  ε ~ N(0, 1) seeded by ``seed``  (value in std units)

@@ -298,7 +298,7 @@ class Session:
         self.baselines: list[Inputs] = [self.encode(e) for e in self.extras.get("baseline", [])]
         self.verification: VerifyReport | None = None
         self._baseline_cache: dict[tuple[str, str], list[tuple[torch.Tensor, int]]] = {}
-        self._mean_cache: dict[tuple[str, str], torch.Tensor] = {}  # (str(source), site): mean over examples
+        self._mean_cache: dict[tuple[str, str, str], torch.Tensor] = {}  # (str(source), site, align): the mean
         self._clean_failed: dict[tuple[int, ...], bool | None] = {}
         self._prefix: dict[Any, Any] = {}  # sweep.py: clean prefixes by input, and "usable"
 
@@ -587,9 +587,12 @@ class Session:
         iv = target.intervention
         examples = self._baseline_activations(target.site, iv.source)
         if iv.kind == "mean":
-            key = (str(iv.source), target.site)
+            key = (str(iv.source), target.site, iv.align)
             if key not in self._mean_cache:
-                flat = torch.cat([e.double() for e, _ in examples])  # (Σ T_b, *per-token)
+                if iv.align == "last":  # each example's last prompt position
+                    flat = torch.stack([e[t - 1].double() for e, t in examples])
+                else:
+                    flat = torch.cat([e.double() for e, _ in examples])  # (Σ T_b, *per-token)
                 self._mean_cache[key] = flat.mean(dim=0).to(examples[0][0].dtype)
             return self._mean_cache[key], 0
         if iv.kind == "resample":
