@@ -432,6 +432,12 @@ def analyze(
     ] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config")] = None,
     strategy: Annotated[str | None, typer.Option(help="greedy | exhaustive")] = None,
+    directions: Annotated[
+        str,
+        typer.Option(
+            help="auto | always | never: narrow heads to their failure direction when whole heads break benign prompts"
+        ),
+    ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the analysis as JSON")] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the analysis JSON here")] = None,
 ) -> None:
@@ -451,6 +457,7 @@ def analyze(
                 baseline=baseline or [],
                 config=config,
                 strategy=strategy,
+                directions=directions,
                 progress=_progress_callback(progress, task),
             ).to_json()
         except NothingToFix as exc:

@@ -50,15 +50,18 @@ def analyze_bundle(
     config: str | Path | None = None,
     search: bool = True,
     strategy: str | None = None,
+    directions: str = "auto",
     progress: Callable[[str], None] | None = None,
 ) -> Analysis:
-    """Full root-cause analysis of one bundle (``search=False``: triage only, no CCA)."""
+    """Full root-cause analysis of one bundle (``search=False``: triage only, no CCA;
+    ``directions``: see :class:`~model_forensics.rca.cca.CausalCCA`)."""
     from model_forensics.rca.attribution import attribution_ranking
     from model_forensics.rca.cca import CausalCCA
     from model_forensics.rca.compression import CompressionForensics
     from model_forensics.replay import SandboxReplayer
 
     say = progress or (lambda _msg: None)
+    cca = CausalCCA(config, search_strategy=strategy, directions=directions)  # bad options fail before any work
     start = time.perf_counter()
     say("replaying and verifying")
     session = SandboxReplayer(config).load_bundle(path, model=model)
@@ -73,7 +76,7 @@ def analyze_bundle(
     fix = None
     if search:
         say("searching a minimal fix set")
-        fix = CausalCCA(config, search_strategy=strategy).search_fix_set(session, guided_by=anomalies, ranking=ranking)
+        fix = cca.search_fix_set(session, guided_by=anomalies, ranking=ranking)
     ranking_json = ranking.to_json()
     ranking_json["units"] = ranking_json["units"][:200]
     return Analysis(
