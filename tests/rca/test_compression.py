@@ -164,3 +164,16 @@ def test_false_positive_rate_is_not_reported_when_the_measurement_cannot_flag(ti
     half = report.baseline_size // 2
     assert (half + 1) * report.nominal_rate_max < 1  # no held-out p-value can reach α
     assert report.false_positive_rate is None or any("false-positive" in n for n in report.notes)
+
+
+def test_false_positive_rate_is_measured_on_random_halves(tiny, tmp_path: Path) -> None:
+    # Benign runs that alternate two kinds (4-token and 16-token prompts): a fixed interleaved
+    # split would hold one kind out against the other and flag most units; random halves
+    # keep the runs exchangeable, so the measured rate stays near the nominal rate.
+    g = torch.Generator().manual_seed(21)
+    runs = [torch.randint(0, 50, (1, 4 if i % 2 == 0 else 16), generator=g) for i in range(48)]
+    path = _record(tiny["gpt2"], _prompts(1, seed=13)[0], tmp_path / "incident", runs)
+    report = CompressionForensics().analyze(SandboxReplayer().load_bundle(path))
+    alpha, n = report.nominal_rate_max, 5 * 24 * len(report)  # 5 random halvings × 24 held-out runs × units
+    assert report.false_positive_rate is not None
+    assert report.false_positive_rate <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / n)

@@ -179,22 +179,29 @@ def _loo_scores(ref: np.ndarray) -> np.ndarray:
 
 
 def _held_out_fpr(
-    reference: list[dict[str, dict[str, float]]], units: list[str], threshold: float, alpha: float
+    reference: list[dict[str, dict[str, float]]], units: list[str], threshold: float, alpha: float, splits: int = 5
 ) -> float | None:
-    """Fraction of units of held-out benign runs flagged against the other half."""
-    # Interleaved halves: the reference mixes kinds of runs (benign prompts, then clean
-    # counterparts), and both halves must hold both kinds.
-    calibration, held_out = reference[::2], reference[1::2]
-    if len(reference) < 8 or len(calibration) + 1 < 1 / alpha:
+    """Fraction of units of held-out benign runs flagged against the other half, averaged
+    over ``splits`` seeded random halvings. Random halves keep the runs exchangeable, which
+    the conformal p-values need; a fixed split (e.g. interleaved) can put systematically
+    different runs on each side (bert-sentiment-bypass: 21 % flagged interleaved, 2–3 %
+    on random halves)."""
+    half = len(reference) // 2
+    if len(reference) < 8 or len(reference) - half + 1 < 1 / alpha:
         return None  # too few runs: nothing could be flagged, so a rate of 0 would mean nothing
+    rng = np.random.default_rng(0)
     flagged = total = 0
-    for unit in units:
-        ref = np.array([[r[unit][f] for f in FEATURES] for r in calibration])
-        null = _loo_scores(ref)
-        test = np.array([[r[unit][f] for f in FEATURES] for r in held_out])
-        scores = np.abs(_robust_z(test, ref)).max(axis=1)
-        for score in scores:
-            p_value = (1 + int((null >= score).sum())) / (len(null) + 1)
-            flagged += bool(score > threshold and p_value <= alpha)
-            total += 1
+    for _ in range(splits):
+        order = rng.permutation(len(reference))
+        calibration = [reference[i] for i in order[half:]]
+        held_out = [reference[i] for i in order[:half]]
+        for unit in units:
+            ref = np.array([[r[unit][f] for f in FEATURES] for r in calibration])
+            null = _loo_scores(ref)
+            test = np.array([[r[unit][f] for f in FEATURES] for r in held_out])
+            scores = np.abs(_robust_z(test, ref)).max(axis=1)
+            for score in scores:
+                p_value = (1 + int((null >= score).sum())) / (len(null) + 1)
+                flagged += bool(score > threshold and p_value <= alpha)
+                total += 1
     return flagged / total if total else None
