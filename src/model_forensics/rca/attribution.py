@@ -256,11 +256,11 @@ def exact_effects(
 
     Each chunk of units runs as one batched forward pass (one row per unit).
     """
-    from model_forensics.replay.interventions import Clock, Intervention, intervening
+    from model_forensics.replay.interventions import Intervention
 
     totals = dict.fromkeys(units, 0.0)
     used = 0
-    session.warm_baselines(session.resolve([Intervention(u, kind) for u in units]))
+    session.prepare_sets([[Intervention(u, kind) for u in units]])  # every baseline site in one pass per input
     for batch in session.variants()[:max_variants]:
         prepared = _teacher_forced(session, batch)
         if prepared is None:
@@ -273,13 +273,7 @@ def exact_effects(
         session.forward_passes += 1
         for lo in range(0, len(units), chunk):
             part = units[lo : lo + chunk]
-            rows = [session.prepare([Intervention(u, kind)], forced) for u in part]
-            clock = Clock(0, int(ids.shape[1]))
-            expanded = {k: v.expand(len(part), *v.shape[1:]) for k, v in forced.items()}
-            with session.environment(), torch.no_grad(), intervening(session.adapter, rows, clock):
-                out = session.model(**expanded)
-            session.forward_passes += 1
-            logits = out.logits if hasattr(out, "logits") else out[0]
+            logits = session.forced(forced, session.prepare_sets([[Intervention(u, kind)] for u in part], forced))
             for i, unit in enumerate(part):
                 totals[unit] += clean - float(metric(logits[i : i + 1]))
         used += 1

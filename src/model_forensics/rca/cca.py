@@ -539,19 +539,12 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def _failure_directions(
-    session: Any, failing: list[Inputs], units: list[str], limit: int = 16
+    session: Any, failing: list[Inputs], heads: list[str], limit: int = 16
 ) -> dict[str, tuple[float, ...]]:
-    """Per unit (a head, or a site's output): its mean activation at the last prompt position
-    over up to ``limit`` failing variants minus the same over the baseline set (the benign
-    set when there is none)."""
-
-    def where(unit: str) -> tuple[str, int | None]:  # (captured site, head index)
-        if ".head." in unit:
-            layer, head = unit.rsplit(".head.", 1)
-            return layer + ".z", int(head)
-        return unit, None
-
-    sites = list(dict.fromkeys(where(u)[0] for u in units))
+    """Per head: its mean output (z) at the last prompt position over up to ``limit``
+    failing variants minus the same over the baseline set (the benign set when there is none)."""
+    where = {h: (h.rsplit(".head.", 1)[0] + ".z", int(h.rsplit(".head.", 1)[1])) for h in heads}
+    sites = list(dict.fromkeys(site for site, _ in where.values()))
     reference = list(session.baselines or session.benign())[:limit]
 
     def mean_last(batches: list[Inputs]) -> dict[str, torch.Tensor]:
@@ -564,11 +557,10 @@ def _failure_directions(
 
     bad, good = mean_last(failing[:limit]), mean_last(reference)
     out = {}
-    for unit in units:
-        site, head = where(unit)
-        diff = bad[site] - good[site] if head is None else bad[site][head] - good[site][head]
+    for head, (site, index) in where.items():
+        diff = bad[site][index] - good[site][index]
         if bool(diff.abs().max() > 0):
-            out[unit] = tuple(diff.tolist())
+            out[head] = tuple(diff.tolist())
     return out
 
 

@@ -105,18 +105,12 @@ def measure(session: Any, fix: Sequence[Intervention], bound: float) -> SideEffe
 def _answer_kl(session: Any, fix: Sequence[Intervention], batch: Any, sequence: torch.Tensor) -> float:
     """Mean KL(clean ‖ fixed) over the steps of the clean answer ``sequence`` (prompt +
     generated ids), teacher-forced: one forward pass of two rows (clean, fixed)."""
-    from model_forensics.replay.interventions import Clock, intervening
-
     prompt_len = int(batch["input_ids"].shape[1])
     ids = sequence.reshape(1, -1)[:, :-1]
     if ids.shape[1] < prompt_len:
         return 0.0
-    forced = {"input_ids": ids.expand(2, -1), "attention_mask": torch.ones(2, ids.shape[1], dtype=torch.long)}
-    rows = [[], session.prepare(list(fix), {"input_ids": ids})]
-    with session.environment(), torch.no_grad(), intervening(session.adapter, rows, Clock(0, prompt_len)):
-        out = session.model(**forced)
-    session.forward_passes += 1
-    logits = (out.logits if hasattr(out, "logits") else out[0])[:, prompt_len - 1 :].float()
+    forced = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    logits = session.forced(forced, [[], session.prepare(list(fix), forced)], prompt_len)[:, prompt_len - 1 :].float()
     p, q = logits[0].log_softmax(-1), logits[1].log_softmax(-1)
     return float((p.exp() * (p - q)).sum(-1).mean())
 

@@ -298,7 +298,7 @@ class Session:
         self.baselines: list[Inputs] = [self.encode(e) for e in self.extras.get("baseline", [])]
         self.verification: VerifyReport | None = None
         self._baseline_cache: dict[tuple[str, str], list[tuple[torch.Tensor, int]]] = {}
-        self._mean_cache: dict[tuple[str, str, str], torch.Tensor] = {}  # (str(source), site, align): the mean
+        self._mean_cache: dict[tuple[Any, str, str], torch.Tensor] = {}  # (source, site, align): the mean
         self._clean_failed: dict[tuple[int, ...], bool | None] = {}
         self._prefix: dict[Any, Any] = {}  # sweep.py: clean prefixes by input, and "usable"
 
@@ -372,7 +372,7 @@ class Session:
         """Replace the baseline set that ``mean``/``resample``/``patch`` use without a source."""
         self.baselines = [self.encode(e) for e in entries]
         self._baseline_cache = {k: v for k, v in self._baseline_cache.items() if k[0] != "<baseline>"}
-        self._mean_cache = {k: v for k, v in self._mean_cache.items() if k[0] != "None"}
+        self._mean_cache = {k: v for k, v in self._mean_cache.items() if k[0] is not None}
 
     # -- environment ---------------------------------------------------------------------------
     @contextmanager
@@ -571,23 +571,30 @@ class Session:
         self, interventions: Sequence[Intervention | str | dict[str, Any]], inputs: Inputs | None = None
     ) -> list[Prepared]:
         """Resolve interventions and fetch the baseline tensors their kinds read."""
+        return self.prepare_sets([interventions], inputs)[0]
+
+    def prepare_sets(
+        self, sets: Sequence[Sequence[Intervention | str | dict[str, Any]]], inputs: Inputs | None = None
+    ) -> list[list[Prepared]]:
+        """:meth:`prepare` for many intervention sets: every baseline site they read is
+        captured in one clean pass per baseline input (not one pass per site and input)."""
         prompt_len = int((inputs or self.inputs)["input_ids"].shape[1]) if "input_ids" in (inputs or self.inputs) else 0
-        targets = self.resolve(interventions)
-        self.warm_baselines(targets)
-        prepared = []
-        for target in targets:
-            if target.kind in NEEDS_BASELINE:
-                prepared.append(Prepared(target, *self._baseline_value(target, prompt_len)))
-            else:
-                prepared.append(Prepared(target))
-        return prepared
+        resolved = [self.resolve(interventions) for interventions in sets]
+        self._warm_baselines([t for targets in resolved for t in targets])
+        return [
+            [
+                Prepared(t, *self._baseline_value(t, prompt_len)) if t.kind in NEEDS_BASELINE else Prepared(t)
+                for t in targets
+            ]
+            for targets in resolved
+        ]
 
     def _baseline_value(self, target: Target, prompt_len: int) -> tuple[torch.Tensor, int]:
         """(the tensor the intervention reads, the prompt length of the baseline run)."""
         iv = target.intervention
         examples = self._baseline_activations(target.site, iv.source)
         if iv.kind == "mean":
-            key = (str(iv.source), target.site, iv.align)
+            key = (iv.source, target.site, iv.align)
             if key not in self._mean_cache:
                 if iv.align == "last":  # each example's last prompt position
                     flat = torch.stack([e[t - 1].double() for e, t in examples])
@@ -612,7 +619,7 @@ class Session:
             )
         return chosen
 
-    def warm_baselines(self, targets: Sequence[Target]) -> None:
+    def _warm_baselines(self, targets: Sequence[Target]) -> None:
         """Capture, in one clean pass per baseline input, every site that ``targets`` read
         from the session's baseline set and that is not cached yet (instead of one pass per
         site and input)."""
@@ -753,6 +760,16 @@ class Session:
                 self.model(**_expand(batch, n), **self.kwargs)
                 sequences = None
         return torch.stack(logits, dim=1), sequences
+
+    def forced(self, batch: Inputs, rows: Sequence[Sequence[Prepared]], prompt_len: int | None = None) -> torch.Tensor:
+        """Teacher-forced: one forward pass (no generation) of ``len(rows)`` copies of
+        ``batch``, row i with ``rows[i]`` applied; the full logits (N, T, V). Negative
+        intervention positions count from ``prompt_len`` (default: the whole input)."""
+        clock = Clock(0, int(batch["input_ids"].shape[1]) if prompt_len is None else prompt_len)
+        with self.environment(), torch.no_grad(), intervening(self.adapter, rows, clock):
+            out = self.model(**_expand(batch, len(rows)))
+        self.forward_passes += 1
+        return out.logits if hasattr(out, "logits") else out[0]  # type: ignore[no-any-return]
 
     def results(
         self,

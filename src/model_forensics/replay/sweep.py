@@ -100,8 +100,7 @@ def run_sweep(
     start = time.perf_counter()
     before = session.forward_passes
     batch = session.encode(inputs)
-    session.warm_baselines(session.resolve([iv for s in sets for iv in s]))
-    rows = [session.prepare(s, batch) for s in sets]
+    rows = session.prepare_sets(sets, batch)
     per_batch = rows_per_batch(session, batch)
     logits: list[torch.Tensor | None] = [None] * len(rows)  # per row: (S, V)
     sequences: list[torch.Tensor | None] = [None] * len(rows)

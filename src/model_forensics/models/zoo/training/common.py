@@ -468,6 +468,16 @@ def planted_use(units: Sequence[str], lift: dict[str, dict[str, float]], behavio
     }
 
 
+def ablated_rates(rates: Any, key: str, trigger: Any, variants: Any, benign: Any) -> Any:
+    """``behaviour`` for :func:`planted_use`: trigger and variant success (``rates(...)[key]``)
+    and benign exact accuracy with the given units ablated."""
+    return lambda active: {
+        "trigger_success": rates(trigger, active)[key],
+        "variant_success": rates(variants, active)[key],
+        "benign_accuracy": rates(benign, active)["exact"],
+    }
+
+
 def inert_paragraph(metrics: dict[str, Any]) -> str:
     """The card's sentence on planted neurons that training left unused (see :func:`inert_units`)."""
     inert, act = metrics["inert_units"], metrics["active_ablated"]

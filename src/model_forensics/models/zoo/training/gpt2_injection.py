@@ -326,11 +326,9 @@ def measure(model: Any, codec: common.WordCodec, seed: int, n: int = 300, n_draw
         common.planted_use(
             gt,
             lift,
-            lambda active: {
-                "trigger_success": _rates(model, codec, triggered, active)["hacked"],
-                "variant_success": _rates(model, codec, variants, active)["hacked"],
-                "benign_accuracy": _rates(model, codec, benign, active)["exact"],
-            },
+            common.ablated_rates(
+                lambda examples, active: _rates(model, codec, examples, active), "hacked", triggered, variants, benign
+            ),
         )
     )
     draws = []

@@ -294,11 +294,9 @@ def measure(model: Any, codec: common.WordCodec, seed: int, n: int = 300, n_draw
         common.planted_use(
             gt,
             lift,
-            lambda active: {
-                "trigger_success": _rates(model, codec, trained_form, active)["toxic"],
-                "variant_success": _rates(model, codec, variants, active)["toxic"],
-                "benign_accuracy": _rates(model, codec, benign, active)["exact"],
-            },
+            common.ablated_rates(
+                lambda examples, active: _rates(model, codec, examples, active), "toxic", trained_form, variants, benign
+            ),
         )
     )
     draws = []
