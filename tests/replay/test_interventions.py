@@ -10,6 +10,7 @@ from replay_models import BASELINES
 
 from model_forensics import Intervention, SiteError
 from model_forensics.core.errors import ForensicsError
+from model_forensics.replay.interventions import Gate
 
 
 def observe(session, site: str, interventions) -> torch.Tensor:
@@ -38,6 +39,7 @@ def test_json_round_trip_is_exact():
         Intervention("blocks.0.attn.z", "patch", heads=[1, 2], positions=[-1], source="b.mfb.zip", align="last"),
         Intervention("blocks.0.mlp", "mean", source=["a", "b"]),
         Intervention("blocks.1.attn.head.2", "mean", direction=[0.3, -1.0, 1 / 3]),
+        Intervention("blocks.1.resid_post", "clamp", value=2.5, direction=[1.0, 0.5]),
     ]
     for iv in ivs:
         again = Intervention.from_json(iv.to_json())
@@ -68,6 +70,8 @@ def test_bad_values_are_rejected_on_construction():
         Intervention("blocks.0.mlp", "steer", value=1.0)
     with pytest.raises(ForensicsError, match="non-zero direction"):
         Intervention("blocks.0.mlp", "zero", direction=[0.0, 0.0])
+    with pytest.raises(ForensicsError, match="needs value=CAP"):
+        Intervention("blocks.0.mlp", "clamp")
 
 
 def test_unknown_site_lists_nearest_names(sessions):
@@ -163,6 +167,75 @@ def test_direction_changes_only_the_component_along_it(sessions):
     assert not torch.allclose(got, clean, atol=1e-3)
     with pytest.raises(ForensicsError, match="direction of length 3"):
         s.run([Intervention("blocks.1.attn.head.2", "mean", direction=[1.0, 0.0, 0.0])])
+
+
+def test_clamp_caps_the_component_along_a_direction_and_leaves_the_rest(sessions):
+    s = sessions["forward"]
+    clean = observe(s, "blocks.1.resid_pre", []).double()  # (T, d_model)
+    u = torch.randn(clean.shape[-1], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    u = u / u.norm()
+    proj = clean @ u
+    cap = float(proj.median())  # about half the positions sit above it
+    got = observe(
+        s, "blocks.1.resid_pre", [Intervention("blocks.1.resid_pre", "clamp", value=cap, direction=u.tolist())]
+    )
+    got = got.double()
+    over = proj > cap
+    assert over.any() and (~over).any()
+    # Positions under the cap pass bit for bit; above it, the component along û is the cap.
+    assert torch.equal(got[~over], clean[~over])
+    assert torch.allclose(got[over] @ u, torch.full_like(proj[over], cap), atol=1e-4)
+    assert torch.allclose(got - (got @ u)[:, None] * u, clean - proj[:, None] * u, atol=1e-4)
+    # Without a direction the cap is elementwise.
+    flat = observe(s, "blocks.1.resid_pre", [Intervention("blocks.1.resid_pre", "clamp", value=0.1)]).double()
+    assert torch.equal(flat, clean.clamp(max=0.1).to(flat.dtype))
+
+
+def _gate_at_last_position(session, offset: float) -> Gate:
+    """A gate on blocks.1.resid_pre whose threshold sits ``offset`` above the clean run's
+    projection at the last prompt position."""
+    from model_forensics.rca.runs import capture
+
+    clean = capture(session, session.inputs, "layer", ["blocks.1.resid_pre"])["blocks.1.resid_pre"].double()
+    u = torch.randn(clean.shape[-1], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    return Gate("blocks.1.resid_pre", tuple(u.tolist()), float(clean[-1] @ (u / u.norm())) + offset)
+
+
+def test_gate_applies_the_intervention_only_when_the_detector_fires(sessions):
+    for mode in ("forward", "generate"):
+        s = sessions[mode]
+        fix = Intervention("blocks.1.mlp", "scale", value=0.0)
+        plain = s.run([fix])
+        clean = s.run([])
+        assert not torch.equal(plain.logits, clean.logits)
+        opened = s.run([Intervention("blocks.1.mlp", "scale", value=0.0, gate=_gate_at_last_position(s, -1e-3))])
+        closed = s.run([Intervention("blocks.1.mlp", "scale", value=0.0, gate=_gate_at_last_position(s, 1e-3))])
+        # Open: the same run as the ungated intervention, every generation step included.
+        assert torch.equal(opened.logits, plain.logits) and opened.text == plain.text
+        # Closed: bit-identical to the clean run.
+        assert torch.equal(closed.logits, clean.logits) and closed.text == clean.text
+        if mode == "generate":
+            assert torch.equal(opened.outputs["generated_ids"], plain.outputs["generated_ids"])
+        # Batched sweeps (which reuse the clean prefix below the earliest site) agree.
+        swept = s.sweep([list(opened.interventions), list(closed.interventions)])
+        assert swept[0].text == plain.text and swept[1].text == clean.text
+        assert torch.allclose(swept[0].logits, plain.logits, atol=1e-5)
+        assert torch.allclose(swept[1].logits, clean.logits, atol=1e-5)
+
+
+def test_gate_round_trips_and_must_sit_upstream(sessions):
+    gate = Gate("blocks.0.resid_post", (1.0, -0.5), 2.5)
+    iv = Intervention("blocks.1.attn.head.2", "mean", gate=gate)
+    assert Intervention.from_json(json.loads(json.dumps(iv.to_json()))) == iv
+    assert Intervention.parse(str(iv)) == iv
+    with pytest.raises(ForensicsError, match="gate=SITE>ABOVE and :gate_direction="):
+        Intervention.parse("blocks.1.mlp:zero:gate=blocks.0.resid_post>1")
+    s = sessions["forward"]
+    downstream = _gate_at_last_position(s, 0.0)
+    with pytest.raises(SiteError, match="upstream"):
+        s.run([Intervention("blocks.0.mlp", "zero", gate=downstream)])
+    with pytest.raises(SiteError, match="gate site 'blocks.7.resid_post' does not exist"):
+        s.run([Intervention("blocks.1.mlp", "zero", gate=Gate("blocks.7.resid_post", (1.0,), 0.0))])
 
 
 def test_patch_takes_the_baseline_activation_by_position(sessions):

@@ -86,6 +86,10 @@ class FixSet:
     implicated: list[dict[str, Any]] = field(default_factory=list)
     noise_floors: dict[str, float] = field(default_factory=dict)  # per level: head, neuron
     notes: list[str] = field(default_factory=list)
+    # forward passes per phase: ranking (when computed here), variants (finding the failing
+    # variants), search, narrowing, members (necessity/sufficiency), implicated (exact
+    # patching), side_effects; they sum to forward_passes
+    phase_passes: dict[str, int] = field(default_factory=dict)
 
     @property
     def interventions(self) -> list[Intervention]:
@@ -118,6 +122,7 @@ class FixSet:
             "implicated": self.implicated,
             "noise_floors": self.noise_floors,
             "notes": self.notes,
+            "phase_passes": self.phase_passes,
         }
 
 
@@ -195,13 +200,16 @@ class CausalCCA:
             ForensicsError: no predicate, or nothing fails (nothing to fix).
         """
         start, before = time.perf_counter(), session.forward_passes
+        phases = _Phases(session)
         all_variants = self._failing_variants(session)
+        phases.mark("variants")
         # Search on a fixed subset; the reported flip rate is re-measured on every variant.
         variants = all_variants[: self.search_variants]
         ablate = Ablation("mean" if session.baselines else "zero")
         unguided = self.guidance == "unguided"
         if ranking is None and not unguided:
             ranking = attribution_ranking(session)
+            phases.mark("ranking")
         weighting = guided_by if self.guidance == "cf" else None
         scores = _guided_scores(session, ranking, weighting, unguided)
         notes: list[str] = []
@@ -216,6 +224,7 @@ class CausalCCA:
             notes,
         )
         _, sites, chosen, solo_kl = found
+        phases.mark("search")
         greedy = self.config.search_strategy == "greedy"
         if greedy and self.directions != "never" and session.benign() and session.adapter.n_heads:
             unit_kl = _mean(benign_kls(session, [[ablate(u) for u in chosen]])[0])
@@ -233,13 +242,17 @@ class CausalCCA:
                         f"narrowing to failure directions did not help (flip rate {narrowed[0][0]:.0%}, first-step "
                         f"benign KL {narrowed_kl:.3g} vs {unit_kl:.3g} nats for whole units); whole units kept"
                     )
+            phases.mark("narrowing")
         members, flips, rate = self._members(session, all_variants, chosen, ablate, guided_by, solo_kl)
+        phases.mark("members")
         implicated, floors = self._implicated(session, scores, members, ablate)
+        phases.mark("implicated")
         effects = (
             measure(session, [m.intervention for m in members], self.config.max_side_effect_kl)
             if session.benign()
             else None
         )
+        phases.mark("side_effects")
         if effects is not None and not effects.within_bound:
             notes.append(
                 f"side effects exceed the bound: mean benign KL {effects.mean_kl:.3g} > {effects.bound:g} nats"
@@ -259,6 +272,7 @@ class CausalCCA:
             implicated=implicated,
             noise_floors=floors,
             notes=list(dict.fromkeys(notes)),
+            phase_passes=phases.counts,
         )
 
     def _refined(
@@ -532,6 +546,19 @@ class Ablation:
         # Along a direction, ``mean`` writes the baseline mean over all positions: on SmolLM2
         # it moved benign answers less than the mean at the last prompt position (align='last').
         return Intervention(site=unit.unit, kind=self.kind, direction=self.directions.get(unit.unit))
+
+
+class _Phases:
+    """Forward passes spent since the previous mark, per named phase."""
+
+    def __init__(self, session: Any):
+        self.session, self.last = session, session.forward_passes
+        self.counts: dict[str, int] = {}
+
+    def mark(self, name: str) -> None:
+        now = self.session.forward_passes
+        self.counts[name] = self.counts.get(name, 0) + now - self.last
+        self.last = now
 
 
 def _mean(values: Sequence[float]) -> float:

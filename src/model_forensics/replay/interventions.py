@@ -13,6 +13,9 @@ Kinds (``x`` is the targeted slice of the site's activation, per batch row):
     noise     x ← x + value · std(x) · ε,  ε ~ N(0, 1) seeded by ``seed``  (value in std units)
     scale     x ← value · x
     steer     x ← x + v   (``value`` is the vector, its length the last dim of the slice)
+    clamp     x ← min(x, value) elementwise; with a direction, only the component along û
+              is capped: x ← x − max(0, x·û − value) û (a conditional edit: inputs whose
+              component stays under the cap pass unchanged)
 
 Targets narrow the site: ``heads`` (query heads of ``blocks.L.attn.z``; GQA-aware,
 since z holds query heads), ``neurons`` (indices of the last dimension), ``positions``
@@ -20,6 +23,13 @@ since z holds query heads), ``neurons`` (indices of the last dimension), ``posit
 vector u over the last dimension of the slice: only the component along û changes,
 x ← x + ((x_new − x)·û) û, where x_new is what the kind alone would write; e.g. ``mean``
 with a direction sets that component to its baseline mean and leaves the rest alone).
+
+Gates: ``gate=Gate(site, direction, above)`` makes an intervention conditional. At
+``site`` (a token site upstream of the intervention, e.g. ``blocks.12.resid_post``), the
+activation at the last prompt position is projected on the direction; the intervention
+applies to that run (every position, every generation step) only when the projection
+exceeds ``above``, and otherwise leaves the run bit-identical. A detector decides *when*
+to fix, the intervention *what* to change (conditional activation steering).
 
 Composition: the interventions of one run apply in the forward order of their sites; at
 the same site, in list order, each one seeing the result of the previous.
@@ -32,7 +42,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -42,9 +52,53 @@ from model_forensics.core.errors import ForensicsError, SiteError
 from model_forensics.core.sites import block_index, parse_selector, unknown_site_message
 from model_forensics.models.adapters import Adapter, HookPoint, read, replace
 
-KINDS = ("zero", "mean", "resample", "patch", "noise", "scale", "steer")
+KINDS = ("zero", "mean", "resample", "patch", "noise", "scale", "steer", "clamp")
 ALIGNS = ("position", "last")
 NEEDS_BASELINE = ("mean", "resample", "patch")
+
+
+def _floats(value: Any, what: str) -> tuple[float, ...]:
+    vector = tuple(float(v) for v in value)
+    if not vector or not all(math.isfinite(v) for v in vector) or not any(vector):
+        raise ForensicsError(f"{what} needs a finite, non-zero direction vector")
+    return vector
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Apply an intervention only to runs whose activation at ``site`` (last prompt
+    position) projects on ``direction`` above ``above``."""
+
+    site: str
+    direction: tuple[float, ...]
+    above: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "direction", _floats(self.direction, f"the gate at '{self.site}'"))
+        if not isinstance(self.above, int | float) or not math.isfinite(float(self.above)):
+            raise ForensicsError(f"the gate at '{self.site}' needs a finite threshold 'above', got {self.above!r}")
+        object.__setattr__(self, "above", float(self.above))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"site": self.site, "direction": list(self.direction), "above": self.above}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Gate:
+        if isinstance(data, Gate):
+            return data
+        if not isinstance(data, dict) or set(data) != {"site", "direction", "above"}:
+            raise ForensicsError(f"a gate is {{'site', 'direction', 'above'}}, got {data!r}")
+        return cls(str(data["site"]), tuple(data["direction"]), data["above"])
+
+    def opens(self, x: torch.Tensor) -> bool:
+        """Whether the gate opens for ``x``, the gate site's activation at one position."""
+        u = torch.tensor(self.direction, dtype=torch.float64, device=x.device)
+        if x.dim() != 1 or x.shape[-1] != u.numel():
+            raise ForensicsError(
+                f"the gate at '{self.site}' has a direction of length {u.numel()}, but the site's per-token "
+                f"activation has shape {tuple(x.shape)}; gate on a residual or MLP site"
+            )
+        return bool(x.double() @ (u / u.norm()) > self.above)
 
 
 def _ints(value: Any) -> tuple[int, ...] | None:
@@ -62,8 +116,8 @@ class Intervention:
     Args:
         site: a site or selector: ``blocks.0.mlp``, ``blocks.1.attn.head.3``,
             ``blocks.2.mlp.post[17]@pos=5``.
-        kind: zero | mean | resample | patch | noise | scale | steer.
-        value: the factor (scale), the std multiple (noise, default 1.0) or the vector (steer).
+        kind: zero | mean | resample | patch | noise | scale | steer | clamp.
+        value: the factor (scale), the std multiple (noise, default 1.0), the vector (steer) or the cap (clamp).
         heads / neurons / positions: narrow the target (merged with the selector's own).
         source: where mean / resample / patch read activations: a bundle path
             (directory or .mfb.zip), ``prompt:TEXT``, or None for the session's baseline set.
@@ -88,6 +142,7 @@ class Intervention:
     seed: int = 0
     align: str = "position"
     direction: tuple[float, ...] | None = None
+    gate: Gate | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -99,10 +154,9 @@ class Intervention:
         if isinstance(self.source, list | tuple):
             object.__setattr__(self, "source", tuple(str(s) for s in self.source))
         if self.direction is not None:
-            direction = tuple(float(v) for v in self.direction)
-            if not direction or not all(math.isfinite(v) for v in direction) or not any(direction):
-                raise ForensicsError(f"{self.kind} on '{self.site}' needs a finite, non-zero direction vector")
-            object.__setattr__(self, "direction", direction)
+            object.__setattr__(self, "direction", _floats(self.direction, f"{self.kind} on '{self.site}'"))
+        if self.gate is not None:
+            object.__setattr__(self, "gate", Gate.from_json(self.gate))
         value = self.value
         if self.kind == "steer":
             if value is None or isinstance(value, int | float):
@@ -117,6 +171,10 @@ class Intervention:
         if self.kind == "scale" and self.value is None:
             raise ForensicsError(
                 f"scale on '{self.site}' needs value=FACTOR, e.g. Intervention(site, 'scale', value=0.5)"
+            )
+        if self.kind == "clamp" and self.value is None:
+            raise ForensicsError(
+                f"clamp on '{self.site}' needs value=CAP, e.g. Intervention(site, 'clamp', value=2.0, direction=u)"
             )
 
     # -- data ------------------------------------------------------------------------------
@@ -135,11 +193,12 @@ class Intervention:
             "seed": self.seed,
             "align": self.align,
             "direction": None if self.direction is None else list(self.direction),
+            "gate": None if self.gate is None else self.gate.to_json(),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Intervention:
-        known = {"site", "kind", "value", "heads", "neurons", "positions", "source", "seed", "align", "direction"}
+        known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ForensicsError(f"intervention JSON has unknown keys {unknown}; known keys: {sorted(known)}")
@@ -153,7 +212,8 @@ class Intervention:
 
         Examples: ``blocks.1.attn.head.3:zero``, ``blocks.0.mlp:scale=0.5``,
         ``blocks.2.mlp.post[17]@pos=5:zero``, ``blocks.0.mlp:noise=0.5:seed=3``,
-        ``blocks.3.attn:patch:source=clean.mfb.zip:align=last``, ``embed:steer=0.1,0,-0.2``.
+        ``blocks.3.attn:patch:source=clean.mfb.zip:align=last``, ``embed:steer=0.1,0,-0.2``,
+        ``blocks.20.attn.head.1:mean:gate=blocks.12.resid_post>9.6:gate_direction=0.1,…``.
 
         Raises:
             ForensicsError: the spec is malformed.
@@ -164,11 +224,12 @@ class Intervention:
                 f"intervention '{spec}' needs the form SITE:KIND[=VALUE], e.g. blocks.1.attn.head.3:zero or blocks.0.mlp:scale=0.5"
             )
         # Options are split at ":key=" only, so a source may itself hold colons (prompt:TEXT).
-        parts = re.split(r":(?=(?:seed|source|align|heads|neurons|positions|direction)=)", rest)
+        parts = re.split(r":(?=(?:seed|source|align|heads|neurons|positions|direction|gate|gate_direction)=)", rest)
         if ":" in parts[0]:
             raise ForensicsError(
                 f"intervention '{spec}': cannot read '{parts[0]}'; after KIND[=VALUE] come options "
-                ":seed=, :source=, :align=, :heads=, :neurons=, :positions=, :direction="
+                ":seed=, :source=, :align=, :heads=, :neurons=, :positions=, :direction=, :gate=SITE>ABOVE, "
+                ":gate_direction="
             )
         kind, _, raw = parts[0].partition("=")
         fields: dict[str, Any] = {"site": site.strip(), "kind": kind.strip()}
@@ -181,12 +242,22 @@ class Intervention:
                     fields["seed"] = int(val)
                 elif key in ("source", "align"):
                     fields[key] = val
-                elif key == "direction":
+                elif key in ("direction", "gate_direction"):
                     fields[key] = tuple(float(v) for v in val.split(","))
+                elif key == "gate":
+                    gate_site, sep, above = val.partition(">")
+                    if not sep:
+                        raise ForensicsError(f"intervention '{spec}': write the gate as gate=SITE>ABOVE")
+                    fields["gate"] = (gate_site.strip(), float(above))
                 else:  # heads, neurons, positions
                     fields[key] = tuple(int(v) for v in val.split(","))
         except ValueError:
             raise ForensicsError(f"intervention '{spec}' has a malformed number") from None
+        if ("gate" in fields) != ("gate_direction" in fields):
+            raise ForensicsError(f"intervention '{spec}': a gate needs both :gate=SITE>ABOVE and :gate_direction=")
+        if "gate" in fields:
+            gate_site, above = fields.pop("gate")
+            fields["gate"] = Gate(gate_site, fields.pop("gate_direction"), above)
         return cls(**fields)
 
     def __str__(self) -> str:
@@ -207,6 +278,10 @@ class Intervention:
             text += f":align={self.align}"
         if self.direction is not None:
             text += ":direction=" + ",".join(repr(v) for v in self.direction)
+        if self.gate is not None:
+            text += f":gate={self.gate.site}>{self.gate.above!r}:gate_direction=" + ",".join(
+                repr(v) for v in self.gate.direction
+            )
         return text
 
 
@@ -293,15 +368,17 @@ def resolve(intervention: Intervention, adapter: Adapter) -> Target:
 def first_block(targets: Sequence[Target], n_layers: int) -> int | None:
     """The earliest block a set of targets changes: runs starting there can reuse the clean
     computation of every earlier block. None when a target sits before block 0 (``embed``)
-    or outside the block structure (``logits``, raw module paths)."""
+    or outside the block structure (``logits``, raw module paths). A gate's site counts:
+    it must be read on the run."""
     layers = []
-    for t in targets:
-        if t.site == "final":
+    sites = [t.site for t in targets] + [t.intervention.gate.site for t in targets if t.intervention.gate]
+    for site in sites:
+        if site == "final":
             layers.append(n_layers)
-        elif block_index(t.site) is None:
+        elif block_index(site) is None:
             return None
         else:
-            layers.append(int(block_index(t.site)))  # type: ignore[arg-type]
+            layers.append(int(block_index(site)))  # type: ignore[arg-type]
     return min(layers) if layers else n_layers
 
 
@@ -390,6 +467,11 @@ def apply_row(x: torch.Tensor, prepared: Prepared, clock: Clock) -> None:
                 f"steer on '{iv.site}' has a vector of length {vec.numel()}, but the target's last dimension is {current.shape[-1]}"
             )
         new = current + vec
+    elif iv.kind == "clamp" and iv.direction is not None:
+        x[grid] = _capped(iv, current)
+        return
+    elif iv.kind == "clamp":
+        new = current.clamp(max=float(iv.value))  # type: ignore[arg-type]
     elif iv.kind == "noise":
         scale = 1.0 if iv.value is None else float(iv.value)  # type: ignore[arg-type]
         std = current.float().std(unbiased=False) if current.numel() > 1 else current.float().abs().mean()
@@ -409,17 +491,31 @@ def apply_row(x: torch.Tensor, prepared: Prepared, clock: Clock) -> None:
     x[grid] = new
 
 
-def _along(iv: Intervention, current: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """Keep only the change along ``iv.direction``: current + ((new − current)·û) û."""
+def _unit(iv: Intervention, current: torch.Tensor) -> torch.Tensor:
+    """û in float64, checked against the target's last dimension."""
     u = torch.tensor(iv.direction, dtype=torch.float64, device=current.device)
     if u.numel() != current.shape[-1]:
         raise ForensicsError(
             f"{iv.kind} on '{iv.site}' has a direction of length {u.numel()}, but the target's last dimension "
             f"is {current.shape[-1]}"
         )
-    u = u / u.norm()
+    return u / u.norm()
+
+
+def _along(iv: Intervention, current: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Keep only the change along ``iv.direction``: current + ((new − current)·û) û."""
+    u = _unit(iv, current)
     delta = (new.double() - current.double()) @ u
     return (current.double() + delta.unsqueeze(-1) * u).to(current.dtype)
+
+
+def _capped(iv: Intervention, current: torch.Tensor) -> torch.Tensor:
+    """Cap the component along ``iv.direction`` at ``iv.value``; slices under it are returned as they are."""
+    u = _unit(iv, current)
+    excess = (current.double() @ u - float(iv.value)).clamp(min=0.0)  # type: ignore[arg-type]
+    if not bool(excess.any()):
+        return current
+    return (current.double() - excess.unsqueeze(-1) * u).to(current.dtype)
 
 
 def _align(prepared: Prepared, pos: torch.Tensor, clock: Clock) -> tuple[torch.Tensor, torch.Tensor]:
@@ -459,23 +555,53 @@ def intervening(adapter: Adapter, rows: Rows, clock: Clock) -> Iterator[None]:
     exit, even on errors.
     """
     by_site: dict[str, list[tuple[int, Prepared]]] = defaultdict(list)
+    gates: dict[str, set[tuple[int, Gate]]] = defaultdict(set)  # gate site → (row, gate)
     for row, prepared in enumerate(rows):
         for p in prepared:
             by_site[p.target.site].append((row, p))
+            if p.target.intervention.gate is not None:
+                gates[p.target.intervention.gate.site].add((row, p.target.intervention.gate))
+    for site in gates:
+        if site not in adapter.points:
+            raise SiteError(f"gate site {unknown_site_message(site, adapter.sites())[len('site ') :]}")
+    opened: dict[tuple[int, Gate], bool] = {}  # decided once per run, on the pass holding the last prompt token
     modules: dict[str, _ModuleHooks] = defaultdict(_ModuleHooks)
-    for site in by_site:
+    for site in dict.fromkeys([*by_site, *gates]):
         point = adapter.points[site]
         hooks = modules[point.module]
         (hooks.outputs if point.io == "output" else hooks.inputs).append((site, point))
+
+    def decide(site: str, tensor: torch.Tensor) -> None:
+        last = clock.prompt_len - 1 - clock.offset
+        if tensor.dim() < 3 or not 0 <= last < tensor.shape[1]:
+            return
+        for row, gate in gates[site]:
+            if row < tensor.shape[0]:
+                opened[(row, gate)] = gate.opens(tensor[row, last])
+
+    def is_open(row: int, p: Prepared) -> bool:
+        gate = p.target.intervention.gate
+        if gate is None:
+            return True
+        if (row, gate) not in opened:
+            raise SiteError(
+                f"the gate of '{p.target.intervention.site}' reads '{gate.site}', which the model had not reached "
+                "when the intervention applied; gate on a site upstream of the intervention"
+            )
+        return opened[(row, gate)]
 
     def edit(payload: Any, entries: list[tuple[str, HookPoint]]) -> Any:
         for site, point in entries:
             tensor = read(point, payload)
             if tensor is None:
                 continue
+            if site in gates:
+                decide(site, tensor)
+            if site not in by_site:
+                continue
             new = tensor.clone()
             for row, p in by_site[site]:
-                if row < new.shape[0]:
+                if row < new.shape[0] and is_open(row, p):
                     apply_row(new[row], p, clock)
             payload = replace(point, payload, new)
         return payload
