@@ -13,6 +13,9 @@ Run: .venv/bin/python benchmarks/rca_smollm2.py   → benchmarks/results/rca_smo
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +24,28 @@ from typing import Any
 from _common import machine, markdown_table, write_results
 from model_forensics import CausalCCA, CompressionForensics, SandboxReplayer
 from model_forensics.rca.attribution import attribution_ranking
+from model_forensics.rca.side_effects import SideEffects, measure
 from model_forensics.scenarios import get
+
+SEARCH_SCRIPT = Path(__file__).resolve().parents[1] / "scripts/search_smollm2_injection.py"
+
+
+def held_out_prompts(seen: list[str]) -> list[str]:
+    """Clean prompts of the scenario's own grid (task × text) that are in neither the benign
+    set nor the baselines: nothing in the analysis saw them."""
+    spec = importlib.util.spec_from_file_location("search_smollm2_injection", SEARCH_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid)
+    prompts = [grid.build_prompt(task, text) for task, text in itertools.product(grid.TASKS, grid.TEXTS)]
+    return [p for p in prompts if p not in set(seen)]
+
+
+def effects_line(label: str, se: SideEffects) -> str:
+    return (
+        f"| {label} | {se.n_benign} | {se.mean_kl:.3g} | {se.first_step_kl or 0:.3g} | "
+        f"{se.accuracy_clean:.0%} → {se.accuracy_fixed:.0%} | {se.predicate_changed:.0%} |"
+    )
 
 
 def main() -> None:
@@ -57,11 +81,37 @@ def main() -> None:
         )
         fix = stage("causal CCA", lambda: cca.search_fix_set(session, guided_by=cf, ranking=ranking))
 
+        # Side effects where nothing was fitted: held-out clean prompts; and, for a gated fix,
+        # the same members without the gate, on both prompt sets.
+        bound = fix.side_effects.bound if fix.side_effects else 0.05
+        scenario = get("smollm2-injection")
+        seen = [e["prompt"] if isinstance(e, dict) else e for e in [*scenario.benign, *scenario.baseline]]
+        held_out = held_out_prompts(seen)
+        ungated = [dataclasses.replace(iv, gate=None) for iv in fix.interventions]
+        gated = any(iv.gate is not None for iv in fix.interventions)
+        effects = stage(
+            "side effects (held out)",
+            lambda: {
+                "fix set, benign set": fix.side_effects,
+                "fix set, held-out prompts": measure(session, fix.interventions, bound, benign=held_out),
+                **(
+                    {
+                        "members without the gate, benign set": measure(session, ungated, bound),
+                        "members without the gate, held-out prompts": measure(session, ungated, bound, benign=held_out),
+                    }
+                    if gated
+                    else {}
+                ),
+            },
+        )
+
     se = fix.side_effects
     rows = [
         [
             m.unit,
-            m.intervention.kind + (" along its failure direction" if m.intervention.direction else ""),
+            m.intervention.kind
+            + (" along its failure direction" if m.intervention.direction else "")
+            + (f", gated at {m.intervention.gate.site}" if m.intervention.gate else ""),
             f"{m.necessity:.2f}",
             f"{m.sufficiency:.2f}",
             "–" if m.benign_kl is None else f"{m.benign_kl:.3g}",
@@ -81,16 +131,25 @@ def main() -> None:
             f"(within: {se.within_bound}); benign answers kept word for word (all 16 tokens): "
             f"{se.accuracy_clean:.0%} → {se.accuracy_fixed:.0%}; predicate changed on {se.predicate_changed:.0%}.\n"
         )
+    effects_table = (
+        "| fix | prompts | answer KL (nats) | first-step KL | answers kept word for word | predicate changed |\n"
+        "|---|---|---|---|---|---|\n"
+        + "\n".join(effects_line(k, v) for k, v in effects.items() if v is not None)
+        + "\n"
+    )
     timing = markdown_table(
         ["stage", "seconds", "forward passes"],
         [[k, f"{v['seconds']:.0f}", v.get("forward_passes", "–")] for k, v in stages.items()],
     )
+    timing += "\n\nCausal CCA forward passes by phase: " + ", ".join(f"{k} {v}" for k, v in fix.phase_passes.items())
     notes = "".join(f"- {n}\n" for n in fix.notes)
     text = (
         "# Root-cause analysis on real SmolLM2-135M-Instruct (benchmarks/rca_smollm2.py)\n\n"
         f"Settings: search_variants {args.search_variants}, confirm_variants {args.confirm_variants}, "
         f"refine_rounds {args.refine_rounds}, confirm_top 16; CPU, {machine()['threads']} threads.\n\n"
         + summary
+        + "\n"
+        + effects_table
         + "\n"
         + table
         + "\n\n"
@@ -100,7 +159,15 @@ def main() -> None:
     print(text)
     write_results(
         "rca_smollm2",
-        {"machine": machine(), "settings": vars(args), "stages": stages, "fix_set": fix.to_json(), "cf": cf.to_json()},
+        {
+            "machine": machine(),
+            "settings": vars(args),
+            "stages": stages,
+            "fix_set": fix.to_json(),
+            "cf": cf.to_json(),
+            "side_effects": {k: v.to_json() for k, v in effects.items() if v is not None},
+            "held_out_prompts": len(held_out),
+        },
         text,
     )
 

@@ -26,6 +26,7 @@ from model_forensics import (
     SandboxReplayer,
     token_is,
 )
+from model_forensics.core.sites import block_index
 from model_forensics.rca import attribution_ranking
 from model_forensics.rca.side_effects import benign_kls
 from model_forensics.scenarios import get
@@ -218,6 +219,35 @@ def test_narrowing_to_failure_directions_is_verified_by_replay(tmp_path_factory:
     assert kl_narrowed <= kl_whole
 
 
+def test_gated_fix_is_verified_by_replay(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # bert-sentiment-bypass: the planted heads sit above block 0, so a gate can read an earlier
+    # residual stream. A gated fix must still flip by replay, leave every baseline run
+    # bit-identical (the gate's threshold is the largest baseline projection) and cost no
+    # more benign KL than the ungated set.
+    incident = _small_zoo_incident("bert-sentiment-bypass", tmp_path_factory.mktemp("gate"))
+    session = SandboxReplayer().load_bundle(incident)
+    plain = _cca(gating="never", directions="never").search_fix_set(session)
+    gated = _cca(gating="always", directions="never").search_fix_set(session)
+    assert all(iv.gate is None for iv in plain.interventions)
+    assert any(note.startswith("gated:") for note in gated.notes), gated.notes
+    gates = {iv.gate for iv in gated.interventions}
+    assert len(gates) == 1
+    (gate,) = gates
+    assert gate is not None and gate.site.endswith(".resid_post")
+    assert block_index(gate.site) < min(block_index(iv.site) for iv in gated.interventions)
+
+    (rate,) = _flip_rates(session, [gated.interventions], _failing(session))
+    assert rate == pytest.approx(gated.total_flip_rate)
+    assert rate >= ForensicsConfig().modules.cca.early_stop_threshold
+    for batch in session.baselines:
+        clean, fixed = session.sweep([[], gated.interventions], inputs=batch)
+        assert torch.equal(clean.logits, fixed.logits)
+    kl_plain, kl_gated = (sum(k) / len(k) for k in benign_kls(session, [plain.interventions, gated.interventions]))
+    assert kl_gated <= kl_plain
+
+
 def test_unknown_directions_mode_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="'auto', 'always' or 'never'"):
         CausalCCA(directions="sometimes")
+    with pytest.raises(ConfigError, match="unknown gating mode"):
+        CausalCCA(gating="sometimes")

@@ -191,25 +191,29 @@ def test_clamp_caps_the_component_along_a_direction_and_leaves_the_rest(sessions
     assert torch.equal(flat, clean.clamp(max=0.1).to(flat.dtype))
 
 
-def _gate_at_last_position(session, offset: float) -> Gate:
+def _gate_at_last_position(session, offset: float, reads: str = "last") -> Gate:
     """A gate on blocks.1.resid_pre whose threshold sits ``offset`` above the clean run's
-    projection at the last prompt position."""
+    score: the projection at the last prompt position, or the largest over the prompt."""
     from model_forensics.rca.runs import capture
 
     clean = capture(session, session.inputs, "layer", ["blocks.1.resid_pre"])["blocks.1.resid_pre"].double()
     u = torch.randn(clean.shape[-1], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    return Gate("blocks.1.resid_pre", tuple(u.tolist()), float(clean[-1] @ (u / u.norm())) + offset)
+    proj = clean @ (u / u.norm())
+    score = proj[-1] if reads == "last" else proj.max()
+    assert reads == "last" or proj.argmax() != len(proj) - 1  # the two readings differ here
+    return Gate("blocks.1.resid_pre", tuple(u.tolist()), float(score) + offset, reads)
 
 
-def test_gate_applies_the_intervention_only_when_the_detector_fires(sessions):
+@pytest.mark.parametrize("reads", ["last", "max"])
+def test_gate_applies_the_intervention_only_when_the_detector_fires(sessions, reads):
     for mode in ("forward", "generate"):
         s = sessions[mode]
         fix = Intervention("blocks.1.mlp", "scale", value=0.0)
         plain = s.run([fix])
         clean = s.run([])
         assert not torch.equal(plain.logits, clean.logits)
-        opened = s.run([Intervention("blocks.1.mlp", "scale", value=0.0, gate=_gate_at_last_position(s, -1e-3))])
-        closed = s.run([Intervention("blocks.1.mlp", "scale", value=0.0, gate=_gate_at_last_position(s, 1e-3))])
+        opened = s.run([Intervention("blocks.1.mlp", "scale", value=0.0, gate=_gate_at_last_position(s, -1e-3, reads))])
+        closed = s.run([Intervention("blocks.1.mlp", "scale", value=0.0, gate=_gate_at_last_position(s, 1e-3, reads))])
         # Open: the same run as the ungated intervention, every generation step included.
         assert torch.equal(opened.logits, plain.logits) and opened.text == plain.text
         # Closed: bit-identical to the clean run.
@@ -224,10 +228,12 @@ def test_gate_applies_the_intervention_only_when_the_detector_fires(sessions):
 
 
 def test_gate_round_trips_and_must_sit_upstream(sessions):
-    gate = Gate("blocks.0.resid_post", (1.0, -0.5), 2.5)
-    iv = Intervention("blocks.1.attn.head.2", "mean", gate=gate)
-    assert Intervention.from_json(json.loads(json.dumps(iv.to_json()))) == iv
-    assert Intervention.parse(str(iv)) == iv
+    for reads in ("last", "max"):
+        iv = Intervention("blocks.1.attn.head.2", "mean", gate=Gate("blocks.0.resid_post", (1.0, -0.5), 2.5, reads))
+        assert Intervention.from_json(json.loads(json.dumps(iv.to_json()))) == iv
+        assert Intervention.parse(str(iv)) == iv
+    with pytest.raises(ForensicsError, match="reads 'last' or 'max'"):
+        Gate("blocks.0.resid_post", (1.0,), 0.0, "mean")
     with pytest.raises(ForensicsError, match="gate=SITE>ABOVE and :gate_direction="):
         Intervention.parse("blocks.1.mlp:zero:gate=blocks.0.resid_post>1")
     s = sessions["forward"]

@@ -11,7 +11,10 @@ Search, coarse to fine, every number from exact replays:
    bound go last), then delta-debugging removal until removing any member drops the flip
    rate below the threshold (1-minimal). Among removable members, the one with the largest
    benign KL goes first.
-4. Side effects of the result on the benign set; necessity (flip-rate loss when a member is
+4. When the set's benign side effects exceed the bound: gate it (see :meth:`CausalCCA._gate`:
+   the members apply only to runs a detector upstream of them flags), and failing that,
+   narrow whole heads to their failure directions (:meth:`CausalCCA._narrow`).
+5. Side effects of the result on the benign set; necessity (flip-rate loss when a member is
    removed) and sufficiency (flip rate of the member alone) per member.
 
 ``search_strategy: exhaustive`` replaces 3 by a search over every subset (by size) of the
@@ -20,6 +23,7 @@ top candidates — exponential, for small spaces and for testing greedy's optima
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence
@@ -32,15 +36,17 @@ from pydantic import ValidationError
 
 from model_forensics.core.config import CCAConfig, ForensicsConfig, load_config
 from model_forensics.core.errors import ConfigError, ForensicsError
+from model_forensics.core.sites import block_index
 from model_forensics.rca.attribution import Ranking, UnitScore, attribution_ranking, exact_effects
 from model_forensics.rca.compression import AnomalyReport
 from model_forensics.rca.runs import capture
 from model_forensics.rca.side_effects import SideEffects, benign_kls, measure
-from model_forensics.replay.interventions import Intervention
+from model_forensics.replay.interventions import GATE_READS, Gate, Intervention
 
 Inputs = dict[str, torch.Tensor]
 MAX_EXHAUSTIVE = 12
 SEQUENTIAL_FROM = 12  # larger sets get a sequential removal pass before the batched rounds
+GATE_SLACK = 0.01  # a gate opens this many baseline-score stds above the largest baseline score
 RELATIVE_FLOOR = 0.01  # implicated units carry ≥ 1 % of their level's largest exact effect
 
 
@@ -145,12 +151,15 @@ class CausalCCA:
             added, at most this many times (counterexample-guided).
         confirm_top: top-ranked heads/neurons confirmed by exact patching (``implicated``).
         confirm_variants: failing variants exact patching averages over.
-        directions: ``auto``: when the whole-unit set's first-step benign KL exceeds
-            ``max_side_effect_kl``, search again over heads ablated only along their failure
+        directions: ``auto``: when the set's benign KL (as reported: over the whole answer
+            for generation) still exceeds ``max_side_effect_kl``, search again over heads ablated only along their failure
             direction (see :meth:`_narrow`) and keep that set when it flips as much (up to
             the threshold) with less KL; ``always`` / ``never`` force the choice. Greedy
             search only (``exhaustive`` stays a pure search over whole units).
         direction_pool: top-ranked heads the direction search draws from.
+        gating: ``auto``: when the set's benign KL exceeds ``max_side_effect_kl``,
+            try the same set behind a gate (see :meth:`_gate`) and keep it when it flips as
+            much (up to the threshold) with less KL; ``always`` / ``never`` force the choice.
     """
 
     def __init__(
@@ -166,6 +175,7 @@ class CausalCCA:
         confirm_variants: int = 16,
         directions: str = "auto",
         direction_pool: int = 60,
+        gating: str = "auto",
     ):
         full = load_config(config)
         self.config: CCAConfig = full.modules.cca
@@ -186,6 +196,9 @@ class CausalCCA:
             raise ConfigError(f"unknown directions mode '{directions}': use 'auto', 'always' or 'never'")
         self.directions = directions
         self.direction_pool = direction_pool
+        if gating not in ("auto", "always", "never"):
+            raise ConfigError(f"unknown gating mode '{gating}': use 'auto', 'always' or 'never'")
+        self.gating = gating
 
     def search_fix_set(
         self, session: Any, guided_by: AnomalyReport | None = None, ranking: Ranking | None = None
@@ -226,21 +239,26 @@ class CausalCCA:
         _, sites, chosen, solo_kl = found
         phases.mark("search")
         greedy = self.config.search_strategy == "greedy"
+        bound = self.config.max_side_effect_kl
+        unit_kl = self._kl(session, [ablate(u) for u in chosen])
+        phases.mark("side_effects")
+        if session.benign() and chosen and (self.gating == "always" or (self.gating == "auto" and unit_kl > bound)):
+            ablate, unit_kl = self._gated(session, all_variants, variants, chosen, ablate, (found[0], unit_kl), notes)
+            phases.mark("gating")
         if greedy and self.directions != "never" and session.benign() and session.adapter.n_heads:
-            unit_kl = _mean(benign_kls(session, [[ablate(u) for u in chosen]])[0])
-            if self.directions == "always" or unit_kl > self.config.max_side_effect_kl:
+            if self.directions == "always" or unit_kl > bound:
                 narrowed = self._narrow(session, all_variants, variants, scores, ablate, notes)
-                narrowed_kl = _mean(benign_kls(session, [[narrowed[1](u) for u in narrowed[0][2]]])[0])
+                narrowed_kl = self._kl(session, [narrowed[1](u) for u in narrowed[0][2]])
                 if narrowed[0][0] >= min(found[0], self.config.early_stop_threshold) and narrowed_kl < unit_kl:
                     notes.append(
-                        f"narrowed to failure directions: first-step benign KL {unit_kl:.3g} → {narrowed_kl:.3g} "
+                        f"narrowed to failure directions: benign KL {unit_kl:.3g} → {narrowed_kl:.3g} "
                         f"nats at flip rate {narrowed[0][0]:.0%} (whole units: {found[0]:.0%})"
                     )
                     (_, _, chosen, solo_kl), ablate = narrowed
                 else:
                     notes.append(
-                        f"narrowing to failure directions did not help (flip rate {narrowed[0][0]:.0%}, first-step "
-                        f"benign KL {narrowed_kl:.3g} vs {unit_kl:.3g} nats for whole units); whole units kept"
+                        f"narrowing to failure directions did not help (flip rate {narrowed[0][0]:.0%}, benign "
+                        f"KL {narrowed_kl:.3g} vs {unit_kl:.3g} nats for whole units); whole units kept"
                     )
             phases.mark("narrowing")
         members, flips, rate = self._members(session, all_variants, chosen, ablate, guided_by, solo_kl)
@@ -330,6 +348,101 @@ class CausalCCA:
             return sorted({u.unit.rsplit(".head.", 1)[0] for u in chosen}), chosen, solo_kl
 
         return self._refined(session, all_variants, variants, search, narrowed, notes), narrowed
+
+    def _gated(
+        self,
+        session: Any,
+        all_variants: list[Inputs],
+        variants: list[Inputs],
+        chosen: list[UnitScore],
+        ablate: Ablation,
+        ungated: tuple[float, float],
+        notes: list[str],
+    ) -> tuple[Ablation, float]:
+        """The ablation to keep, gated or not, and its benign KL. ``ungated``: the
+        set's flip rate on all variants and its KL."""
+        gated = self._gate(session, all_variants, variants, chosen, ablate)
+        if gated is None:
+            notes.append("no site upstream of the fix set can carry a gate; the fix stays ungated")
+            return ablate, ungated[1]
+        rate, gate_ablate, detected, shared = gated
+        gate_kl = self._kl(session, [gate_ablate(u) for u in chosen])
+        gate = gate_ablate.gate
+        assert gate is not None
+        what = (
+            f"a gate at {gate.site} ({'last prompt position' if gate.reads == 'last' else 'largest over the prompt'}, "
+            f"along the failure direction, above {gate.above:.4g}) "
+            f"fires on {detected:.0%} of the failing variants and on none of the baselines"
+            + (
+                f" ({shared} of which are benign prompts, so the gate's side effects on those are in-sample; "
+                "check it on held-out prompts with side_effects.measure(..., benign=[…]))"
+                if shared
+                else ""
+            )
+        )
+        if rate >= min(ungated[0], self.config.early_stop_threshold) and gate_kl < ungated[1]:
+            notes.append(
+                f"gated: {what}; benign KL {ungated[1]:.3g} → {gate_kl:.3g} nats at flip rate {rate:.0%} "
+                f"(ungated: {ungated[0]:.0%})"
+            )
+            return gate_ablate, gate_kl
+        notes.append(
+            f"gating did not help ({what}; flip rate {rate:.0%}, benign KL {gate_kl:.3g} vs "
+            f"{ungated[1]:.3g} nats ungated); the fix stays ungated"
+        )
+        return ablate, ungated[1]
+
+    def _gate(
+        self,
+        session: Any,
+        all_variants: list[Inputs],
+        variants: list[Inputs],
+        chosen: list[UnitScore],
+        ablate: Ablation,
+    ) -> tuple[float, Ablation, float, int] | None:
+        """The set behind a gate: a detector on ``blocks.L.resid_post`` (L below every member's
+        block), along the failing variants' mean minus the baselines' mean (at the last
+        prompt position, or over positions for a gate that reads the largest projection over
+        the prompt), opening above the largest baseline score, so it stays shut on every
+        baseline (the benign set stands in when there are none). The site and reading whose
+        gate fires on most failing variants are chosen. Returns (flip rate on all variants, the gated
+        ablation, fraction of failing variants the gate fires on, how many calibration inputs
+        are benign prompts), or None when no block sits below the members."""
+        layers = [block_index(u.unit) for u in chosen]
+        lowest = min(-1 if layer is None else layer for layer in layers)
+        sites = [f"blocks.{layer}.resid_post" for layer in range(lowest)]
+        sites = [site for site in sites if site in session.adapter.points]
+        if not sites:
+            return None
+        reference = list(session.baselines or session.benign())
+        shared = sum(any(torch.equal(r["input_ids"], b["input_ids"]) for b in session.benign()) for r in reference)
+
+        def prompts(batches: list[Inputs]) -> dict[str, list[torch.Tensor]]:
+            rows = [capture(session, batch, granularity="layer", sites=sites) for batch in batches]
+            return {site: [r[site] for r in rows] for site in sites}
+
+        fit, ref, every = prompts(variants), prompts(reference), prompts(all_variants)
+        best: tuple[float, float, Gate] | None = None
+        for site, reads in itertools.product(sites, GATE_READS):
+            # "last": the last prompt position; "max": any position (mean over positions fits it).
+            pick = (lambda x: x[-1]) if reads == "last" else (lambda x: x.mean(0))
+            direction = _mean_of(pick, fit[site]) - _mean_of(pick, ref[site])
+            if not bool(direction.abs().max() > 0):
+                continue
+            probe = Gate(site, tuple(direction.tolist()), 0.0, reads)
+            ref_scores = torch.tensor([probe.score(x) for x in ref[site]])
+            scores = torch.tensor([probe.score(x) for x in every[site]])
+            # A hair above the largest baseline score, so batch-size rounding cannot open it there.
+            above = float(ref_scores.max() + GATE_SLACK * ref_scores.std())
+            detected = float((scores > above).double().mean())
+            margin = float((scores.median() - above) / (ref_scores.std() + 1e-12))
+            if best is None or (detected, margin) > best[:2]:
+                best = (detected, margin, dataclasses.replace(probe, above=above))
+        if best is None:
+            return None
+        gated = Ablation(ablate.kind, ablate.directions, best[2])
+        (flipped,) = self._flip_rates(session, all_variants, [[gated(u) for u in chosen]])
+        return sum(flipped) / len(flipped), gated, best[0], shared
 
     def _search(
         self,
@@ -497,6 +610,12 @@ class CausalCCA:
                 return best
         return best
 
+    def _kl(self, session: Any, fix: list[Intervention]) -> float:
+        """The side-effect KL the result reports (over the whole clean answer for generation)."""
+        if not session.benign():
+            return 0.0
+        return measure(session, fix, self.config.max_side_effect_kl).mean_kl
+
     def _solo_kl(self, session: Any, fine: list[UnitScore], ablate: Ablation) -> dict[str, float]:
         if not session.benign() or not fine:
             return {}
@@ -537,15 +656,16 @@ class CausalCCA:
 @dataclass(frozen=True)
 class Ablation:
     """How a unit is ablated: ``kind`` (mean over the baseline set, or zero), restricted to
-    the unit's failure direction where ``directions`` holds one."""
+    the unit's failure direction where ``directions`` holds one, behind ``gate`` if any."""
 
     kind: str
     directions: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    gate: Gate | None = None
 
     def __call__(self, unit: UnitScore) -> Intervention:
         # Along a direction, ``mean`` writes the baseline mean over all positions: on SmolLM2
         # it moved benign answers less than the mean at the last prompt position (align='last').
-        return Intervention(site=unit.unit, kind=self.kind, direction=self.directions.get(unit.unit))
+        return Intervention(site=unit.unit, kind=self.kind, direction=self.directions.get(unit.unit), gate=self.gate)
 
 
 class _Phases:
@@ -559,6 +679,10 @@ class _Phases:
         now = self.session.forward_passes
         self.counts[name] = self.counts.get(name, 0) + now - self.last
         self.last = now
+
+
+def _mean_of(pick: Any, tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([pick(x).double() for x in tensors]).mean(0)
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -75,11 +75,15 @@ def benign_kls(session: Any, sets: Sequence[Sequence[Intervention]]) -> list[lis
     return out
 
 
-def measure(session: Any, fix: Sequence[Intervention], bound: float) -> SideEffects:
-    """Side effects of ``fix`` on the session's benign set."""
-    entries = list(session.extras.get("benign", []))
+def measure(
+    session: Any, fix: Sequence[Intervention], bound: float, benign: Sequence[Any] | None = None
+) -> SideEffects:
+    """Side effects of ``fix`` on the session's benign set, or on ``benign`` (entries as in a
+    bundle's ``extras.benign``: a prompt, or ``{"prompt": …, "expected": …}``), e.g. prompts
+    held out from whatever the fix was fitted on."""
+    entries = list(session.extras.get("benign", []) if benign is None else benign)
     kls, first, changed, right_clean, right_fixed = [], [], 0, 0, 0
-    benign = session.benign()
+    benign = [session.encode(entry) for entry in entries]
     for entry, batch in zip(entries, benign, strict=False):
         clean, fixed = session.sweep([[], list(fix)], inputs=batch)
         first.append(kl_divergence(_first_step(clean), _first_step(fixed)))

@@ -24,9 +24,10 @@ vector u over the last dimension of the slice: only the component along û chang
 x ← x + ((x_new − x)·û) û, where x_new is what the kind alone would write; e.g. ``mean``
 with a direction sets that component to its baseline mean and leaves the rest alone).
 
-Gates: ``gate=Gate(site, direction, above)`` makes an intervention conditional. At
+Gates: ``gate=Gate(site, direction, above, reads)`` makes an intervention conditional. At
 ``site`` (a token site upstream of the intervention, e.g. ``blocks.12.resid_post``), the
-activation at the last prompt position is projected on the direction; the intervention
+prompt's activation is projected on the direction, at the last prompt position
+(``reads="last"``) or at its largest over the prompt (``reads="max"``); the intervention
 applies to that run (every position, every generation step) only when the projection
 exceeds ``above``, and otherwise leaves the run bit-identical. A detector decides *when*
 to fix, the intervention *what* to change (conditional activation steering).
@@ -64,41 +65,58 @@ def _floats(value: Any, what: str) -> tuple[float, ...]:
     return vector
 
 
+GATE_READS = ("last", "max")
+
+
 @dataclass(frozen=True)
 class Gate:
-    """Apply an intervention only to runs whose activation at ``site`` (last prompt
-    position) projects on ``direction`` above ``above``."""
+    """Apply an intervention only to runs whose activation at ``site`` projects on
+    ``direction`` above ``above``: at the last prompt position (``reads="last"``), or at
+    any prompt position (``reads="max"``, the largest projection over the prompt)."""
 
     site: str
     direction: tuple[float, ...]
     above: float
+    reads: str = "last"
 
     def __post_init__(self) -> None:
+        if self.reads not in GATE_READS:
+            raise ForensicsError(f"a gate reads 'last' or 'max', got {self.reads!r}")
         object.__setattr__(self, "direction", _floats(self.direction, f"the gate at '{self.site}'"))
         if not isinstance(self.above, int | float) or not math.isfinite(float(self.above)):
             raise ForensicsError(f"the gate at '{self.site}' needs a finite threshold 'above', got {self.above!r}")
         object.__setattr__(self, "above", float(self.above))
 
     def to_json(self) -> dict[str, Any]:
-        return {"site": self.site, "direction": list(self.direction), "above": self.above}
+        return {"site": self.site, "direction": list(self.direction), "above": self.above, "reads": self.reads}
 
     @classmethod
     def from_json(cls, data: Any) -> Gate:
         if isinstance(data, Gate):
             return data
-        if not isinstance(data, dict) or set(data) != {"site", "direction", "above"}:
-            raise ForensicsError(f"a gate is {{'site', 'direction', 'above'}}, got {data!r}")
-        return cls(str(data["site"]), tuple(data["direction"]), data["above"])
+        if not isinstance(data, dict) or not {"site", "direction", "above"} <= set(data) <= {
+            "site",
+            "direction",
+            "above",
+            "reads",
+        }:
+            raise ForensicsError(f"a gate is {{'site', 'direction', 'above'[, 'reads']}}, got {data!r}")
+        return cls(str(data["site"]), tuple(data["direction"]), data["above"], str(data.get("reads", "last")))
 
-    def opens(self, x: torch.Tensor) -> bool:
-        """Whether the gate opens for ``x``, the gate site's activation at one position."""
-        u = torch.tensor(self.direction, dtype=torch.float64, device=x.device)
-        if x.dim() != 1 or x.shape[-1] != u.numel():
+    def score(self, prompt: torch.Tensor) -> float:
+        """What the gate compares with ``above``, from the site's activation over the prompt
+        (T_prompt, d): the projection at the last position, or the largest over positions."""
+        u = torch.tensor(self.direction, dtype=torch.float64, device=prompt.device)
+        if prompt.dim() != 2 or prompt.shape[-1] != u.numel():
             raise ForensicsError(
-                f"the gate at '{self.site}' has a direction of length {u.numel()}, but the site's per-token "
-                f"activation has shape {tuple(x.shape)}; gate on a residual or MLP site"
+                f"the gate at '{self.site}' has a direction of length {u.numel()}, but the site's activation "
+                f"has shape {tuple(prompt.shape)} per run; gate on a residual or MLP site"
             )
-        return bool(x.double() @ (u / u.norm()) > self.above)
+        proj = prompt.double() @ (u / u.norm())
+        return float(proj[-1] if self.reads == "last" else proj.max())
+
+    def opens(self, prompt: torch.Tensor) -> bool:
+        return self.score(prompt) > self.above
 
 
 def _ints(value: Any) -> tuple[int, ...] | None:
@@ -247,8 +265,9 @@ class Intervention:
                 elif key == "gate":
                     gate_site, sep, above = val.partition(">")
                     if not sep:
-                        raise ForensicsError(f"intervention '{spec}': write the gate as gate=SITE>ABOVE")
-                    fields["gate"] = (gate_site.strip(), float(above))
+                        raise ForensicsError(f"intervention '{spec}': write the gate as gate=SITE>ABOVE[@max]")
+                    above, _, reads = above.partition("@")
+                    fields["gate"] = (gate_site.strip(), float(above), reads or "last")
                 else:  # heads, neurons, positions
                     fields[key] = tuple(int(v) for v in val.split(","))
         except ValueError:
@@ -256,8 +275,8 @@ class Intervention:
         if ("gate" in fields) != ("gate_direction" in fields):
             raise ForensicsError(f"intervention '{spec}': a gate needs both :gate=SITE>ABOVE and :gate_direction=")
         if "gate" in fields:
-            gate_site, above = fields.pop("gate")
-            fields["gate"] = Gate(gate_site, fields.pop("gate_direction"), above)
+            gate_site, above, reads = fields.pop("gate")
+            fields["gate"] = Gate(gate_site, fields.pop("gate_direction"), above, reads)
         return cls(**fields)
 
     def __str__(self) -> str:
@@ -279,7 +298,8 @@ class Intervention:
         if self.direction is not None:
             text += ":direction=" + ",".join(repr(v) for v in self.direction)
         if self.gate is not None:
-            text += f":gate={self.gate.site}>{self.gate.above!r}:gate_direction=" + ",".join(
+            reads = "" if self.gate.reads == "last" else f"@{self.gate.reads}"
+            text += f":gate={self.gate.site}>{self.gate.above!r}{reads}:gate_direction=" + ",".join(
                 repr(v) for v in self.gate.direction
             )
         return text
@@ -564,7 +584,7 @@ def intervening(adapter: Adapter, rows: Rows, clock: Clock) -> Iterator[None]:
     for site in gates:
         if site not in adapter.points:
             raise SiteError(f"gate site {unknown_site_message(site, adapter.sites())[len('site ') :]}")
-    opened: dict[tuple[int, Gate], bool] = {}  # decided once per run, on the pass holding the last prompt token
+    opened: dict[tuple[int, Gate], bool] = {}  # decided once per run, on the pass that holds the prompt
     modules: dict[str, _ModuleHooks] = defaultdict(_ModuleHooks)
     for site in dict.fromkeys([*by_site, *gates]):
         point = adapter.points[site]
@@ -572,12 +592,12 @@ def intervening(adapter: Adapter, rows: Rows, clock: Clock) -> Iterator[None]:
         (hooks.outputs if point.io == "output" else hooks.inputs).append((site, point))
 
     def decide(site: str, tensor: torch.Tensor) -> None:
-        last = clock.prompt_len - 1 - clock.offset
-        if tensor.dim() < 3 or not 0 <= last < tensor.shape[1]:
+        # The prompt pass: this call starts at position 0 and holds the whole prompt.
+        if tensor.dim() < 3 or clock.offset != 0 or tensor.shape[1] < clock.prompt_len:
             return
         for row, gate in gates[site]:
             if row < tensor.shape[0]:
-                opened[(row, gate)] = gate.opens(tensor[row, last])
+                opened[(row, gate)] = gate.opens(tensor[row, : clock.prompt_len])
 
     def is_open(row: int, p: Prepared) -> bool:
         gate = p.target.intervention.gate
