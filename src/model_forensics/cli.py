@@ -392,7 +392,9 @@ def _fix_table(result: dict[str, Any]) -> Table:
         iv = m["intervention"]
         kl = "—" if m["benign_kl"] is None else f"{m['benign_kl']:.4f}"
         table.add_row(
-            f"{iv['site']}:{iv['kind']}" + (" along its failure direction" if iv.get("direction") else ""),
+            f"{iv['site']}:{iv['kind']}"
+            + (" along its failure direction" if iv.get("direction") else "")
+            + (f", gated at {iv['gate']['site']}" if iv.get("gate") else ""),
             m["level"],
             f"{m['necessity']:.0%}",
             f"{m['sufficiency']:.0%}",
@@ -438,6 +440,13 @@ def analyze(
             help="auto | always | never: narrow heads to their failure direction when whole heads break benign prompts"
         ),
     ] = "auto",
+    gating: Annotated[
+        str,
+        typer.Option(
+            help="auto | always | never: put the fix behind a detector that fires on failing prompts only, "
+            "when the fix breaks benign prompts"
+        ),
+    ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the analysis as JSON")] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the analysis JSON here")] = None,
 ) -> None:
@@ -458,6 +467,7 @@ def analyze(
                 config=config,
                 strategy=strategy,
                 directions=directions,
+                gating=gating,
                 progress=_progress_callback(progress, task),
             ).to_json()
         except NothingToFix as exc:

@@ -133,8 +133,9 @@ def test_unknown_strategy_is_bad_input(run) -> None:
     assert "greedy" in res.output and "exhaustive" in res.output
 
 
-def test_unknown_directions_mode_is_bad_input(run) -> None:
-    res = _analyze(str(run.incidents[0]), "--directions", "sometimes")
+@pytest.mark.parametrize("option", ["--directions", "--gating"])
+def test_unknown_directions_or_gating_mode_is_bad_input(run, option) -> None:
+    res = _analyze(str(run.incidents[0]), option, "sometimes")
     assert res.exit_code == 2
     _one_clean_line(res)
     assert "'auto', 'always' or 'never'" in res.output

@@ -92,9 +92,10 @@ class FixSet:
     implicated: list[dict[str, Any]] = field(default_factory=list)
     noise_floors: dict[str, float] = field(default_factory=dict)  # per level: head, neuron
     notes: list[str] = field(default_factory=list)
-    # forward passes per phase: ranking (when computed here), variants (finding the failing
-    # variants), search, narrowing, members (necessity/sufficiency), implicated (exact
-    # patching), side_effects; they sum to forward_passes
+    # forward passes per phase: variants (finding the failing variants), ranking (when
+    # computed here), search, gating, narrowing, members (necessity/sufficiency), implicated
+    # (exact patching), side_effects (the found set's benign KL, which decides gating and
+    # narrowing, and the final measurement); they sum to forward_passes
     phase_passes: dict[str, int] = field(default_factory=dict)
 
     @property

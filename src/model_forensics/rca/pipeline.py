@@ -51,17 +51,19 @@ def analyze_bundle(
     search: bool = True,
     strategy: str | None = None,
     directions: str = "auto",
+    gating: str = "auto",
     progress: Callable[[str], None] | None = None,
 ) -> Analysis:
     """Full root-cause analysis of one bundle (``search=False``: triage only, no CCA;
-    ``directions``: see :class:`~model_forensics.rca.cca.CausalCCA`)."""
+    ``directions``, ``gating``: see :class:`~model_forensics.rca.cca.CausalCCA`)."""
     from model_forensics.rca.attribution import attribution_ranking
     from model_forensics.rca.cca import CausalCCA
     from model_forensics.rca.compression import CompressionForensics
     from model_forensics.replay import SandboxReplayer
 
     say = progress or (lambda _msg: None)
-    cca = CausalCCA(config, search_strategy=strategy, directions=directions)  # bad options fail before any work
+    # bad options fail before any work
+    cca = CausalCCA(config, search_strategy=strategy, directions=directions, gating=gating)
     start = time.perf_counter()
     say("replaying and verifying")
     session = SandboxReplayer(config).load_bundle(path, model=model)
