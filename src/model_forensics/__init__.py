@@ -15,7 +15,7 @@ from model_forensics.core.predicates import Predicate, class_is, contains, logit
 from model_forensics.inspection import ModelInspector
 from model_forensics.rca import CausalCCA, CompressionForensics, FixSet
 from model_forensics.recorder import ActivityCube, RecorderHooks, add_hooks_all
-from model_forensics.replay import Intervention, SandboxReplayer, Session
+from model_forensics.replay import Gate, Intervention, SandboxReplayer, Session
 
 __version__ = "0.1.0"
 
@@ -29,6 +29,7 @@ __all__ = [
     "FixSet",
     "ForensicsConfig",
     "ForensicsError",
+    "Gate",
     "Intervention",
     "ModelInspector",
     "ModelLoadError",
