@@ -449,12 +449,18 @@ def analyze(
     ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the analysis as JSON")] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the analysis JSON here")] = None,
+    report: Annotated[
+        Path | None, typer.Option("--report", help="Also write a self-contained HTML report here (tables + figures)")
+    ] = None,
 ) -> None:
     """Root-cause analysis: CF anomalies, attribution ranking, a verified minimal fix set."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from model_forensics.rca.pipeline import NothingToFix, analyze_bundle
 
+    for path, what in ((out, "--out"), (report, "--report")):
+        if path is not None and (path.is_dir() or not path.parent.is_dir()):
+            raise ForensicsError(f"cannot write {what} '{path}': name a file in an existing directory")
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True
     ) as progress:
@@ -475,6 +481,11 @@ def analyze(
             raise typer.Exit(1) from None
     if out is not None:
         out.write_text(json.dumps(result, indent=1))
+    if report is not None:
+        from model_forensics.report import write_analysis_report
+
+        write_analysis_report(result, report)
+        err.print(f"report written to {report}")
     if as_json:
         console.print_json(json.dumps(result))
         return

@@ -56,11 +56,33 @@ def _one_clean_line(res) -> None:
 
 @pytest.fixture(scope="module")
 def table(run, tmp_path_factory: pytest.TempPathFactory):
-    """`analyze INCIDENT --out FILE`: the CLI result and the analysis it wrote."""
+    """`analyze INCIDENT --out FILE --report HTML`: the CLI result and the analysis it wrote."""
     out = tmp_path_factory.mktemp("analysis") / "analysis.json"
-    res = _analyze(str(run.incidents[0]), "--out", str(out))
+    res = _analyze(str(run.incidents[0]), "--out", str(out), "--report", str(out.with_suffix(".html")))
     assert res.exit_code == 0, res.output
     return res, json.loads(out.read_text())
+
+
+def test_report_is_self_contained_and_shows_the_fix_set(table, tmp_path_factory) -> None:
+    _, analysis = table
+    html = next(tmp_path_factory.getbasetemp().glob("analysis*/analysis.html")).read_text()
+    fix = analysis["fix_set"]
+    assert html.startswith("<!doctype html>") and html.rstrip().endswith("</html>")
+    # Figures are inline PNGs (anomaly scores, member necessity/sufficiency); nothing is fetched.
+    assert html.count("src='data:image/png;base64,") == 2
+    assert "http://" not in html and "https://" not in html and "<script" not in html
+    for member in fix["members"]:
+        assert f"{member['intervention']['site']}:{member['intervention']['kind']}" in html
+    assert f"{fix['total_flip_rate']:.0%}</span> of {len(fix['flips'])} failing variants" in html
+    for anomaly in analysis["anomalies"]["anomalies"][:20]:
+        assert anomaly["site"] in html
+
+
+def test_report_to_a_missing_directory_is_bad_input(run, tmp_path) -> None:
+    res = _analyze(str(run.incidents[0]), "--report", str(tmp_path / "missing" / "r.html"))
+    assert res.exit_code == 2
+    _one_clean_line(res)
+    assert "--report" in res.output and "existing directory" in res.output
 
 
 def test_analyze_ends_with_the_fix_set_table(table) -> None:

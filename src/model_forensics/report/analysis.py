@@ -1,0 +1,200 @@
+"""The offline HTML report of one root-cause analysis (``analyze --report out.html``).
+
+One self-contained file: inline CSS, figures as inline PNG (matplotlib, Agg), no scripts and
+no network. It renders the JSON that :func:`model_forensics.rca.pipeline.analyze_bundle`
+returns: CF anomalies, the attribution ranking, the fix set (members, gate or direction,
+necessity, sufficiency), side effects, implicated units, forward passes by phase and notes.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import tempfile
+from html import escape
+from pathlib import Path
+from typing import Any
+
+STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: .5em 0; } td, th { padding: .2em .7em; border-bottom: 1px solid #eee; }
+th { text-align: left; background: #f6f6f6; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.bad { color: #b00020; font-weight: 600; } .ok { color: #1b7f3b; font-weight: 600; }
+.note { background: #fffbe6; padding: .3em .6em; margin: .3em 0; border-left: 3px solid #e0b000; }
+img { max-width: 100%; }
+"""
+
+
+def write_analysis_report(result: dict[str, Any], path: str | Path) -> Path:
+    """Write the report of ``result`` (an ``Analysis.to_json()``) to ``path`` atomically:
+    a temporary file in the same directory, renamed into place, so a failure leaves no
+    half-written report."""
+    target = Path(path)
+    text = analysis_html(result)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def analysis_html(result: dict[str, Any]) -> str:
+    """The report as one HTML string."""
+    fix = result.get("fix_set")
+    parts = [
+        f"<h1>Root-cause analysis: {escape(Path(result['bundle']).name)}</h1>",
+        f"<p>Bundle <code>{escape(result['bundle'])}</code> · {result['forward_passes']} forward passes · "
+        f"{result['seconds']:.1f} s</p>",
+    ]
+    if fix is not None:
+        parts += _fix_section(fix)
+    parts += _anomaly_section(result["anomalies"])
+    parts += _ranking_section(result["ranking"])
+    notes = [*result["anomalies"].get("notes", []), *(fix["notes"] if fix else [])]
+    if notes:
+        parts.append("<h2>Notes</h2>")
+        parts += [f'<div class="note">{escape(n)}</div>' for n in notes]
+    body = "\n".join(parts)
+    return (
+        "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<title>model-forensics: {escape(Path(result['bundle']).name)}</title><style>{STYLE}</style></head>"
+        f"<body>\n{body}\n</body></html>\n"
+    )
+
+
+def _fix_section(fix: dict[str, Any]) -> list[str]:
+    reached = "ok" if fix["reached_threshold"] else "bad"
+    out = [
+        "<h2>Minimal fix set</h2>",
+        f"<p>{len(fix['members'])} interventions of {fix['candidates']} candidate units flip "
+        f"<span class='{reached}'>{fix['total_flip_rate']:.0%}</span> of {len(fix['flips'])} failing variants "
+        f"(search: {escape(fix['strategy'])}, guidance: {escape(fix['guidance'])}).</p>",
+    ]
+    rows = []
+    for m in fix["members"]:
+        iv = m["intervention"]
+        how = escape(f"{iv['site']}:{iv['kind']}")
+        if iv.get("direction"):
+            how += " along its failure direction"
+        if iv.get("gate"):
+            gate = iv["gate"]
+            how += escape(f", gated at {gate['site']} (score > {gate['above']:.4g}, reads {gate.get('reads', 'last')})")
+        kl = "–" if m["benign_kl"] is None else f"{m['benign_kl']:.3g}"
+        rows.append(
+            [how, escape(m["level"]), f"{m['necessity']:.0%}", f"{m['sufficiency']:.0%}", f"{m['attribution']:.3g}", kl]
+        )
+    out.append(
+        _table(
+            ["intervention", "level", "necessity", "sufficiency", "attribution", "solo benign KL"], rows, first_text=2
+        )
+    )
+    if fix["members"]:
+        out.append(_members_figure(fix["members"]))
+    se = fix.get("side_effects")
+    if se:
+        within = "ok" if se["within_bound"] else "bad"
+        first = "" if se.get("first_step_kl") is None else f" (first step alone {se['first_step_kl']:.3g})"
+        out.append(
+            f"<p>Side effects on {se['n_benign']} benign prompts: mean KL "
+            f"<span class='{within}'>{se['mean_kl']:.3g}</span> nats{first}, max {se['max_kl']:.3g}, bound "
+            f"{se['bound']:g}; accuracy {se['accuracy_clean']:.0%} → {se['accuracy_fixed']:.0%}; predicate "
+            f"changed on {se['predicate_changed']:.0%}.</p>"
+        )
+    if fix.get("implicated"):
+        out.append("<h2>Implicated units (exact patching above the noise floor)</h2>")
+        rows = [[escape(e["unit"]), escape(e["level"]), f"{e['effect']:.3g}"] for e in fix["implicated"]]
+        out.append(_table(["unit", "level", "effect"], rows, first_text=2))
+    if fix.get("phase_passes"):
+        out.append("<h2>Forward passes by phase</h2>")
+        out.append(_table(["phase", "forward passes"], [[escape(k), str(v)] for k, v in fix["phase_passes"].items()]))
+    return out
+
+
+def _anomaly_section(anomalies: dict[str, Any], n: int = 20) -> list[str]:
+    fpr = anomalies.get("false_positive_rate")
+    out = [
+        "<h2>Compression Forensics anomalies</h2>",
+        f"<p>Threshold {anomalies['threshold']} robust z over {anomalies['baseline_size']} benign runs; "
+        f"held-out false-positive rate {'not measured' if fpr is None else f'{fpr:.1%}'} "
+        f"(nominal {anomalies['nominal_rate_max']:.1%}).</p>",
+    ]
+    ranked = anomalies["anomalies"][:n]
+    if ranked:
+        out.append(_anomaly_figure(ranked, float(anomalies["threshold"])))
+        rows = [
+            [escape(a["site"]), f"{a['score']:.2f}", "yes" if a["flagged"] else ""]
+            for a in ranked  # already sorted by score
+        ]
+        out.append(_table(["site", "score (max |z|)", "flagged"], rows))
+    return out
+
+
+def _ranking_section(ranking: dict[str, Any], n: int = 20) -> list[str]:
+    units = [u for u in ranking.get("units", []) if u["level"] in ("head", "neuron")][:n]
+    if not units:
+        return []
+    rows = [[escape(u["unit"]), escape(u["level"]), f"{u['score']:.3g}"] for u in units]
+    return ["<h2>Attribution ranking (top heads and neurons)</h2>", _table(["unit", "level", "score"], rows, 2)]
+
+
+def _table(header: list[str], rows: list[list[str]], first_text: int = 1) -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td>{c}</td>" if i < first_text else f"<td class='num'>{c}</td>" for i, c in enumerate(r))
+        + "</tr>"
+        for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return f"<img alt='figure' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
+
+
+def _axes(height: float) -> Any:
+    """A figure and axes on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(9, height))
+
+
+def _anomaly_figure(ranked: list[dict[str, Any]], threshold: float) -> str:
+    fig, ax = _axes(0.28 * len(ranked) + 1)
+    labels = [a["site"] for a in ranked][::-1]
+    scores = [a["score"] for a in ranked][::-1]
+    colors = ["#c0392b" if a["flagged"] else "#7f8c8d" for a in ranked][::-1]
+    ax.barh(labels, scores, color=colors)
+    ax.axvline(
+        threshold, color="#333", linestyle="--", linewidth=1, label=f"z threshold {threshold:g} (flagged: also p ≤ α)"
+    )
+    ax.set_xlabel("CF anomaly score (max |robust z| over features)")
+    ax.legend(loc="lower right")
+    return _png(fig)
+
+
+def _members_figure(members: list[dict[str, Any]]) -> str:
+    fig, ax = _axes(0.35 * len(members) + 1)
+    names = [m["unit"] for m in members][::-1]
+    ys = range(len(names))
+    ax.barh([y + 0.2 for y in ys], [m["necessity"] for m in members][::-1], height=0.4, label="necessity")
+    ax.barh([y - 0.2 for y in ys], [m["sufficiency"] for m in members][::-1], height=0.4, label="sufficiency")
+    ax.set_yticks(list(ys), names)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("flip rate (necessity: lost when removed; sufficiency: alone)")
+    ax.legend(loc="lower right")
+    return _png(fig)
