@@ -246,6 +246,19 @@ def test_gated_fix_is_verified_by_replay(tmp_path_factory: pytest.TempPathFactor
     assert kl_gated <= kl_plain
 
 
+def test_gate_threshold_clears_identical_baseline_scores() -> None:
+    from model_forensics.rca.cca import gate_threshold
+
+    # Every baseline's prompt-wide maximum is the same template token: zero spread, yet
+    # the float rounding of another batch size must not open the gate.
+    same = torch.full((30,), -5.79, dtype=torch.float64)
+    above, scale = gate_threshold(same)
+    assert above > -5.79 + 1e-5 and scale > 0
+    spread = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    above, scale = gate_threshold(spread)
+    assert scale == pytest.approx(1.0) and above == pytest.approx(3.01)
+
+
 def test_unknown_directions_mode_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="'auto', 'always' or 'never'"):
         CausalCCA(directions="sometimes")

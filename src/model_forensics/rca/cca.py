@@ -46,7 +46,7 @@ from model_forensics.replay.interventions import GATE_READS, Gate, Intervention
 Inputs = dict[str, torch.Tensor]
 MAX_EXHAUSTIVE = 12
 SEQUENTIAL_FROM = 12  # larger sets get a sequential removal pass before the batched rounds
-GATE_SLACK = 0.01  # a gate opens this many baseline-score stds above the largest baseline score
+GATE_SLACK = 0.01  # a gate opens this many score scales (std of baseline scores) above the largest
 RELATIVE_FLOOR = 0.01  # implicated units carry ≥ 1 % of their level's largest exact effect
 
 
@@ -433,10 +433,9 @@ class CausalCCA:
             probe = Gate(site, tuple(direction.tolist()), 0.0, reads)
             ref_scores = torch.tensor([probe.score(x) for x in ref[site]])
             scores = torch.tensor([probe.score(x) for x in every[site]])
-            # A hair above the largest baseline score, so batch-size rounding cannot open it there.
-            above = float(ref_scores.max() + GATE_SLACK * ref_scores.std())
+            above, scale = gate_threshold(ref_scores)
             detected = float((scores > above).double().mean())
-            margin = float((scores.median() - above) / (ref_scores.std() + 1e-12))
+            margin = float(scores.median() - above) / scale
             if best is None or (detected, margin) > best[:2]:
                 best = (detected, margin, dataclasses.replace(probe, above=above))
         if best is None:
@@ -680,6 +679,15 @@ class _Phases:
         now = self.session.forward_passes
         self.counts[name] = self.counts.get(name, 0) + now - self.last
         self.last = now
+
+
+def gate_threshold(ref_scores: torch.Tensor) -> tuple[float, float]:
+    """(threshold, score scale) of a gate from its baseline scores: a hair above the largest,
+    so batch-size rounding cannot open the gate on a baseline. The scale (the scores' std)
+    has a floor of 0.1 % of the largest |score|: a prompt-wide maximum is often the same for
+    every baseline (a shared template prefix), which gives a spread of zero."""
+    scale = max(float(ref_scores.std()), 1e-3 * float(ref_scores.abs().max()), 1e-12)
+    return float(ref_scores.max()) + GATE_SLACK * scale, scale
 
 
 def _mean_of(pick: Any, tensors: list[torch.Tensor]) -> torch.Tensor:
