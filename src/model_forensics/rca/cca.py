@@ -422,7 +422,10 @@ class CausalCCA:
             rows = [capture(session, batch, granularity="layer", sites=sites) for batch in batches]
             return {site: [r[site] for r in rows] for site in sites}
 
-        fit, ref, every = prompts(variants), prompts(reference), prompts(all_variants)
+        # The search variants are among all variants: capture each input once.
+        ref, every = prompts(reference), prompts(all_variants)
+        fitted = [i for i, v in enumerate(all_variants) if _among(v, variants)]
+        fit = {site: [xs[i] for i in fitted] for site, xs in every.items()}
         best: tuple[float, float, Gate] | None = None
         for site, reads in itertools.product(sites, GATE_READS):
             # "last": the last prompt position; "max": any position (mean over positions fits it).
