@@ -1,34 +1,47 @@
-"""Incident bundles, format v1: a directory (or the same tree zipped, ``*.mfb.zip``).
+"""Incident bundles, format 1.1: a directory (or the same files zipped, ``*.mfb.zip``).
 
 ::
 
     manifest.json            format + version, model reference, inputs, outputs, predicate,
-                             sites (shape, dtype, sketch, sha256 of the exact tensor),
-                             determinism, provenance, sha256 + size of every other file
+                             sites (shape, dtype, sketch, sha256 of the exact tensor and of
+                             the stored sketch), determinism, provenance, and the sha256 +
+                             size of every data file (all five mandatory)
     inputs.safetensors       what the model was called with (input_ids, attention_mask, …)
     outputs.safetensors      logits at the positions the predicate reads, generated ids
     activations.safetensors  one entry (or a few ``site::part`` entries) per site
     cube.json                ActivityCube
     calls.jsonl              recorded external calls, in order
+    signature.json           optional: an ed25519 signature of the content digest
 
-No pickle anywhere. Writes go to a temporary sibling directory that is renamed into place,
-so a crash never leaves a half bundle. Readers check the schema, the major version and
-every file's sha256, and refuse links, path traversal and oversized headers.
+No pickle anywhere. Everything read is hostile until checked: JSON is parsed strictly and
+checked against the schema's allowlists (:mod:`model_forensics.core.manifest`),
+safetensors headers are checked (dtypes, shapes, offsets, sizes) before a tensor is
+touched, zips are inflated under caps on size and ratio, and every problem is a
+:class:`BundleError`. The bundle's *content digest* is the sha256 of its canonical
+manifest, which holds the sha256 of every data file; two people compare one string.
+
+Writes go to a temporary sibling directory that replaces the target atomically
+(``renameat2(RENAME_EXCHANGE)`` where the OS has it), so a kill at any instant leaves
+the old or the new bundle under the name. Only a bundle is ever replaced.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
+import stat
 import struct
 import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +51,54 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model_forensics.core import sketches
+from model_forensics.core.config import BundleConfig
 from model_forensics.core.errors import BundleError
+from model_forensics.core.manifest import (
+    DTYPE_ITEMSIZE,
+    _show,
+    check_manifest,
+    load_schema,
+    parse_json,
+)
 from model_forensics.core.predicates import Predicate
 
 FORMAT_NAME = "model-forensics-bundle"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 MANIFEST = "manifest.json"
+SIGNATURE = "signature.json"
 DATA_FILES = ("inputs.safetensors", "outputs.safetensors", "activations.safetensors", "cube.json", "calls.jsonl")
+BUNDLE_FILES = frozenset({MANIFEST, SIGNATURE, *DATA_FILES})
 MAX_HEADER_BYTES = 64 * 1024 * 1024
-MAX_ZIP_BYTES = 64 * 1024**3
+DIGEST_PREFIX = "sha256:"
+_ST_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.(tmp|old)$")
 
-
-def load_schema(name: str) -> dict[str, Any]:
-    """A JSON Schema shipped with the package: ``manifest`` or ``cube``."""
-    text = resources.files("model_forensics.core").joinpath(f"schemas/{name}.schema.json").read_text()
-    return dict(json.loads(text))
+__all__ = [
+    "BUNDLE_FILES",
+    "DATA_FILES",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "Bundle",
+    "BundleContents",
+    "canonical_json",
+    "content_digest",
+    "file_sha256",
+    "load_schema",
+    "pack_bundle",
+    "write_bundle",
+]
 
 
 def file_sha256(path: Path) -> str:
@@ -61,6 +107,33 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def canonical_json(value: Any) -> bytes:
+    """The canonical bytes of a JSON value: sorted keys, no whitespace, UTF-8."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def content_digest(manifest: dict[str, Any]) -> str:
+    """A bundle's content digest: ``sha256:`` + sha256 of its canonical manifest, which holds
+    the sha256 of every data file."""
+    return DIGEST_PREFIX + hashlib.sha256(canonical_json(manifest)).hexdigest()
+
+
+def stored_sha256(entries: dict[str, torch.Tensor]) -> str:
+    """sha256 of one site's stored sketch entries: per entry (sorted by name) its name,
+    dtype and shape, then its exact bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(entries):
+        t = entries[name].detach().contiguous()
+        digest.update(f"{name}:{str(t.dtype).removeprefix('torch.')}:{list(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def site_entries(site: str, keys: Any) -> list[str]:
+    """The safetensors entries that hold ``site``: ``site`` itself or ``site::part``."""
+    return [k for k in keys if k == site or k.startswith(site + "::")]
 
 
 @dataclass
@@ -75,45 +148,194 @@ class BundleContents:
     calls: list[dict[str, Any]] | None = None
 
 
-def write_bundle(path: str | Path, contents: BundleContents, overwrite: bool = False) -> Path:
+# -- writing ---------------------------------------------------------------------------------
+def write_bundle(
+    path: str | Path, contents: BundleContents, overwrite: bool = False, sign_key: str | Path | None = None
+) -> Path:
     """Write a bundle atomically and return its path.
 
-    ``contents.manifest`` gets its ``files`` table filled in here; ``contents.activations``
-    must already be sketch-encoded (see :mod:`model_forensics.core.sketches`).
+    ``contents.manifest`` gets its ``files`` table and each site's ``stored_sha256`` filled
+    in here; ``contents.activations`` must already be sketch-encoded (see
+    :mod:`model_forensics.core.sketches`). With ``overwrite``, an existing *bundle* at
+    ``path`` is replaced in one atomic step; anything else there is refused. With
+    ``sign_key`` (an ed25519 private key file) the bundle appears already signed.
 
     Raises:
-        BundleError: the target exists (and ``overwrite`` is False) or is not writable.
+        BundleError: the target exists (and ``overwrite`` is False), is not a bundle, is not
+            writable, the key is unreadable, or the disk filled up (nothing is left
+            half-written).
     """
+    from model_forensics.core import signing
+
     target = Path(path)
-    if target.exists() and not overwrite:
-        raise BundleError(f"bundle '{target}' already exists; choose another path or pass overwrite=True (--overwrite)")
-    parent = target.parent if str(target.parent) else Path(".")
+    check_writable_target(target, overwrite)
+    key = signing.load_private_key(sign_key) if sign_key is not None else None
+    parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+        clean_stale_temporaries(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=parent))
     except OSError as exc:
-        raise BundleError(
-            f"cannot write bundle under '{parent}': {exc.strerror}; choose a writable directory"
-        ) from None
+        raise BundleError(_os_message(exc, f"cannot write bundle under '{parent}'")) from None
     try:
-        _write_files(tmp, contents)
-        if target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
-            os.replace(target, trash / "old")
-            os.replace(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        manifest = _write_files(tmp, contents)
+        if key is not None:
+            record = signing.signature_record(content_digest(manifest), key)
+            with (tmp / SIGNATURE).open("w") as fh:
+                json.dump(record, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+        _replace(tmp, target)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise BundleError(f"cannot write bundle '{target}': {exc}; nothing was written") from None
+        raise BundleError(_os_message(exc, f"cannot write bundle '{target}'") + "; nothing was written") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
 
 
-def _write_files(tmp: Path, contents: BundleContents) -> None:
+def check_writable_target(target: Path, overwrite: bool) -> None:
+    """Refuse a bundle target that exists (without ``overwrite``), or that is anything but a
+    bundle directory (with it): a user's directory or file is never replaced.
+
+    Raises:
+        BundleError: saying which, and what to do.
+    """
+    if not target.name or target.name in (".", ".."):
+        raise BundleError(f"'{target}' cannot be a bundle path; name a new directory, e.g. --out incident/")
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not overwrite:
+        raise BundleError(f"bundle '{target}' already exists; choose another path or pass overwrite=True (--overwrite)")
+    if not is_bundle_dir(target):
+        raise BundleError(
+            f"'{target}' exists and is not a model-forensics bundle; --overwrite only replaces bundles, "
+            "so choose another path (nothing was changed)"
+        )
+
+
+def is_bundle_dir(path: Path) -> bool:
+    """A real directory (not a link) holding only bundle files, with a manifest of our format."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            return False
+        names = {entry.name for entry in path.iterdir()}
+        manifest = path / MANIFEST
+        if not names <= BUNDLE_FILES or MANIFEST not in names or not stat.S_ISREG(manifest.lstat().st_mode):
+            return False
+        if manifest.stat().st_size > 64 * 1024 * 1024:
+            return False
+        data = json.loads(manifest.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT_NAME
+
+
+def clean_stale_temporaries(target: Path) -> list[Path]:
+    """Remove temporary siblings of ``target`` left by writes that were killed (their
+    process is gone). Returns what was removed."""
+    removed: list[Path] = []
+    parent = target.parent if str(target.parent) else Path(".")
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if not match or match["name"] != target.name or _alive(int(match["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # a concurrent write in this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    if target.exists():
+        if not _exchange(tmp, target):
+            # No atomic exchange on this OS/filesystem: two renames, old bundle kept aside
+            # under a temp name until the new one is in place.
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / "bundle")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old bundle
+    else:
+        os.rename(tmp, target)
+    _fsync_dir(target.parent)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+_RENAMEAT2: list[Any] = []
+
+
+def _renameat2() -> Any:
+    if not _RENAMEAT2:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            fn = None
+        _RENAMEAT2.append(fn)
+    return _RENAMEAT2[0]
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _os_message(exc: OSError, what: str) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{what}: the disk is full; free some space (or choose another --out) and record again"
+    if exc.errno == errno.EFBIG:
+        return f"{what}: a file grew over this process's size limit (ulimit -f)"
+    return f"{what}: {exc.strerror or exc}"
+
+
+def _write_files(tmp: Path, contents: BundleContents) -> dict[str, Any]:
+    """Write and fsync every file into ``tmp``; returns the manifest as written."""
     tensors = {
         "inputs.safetensors": contents.inputs,
         "outputs.safetensors": contents.outputs,
@@ -124,75 +346,110 @@ def _write_files(tmp: Path, contents: BundleContents) -> None:
     (tmp / "cube.json").write_text(json.dumps(contents.cube or {}, allow_nan=False))
     with (tmp / "calls.jsonl").open("w") as fh:
         for call in contents.calls or []:
-            fh.write(json.dumps(call, sort_keys=True) + "\n")
+            fh.write(json.dumps(call, sort_keys=True, allow_nan=False) + "\n")
     manifest = dict(contents.manifest)
+    keys = list(contents.activations)
+    manifest["sites"] = {
+        site: {**info, "stored_sha256": stored_sha256({k: contents.activations[k] for k in site_entries(site, keys)})}
+        for site, info in manifest["sites"].items()
+    }
     manifest["files"] = {
         name: {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in DATA_FILES
     }
-    jsonschema.validate(manifest, load_schema("manifest"))
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, allow_nan=False))
+    errors = list(
+        jsonschema.validators.validator_for(load_schema("manifest"))(load_schema("manifest")).iter_errors(manifest)
+    )
+    if errors:
+        from model_forensics.core.manifest import _schema_message
+
+        raise BundleError("cannot write this bundle: " + _schema_message(errors[0], "its manifest"))
+    text = json.dumps(manifest, indent=1, allow_nan=False)
+    (tmp / MANIFEST).write_text(text)
     for name in (*DATA_FILES, MANIFEST):
         with (tmp / name).open("rb") as fh:
             os.fsync(fh.fileno())
+    return dict(json.loads(text))
 
 
 def pack_bundle(path: str | Path, out: str | Path) -> Path:
     """Zip a bundle directory into ``out`` (``*.mfb.zip``), atomically."""
     bundle = Bundle.open(path)
     target = Path(out)
-    tmp = target.with_name(f".{target.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-        for name in (MANIFEST, *DATA_FILES):
-            zf.write(bundle.path / name, arcname=name)
-    os.replace(tmp, target)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for file in (MANIFEST, *DATA_FILES, SIGNATURE):
+                if (bundle.path / file).is_file():
+                    zf.write(bundle.path / file, arcname=file)
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise BundleError(_os_message(exc, f"cannot write '{target}'")) from None
     return target
 
 
+# -- reading ---------------------------------------------------------------------------------
 class Bundle:
     """A bundle opened for reading. Use :meth:`open`; checksums are verified on open."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], cleanup: tempfile.TemporaryDirectory[str] | None = None):
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        cleanup: tempfile.TemporaryDirectory[str] | None = None,
+        limits: BundleConfig | None = None,
+        source: Path | None = None,
+    ):
         self.path = path
         self.manifest = manifest
+        self.limits = limits or BundleConfig()
+        self.source = source or path
         self._cleanup = cleanup
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True) -> Bundle:
+    def open(cls, path: str | Path, verify: bool = True, limits: BundleConfig | None = None) -> Bundle:
         """Open a bundle directory or ``*.mfb.zip``.
 
+        Args:
+            path: the bundle.
+            verify: check every data file's size and sha256 against the manifest.
+            limits: the reader's bounds (default: :class:`BundleConfig` defaults).
         Raises:
-            BundleError: missing, not a bundle, unknown major version, links or path
-                traversal, oversized headers, or (with ``verify``) a checksum mismatch.
+            BundleError: missing, not a bundle, unknown major version, a manifest that breaks
+                the schema's allowlists or the bounds, links, special files, unexpected
+                entries, a hostile archive, or (with ``verify``) a checksum mismatch.
         """
+        limits = limits or BundleConfig()
         src = Path(path)
-        if not src.exists():
+        if not (src.exists() or src.is_symlink()):
             raise BundleError(f"bundle '{src}' does not exist; pass a bundle directory or a .mfb.zip file")
         cleanup = None
+        if src.is_symlink():
+            raise BundleError(f"'{src}' is a link; open the bundle it points to directly")
         if src.is_file():
             cleanup = tempfile.TemporaryDirectory(prefix="mfb-")
-            _safe_extract(src, Path(cleanup.name))
+            try:
+                _safe_extract(src, Path(cleanup.name), limits)
+            except BaseException:
+                cleanup.cleanup()
+                raise
             root = Path(cleanup.name)
-        else:
+        elif src.is_dir():
             root = src
-        manifest_path = root / MANIFEST
-        if not manifest_path.is_file():
-            raise BundleError(
-                f"'{src}' is not a bundle: it has no {MANIFEST}; record one with `model-forensics record`"
+        else:
+            raise BundleError(f"'{src}' is neither a bundle directory nor a .mfb.zip file")
+        try:
+            _check_entries(root, src)
+            manifest = check_manifest(
+                parse_json(_read_capped(root / MANIFEST, limits.max_manifest_mb, src), MANIFEST, limits), limits
             )
-        for entry in root.iterdir():
-            if entry.is_symlink():
-                raise BundleError(f"bundle '{src}' contains a link ({entry.name}); bundles must hold plain files only")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BundleError(f"{manifest_path} is not valid JSON ({exc}); the bundle is corrupt") from None
-        _check_version(manifest, src)
-        try:
-            jsonschema.validate(manifest, load_schema("manifest"))
-        except jsonschema.ValidationError as exc:
-            where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
-            raise BundleError(f"{manifest_path} does not match the bundle schema at {where}: {exc.message}") from None
-        bundle = cls(root, manifest, cleanup)
+        except BaseException:
+            if cleanup is not None:
+                cleanup.cleanup()
+            raise
+        bundle = cls(root, manifest, cleanup, limits, src)
         if verify:
             problems = bundle.verify_files()
             if problems:
@@ -202,20 +459,29 @@ class Bundle:
         return bundle
 
     def verify_files(self) -> list[str]:
-        """Problems found comparing every file with the sha256 and size in the manifest."""
+        """Problems found comparing every data file with the sha256 and size in the manifest
+        (every data file must be listed and present)."""
         problems = []
-        for name, info in self.manifest["files"].items():
-            if name not in DATA_FILES:
-                problems.append(f"unexpected file entry '{name}'")
-                continue
+        table = self.manifest["files"]
+        for name in DATA_FILES:
+            info = table.get(name)
             file = self.path / name
-            if not file.is_file():
+            if info is None:
+                problems.append(f"{name} is not in the manifest's files table")
+            elif not file.is_file():
                 problems.append(f"{name} is missing")
             elif file.stat().st_size != info["bytes"]:
                 problems.append(f"{name} has {file.stat().st_size} bytes, manifest says {info['bytes']}")
             elif file_sha256(file) != info["sha256"]:
                 problems.append(f"{name} sha256 differs from the manifest")
         return problems
+
+    @property
+    def digest(self) -> str:
+        """The content digest: ``sha256:`` + the sha256 of the canonical manifest (which holds
+        the sha256 of every data file). Equal digests mean equal bundles, byte for byte in
+        every data file and value for value in the manifest."""
+        return content_digest(self.manifest)
 
     # -- contents -----------------------------------------------------------------------
     @property
@@ -227,9 +493,14 @@ class Bundle:
         return list(self.manifest["sites"])
 
     @property
+    def partial(self) -> dict[str, str]:
+        """Sites whose recorder hook failed during recording, with the error (format 1.1)."""
+        return dict(self.manifest.get("partial") or {})
+
+    @property
     def predicate(self) -> Predicate | None:
         data = self.manifest.get("predicate")
-        return Predicate.from_json(data) if data else None
+        return Predicate.from_json(data, regex_timeout_s=self.limits.regex_timeout_s) if data else None
 
     @cached_property
     def inputs(self) -> dict[str, torch.Tensor]:
@@ -240,83 +511,396 @@ class Bundle:
         return self._read_tensors("outputs.safetensors")
 
     def activation(self, site: str) -> torch.Tensor:
-        """The decoded activation of one recorded site (exact for ``full`` sketches)."""
+        """The decoded activation of one recorded site (exact for ``full`` sketches).
+
+        Raises:
+            BundleError: the site is unknown, or its stored entries do not decode to the
+                declared shape and dtype.
+        """
         info = self.manifest["sites"].get(site)
         if info is None:
             from model_forensics.core.sites import unknown_site_message
 
             raise BundleError(unknown_site_message(site, self.sites) + " in this bundle")
-        file = self.path / "activations.safetensors"
-        _check_header(file)
-        with safe_open(str(file), framework="pt") as fh:
-            entries = {k: fh.get_tensor(k) for k in fh.keys() if k == site or k.startswith(site + "::")}
-        dtype = getattr(torch, info["dtype"])
-        return sketches.decode(site, entries, info["sketch"], tuple(info["shape"]), dtype)
+        entries = self._site_entries(site)
+        return _decode(site, entries, info)
+
+    def stored_entries(self, site: str) -> dict[str, torch.Tensor]:
+        """The raw stored sketch entries of one site (as written, before decoding)."""
+        if site not in self.manifest["sites"]:
+            raise BundleError(f"site {_show(site)} is not in this bundle")
+        return self._site_entries(site)
 
     def activations(self) -> Iterator[tuple[str, torch.Tensor]]:
         for site in self.sites:
             yield site, self.activation(site)
 
     def cube(self) -> dict[str, Any]:
-        return dict(json.loads((self.path / "cube.json").read_text()))
+        value = parse_json(
+            _read_capped(self.path / "cube.json", self.limits.max_manifest_mb, self.source), "cube.json", self.limits
+        )
+        if not isinstance(value, dict):
+            raise BundleError("cube.json must hold a JSON object; the bundle is corrupt")
+        return value
 
     def calls(self) -> list[dict[str, Any]]:
-        lines = (self.path / "calls.jsonl").read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        raw = _read_capped(self.path / "calls.jsonl", self.limits.max_calls_mb, self.source)
+        calls = []
+        for number, line in enumerate(raw.split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            call = parse_json(line, f"calls.jsonl line {number}", self.limits, max_bytes=len(raw))
+            if not isinstance(call, dict):
+                raise BundleError(f"calls.jsonl line {number} is not a JSON object; the bundle is corrupt")
+            calls.append(call)
+        return calls
 
     def size_bytes(self) -> int:
         return (
             sum(int(info["bytes"]) for info in self.manifest["files"].values()) + (self.path / MANIFEST).stat().st_size
         )
 
+    # -- full verification -----------------------------------------------------------------
+    def verify_contents(self) -> list[str]:
+        """Parse and check every file, not just its hash: inputs and outputs match their
+        tables, every site's stored sketch matches its ``stored_sha256`` and decodes to its
+        declared shape and dtype (``full`` sites: to their exact sha256), the cube matches its
+        schema, every call is a JSON object, and the recorded verdict agrees with the
+        recorded output. Returns the problems found (empty: the bundle is consistent)."""
+        problems = self.verify_files()
+        if problems:
+            return problems
+        for name, table in (("inputs.safetensors", "input"), ("outputs.safetensors", "output")):
+            problems += _guard(lambda n=name, t=table: self._check_table(n, t))
+        for site in self.sites:
+            problems += _guard(lambda s=site: self._check_site(s))
+        problems += _guard(self._check_cube)
+        problems += _guard(self._check_calls)
+        problems += _guard(self._check_verdict)
+        return problems
+
+    def _check_table(self, name: str, table: str) -> list[str]:
+        stored = self._read_tensors(name)
+        declared = self.manifest[table]["tensors"]
+        problems = []
+        if set(stored) != set(declared):
+            problems.append(f"{name} holds {sorted(stored)[:8]}, the manifest declares {sorted(declared)[:8]}")
+        for key in set(stored) & set(declared):
+            t, info = stored[key], declared[key]
+            if list(t.shape) != info["shape"] or str(t.dtype).removeprefix("torch.") != info["dtype"]:
+                problems.append(
+                    f"{name}: {_show(key)} is {list(t.shape)} {t.dtype}, the manifest says {info['shape']} {info['dtype']}"
+                )
+        return problems
+
+    def _check_site(self, site: str) -> list[str]:
+        info = self.manifest["sites"][site]
+        entries = self._site_entries(site)
+        if "stored_sha256" in info and stored_sha256(entries) != info["stored_sha256"]:
+            return [f"site {_show(site)}: stored sketch sha256 differs from the manifest"]
+        tensor = _decode(site, entries, info)
+        if info["sketch"] == "full" and sketches.tensor_sha256(tensor) != info["sha256"]:
+            return [f"site {_show(site)}: tensor sha256 differs from the manifest"]
+        return []
+
+    def _check_cube(self) -> list[str]:
+        cube = self.cube()
+        if not cube:
+            return []
+        errors = list(jsonschema.validators.validator_for(load_schema("cube"))(load_schema("cube")).iter_errors(cube))
+        if errors:
+            where = ".".join(str(p) for p in errors[0].absolute_path) or "(top level)"
+            return [f"cube.json does not match the ActivityCube schema at {where}"]
+        return []
+
+    def _check_calls(self) -> list[str]:
+        self.calls()  # raises on a line that is not a UTF-8 JSON object
+        return []
+
+    def _check_verdict(self) -> list[str]:
+        """The recorded ``holds`` and ``prediction`` must follow from the recorded output."""
+        problems = []
+        pred, out = self.predicate, self.manifest["output"]
+        logits = self.outputs.get("logits")
+        last = None
+        if logits is not None and logits.numel():
+            last = logits[0, -1] if logits.dim() == 3 else logits.reshape(logits.shape[0], -1)[0]
+            if out.get("prediction") is not None and int(last.argmax()) != out["prediction"]:
+                problems.append(
+                    f"output.prediction is {out['prediction']} but the recorded logits' argmax is {int(last.argmax())}"
+                )
+        holds = (self.manifest.get("predicate") or {}).get("holds")
+        if pred is None or holds is None:
+            return problems
+        if pred.needs_text and out.get("text") is None:
+            return problems
+        if not pred.needs_text and last is None:
+            return problems
+        if not pred.needs_text and last is not None and max(pred.indices()) >= last.numel():
+            return [*problems, f"predicate {pred.describe()} reads an index beyond the {last.numel()} recorded logits"]
+        actual = pred.evaluate(text=out.get("text"), logits=last)
+        if actual != holds:
+            problems.append(
+                f"predicate.holds is {holds} but {pred.describe()} evaluates to {actual} on the recorded output"
+            )
+        return problems
+
+    # -- internals -------------------------------------------------------------------------
+    def _site_entries(self, site: str) -> dict[str, torch.Tensor]:
+        file = self.path / "activations.safetensors"
+        header = _check_header(file)
+        names = site_entries(site, header)
+        return _load_entries(file, names)
+
     def _read_tensors(self, name: str) -> dict[str, torch.Tensor]:
         file = self.path / name
-        _check_header(file)
+        header = _check_header(file)
+        return _load_entries(file, list(header))
+
+
+def _guard(check: Any) -> list[str]:
+    try:
+        return list(check())
+    except BundleError as exc:
+        return [str(exc)]
+
+
+def _read_capped(file: Path, cap_mb: float, src: Path) -> bytes:
+    cap = int(cap_mb * 1024 * 1024)
+    try:
+        info = file.lstat()
+        if not stat.S_ISREG(info.st_mode):
+            raise BundleError(f"{file.name} in '{src}' is not a plain file; bundles hold plain files only")
+        if info.st_size > cap:
+            raise BundleError(f"{file.name} in '{src}' is {info.st_size} bytes, over the {cap}-byte limit; refusing it")
+        with file.open("rb") as fh:
+            return fh.read(cap + 1)[: cap + 1]
+    except FileNotFoundError:
+        raise BundleError(f"'{src}' is not a complete bundle: it has no {file.name}") from None
+    except OSError as exc:
+        raise BundleError(f"cannot read {file.name} in '{src}': {exc.strerror}") from None
+
+
+def _check_entries(root: Path, src: Path) -> None:
+    if not (root / MANIFEST).exists():
+        raise BundleError(f"'{src}' is not a bundle: it has no {MANIFEST}; record one with `model-forensics record`")
+    for entry in root.iterdir():
+        if entry.is_symlink():
+            raise BundleError(
+                f"bundle '{src}' contains a link ({_show(entry.name)}); bundles must hold plain files only"
+            )
+        if entry.name not in BUNDLE_FILES:
+            raise BundleError(
+                f"bundle '{src}' holds an unexpected entry {_show(entry.name)}; a bundle holds only "
+                f"{', '.join(sorted(BUNDLE_FILES))}; move other files out of it"
+            )
+        if not stat.S_ISREG(entry.lstat().st_mode):
+            raise BundleError(f"bundle '{src}': {_show(entry.name)} is not a plain file; refusing it")
+
+
+def _check_header(file: Path) -> dict[str, tuple[str, list[int]]]:
+    """Parse and check a safetensors header before safetensors touches the file.
+
+    Returns:
+        {entry name: (dtype name, shape)}.
+    Raises:
+        BundleError: truncated, an oversized or malformed header, an unknown dtype, a shape
+            whose size disagrees with its byte range, ranges that overlap, leave gaps or
+            run past the end of the file.
+    """
+    try:
+        size = file.lstat().st_size
+        if not stat.S_ISREG(file.lstat().st_mode):
+            raise BundleError(f"{file.name} is not a plain file; refusing it")
+        with file.open("rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise BundleError(f"{file.name} is truncated; the bundle is corrupt")
+            (length,) = struct.unpack("<Q", raw)
+            if length > MAX_HEADER_BYTES or 8 + length > size:
+                raise BundleError(
+                    f"{file.name} declares a {length}-byte header; refusing to read (corrupt or hostile file)"
+                )
+            header_bytes = fh.read(length)
+    except FileNotFoundError:
+        raise BundleError(f"{file.name} is missing; the bundle is incomplete") from None
+    except OSError as exc:
+        raise BundleError(f"cannot read {file.name}: {exc.strerror}") from None
+    limits = BundleConfig(max_string_chars=1_000_000, max_json_depth=8)
+    header = parse_json(header_bytes.rstrip(b" "), f"{file.name} header", limits, max_bytes=MAX_HEADER_BYTES)
+    if not isinstance(header, dict):
+        raise BundleError(f"{file.name} header is not a JSON object; the file is corrupt or hostile")
+    data_len = size - 8 - length
+    spans = []
+    out: dict[str, tuple[str, list[int]]] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise BundleError(f"{file.name} header: __metadata__ must map strings to strings")
+            continue
+        dtype, shape, span = _header_entry(file.name, name, entry)
+        begin, end = span
+        if not 0 <= begin <= end <= data_len:
+            raise BundleError(
+                f"{file.name}: entry {_show(name)} spans bytes {begin}–{end}, beyond the {data_len}-byte data area"
+            )
+        if math.prod(shape) * DTYPE_ITEMSIZE[dtype] != end - begin:
+            raise BundleError(
+                f"{file.name}: entry {_show(name)} declares shape {shape[:8]} {dtype}, which does not fill its "
+                f"{end - begin}-byte range; the file is corrupt or hostile"
+            )
+        spans.append((begin, end))
+        out[name] = (dtype, shape)
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            raise BundleError(f"{file.name}: entries overlap or leave gaps in the data area; the file is corrupt")
+        position = end
+    if position != data_len:
+        raise BundleError(f"{file.name}: {data_len - position} bytes after the last entry; the file is corrupt")
+    return out
+
+
+def _header_entry(file: str, name: str, entry: Any) -> tuple[str, list[int], tuple[int, int]]:
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise BundleError(f"{file}: header entry {_show(name)} is malformed")
+    dtype = _ST_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    shape, span = entry["shape"], entry["data_offsets"]
+    if dtype is None:
+        raise BundleError(f"{file}: entry {_show(name)} has dtype {_show(entry['dtype'])}, not one bundles use")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(_is_count(d) for d in shape):
+        raise BundleError(f"{file}: entry {_show(name)} has a malformed shape")
+    if not isinstance(span, list) or len(span) != 2 or not all(_is_count(d) for d in span):
+        raise BundleError(f"{file}: entry {_show(name)} has malformed data offsets")
+    return dtype, shape, (span[0], span[1])
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62
+
+
+def _load_entries(file: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    try:
         with safe_open(str(file), framework="pt") as fh:
-            return {k: fh.get_tensor(k) for k in fh.keys()}
+            return {k: fh.get_tensor(k) for k in names}
+    except Exception as exc:  # safetensors raises its own error types (Rust panics included)
+        raise BundleError(f"{file.name} cannot be read ({type(exc).__name__}); the file is corrupt") from None
 
 
-def _check_version(manifest: dict[str, Any], src: Path) -> None:
-    if manifest.get("format") != FORMAT_NAME:
-        raise BundleError(f"'{src}' is not a model-forensics bundle (format is {manifest.get('format')!r})")
-    version = str(manifest.get("format_version", ""))
-    major = version.split(".")[0]
-    if major != FORMAT_VERSION.split(".")[0]:
-        raise BundleError(
-            f"bundle '{src}' uses format version {version}, this model-forensics reads {FORMAT_VERSION}; "
-            "upgrade model-forensics (pip install -U model-forensics) to read it"
-        )
+def _decode(site: str, entries: dict[str, torch.Tensor], info: dict[str, Any]) -> torch.Tensor:
+    """Decode one site, checking the stored parts against the declared shape first."""
+    shape, dtype, sketch = tuple(info["shape"]), getattr(torch, info["dtype"]), info["sketch"]
+    numel = math.prod(shape)
+    bad = f"site {_show(site)}: the stored {sketch} sketch does not match the declared shape {list(shape)[:8]}"
+    if sketch in ("full", "fp16"):
+        t = entries.get(site)
+        want = dtype if sketch == "full" else torch.float16
+        if t is None or tuple(t.shape) != shape or t.dtype != want or len(entries) != 1:
+            raise BundleError(bad)
+    elif sketch == "int8":
+        q, scale = entries.get(site), entries.get(f"{site}::scale")
+        if q is None or scale is None or tuple(q.shape) != shape or q.dtype != torch.int8 or len(entries) != 2:
+            raise BundleError(bad)
+        if scale.dtype != torch.float32 or tuple(scale.shape) != (*shape[:-1], 1):
+            raise BundleError(bad)
+    else:
+        idx, values = entries.get(f"{site}::indices"), entries.get(f"{site}::values")
+        if idx is None or values is None or idx.dtype != torch.int64 or idx.dim() != 1 or len(entries) != 2:
+            raise BundleError(bad)
+        if values.shape != idx.shape or values.dtype != dtype:
+            raise BundleError(bad)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+            raise BundleError(f"site {_show(site)}: top-k indices fall outside the declared shape {list(shape)[:8]}")
+    return sketches.decode(site, entries, sketch, shape, dtype)
 
 
-def _check_header(file: Path) -> None:
-    with file.open("rb") as fh:
-        raw = fh.read(8)
-    if len(raw) < 8:
-        raise BundleError(f"{file} is truncated; the bundle is corrupt")
-    (length,) = struct.unpack("<Q", raw)
-    if length > MAX_HEADER_BYTES or length > file.stat().st_size:
-        raise BundleError(f"{file} declares a {length}-byte header; refusing to read (corrupt or hostile file)")
+def _safe_extract(archive: Path, dest: Path, limits: BundleConfig) -> None:
+    """Inflate a ``.mfb.zip`` into ``dest``, refusing anything a bundle archive never holds.
 
-
-def _safe_extract(archive: Path, dest: Path) -> None:
+    Checked before inflating: every entry's name (no paths, no duplicates, only bundle
+    files), type (no links, directories, encryption, compression other than stored or
+    deflate) and declared size (total ≤ max_unpacked_mb, ratio ≤ max_compression_ratio).
+    Checked while inflating: the bytes actually produced, against the same caps and the
+    declared size; CRCs are checked by zipfile at the end of each entry.
+    """
     try:
         zf = zipfile.ZipFile(archive)
-    except zipfile.BadZipFile:
-        raise BundleError(f"'{archive}' is neither a bundle directory nor a valid .mfb.zip") from None
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, NotImplementedError, KeyError) as exc:
+        raise BundleError(
+            f"'{archive}' is neither a bundle directory nor a valid .mfb.zip ({type(exc).__name__})"
+        ) from None
+    cap = int(limits.max_unpacked_mb * 1024 * 1024)
     with zf:
-        total = 0
-        allowed = {MANIFEST, *DATA_FILES}
-        for info in zf.infolist():
-            name = info.filename
-            if name not in allowed or "/" in name or "\\" in name or name.startswith(".."):
+        infos = zf.infolist()
+        _check_archive(archive, infos, cap, limits.max_compression_ratio)
+        produced = 0
+        for info in infos:
+            try:
+                produced += _inflate(zf, info, dest / info.filename, cap - produced, limits.max_compression_ratio)
+            except BundleError:
+                raise
+            except (
+                zipfile.BadZipFile,
+                OSError,
+                ValueError,
+                EOFError,
+                struct.error,
+                NotImplementedError,
+                RuntimeError,
+            ) as exc:
                 raise BundleError(
-                    f"'{archive}' holds an unexpected entry '{name}' (possible path traversal); refusing it"
+                    f"'{archive}': entry {_show(info.filename)} is corrupt ({type(exc).__name__}: {_clip(exc)})"
+                ) from None
+
+
+def _clip(exc: BaseException, n: int = 120) -> str:
+    text = str(exc).encode("ascii", "backslashreplace").decode()
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _check_archive(archive: Path, infos: list[zipfile.ZipInfo], cap: int, ratio: float) -> None:
+    seen: set[str] = set()
+    declared = 0
+    for info in infos:
+        name = info.filename
+        if name not in BUNDLE_FILES:
+            raise BundleError(
+                f"'{archive}' holds an unexpected entry {_show(name)} (possible path traversal, a folder or another file); "
+                f"a bundle archive holds only {', '.join(sorted(BUNDLE_FILES))} at its top level"
+            )
+        if name in seen:
+            raise BundleError(f"'{archive}' holds the entry {_show(name)} twice; refusing it")
+        seen.add(name)
+        mode = (info.external_attr >> 16) & 0o170000
+        if mode and mode != stat.S_IFREG:
+            raise BundleError(f"'{archive}': {_show(name)} is not a plain file (a link or device); refusing it")
+        if info.flag_bits & 0x1:
+            raise BundleError(f"'{archive}': {_show(name)} is encrypted; bundles are never encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise BundleError(
+                f"'{archive}': {_show(name)} uses compression method {info.compress_type}; only stored and deflate are read"
+            )
+        declared += info.file_size
+        if declared > cap:
+            raise BundleError(f"'{archive}' declares more than {cap} unpacked bytes (max_unpacked_mb); refusing it")
+        if info.file_size > ratio * max(info.compress_size, 1):
+            raise BundleError(
+                f"'{archive}': {_show(name)} would inflate {info.file_size / max(info.compress_size, 1):.0f}× "
+                f"(max_compression_ratio={ratio:g}); refusing a likely zip bomb"
+            )
+
+
+def _inflate(zf: zipfile.ZipFile, info: zipfile.ZipInfo, out: Path, budget: int, ratio: float) -> int:
+    limit = min(budget, info.file_size, int(ratio * max(info.compress_size, 1)))
+    written = 0
+    with zf.open(info) as src, out.open("xb") as dst:
+        while chunk := src.read(1 << 20):
+            written += len(chunk)
+            if written > limit:
+                raise BundleError(
+                    f"'{zf.filename}': {_show(info.filename)} inflates past its declared size or the caps; refusing it"
                 )
-            if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                raise BundleError(f"'{archive}' holds a link ({name}); bundles must hold plain files only")
-            total += info.file_size
-            if total > MAX_ZIP_BYTES:
-                raise BundleError(f"'{archive}' unpacks to more than {MAX_ZIP_BYTES} bytes; refusing it")
-        for info in zf.infolist():
-            with zf.open(info) as src, (dest / info.filename).open("wb") as out:
-                shutil.copyfileobj(src, out)
+            dst.write(chunk)
+    if written != info.file_size:
+        raise BundleError(f"'{zf.filename}': {_show(info.filename)} is shorter than its declared size; it is corrupt")
+    return written

@@ -40,6 +40,25 @@ class ReplayConfig(_Strict):
     allow_subprocess: bool = False
 
 
+class BundleConfig(_Strict):
+    """Limits a bundle reader enforces: everything in a bundle is hostile until checked."""
+
+    max_manifest_mb: float = Field(default=16.0, gt=0.0)
+    max_json_depth: int = Field(default=64, ge=2)
+    max_string_chars: int = Field(default=1_000_000, ge=1)
+    max_sites: int = Field(default=20_000, ge=1)
+    max_site_mb: float = Field(default=8192.0, gt=0.0)
+    max_unpacked_mb: float = Field(default=16384.0, gt=0.0)
+    max_compression_ratio: float = Field(default=200.0, ge=1.0)
+    max_calls_mb: float = Field(default=256.0, gt=0.0)
+    max_new_tokens: int = Field(default=4096, ge=1)
+    max_num_beams: int = Field(default=16, ge=1)
+    max_input_rows: int = Field(default=1024, ge=1)
+    max_input_tokens: int = Field(default=131_072, ge=1)
+    max_prompts: int = Field(default=100_000, ge=0)
+    regex_timeout_s: float = Field(default=1.0, gt=0.0)
+
+
 class CFConfig(_Strict):
     enabled: bool = True
     anomaly_threshold: float = Field(default=2.0, gt=0.0)
@@ -64,6 +83,7 @@ class ForensicsConfig(_Strict):
 
     recorder: RecorderConfig = Field(default_factory=RecorderConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    bundle: BundleConfig = Field(default_factory=BundleConfig)
     modules: ModulesConfig = Field(default_factory=ModulesConfig)
 
     @classmethod

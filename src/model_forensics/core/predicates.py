@@ -10,10 +10,10 @@ vector the prediction reads, shape (V,) for the next token or (C,) for a classif
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import regex as regex_engine
 import torch
 
 from model_forensics.core.errors import ForensicsError
@@ -29,6 +29,7 @@ class Predicate:
 
     kind: str
     args: dict[str, Any] = field(default_factory=dict)
+    regex_timeout_s: float = field(default=1.0, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in _TEXT_KINDS + _LOGIT_KINDS:
@@ -49,13 +50,41 @@ class Predicate:
                 return str(self.args["text"]) in text
             if self.kind == "not_contains":
                 return str(self.args["text"]) not in text
-            return re.search(str(self.args["pattern"]), text) is not None
+            return self._search(text)
         if logits is None:
             raise ForensicsError(f"predicate {self.describe()} reads logits, but the output has none")
         return bool(self.evaluate_logits(logits.reshape(1, -1))[0])
 
+    def _search(self, text: str) -> bool:
+        # The pattern may come from a bundle someone sent: a catastrophic-backtracking
+        # pattern must not hang the reader, so the search runs under a timeout.
+        try:
+            return regex_engine.search(str(self.args["pattern"]), text, timeout=self.regex_timeout_s) is not None
+        except TimeoutError:
+            raise ForensicsError(
+                f"predicate {self.describe()} took over {self.regex_timeout_s} s on one output "
+                "(catastrophic backtracking?); simplify the pattern or raise bundle.regex_timeout_s"
+            ) from None
+        except regex_engine.error as exc:
+            raise ForensicsError(f"predicate {self.describe()} is not a valid regex ({exc})") from None
+
+    def indices(self) -> list[int]:
+        """The logit indices a logit predicate reads (empty for text predicates)."""
+        if self.kind == "token_is":
+            return [int(self.args["token"])]
+        if self.kind == "class_is":
+            return [int(self.args["label"])]
+        if self.kind == "logit_diff":
+            return [int(self.args["a"]), int(self.args["b"])]
+        return []
+
     def evaluate_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Vectorised form for logit predicates. ``logits``: (N, V) → bool (N,)."""
+        if self.indices() and max(self.indices()) >= logits.shape[-1]:
+            raise ForensicsError(
+                f"predicate {self.describe()} reads index {max(self.indices())}, but the output has only "
+                f"{logits.shape[-1]} scores; fix the predicate (or the bundle it came from)"
+            )
         if self.kind in ("token_is", "class_is"):
             target = int(self.args["token"] if self.kind == "token_is" else self.args["label"])
             return logits.argmax(dim=-1) == target
@@ -72,8 +101,8 @@ class Predicate:
         return {"kind": self.kind, "args": dict(self.args)}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Predicate:
-        return cls(kind=data["kind"], args=dict(data.get("args", {})))
+    def from_json(cls, data: dict[str, Any], regex_timeout_s: float = 1.0) -> Predicate:
+        return cls(kind=data["kind"], args=dict(data.get("args", {})), regex_timeout_s=regex_timeout_s)
 
 
 def contains(text: str) -> Predicate:

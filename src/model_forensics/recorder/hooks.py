@@ -206,9 +206,11 @@ class RecorderHooks:
             tensors.setdefault("input_ids", args[0].detach().clone())
         self._inputs.append(tensors)
         if not continuing:
-            self._kwargs = {
-                k: v for k, v in kwargs.items() if isinstance(v, bool | int | float | str) and k != "return_dict"
-            }
+            self._kwargs = _replayable(
+                {k: v for k, v in kwargs.items() if isinstance(v, bool | int | float | str) and k != "return_dict"},
+                "kwargs",
+                "forward",
+            )
 
     def _root_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         logits = getattr(output, "logits", None)
@@ -238,7 +240,7 @@ class RecorderHooks:
             out = self.model.generate(**batch, **generate_kwargs)  # type: ignore[operator]
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         self._generated = sequences.detach().clone()
-        self._generation = {k: v for k, v in generate_kwargs.items() if isinstance(v, bool | int | float | str | None)}
+        self._generation = _replayable(generate_kwargs, "generation", "generate")
         return sequences
 
     # -- results ---------------------------------------------------------------------------
@@ -273,6 +275,7 @@ class RecorderHooks:
         overwrite: bool = False,
         extras: dict[str, Any] | None = None,
         seed: int | None = None,
+        sign_key: str | Path | None = None,
     ) -> Path:
         """Write everything recorded to an incident bundle at ``path`` and return the path.
 
@@ -281,6 +284,8 @@ class RecorderHooks:
             overwrite: replace an existing bundle at ``path`` (atomically).
             extras: JSON data carried along (failing variants, benign prompts, notes).
             seed: the torch seed the run used, if any, for replay.
+            sign_key: an ed25519 private key file; the bundle is written already signed
+                (``signature.json``, see :mod:`model_forensics.core.signing`).
         Raises:
             BundleError: ``path`` exists (without ``overwrite``) or is not writable.
             ForensicsError: nothing was recorded.
@@ -356,7 +361,7 @@ class RecorderHooks:
             recorded, self.adapter, self._token_strings(), ref.name, list(inputs.get("input_ids", torch.empty(0)).shape)
         )
         contents = BundleContents(manifest, inputs, outputs, activations, cube.to_json(), self.calls.entries)
-        return write_bundle(path, contents, overwrite=overwrite)
+        return write_bundle(path, contents, overwrite=overwrite, sign_key=sign_key)
 
     # -- internals -------------------------------------------------------------------------
     def _weights_sha256(self) -> str:
@@ -419,6 +424,22 @@ class RecorderHooks:
                 raise SiteError(f"record whole sites, not '{selector}'; narrow with selectors at analysis time")
             targets += [s for s in match_sites(sel, available) if s not in targets]
         return sorted(targets, key=site_order)
+
+
+def _replayable(options: dict[str, Any], part: str, call: str) -> dict[str, Any]:
+    """The options a replay may pass on (the manifest schema's allowlist); warns about the rest."""
+    from model_forensics.core.manifest import allowed_keys
+
+    allowed = allowed_keys("input", part)
+    kept = {k: v for k, v in options.items() if k in allowed and isinstance(v, bool | int | float | str | list | None)}
+    dropped = sorted(set(options) - set(kept))
+    if dropped:
+        warnings.warn(
+            f"{call}() options {dropped} are not recorded: a bundle replays only {sorted(allowed)}; "
+            "the replay runs without them (verify will say if that changes the output)",
+            stacklevel=4,
+        )
+    return kept
 
 
 def _join_steps(site: str, parts: list[torch.Tensor]) -> torch.Tensor:

@@ -54,6 +54,7 @@ def record_prompt(
     overwrite: bool = False,
     chat: bool | None = None,
     extras: dict[str, Any] | None = None,
+    sign_key: str | Path | None = None,
 ) -> Path:
     """Record ``prompt`` on ``loaded`` into a bundle at ``out``.
 
@@ -74,5 +75,10 @@ def record_prompt(
             with torch.no_grad():
                 loaded.model(**batch)
         return rec.create_bundle(
-            target, predicate=predicate, overwrite=overwrite, extras={"prompt": prompt, **(extras or {})}, seed=0
+            target,
+            predicate=predicate,
+            overwrite=overwrite,
+            extras={"prompt": prompt, **(extras or {})},
+            seed=0,
+            sign_key=sign_key,
         )

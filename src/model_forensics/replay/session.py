@@ -33,6 +33,7 @@ from torch import nn
 from model_forensics.core.bundle import Bundle
 from model_forensics.core.config import ForensicsConfig, ReplayConfig, load_config
 from model_forensics.core.errors import BundleError, ForensicsError, ModelLoadError
+from model_forensics.core.manifest import attn_implementation, bundle_relative, forward_kwargs, generation_kwargs
 from model_forensics.core.predicates import Predicate
 from model_forensics.core.sketches import tensor_sha256
 from model_forensics.models.adapters import Adapter, HookPoint, adapter_for, read
@@ -230,8 +231,10 @@ def _resolve_model(bundle: Bundle, override: str | nn.Module | LoadedModel | Non
         return override
     if isinstance(override, nn.Module):
         return LoadedModel(override.eval(), tokenizer, model_ref(override))
-    dtype = getattr(torch, str(info.get("dtype") or "float32"), torch.float32)
-    attn = (info.get("config") or {}).get("_attn_implementation") or "eager"
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
+        str(info.get("dtype")), torch.float64 if info.get("dtype") == "float64" else torch.float32
+    )
+    attn = attn_implementation(bundle.manifest)
     if isinstance(override, str):
         return load(override, dtype=dtype, attn_implementation=attn, progress=False)
     reference = info.get("reference")
@@ -239,6 +242,11 @@ def _resolve_model(bundle: Bundle, override: str | nn.Module | LoadedModel | Non
         raise ModelLoadError(
             f"bundle '{bundle.name}' was recorded from an in-memory model ({info.get('class')}) with no reference to "
             "load it from; pass the model: load_bundle(path, model=...) or --model PATH"
+        )
+    if info.get("source") != "zoo" and bundle_relative(str(reference), bundle.source):
+        raise BundleError(
+            f"bundle '{bundle.name}' names a model inside the bundle itself ({reference!r}); a bundle may not ship "
+            "the model it is replayed with. Pass the model you trust: --model / model="
         )
     if info.get("source") == "zoo" and not str(reference).startswith("zoo:"):
         reference = f"zoo:{reference}"
@@ -289,8 +297,8 @@ class Session:
         self._check_weights(allow_weight_mismatch)
         spec = self.manifest["input"]
         self.mode: str = spec["mode"]
-        self.generation: dict[str, Any] = dict(spec.get("generation") or {})
-        self.kwargs: dict[str, Any] = dict(spec.get("kwargs") or {})
+        self.generation: dict[str, Any] = generation_kwargs(self.manifest, bundle.limits)
+        self.kwargs: dict[str, Any] = forward_kwargs(self.manifest)
         self.predicate: Predicate | None = bundle.predicate
         pred = self.manifest.get("predicate") or {}
         self.recorded_failed: bool | None = pred.get("holds")
