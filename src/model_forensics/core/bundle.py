@@ -27,6 +27,7 @@ the old or the new bundle under the name. Only a bundle is ever replaced.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -52,13 +53,14 @@ from safetensors.torch import save_file
 
 from model_forensics.core import sketches
 from model_forensics.core.config import BundleConfig
-from model_forensics.core.errors import BundleError
+from model_forensics.core.errors import BundleError, SandboxViolation
 from model_forensics.core.manifest import (
     DTYPE_ITEMSIZE,
     _show,
     check_manifest,
     load_schema,
     parse_json,
+    validate_format,
 )
 from model_forensics.core.predicates import Predicate
 
@@ -168,12 +170,12 @@ def write_bundle(
     from model_forensics.core import signing
 
     target = Path(path)
+    clean_stale_temporaries(target)  # first: a killed replace may have left the old bundle aside
     check_writable_target(target, overwrite)
     key = signing.load_private_key(sign_key) if sign_key is not None else None
     parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        clean_stale_temporaries(target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=parent))
     except OSError as exc:
         raise BundleError(_os_message(exc, f"cannot write bundle under '{parent}'")) from None
@@ -185,7 +187,7 @@ def write_bundle(
                 json.dump(record, fh, indent=1)
                 fh.flush()
                 os.fsync(fh.fileno())
-        _replace(tmp, target)
+        _replace(tmp, target, overwrite)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise BundleError(_os_message(exc, f"cannot write bundle '{target}'") + "; nothing was written") from None
@@ -204,6 +206,11 @@ def check_writable_target(target: Path, overwrite: bool) -> None:
     """
     if not target.name or target.name in (".", ".."):
         raise BundleError(f"'{target}' cannot be a bundle path; name a new directory, e.g. --out incident/")
+    if is_bundle_dir(target.parent):
+        raise BundleError(
+            f"'{target}' is inside the bundle '{target.parent}', which may hold only bundle files; "
+            "choose a path outside it"
+        )
     if not (target.exists() or target.is_symlink()):
         return
     if not overwrite:
@@ -234,23 +241,54 @@ def is_bundle_dir(path: Path) -> bool:
 
 def clean_stale_temporaries(target: Path) -> list[Path]:
     """Remove temporary siblings of ``target`` left by writes that were killed (their
-    process is gone). Returns what was removed."""
+    process is gone), after putting back an old bundle that a killed replace had set aside
+    (see :func:`recover_interrupted_replace`). Returns what was removed."""
+    recover_interrupted_replace(target)
     removed: list[Path] = []
-    parent = target.parent if str(target.parent) else Path(".")
-    try:
-        entries = list(parent.iterdir())
-    except OSError:
-        return removed
-    for entry in entries:
-        match = _TEMP_NAME.match(entry.name)
-        if not match or match["name"] != target.name or _alive(int(match["pid"])):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+    for entry in _stale_temporaries(target):
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink(missing_ok=True)
+        except OSError:
+            continue  # another process is cleaning it, or we may not: the next write retries
         removed.append(entry)
     return removed
+
+
+def recover_interrupted_replace(target: Path) -> Path | None:
+    """If a replace without an atomic exchange was killed between its two renames, the
+    name ``target`` is free and the old bundle waits in a ``.{name}.{pid}.*.old`` sibling of
+    a dead process: move it back. Returns the restored path, or None (nothing to recover)."""
+    if target.exists() or target.is_symlink():
+        return None
+    for entry in _stale_temporaries(target):
+        kept = entry / "bundle"
+        if entry.name.endswith(".old") and is_bundle_dir(kept):
+            try:
+                _rename_new(kept, target)
+            except OSError:
+                return None  # the name was taken meanwhile (a concurrent write or recovery)
+            with contextlib.suppress(OSError):
+                entry.rmdir()
+            return target
+    return None
+
+
+def _stale_temporaries(target: Path) -> list[Path]:
+    """Siblings of ``target`` named like its temporaries whose writing process is gone."""
+    parent = target.parent if str(target.parent) else Path(".")
+    try:
+        entries = sorted(parent.iterdir())
+    except OSError:
+        return []
+    stale = []
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if match and match["name"] == target.name and not _alive(int(match["pid"])):
+            stale.append(entry)
+    return stale
 
 
 def _alive(pid: int) -> bool:
@@ -265,32 +303,73 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _replace(tmp: Path, target: Path) -> None:
-    if target.exists():
-        if not _exchange(tmp, target):
-            # No atomic exchange on this OS/filesystem: two renames, old bundle kept aside
-            # under a temp name until the new one is in place.
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".old", dir=target.parent))
-            os.replace(target, old / "bundle")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old bundle
+def _replace(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Move the finished bundle ``tmp`` to ``target``: swapped atomically with the bundle
+    there (``overwrite``), or renamed onto a free name (never onto anything that appeared
+    meanwhile)."""
+    _fsync_dir(tmp)
+    if overwrite and (target.exists() or target.is_symlink()):
+        shutil.rmtree(_swap_in(tmp, target), ignore_errors=True)
     else:
-        os.rename(tmp, target)
+        _rename_new(tmp, target)
     _fsync_dir(target.parent)
 
 
+def _swap_in(tmp: Path, target: Path) -> Path:
+    """Put ``tmp`` at ``target`` and return where the old bundle went. What was replaced is
+    checked once more (it may have changed since :func:`check_writable_target`) and put
+    back unless it is a bundle."""
+    if _exchange(tmp, target):
+        if not is_bundle_dir(tmp):
+            _exchange(tmp, target)
+            raise BundleError(_changed_meanwhile(target))
+        return tmp
+    # No atomic exchange on this OS/filesystem: two renames, the old bundle kept aside
+    # under a temp name until the new one is in place (recover_interrupted_replace undoes
+    # a kill between them).
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".old", dir=target.parent))
+    os.replace(target, old / "bundle")
+    if not is_bundle_dir(old / "bundle"):
+        os.replace(old / "bundle", target)
+        old.rmdir()
+        raise BundleError(_changed_meanwhile(target))
+    os.replace(tmp, target)
+    return old
+
+
+def _changed_meanwhile(target: Path) -> str:
+    return (
+        f"'{target}' stopped being a bundle while the new one was written; it was left as it is, "
+        "nothing was written (choose another path)"
+    )
+
+
+_RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    return _rename_at(a, b, _RENAME_EXCHANGE)
+
+
+def _rename_new(a: Path, b: Path) -> None:
+    """Rename ``a`` to ``b`` unless ``b`` exists (atomically with renameat2 RENAME_NOREPLACE;
+    elsewhere checked just before a plain rename). Raises FileExistsError if it does."""
+    if _rename_at(a, b, _RENAME_NOREPLACE):
+        return
+    if b.exists() or b.is_symlink():
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(b))
+    os.rename(a, b)
+
+
+def _rename_at(a: Path, b: Path, flags: int) -> bool:
+    """renameat2(a, b, flags); False where the OS or filesystem lacks it."""
     fn = _renameat2()
     if fn is None:
         return False
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), flags) == 0:
         return True
     code = ctypes.get_errno()
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
@@ -309,6 +388,8 @@ def _renameat2() -> Any:
             fn.restype = ctypes.c_int
         except (OSError, AttributeError):
             fn = None
+        except SandboxViolation:
+            return None  # first write inside a replay's sandbox: two renames now, look up again later
         _RENAMEAT2.append(fn)
     return _RENAMEAT2[0]
 
@@ -331,6 +412,8 @@ def _os_message(exc: OSError, what: str) -> str:
         return f"{what}: the disk is full; free some space (or choose another --out) and record again"
     if exc.errno == errno.EFBIG:
         return f"{what}: a file grew over this process's size limit (ulimit -f)"
+    if exc.errno == errno.EEXIST:
+        return f"{what}: something appeared at that path while the bundle was written; choose another path"
     return f"{what}: {exc.strerror or exc}"
 
 
@@ -342,7 +425,7 @@ def _write_files(tmp: Path, contents: BundleContents) -> dict[str, Any]:
         "activations.safetensors": contents.activations,
     }
     for name, entries in tensors.items():
-        save_file({k: v.detach().contiguous() for k, v in entries.items()}, str(tmp / name))
+        _save_tensors(entries, tmp / name)
     (tmp / "cube.json").write_text(json.dumps(contents.cube or {}, allow_nan=False))
     with (tmp / "calls.jsonl").open("w") as fh:
         for call in contents.calls or []:
@@ -356,13 +439,7 @@ def _write_files(tmp: Path, contents: BundleContents) -> dict[str, Any]:
     manifest["files"] = {
         name: {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in DATA_FILES
     }
-    errors = list(
-        jsonschema.validators.validator_for(load_schema("manifest"))(load_schema("manifest")).iter_errors(manifest)
-    )
-    if errors:
-        from model_forensics.core.manifest import _schema_message
-
-        raise BundleError("cannot write this bundle: " + _schema_message(errors[0], "its manifest"))
+    validate_format(manifest, "the manifest of the bundle being written")
     text = json.dumps(manifest, indent=1, allow_nan=False)
     (tmp / MANIFEST).write_text(text)
     for name in (*DATA_FILES, MANIFEST):
@@ -371,22 +448,45 @@ def _write_files(tmp: Path, contents: BundleContents) -> dict[str, Any]:
     return dict(json.loads(text))
 
 
+def _save_tensors(entries: dict[str, torch.Tensor], file: Path) -> None:
+    """safetensors' save_file, its I/O errors (a full disk) raised as the OSError they are."""
+    try:
+        save_file({k: v.detach().contiguous() for k, v in entries.items()}, str(file))
+    except OSError:
+        raise
+    except Exception as exc:  # safetensors reports them as SafetensorError "... (os error 28)"
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(file)) from None
+
+
 def pack_bundle(path: str | Path, out: str | Path) -> Path:
     """Zip a bundle directory into ``out`` (``*.mfb.zip``), atomically."""
     bundle = Bundle.open(path)
     target = Path(out)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    clean_stale_temporaries(target)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise BundleError(_os_message(exc, f"cannot write '{target}'")) from None
     tmp = Path(name)
     try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-            for file in (MANIFEST, *DATA_FILES, SIGNATURE):
-                if (bundle.path / file).is_file():
-                    zf.write(bundle.path / file, arcname=file)
+        with os.fdopen(fd, "wb") as fh:
+            with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:
+                for file in (MANIFEST, *DATA_FILES, SIGNATURE):
+                    if (bundle.path / file).is_file():
+                        zf.write(bundle.path / file, arcname=file)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise BundleError(_os_message(exc, f"cannot write '{target}'")) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
     return target
 
 
@@ -423,7 +523,7 @@ class Bundle:
         """
         limits = limits or BundleConfig()
         src = Path(path)
-        if not (src.exists() or src.is_symlink()):
+        if not (src.exists() or src.is_symlink()) and recover_interrupted_replace(src) is None:
             raise BundleError(f"bundle '{src}' does not exist; pass a bundle directory or a .mfb.zip file")
         cleanup = None
         if src.is_symlink():
@@ -726,7 +826,7 @@ def _check_header(file: Path) -> dict[str, tuple[str, list[int]]]:
         raise BundleError(f"{file.name} is missing; the bundle is incomplete") from None
     except OSError as exc:
         raise BundleError(f"cannot read {file.name}: {exc.strerror}") from None
-    limits = BundleConfig(max_string_chars=1_000_000, max_json_depth=8)
+    limits = BundleConfig(max_string_chars=1_000_000, max_json_depth=8, max_json_containers=10_000_000)
     header = parse_json(header_bytes.rstrip(b" "), f"{file.name} header", limits, max_bytes=MAX_HEADER_BYTES)
     if not isinstance(header, dict):
         raise BundleError(f"{file.name} header is not a JSON object; the file is corrupt or hostile")

@@ -43,14 +43,15 @@ class ReplayConfig(_Strict):
 class BundleConfig(_Strict):
     """Limits a bundle reader enforces: everything in a bundle is hostile until checked."""
 
-    max_manifest_mb: float = Field(default=16.0, gt=0.0)
+    max_manifest_mb: float = Field(default=8.0, gt=0.0)
     max_json_depth: int = Field(default=64, ge=2)
+    max_json_containers: int = Field(default=100_000, ge=1)
     max_string_chars: int = Field(default=1_000_000, ge=1)
     max_sites: int = Field(default=20_000, ge=1)
     max_site_mb: float = Field(default=8192.0, gt=0.0)
     max_unpacked_mb: float = Field(default=16384.0, gt=0.0)
     max_compression_ratio: float = Field(default=200.0, ge=1.0)
-    max_calls_mb: float = Field(default=256.0, gt=0.0)
+    max_calls_mb: float = Field(default=64.0, gt=0.0)
     max_new_tokens: int = Field(default=4096, ge=1)
     max_num_beams: int = Field(default=16, ge=1)
     max_input_rows: int = Field(default=1024, ge=1)
@@ -91,7 +92,7 @@ class ForensicsConfig(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(_describe(exc, source)) from None
+            raise ConfigError(validation_message(exc, source)) from None
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -118,15 +119,18 @@ def load_config(config: str | Path | ForensicsConfig | dict[str, Any] | None) ->
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist; pass a YAML file such as configs/default.yaml")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file '{path}' is not UTF-8 (byte {exc.start}); save it as UTF-8 YAML") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping at the top level, not {type(data).__name__}")
     return ForensicsConfig.from_mapping(data, source=str(path))
 
 
-def _describe(exc: ValidationError, source: str) -> str:
+def validation_message(exc: ValidationError, source: str) -> str:
+    """One line naming every bad key of a pydantic ValidationError and where it came from."""
     problems = []
     for err in exc.errors():
         key = ".".join(str(part) for part in err["loc"])

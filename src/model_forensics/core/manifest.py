@@ -7,8 +7,9 @@ reader allocate, loop or print without bound. Three layers, in order:
    overflow to them), at most ``max_json_depth`` levels, no string over
    ``max_string_chars``, no file over its size cap. Every JSON file of a bundle
    (``manifest.json``, ``cube.json``, each line of ``calls.jsonl``) goes through it.
-2. :func:`check_manifest` — the JSON Schema (``schemas/manifest.schema.json``), whose
-   allowlists cover every value that reaches a library call: ``input.generation`` (what
+2. :func:`check_manifest` — the :class:`Manifest` model (pydantic; the JSON Schema
+   ``schemas/manifest.schema.json`` is generated from it), whose allowlists cover every
+   value that reaches a library call: ``input.generation`` (what
    ``model.generate`` receives), ``input.kwargs`` (what ``model(...)`` receives), predicate
    arguments, dtypes, sketches, the attention implementation. A key not on a list —
    ``trust_remote_code``, ``custom_generate``, ``assistant_model``, anything else — is a
@@ -30,9 +31,9 @@ from collections.abc import Iterable
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import jsonschema
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from model_forensics.core.config import BundleConfig
 from model_forensics.core.errors import BundleError
@@ -49,7 +50,6 @@ DTYPE_ITEMSIZE = {
     "uint8": 1,
     "bool": 1,
 }
-_MAX_INT_DIGITS = 40  # a JSON integer longer than this is not a count, an id or a seed
 
 
 def load_schema(name: str) -> dict[str, Any]:
@@ -62,13 +62,6 @@ def _schema_text(name: str) -> str:
     return resources.files("model_forensics.core").joinpath(f"schemas/{name}.schema.json").read_text()
 
 
-@cache
-def _validator(name: str) -> jsonschema.protocols.Validator:
-    schema = load_schema(name)
-    cls = jsonschema.validators.validator_for(schema)
-    return cls(schema)  # type: ignore[no-any-return]
-
-
 # -- strict JSON -----------------------------------------------------------------------------
 def parse_json(raw: bytes, what: str, limits: BundleConfig, max_bytes: float | None = None) -> Any:
     """Parse one JSON document from a bundle, refusing anything a well-formed bundle never holds.
@@ -79,12 +72,20 @@ def parse_json(raw: bytes, what: str, limits: BundleConfig, max_bytes: float | N
         limits: the reader's bounds.
         max_bytes: size cap for this document (default ``limits.max_manifest_mb``).
     Raises:
-        BundleError: not UTF-8, not JSON, a duplicate key, NaN/Infinity, a number too long,
-            nesting deeper than ``max_json_depth`` or a string longer than ``max_string_chars``.
+        BundleError: not UTF-8, not JSON, a duplicate key, NaN/Infinity (or a number that
+            overflows to it), an integer of over 4300 digits, nesting deeper than ``max_json_depth`` or a string longer than ``max_string_chars``.
     """
     cap = limits.max_manifest_mb * 1024 * 1024 if max_bytes is None else max_bytes
     if len(raw) > cap:
         raise BundleError(f"{what} is {len(raw)} bytes, over the {int(cap)}-byte limit; refusing to parse it")
+    # Arrays and objects are what make parsing and checking slow; an upper bound on their
+    # number (brackets inside strings count too) costs one pass over the bytes in C.
+    containers = raw.count(b"{") + raw.count(b"[")
+    if containers > limits.max_json_containers:
+        raise BundleError(
+            f"{what} holds up to {containers} arrays/objects, over max_json_containers={limits.max_json_containers}; "
+            "refusing to parse it (raise bundle.max_json_containers if the bundle is trusted)"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -92,16 +93,14 @@ def parse_json(raw: bytes, what: str, limits: BundleConfig, max_bytes: float | N
     try:
         value = json.loads(
             text,
-            object_pairs_hook=lambda pairs: _unique_keys(pairs, what),
-            parse_constant=lambda name: _refuse_constant(name, what),
-            parse_float=lambda s: _finite_float(s, what),
-            parse_int=lambda s: _bounded_int(s, what),
+            object_pairs_hook=_unique_keys,
+            parse_constant=_refuse_constant,
         )
     except RecursionError:
         raise BundleError(f"{what} nests too deeply to parse; refusing it") from None
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
         if isinstance(exc, _Refused):
-            raise BundleError(str(exc)) from None
+            raise BundleError(f"{what} {exc}") from None
         raise BundleError(f"{what} is not valid JSON ({exc}); the bundle is corrupt") from None
     _check_shape(value, what, limits)
     return value
@@ -111,55 +110,51 @@ class _Refused(ValueError):
     """Raised inside json.loads hooks; turned into a BundleError by parse_json."""
 
 
-def _unique_keys(pairs: list[tuple[str, Any]], what: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _Refused(f"{what} repeats the key {_show(key)}; a JSON object must not hold a key twice")
-        out[key] = value
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _Refused(f"repeats the key {_show(key)}; a JSON object must not hold a key twice")
     return out
 
 
-def _refuse_constant(name: str, what: str) -> Any:
-    raise _Refused(f"{what} holds {name}, which is not JSON; refusing it")
-
-
-def _finite_float(text: str, what: str) -> float:
-    if len(text) > 64:
-        raise _Refused(f"{what} holds a {len(text)}-character number; refusing it")
-    value = float(text)
-    if not math.isfinite(value):
-        raise _Refused(f"{what} holds the number {text[:24]}, which overflows to infinity; refusing it")
-    return value
-
-
-def _bounded_int(text: str, what: str) -> int:
-    if len(text) > _MAX_INT_DIGITS:
-        raise _Refused(f"{what} holds a {len(text)}-digit integer; refusing it")
-    return int(text)
+def _refuse_constant(name: str) -> Any:
+    raise _Refused(f"holds {name}, which is not JSON; refusing it")
 
 
 def _check_shape(value: Any, what: str, limits: BundleConfig) -> None:
-    # Iterative walk: depth and string lengths, without recursion of our own.
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, str):
-            if len(item) > limits.max_string_chars:
-                raise BundleError(
-                    f"{what} holds a {len(item)}-character string, over max_string_chars={limits.max_string_chars}"
-                )
-            continue
-        if not isinstance(item, dict | list):
-            continue
-        if depth > limits.max_json_depth:
-            raise BundleError(f"{what} nests deeper than max_json_depth={limits.max_json_depth}; refusing it")
-        children: Iterable[Any] = item.values() if isinstance(item, dict) else item
-        if isinstance(item, dict):
-            for key in item:
-                if len(key) > limits.max_string_chars:
-                    raise BundleError(f"{what} holds a {len(key)}-character key; refusing it")
-        stack.extend((child, depth + 1) for child in children)
+    """Depth, string lengths and finite numbers, level by level (no recursion: a deep
+    document must not exhaust the stack here either)."""
+    max_depth, max_chars = limits.max_json_depth, limits.max_string_chars
+    if isinstance(value, str) and len(value) > max_chars:
+        raise BundleError(f"{what} is a {len(value)}-character string, over max_string_chars={max_chars}")
+    level = [value] if type(value) in (dict, list) else []
+    depth = 1
+    while level:
+        if depth > max_depth:
+            raise BundleError(f"{what} nests deeper than max_json_depth={max_depth}; refusing it")
+        deeper: list[Any] = []
+        for item in level:
+            if type(item) is dict:
+                if item and max(map(len, item)) > max_chars:
+                    raise BundleError(f"{what} holds a key over max_string_chars={max_chars} characters")
+                children: Iterable[Any] = item.values()
+            else:
+                children = item
+            for child in children:
+                kind = type(child)
+                if kind is str:
+                    if len(child) > max_chars:
+                        raise BundleError(
+                            f"{what} holds a {len(child)}-character string, over max_string_chars={max_chars}"
+                        )
+                elif kind is dict or kind is list:
+                    deeper.append(child)
+                elif kind is float and not math.isfinite(child):
+                    raise BundleError(f"{what} holds a number that overflows to infinity; refusing it")
+        level = deeper
+        depth += 1
 
 
 def _show(text: Any, n: int = 60) -> str:
@@ -169,9 +164,272 @@ def _show(text: Any, n: int = 60) -> str:
     return ascii(s) if not s.isprintable() else repr(s)
 
 
-# -- schema + bounds -------------------------------------------------------------------------
+# -- the manifest model -----------------------------------------------------------------------
+# pydantic (Rust core) validates a manifest of a million tokens in milliseconds, where a
+# JSON Schema validator takes tens of seconds; schemas/manifest.schema.json is generated
+# from these models (scripts/write_manifest_schema.py) so other tools can read the format.
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Count = Annotated[int, Field(ge=0, le=2**62)]
+TokenId = Annotated[int, Field(ge=0, le=100_000_000)]
+Shape = Annotated[list[Count], Field(max_length=8)]
+Name = Annotated[str, StringConstraints(max_length=512)]
+FloatDtype = Literal["float32", "float16", "bfloat16", "float64"]
+TensorDtype = Literal["float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"]
+SketchName = Literal["full", "fp16", "int8", "topk"]
+AttnImplementation = Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
+
+
+class _Open(BaseModel):
+    """A part of the manifest that may carry more keys (read by nothing that calls a library)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
+
+
+class _Closed(BaseModel):
+    """An allowlist: every key that reaches a library call is named here; others are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+
+class TensorInfo(_Open):
+    shape: Shape
+    dtype: TensorDtype
+
+
+class ModelConfig(_Open):
+    """The Hugging Face config as recorded; only the attention implementation is ever used."""
+
+    attn_implementation: AttnImplementation | None = Field(default=None, alias="_attn_implementation")
+
+    @model_validator(mode="after")
+    def _no_remote_code(self) -> ModelConfig:
+        for key in ("trust_remote_code", "auto_map", "custom_pipelines"):
+            if key in (self.model_extra or {}):
+                raise ValueError(f"key '{key}' is not allowed: a bundle never asks for remote code")
+        return self
+
+
+class ModelSpec(_Open):
+    name: Annotated[str, StringConstraints(max_length=4096)]
+    source: Literal["zoo", "local", "gguf", "module"]
+    reference: Annotated[str, StringConstraints(max_length=4096)] | None
+    revision: Annotated[str, StringConstraints(max_length=256)] | None = None
+    weights_sha256: Sha256
+    architecture: Annotated[str, StringConstraints(max_length=256)]
+    class_name: Annotated[str, StringConstraints(max_length=256)] | None = Field(default=None, alias="class")
+    dtype: FloatDtype
+    n_layers: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    n_heads: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    n_kv_heads: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    config: ModelConfig = Field(default_factory=ModelConfig)
+
+
+class GenerationSettings(_Closed):
+    """Options of the recorded ``model.generate`` call: the only ones replay passes on."""
+
+    max_new_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_length: Annotated[int, Field(ge=1)] | None = None
+    min_new_tokens: Annotated[int, Field(ge=0)] | None = None
+    min_length: Annotated[int, Field(ge=0)] | None = None
+    do_sample: bool | None = None
+    num_beams: Annotated[int, Field(ge=1)] | None = None
+    num_return_sequences: Annotated[int, Field(ge=1, le=64)] | None = None
+    temperature: Annotated[float, Field(gt=0, le=1000)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=10_000_000)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    typical_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=1000)] | None = None
+    length_penalty: Annotated[float, Field(ge=-1000, le=1000)] | None = None
+    no_repeat_ngram_size: Annotated[int, Field(ge=0, le=1024)] | None = None
+    early_stopping: bool | None = None
+    use_cache: bool | None = None
+    pad_token_id: TokenId | None = None
+    bos_token_id: TokenId | None = None
+    eos_token_id: TokenId | Annotated[list[TokenId], Field(max_length=64)] | None = None
+
+
+class ForwardKwargs(_Closed):
+    """Scalar options of the recorded forward call: the only ones replay passes on."""
+
+    use_cache: bool | None = None
+    output_attentions: bool | None = None
+    output_hidden_states: bool | None = None
+    logits_to_keep: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+
+
+class InputSpec(_Open):
+    mode: Literal["forward", "generate"]
+    tensors: dict[Name, TensorInfo]
+    kwargs: ForwardKwargs = Field(default_factory=ForwardKwargs)
+    text: str | None = None
+    tokens: list[str] = Field(default_factory=list)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+
+
+class OutputSpec(_Open):
+    tensors: dict[Name, TensorInfo]
+    logits_sha256: Sha256 | None
+    step_logits_sha256: list[Sha256] = Field(default_factory=list)
+    logits_shape: Shape | None = None
+    text: str | None = None
+    prediction: Count | None = None
+
+
+class TextArgs(_Closed):
+    text: Annotated[str, StringConstraints(max_length=10_000)]
+
+
+class RegexArgs(_Closed):
+    pattern: Annotated[str, StringConstraints(max_length=1000)]
+
+
+class TokenArgs(_Closed):
+    token: TokenId
+
+
+class LabelArgs(_Closed):
+    label: TokenId
+
+
+class LogitDiffArgs(_Closed):
+    a: TokenId
+    b: TokenId
+    threshold: Annotated[float, Field(ge=-1e30, le=1e30)] = 0.0
+
+
+class TextPredicate(_Closed):
+    kind: Literal["contains", "not_contains"]
+    args: TextArgs
+    holds: bool | None
+
+
+class RegexPredicate(_Closed):
+    kind: Literal["regex"]
+    args: RegexArgs
+    holds: bool | None
+
+
+class TokenPredicate(_Closed):
+    kind: Literal["token_is"]
+    args: TokenArgs
+    holds: bool | None
+
+
+class ClassPredicate(_Closed):
+    kind: Literal["class_is"]
+    args: LabelArgs
+    holds: bool | None
+
+
+class LogitDiffPredicate(_Closed):
+    kind: Literal["logit_diff"]
+    args: LogitDiffArgs
+    holds: bool | None
+
+
+PredicateSpec = Annotated[
+    TextPredicate | RegexPredicate | TokenPredicate | ClassPredicate | LogitDiffPredicate, Field(discriminator="kind")
+]
+
+
+class SiteInfo(_Open):
+    shape: Shape
+    dtype: FloatDtype
+    sketch: SketchName
+    sha256: Sha256
+    stored_sha256: Sha256 | None = None
+    nbytes: Count
+    module: Annotated[str, StringConstraints(max_length=1024)] | None = None
+    recomputed: bool = False
+
+
+class TorchSettings(_Open):
+    num_threads: Annotated[int, Field(ge=1, le=4096)] | None = None
+
+
+class Determinism(_Open):
+    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None
+    torch: TorchSettings
+
+
+class Provenance(_Open):
+    commit_hash: Annotated[str, StringConstraints(max_length=128)] | None
+    package_versions: dict[
+        Annotated[str, StringConstraints(max_length=128)], Annotated[str, StringConstraints(max_length=128)]
+    ]
+
+
+class RecorderSpec(_Open):
+    granularity: Literal["layer", "head", "neuron", "all"] | None = None
+    sketch: SketchName | None = None
+    compression_ratio: Annotated[float, Field(gt=0, le=1)] | None = None
+
+
+class PromptText(_Open):
+    prompt: str
+
+
+class PromptIds(_Open):
+    input_ids: Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1)]
+
+
+Prompt = str | PromptText | PromptIds
+
+
+class Extras(_Open):
+    variants: list[Prompt] = Field(default_factory=list)
+    benign: list[Prompt] = Field(default_factory=list)
+    baseline: list[Prompt] = Field(default_factory=list)
+
+
+class FileEntry(_Closed):
+    sha256: Sha256
+    bytes: Count
+
+
+class FileTable(_Closed):
+    """sha256 and size of every data file; all five are mandatory."""
+
+    inputs: FileEntry = Field(alias="inputs.safetensors")
+    outputs: FileEntry = Field(alias="outputs.safetensors")
+    activations: FileEntry = Field(alias="activations.safetensors")
+    cube: FileEntry = Field(alias="cube.json")
+    calls: FileEntry = Field(alias="calls.jsonl")
+
+
+class Manifest(_Open):
+    """``manifest.json`` of format 1 (1.0 and 1.1; newer minor versions may add keys)."""
+
+    format: Literal["model-forensics-bundle"]
+    format_version: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,4}\.[0-9]{1,4}$")]
+    name: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    created: Annotated[str, StringConstraints(max_length=64)]
+    model: ModelSpec
+    input: InputSpec
+    output: OutputSpec
+    predicate: PredicateSpec | None = None
+    sites: dict[Name, SiteInfo]
+    dropped_sites: list[Name]
+    partial: dict[Name, Annotated[str, StringConstraints(max_length=4096)]] = Field(default_factory=dict)
+    determinism: Determinism
+    provenance: Provenance
+    recorder: RecorderSpec
+    extras: Extras
+    files: FileTable
+
+
+def manifest_json_schema() -> dict[str, Any]:
+    """The JSON Schema of the manifest, generated from :class:`Manifest`."""
+    schema = Manifest.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "model-forensics/manifest-1.schema.json"
+    return schema
+
+
+# -- checking ----------------------------------------------------------------------------------
 def check_manifest(manifest: Any, limits: BundleConfig, where: str = "manifest.json") -> dict[str, Any]:
-    """Check a parsed manifest against the schema's allowlists and the reader's bounds.
+    """Check a parsed manifest against the allowlists and the reader's bounds.
 
     Returns:
         The manifest (unchanged) when it passes.
@@ -181,11 +439,22 @@ def check_manifest(manifest: Any, limits: BundleConfig, where: str = "manifest.j
     if not isinstance(manifest, dict):
         raise BundleError(f"{where} must hold a JSON object, not {type(manifest).__name__}; the bundle is corrupt")
     _check_version(manifest, where)
-    errors = sorted(_validator("manifest").iter_errors(manifest), key=lambda e: list(e.absolute_path))
-    if errors:
-        raise BundleError(_schema_message(errors[0], where))
+    validate_format(manifest, where)
     _check_bounds(manifest, limits, where)
     return manifest
+
+
+def validate_format(manifest: dict[str, Any], where: str = "manifest.json") -> None:
+    """Check a manifest against :class:`Manifest` only (no configurable bounds): what a
+    writer checks before it writes.
+
+    Raises:
+        BundleError: naming the first key that is not allowed or malformed.
+    """
+    try:
+        Manifest.model_validate(manifest)
+    except ValidationError as exc:
+        raise BundleError(_validation_message(exc, where)) from None
 
 
 def _check_version(manifest: dict[str, Any], where: str) -> None:
@@ -204,23 +473,29 @@ def _check_version(manifest: dict[str, Any], where: str) -> None:
         )
 
 
-def _schema_message(error: jsonschema.ValidationError, where: str) -> str:
-    path = ".".join(str(p) for p in error.absolute_path) or "(top level)"
-    if error.validator == "additionalProperties":
-        allowed = sorted(error.schema.get("properties", {}))
-        extra = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
-        key = f"{path}.{extra[0]}" if extra else path
+def _validation_message(exc: ValidationError, where: str, prefix: tuple[str, ...] = ()) -> str:
+    error = exc.errors(include_url=False)[0]
+    loc = [*prefix, *(str(part) for part in error["loc"] if not _is_union_tag(part))]
+    path = ".".join(loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
         return (
-            f"{where}: key {_show(key, 120)} is not allowed (a bundle may only set {', '.join(allowed)} there); "
-            "the bundle is hostile or from an incompatible writer, and was not used"
+            f"{where}: key {_show(path, 120)} is not allowed (a bundle may only set the keys model-forensics "
+            "knows there); the bundle is hostile or from an incompatible writer, and was not used"
         )
-    if error.validator == "not" and error.absolute_path:
-        return f"{where}: key {_show(path, 120)} is not allowed; the bundle is hostile and was not used"
-    if error.validator == "oneOf" and error.context:
-        best = jsonschema.exceptions.best_match(error.context)
-        inner = ".".join(str(p) for p in best.absolute_path) or path
-        return f"{where} does not match the bundle schema at {inner}: {_clip_message(best.message)}"
-    return f"{where} does not match the bundle schema at {path}: {_clip_message(error.message)}"
+    message = _clip_message(str(error["msg"]))
+    if "not allowed" in message:
+        return f"{where}: {path}: {message}; the bundle is hostile and was not used"
+    return f"{where} does not match the bundle format at {path}: {message}"
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the chosen union member into the location (e.g. 'str', 'PromptIds',
+    # 'int', 'list[...]', or a discriminator value); it is not a key of the manifest.
+    text = str(part)
+    return text in _MEMBER_TAGS or "[" in text or text.endswith(("Predicate", "Prompt")) or text.startswith("Prompt")
+
+
+_MEMBER_TAGS = {"str", "int", "float", "bool", "list", "dict", "function-after", "constrained-str", "constrained-int"}
 
 
 def _clip_message(message: str, n: int = 200) -> str:
@@ -295,7 +570,7 @@ def generation_kwargs(manifest: dict[str, Any], limits: BundleConfig | None = No
             ``assistant_model``, …) or a value out of bounds.
     """
     generation = dict((manifest.get("input") or {}).get("generation") or {})
-    _check_part(generation, ("input", "generation"))
+    _check_part(GenerationSettings, generation, "input.generation")
     _check_generation(generation, limits or BundleConfig(), "manifest.json")
     return generation
 
@@ -303,38 +578,27 @@ def generation_kwargs(manifest: dict[str, Any], limits: BundleConfig | None = No
 def forward_kwargs(manifest: dict[str, Any]) -> dict[str, Any]:
     """The recorded scalar ``model(...)`` options, re-checked against the allowlist."""
     kwargs = dict((manifest.get("input") or {}).get("kwargs") or {})
-    _check_part(kwargs, ("input", "kwargs"))
+    _check_part(ForwardKwargs, kwargs, "input.kwargs")
     return kwargs
 
 
 def attn_implementation(manifest: dict[str, Any]) -> str:
     """The attention implementation to load the model with (allowlisted; default eager)."""
-    config = (manifest.get("model") or {}).get("config") or {}
-    value = config.get("_attn_implementation") or "eager"
-    allowed = _part_schema(("model", "config"))["properties"]["_attn_implementation"]["enum"]
-    if value not in allowed:
-        raise BundleError(f"manifest.json: model.config._attn_implementation {_show(value)} is not allowed")
-    return str(value)
+    config = dict((manifest.get("model") or {}).get("config") or {})
+    _check_part(ModelConfig, config, "model.config")
+    return str(config.get("_attn_implementation") or "eager")
 
 
-def allowed_keys(*path: str) -> frozenset[str]:
-    """The keys the schema allows at ``path``, e.g. ``allowed_keys("input", "generation")``."""
-    return frozenset(_part_schema(path).get("properties", {}))
+def allowed_keys(part: type[BaseModel]) -> frozenset[str]:
+    """The keys an allowlisted part accepts, e.g. ``allowed_keys(GenerationSettings)``."""
+    return frozenset(field.alias or name for name, field in part.model_fields.items())
 
 
-def _part_schema(path: tuple[str, ...]) -> dict[str, Any]:
-    schema = load_schema("manifest")
-    for key in path:
-        schema = schema["properties"][key]
-    return schema
-
-
-def _check_part(value: dict[str, Any], path: tuple[str, ...]) -> None:
-    schema = {**_part_schema(path), "$defs": load_schema("manifest")["$defs"]}
-    validator = jsonschema.validators.validator_for(schema)(schema)
-    for error in validator.iter_errors(value):
-        error.path.extendleft(reversed(path))
-        raise BundleError(_schema_message(error, "manifest.json"))
+def _check_part(part: type[BaseModel], value: dict[str, Any], prefix: str) -> None:
+    try:
+        part.model_validate(value)
+    except ValidationError as exc:
+        raise BundleError(_validation_message(exc, "manifest.json", tuple(prefix.split(".")))) from None
 
 
 def bundle_relative(reference: str, root: Path) -> bool:

@@ -118,8 +118,12 @@ def read_jsonl(path: str | Path) -> list[Sample]:
         raise ForensicsError(
             f"data file '{p}' does not exist; pass a JSONL file with one {{\"text\": ...}} object per line"
         )
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ForensicsError(f"data file '{p}' is not UTF-8 (byte {exc.start}); save it as UTF-8 JSONL") from None
     samples = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -11,24 +11,33 @@ Hooks copy each recorded site's tensor at full precision (a plain clone: no hash
 conversion on the hot path); sketching and sha256 happen in :meth:`create_bundle`.
 ``model.generate`` is recorded too: every decoding step appends its positions, so a
 site covers prompt + generated tokens.
+
+Recording never hurts the host: an exception inside any hook is caught, so the model's
+output is the same as without the recorder (the hooks only read). A failing site is warned
+about once per recording, its tensors are dropped and the bundle lists it under
+``partial``; if the root hooks (inputs, logits) fail, the run is unusable as an incident and
+:meth:`RecorderHooks.create_bundle` refuses to write it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from model_forensics.core import sketches
 from model_forensics.core.bundle import FORMAT_NAME, FORMAT_VERSION, BundleContents, write_bundle
-from model_forensics.core.config import ForensicsConfig, RecorderConfig, load_config
-from model_forensics.core.errors import ForensicsError, SiteError
+from model_forensics.core.config import ForensicsConfig, RecorderConfig, load_config, validation_message
+from model_forensics.core.errors import ConfigError, ForensicsError, SiteError
 from model_forensics.core.predicates import Predicate
 from model_forensics.core.provenance import collect_provenance
 from model_forensics.core.sites import match_sites, parse_selector, site_order, site_priority
@@ -38,6 +47,10 @@ from model_forensics.recorder.calls import CallLog, CallRecorder
 from model_forensics.recorder.cube import ActivityCube, cube_from_sites
 
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+# Names under which the root hooks' failures are kept (never site names: no site has spaces).
+_INPUT_HOOK = "root input hook"
+_OUTPUT_HOOK = "root output hook"
+_MAX_ERROR_CHARS = 300
 
 
 class RecorderHooks:
@@ -71,7 +84,10 @@ class RecorderHooks:
         }
         self.config_tree = full
         self.config: RecorderConfig = full.recorder.model_copy(update=overrides)
-        RecorderConfig.model_validate(self.config.model_dump())  # re-validate overrides
+        try:
+            RecorderConfig.model_validate(self.config.model_dump())  # re-validate overrides
+        except ValidationError as exc:
+            raise ConfigError(validation_message(exc, "the recorder options")) from None
         self.model: nn.Module | None = None
         self.adapter: Adapter | None = None
         self.tokenizer: Any = None
@@ -132,6 +148,8 @@ class RecorderHooks:
         self._kwargs: dict[str, Any] = {}
         self._logits: list[torch.Tensor] = []
         self._projected = 0
+        self._sizes: dict[str, int] = defaultdict(int)  # projected bundle bytes per site
+        self._failed: dict[str, str] = {}  # site (or root hook) → "ExceptionType: message"
         self._generated: torch.Tensor | None = None
         self._generation: dict[str, Any] = {}
         self.dropped = []
@@ -139,8 +157,14 @@ class RecorderHooks:
 
     @property
     def sites(self) -> list[str]:
-        """The sites being recorded (after any dropped by the size cap)."""
-        return [s for s in self._targets if s not in self.dropped]
+        """The sites being recorded (after any dropped by the size cap or whose hook failed)."""
+        return [s for s in self._targets if s not in self.dropped and s not in self._failed]
+
+    @property
+    def partial(self) -> dict[str, str]:
+        """Sites whose hook raised during this recording, with the error ("Type: message");
+        they are left out of the bundle, which lists them under ``partial``."""
+        return {s: e for s, e in self._failed.items() if s not in (_INPUT_HOOK, _OUTPUT_HOOK)}
 
     def record_call(self, name: str) -> CallRecorder:
         """Log an external call (decorator or context manager) into ``calls.jsonl``."""
@@ -150,25 +174,39 @@ class RecorderHooks:
     def _output_hook(self, entries: list[tuple[str, HookPoint]]) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             for site, point in entries:
-                tensor = read(point, output)
-                if tensor is None and point.pattern:
-                    assert self.adapter is not None
-                    tensor = self.adapter.recompute_pattern(module, args, kwargs)
-                    self._recomputed.add(site)
-                if tensor is not None:
-                    self._keep(site, tensor)
+                self._capture(site, self._read_output, site, point, module, args, kwargs, output)
 
         return hook
+
+    def _read_output(
+        self, site: str, point: HookPoint, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> torch.Tensor | None:
+        tensor = read(point, output)
+        if tensor is None and point.pattern:
+            assert self.adapter is not None
+            tensor = self.adapter.recompute_pattern(module, args, kwargs)
+            self._recomputed.add(site)
+        return tensor
 
     def _input_hook(self, entries: list[tuple[str, HookPoint]]) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             payload = args if args else (kwargs.get("hidden_states"),)
             for site, point in entries:
-                tensor = read(point, payload)
-                if tensor is not None:
-                    self._keep(site, tensor)
+                self._capture(site, read, point, payload)
 
         return hook
+
+    def _capture(self, site: str, take: Callable[..., torch.Tensor | None], *args: Any) -> None:
+        """Keep what ``take(*args)`` reads for ``site``. An exception stops recording the
+        site and never reaches the model."""
+        if site in self._failed or self._void():
+            return
+        try:
+            tensor = take(*args)
+            if tensor is not None:
+                self._keep(site, tensor)
+        except Exception as exc:
+            self._fail(site, exc)
 
     def _keep(self, site: str, tensor: torch.Tensor) -> None:
         if site in self.dropped:
@@ -180,8 +218,9 @@ class RecorderHooks:
         )
         if not self._fits(site, size):
             return
-        self._projected += size
         self._steps[site].append(tensor.clone())
+        self._sizes[site] += size
+        self._projected += size
 
     def _fits(self, site: str, size: int) -> bool:
         cap = int(self.config.max_bundle_size_mb * 1024 * 1024)
@@ -191,16 +230,53 @@ class RecorderHooks:
             self.dropped.append(victim)
             if victim == site:
                 return False
-            self._projected -= sum(
-                sketches.encoded_nbytes(tuple(t.shape), t.dtype, self.config.sketch, self.config.compression_ratio)
-                for t in self._steps.pop(victim)
-            )
+            self._forget(victim)
         return True
 
+    def _forget(self, site: str) -> None:
+        """Drop every tensor kept for ``site`` so far."""
+        self._steps.pop(site, None)
+        self._projected -= self._sizes.pop(site, 0)
+
+    def _fail(self, where: str, exc: Exception) -> None:
+        """Stop recording ``where`` (a site or a root hook) after its hook raised; the first
+        failure of a recording is warned about, the others only listed."""
+        first = not self._failed
+        error = self._failed.setdefault(where, _describe(exc))
+        self._forget(where)
+        if not first:
+            return
+        if where in (_INPUT_HOOK, _OUTPUT_HOOK):
+            message = (
+                f"the recorder's {where} failed ({error}); the model's output is unaffected, but this run "
+                "cannot be written as a bundle (create_bundle will refuse it)"
+            )
+        else:
+            message = (
+                f"the recorder's hook for site '{where}' failed ({error}); the model's output is unaffected; "
+                "the site is not recorded further and the bundle will be marked partial"
+            )
+        with contextlib.suppress(Exception):  # warnings made errors (-W error) must not reach the model either
+            warnings.warn(message, stacklevel=2)
+
+    def _void(self) -> bool:
+        """True when a root hook failed: this run's inputs or outputs are unknown."""
+        return _INPUT_HOOK in self._failed or _OUTPUT_HOOK in self._failed
+
     def _root_pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        continuing = _cache_length(kwargs) > 0 and bool(self._inputs)
-        if not continuing and self._inputs:
+        try:
+            self._take_inputs(args, kwargs)
+        except Exception as exc:
+            self._fail(_INPUT_HOOK, exc)
+
+    def _take_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # A decoding step continues the recording of its prompt, also when the prompt's
+        # inputs were lost (then the whole run stays unrecorded).
+        continuing = _cache_length(kwargs) > 0 and (bool(self._inputs) or self._void())
+        if not continuing:
             self._clear_recording()
+        if self._void():
+            return
         tensors = {k: v.detach().clone() for k, v in kwargs.items() if k in _INPUT_KEYS and isinstance(v, torch.Tensor)}
         if args and isinstance(args[0], torch.Tensor):
             tensors.setdefault("input_ids", args[0].detach().clone())
@@ -208,11 +284,19 @@ class RecorderHooks:
         if not continuing:
             self._kwargs = _replayable(
                 {k: v for k, v in kwargs.items() if isinstance(v, bool | int | float | str) and k != "return_dict"},
-                "kwargs",
+                "ForwardKwargs",
                 "forward",
             )
 
     def _root_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if self._void():
+            return
+        try:
+            self._take_logits(output)
+        except Exception as exc:
+            self._fail(_OUTPUT_HOOK, exc)
+
+    def _take_logits(self, output: Any) -> None:
         logits = getattr(output, "logits", None)
         if logits is None and isinstance(output, torch.Tensor):
             logits = output
@@ -240,7 +324,7 @@ class RecorderHooks:
             out = self.model.generate(**batch, **generate_kwargs)  # type: ignore[operator]
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         self._generated = sequences.detach().clone()
-        self._generation = _replayable(generate_kwargs, "generation", "generate")
+        self._generation = _replayable(generate_kwargs, "GenerationSettings", "generate")
         return sequences
 
     # -- results ---------------------------------------------------------------------------
@@ -279,6 +363,8 @@ class RecorderHooks:
     ) -> Path:
         """Write everything recorded to an incident bundle at ``path`` and return the path.
 
+        Sites whose hook failed are left out and named in the manifest's ``partial``.
+
         Args:
             predicate: failure test, evaluated here on the recorded output and stored.
             overwrite: replace an existing bundle at ``path`` (atomically).
@@ -288,10 +374,12 @@ class RecorderHooks:
                 (``signature.json``, see :mod:`model_forensics.core.signing`).
         Raises:
             BundleError: ``path`` exists (without ``overwrite``) or is not writable.
-            ForensicsError: nothing was recorded.
+            ForensicsError: nothing was recorded, or a root hook failed (inputs or logits
+                unknown).
         """
         if self.model is None or self.adapter is None:
             raise ForensicsError("call install_hooks(model) and run the model before create_bundle()")
+        self._refuse_void()
         inputs = self.input_tensors()
         if self.dropped:
             warnings.warn(
@@ -352,6 +440,7 @@ class RecorderHooks:
             "predicate": None if predicate is None else {**predicate.to_json(), "holds": holds},
             "sites": site_table,
             "dropped_sites": list(self.dropped),
+            "partial": self.partial,
             "determinism": {"seed": seed, "torch": collect_provenance()["torch"]},
             "provenance": collect_provenance(),
             "recorder": self.config.model_dump(mode="json"),
@@ -364,6 +453,15 @@ class RecorderHooks:
         return write_bundle(path, contents, overwrite=overwrite, sign_key=sign_key)
 
     # -- internals -------------------------------------------------------------------------
+    def _refuse_void(self) -> None:
+        for hook in (_INPUT_HOOK, _OUTPUT_HOOK):
+            if hook in self._failed:
+                raise ForensicsError(
+                    f"nothing was recorded: the recorder's {hook} failed during the run ({self._failed[hook]}); "
+                    "the model ran unaffected, but its inputs or outputs are unknown, so no bundle is written; "
+                    "run the model again to record it"
+                )
+
     def _weights_sha256(self) -> str:
         # Hashing 135M parameters takes ~0.5 s; reuse the hash while no parameter has been
         # replaced or modified in place (torch bumps a tensor's _version on every in-place op).
@@ -428,9 +526,9 @@ class RecorderHooks:
 
 def _replayable(options: dict[str, Any], part: str, call: str) -> dict[str, Any]:
     """The options a replay may pass on (the manifest schema's allowlist); warns about the rest."""
-    from model_forensics.core.manifest import allowed_keys
+    from model_forensics.core import manifest
 
-    allowed = allowed_keys("input", part)
+    allowed = manifest.allowed_keys(getattr(manifest, part))
     kept = {k: v for k, v in options.items() if k in allowed and isinstance(v, bool | int | float | str | list | None)}
     dropped = sorted(set(options) - set(kept))
     if dropped:
@@ -440,6 +538,15 @@ def _replayable(options: dict[str, Any], part: str, call: str) -> dict[str, Any]
             stacklevel=4,
         )
     return kept
+
+
+def _describe(exc: BaseException) -> str:
+    """``"ExceptionType: message"``, clipped; safe for any exception (a broken ``__str__`` too)."""
+    try:
+        text = f"{type(exc).__name__}: {exc}"
+    except Exception:
+        text = f"{type(exc).__name__}: (its message cannot be shown)"
+    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 1] + "…"
 
 
 def _join_steps(site: str, parts: list[torch.Tensor]) -> torch.Tensor:

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from model_forensics.core.errors import BundleError, ForensicsError
+from model_forensics.core.bundle import check_writable_target
+from model_forensics.core.errors import ForensicsError
 from model_forensics.core.predicates import Predicate
 from model_forensics.models.loading import LoadedModel
 from model_forensics.recorder.hooks import RecorderHooks
@@ -59,13 +60,22 @@ def record_prompt(
     """Record ``prompt`` on ``loaded`` into a bundle at ``out``.
 
     ``max_new_tokens > 0`` records a greedy generation (prompt + generated positions);
-    0 records a single forward pass.
+    0 records a single forward pass. ``out`` is checked before the model runs.
+
+    Raises:
+        BundleError: ``out`` exists (without ``overwrite``), or is anything but a bundle.
+        ForensicsError: the prompt cannot be encoded, or nothing could be recorded.
     """
     target = Path(out)
-    if target.exists() and not overwrite:
-        raise BundleError(f"bundle '{target}' already exists; choose another --out or pass --overwrite")
-    batch = encode_prompt(loaded, prompt, chat)
+    check_writable_target(target, overwrite)
     rec = recorder or RecorderHooks()
+    limit = rec.config_tree.bundle.max_new_tokens
+    if not 0 <= max_new_tokens <= limit:
+        raise ForensicsError(
+            f"max_new_tokens={max_new_tokens} is outside 0..{limit}: readers refuse bundles that ask for more "
+            "(bundle.max_new_tokens in the config)"
+        )
+    batch = encode_prompt(loaded, prompt, chat)
     with rec.install_hooks(loaded.model, loaded.tokenizer):
         torch.manual_seed(0)
         if max_new_tokens > 0:

@@ -75,7 +75,8 @@ class VerifyReport:
     """The result of :meth:`Session.verify`: per-site and per-output sha256 comparisons.
 
     ``max_abs_diff`` of a differing site is measured against the bundle's stored sketch
-    (exact for ``full`` sketches, approximate otherwise; the note says which).
+    (exact for ``full`` sketches, approximate otherwise; the note says which). ``verdict``
+    compares the manifest's ``output.text`` and ``predicate.holds`` with the replay's.
     """
 
     bit_identical: bool
@@ -84,21 +85,26 @@ class VerifyReport:
     forward_passes: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    verdict: list[SiteCheck] = field(default_factory=list)
 
     @property
     def differing(self) -> list[SiteCheck]:
-        """Sites and outputs whose replay differs from the recording."""
-        return [c for c in self.sites + self.outputs if not c.identical]
+        """Sites, outputs and the recorded verdict (``output.text``, ``predicate.holds``)
+        where the replay differs from the manifest."""
+        return [c for c in self.sites + self.outputs + self.verdict if not c.identical]
 
     def summary(self) -> str:
         n = len(self.sites)
         if self.bit_identical:
-            return f"bit-identical: {n} sites and {len(self.outputs)} outputs match their recorded sha256"
+            verdict = f"; recorded {' and '.join(c.site for c in self.verdict)} confirmed" if self.verdict else ""
+            return f"bit-identical: {n} sites and {len(self.outputs)} outputs match their recorded sha256{verdict}"
         worst = ", ".join(
             f"{c.site} (max |Δ| {c.max_abs_diff:.3g})" if c.max_abs_diff is not None else f"{c.site} ({c.note})"
             for c in self.differing[:5]
         )
-        return f"NOT bit-identical: {len(self.differing)} of {n + len(self.outputs)} differ: {worst}"
+        return (
+            f"NOT bit-identical: {len(self.differing)} of {n + len(self.outputs) + len(self.verdict)} differ: {worst}"
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -106,6 +112,7 @@ class VerifyReport:
             "summary": self.summary(),
             "sites": [c.to_json() for c in self.sites],
             "outputs": [c.to_json() for c in self.outputs],
+            "verdict": [c.to_json() for c in self.verdict],
             "forward_passes": self.forward_passes,
             "seconds": self.seconds,
             "notes": list(self.notes),
@@ -490,10 +497,11 @@ class Session:
         replayed = rec.recorded()
         sites = [self._check_site(site, info, replayed.get(site)) for site, info in recorded_sites.items()]
         outputs = self._check_outputs(full_logits, sequences)
+        verdict = self._check_verdict(logits, sequences)
         notes = self._environment_notes()
-        identical = all(c.identical for c in sites + outputs)
+        identical = all(c.identical for c in sites + outputs + verdict)
         report = VerifyReport(
-            identical, sites, outputs, self.forward_passes - passes, time.perf_counter() - start, notes
+            identical, sites, outputs, self.forward_passes - passes, time.perf_counter() - start, notes, verdict
         )
         self.verification = report
         return report
@@ -548,6 +556,27 @@ class Session:
             rec_ids = self.bundle.outputs["generated_ids"]
             same = rec_ids.shape == sequences.shape and torch.equal(rec_ids, sequences)
             checks.append(SiteCheck("generated_ids", same, tensor_sha256(rec_ids), tensor_sha256(sequences)))
+        return checks
+
+    def _check_verdict(self, logits: list[torch.Tensor], sequences: torch.Tensor | None) -> list[SiteCheck]:
+        """The manifest's ``output.text`` and ``predicate.holds`` against the replay's own: a
+        bundle whose stored verdict was edited does not replay bit-identical."""
+        if not logits:
+            return []
+        steps = torch.stack([step[0] for step in logits])  # (S, V) last-position scores per call
+        _, _, text = self._outcome(self.inputs, steps, None if sequences is None else sequences[0])
+        checks = []
+        recorded_text = self.manifest["output"].get("text")
+        if recorded_text is not None and text is not None:
+            checks.append(SiteCheck("output.text", text == recorded_text, None, None, note=f"replayed {text!r:.80}"))
+        holds = (self.manifest.get("predicate") or {}).get("holds")
+        replayed = self._evaluate(text, steps[-1])
+        if holds is not None and replayed is not None:
+            checks.append(
+                SiteCheck(
+                    "predicate.holds", replayed == holds, None, None, note=f"replay: {replayed}, manifest: {holds}"
+                )
+            )
         return checks
 
     def _environment_notes(self) -> list[str]:
