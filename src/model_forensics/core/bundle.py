@@ -576,11 +576,12 @@ class Bundle:
                 problems.append(f"{name} sha256 differs from the manifest")
         return problems
 
-    @property
+    @cached_property
     def digest(self) -> str:
         """The content digest: ``sha256:`` + the sha256 of the canonical manifest (which holds
         the sha256 of every data file). Equal digests mean equal bundles, byte for byte in
-        every data file and value for value in the manifest."""
+        every data file and value for value in the manifest. Computed once per opened
+        bundle: treat ``manifest`` as read-only."""
         return content_digest(self.manifest)
 
     # -- contents -----------------------------------------------------------------------

@@ -47,7 +47,7 @@ class BundleConfig(_Strict):
     max_json_depth: int = Field(default=64, ge=2)
     max_json_containers: int = Field(default=100_000, ge=1)
     max_string_chars: int = Field(default=1_000_000, ge=1)
-    max_sites: int = Field(default=20_000, ge=1)
+    max_sites: int = Field(default=10_000, ge=1)
     max_site_mb: float = Field(default=8192.0, gt=0.0)
     max_unpacked_mb: float = Field(default=16384.0, gt=0.0)
     max_compression_ratio: float = Field(default=200.0, ge=1.0)
