@@ -186,27 +186,15 @@ def _check_exists(path: Path, what: str, fix: str) -> None:
 def _check_config(config: Path | None) -> None:
     """Parse --config once, up front (commands hand the path on to the library)."""
     from model_forensics.core.config import load_config
-    from model_forensics.core.errors import ConfigError
 
-    try:
-        load_config(config)
-    except UnicodeDecodeError:
-        raise ConfigError(
-            f"config file '{config}' is not UTF-8 text; pass a YAML file such as configs/default.yaml"
-        ) from None
+    load_config(config)
 
 
 def _read_data(path: Path, option: str) -> Any:
     """The samples of a JSONL data file (--data, --reference)."""
     from model_forensics.inspection import read_jsonl
 
-    try:
-        return read_jsonl(path)
-    except UnicodeDecodeError as exc:
-        raise ForensicsError(
-            f"{option} file '{path}' is not UTF-8 text (byte {exc.start}); pass a JSONL file with one "
-            '{"text": ...} object per line'
-        ) from None
+    return read_jsonl(path)
 
 
 def _check_prompt(prompt: str) -> None:

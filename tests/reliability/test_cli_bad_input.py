@@ -30,7 +30,7 @@ CASES = [
     ([*RECORD, "-o", "{tmp}/out", "--predicate", "contains:"], "has an empty value"),
     ([*RECORD, "-o", "{tmp}/out", "--config", "{tmp}/none.yaml"], "config file '{tmp}/none.yaml' does not exist"),
     ([*RECORD, "-o", "{tmp}/out", "--config", "{yaml}"], "unknown key 'recorder.nope'"),
-    ([*RECORD, "-o", "{tmp}/out", "--config", "{binary}"], "is not UTF-8 text"),
+    ([*RECORD, "-o", "{tmp}/out", "--config", "{binary}"], "is not UTF-8 (byte 0)"),
     ([*RECORD, "-o", "{tmp}/out", "--predicate", "token_is:-5"], "names a negative index"),
     ([*RECORD, "-o", "{tmp}/out", "--sign-key", "{tmp}/none.key"], "key file '{tmp}/none.key' does not exist"),
     ([*RECORD, "-o", "{tmp}/out", "--sign-key", "{tmp}/k.pub"], "is not an unencrypted ed25519 private key"),
@@ -62,7 +62,7 @@ CASES = [
     (["analyze", "{bundle}", "--out", "{tmp}/missing/a.json"], "name a file in an existing directory"),
     (["analyze", "{bundle}", "--report", "{tmp}"], "cannot write --report '{tmp}': it is a directory"),
     (["analyze", "{tmp}/none"], "bundle '{tmp}/none' does not exist"),
-    (["analyze", "{bundle}", "--config", "{binary}"], "is not UTF-8 text"),
+    (["analyze", "{bundle}", "--config", "{binary}"], "is not UTF-8 (byte 0)"),
     # batch
     (["batch", "{bundles}", "--workers", "0"], "Invalid value for '--workers'"),
     (["batch", "{tmp}/none"], "is not a directory of bundles"),
@@ -74,7 +74,7 @@ CASES = [
     (["triage", "{bundles}", "--config", "{yaml}"], "unknown key 'recorder.nope'"),
     # inspect
     (["inspect", "-m", "{model}", "--data", "{tmp}/none.jsonl"], "data file '{tmp}/none.jsonl' does not exist"),
-    (["inspect", "-m", "{model}", "--data", "{binary}"], "--data file '{binary}' is not UTF-8 text"),
+    (["inspect", "-m", "{model}", "--data", "{binary}"], "data file '{binary}' is not UTF-8"),
     ([*INSPECT, "--reference", "{tmp}/none.jsonl"], "does not exist"),
     ([*INSPECT, "--batch-size", "0"], "Invalid value for '--batch-size'"),
     ([*INSPECT, "--max-length", "0"], "Invalid value for '--max-length'"),
