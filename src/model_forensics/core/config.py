@@ -64,6 +64,7 @@ class CFConfig(_Strict):
     enabled: bool = True
     anomaly_threshold: float = Field(default=2.0, gt=0.0)
     baseline_samples: int = Field(default=1000, ge=1)
+    heads: bool = True
 
 
 class CCAConfig(_Strict):
@@ -72,6 +73,75 @@ class CCAConfig(_Strict):
     search_strategy: Literal["greedy", "exhaustive"] = "greedy"
     early_stop_threshold: float = Field(default=0.8, gt=0.0, le=1.0)
     max_side_effect_kl: float = Field(default=0.05, ge=0.0)
+    guidance: Literal["attribution", "cf", "unguided"] = "attribution"
+    neurons_per_site: int = Field(default=48, ge=1)
+    search_variants: int = Field(default=12, ge=1)
+    confirm_top: int = Field(default=48, ge=1)
+    refine_rounds: int = Field(default=2, ge=0)
+    confirm_variants: int = Field(default=16, ge=1)
+    directions: Literal["auto", "always", "never"] = "auto"
+    direction_pool: int = Field(default=60, ge=1)
+    gating: Literal["auto", "always", "never"] = "auto"
+
+
+class ShiftConfig(_Strict):
+    alpha: float = Field(default=0.05, gt=0.0, lt=1.0)
+    layer_fraction: float = Field(default=0.2, ge=0.0, le=1.0)
+    min_effect: float = Field(default=0.1, ge=0.0)
+    min_samples: int = Field(default=20, ge=2)
+    min_inputs_mmd: int = Field(default=10, ge=2)
+    permutations: int = Field(default=200, ge=1)
+    components: int = Field(default=32, ge=1)
+    seed: int = 0
+
+
+class SensitivityConfig(_Strict):
+    noise_scale: float = Field(default=0.1, gt=0.0)
+    seed: int = 0
+
+
+class FailureAttributionConfig(_Strict):
+    folds: int = Field(default=5, ge=2)
+    top_units: int = Field(default=8, ge=1)
+    min_per_class: int = Field(default=5, ge=1)
+    max_ablation_inputs: int = Field(default=32, ge=1)
+    margin: float = Field(default=0.1, ge=0.0)
+    min_auroc: float = Field(default=0.6, ge=0.0, le=1.0)
+    seed: int = 0
+
+
+class PruningConfig(_Strict):
+    tau: float = Field(default=0.1, ge=0.0)
+    max_fraction: float = Field(default=0.25, gt=0.0, le=1.0)
+    max_sites: int = Field(default=8, ge=1)
+    max_kl: float = Field(default=0.01, ge=0.0)
+    min_agreement: float = Field(default=0.98, ge=0.0, le=1.0)
+    heldout_inputs: int = Field(default=32, ge=1)
+    min_heldout: int = Field(default=8, ge=1)
+
+
+class InspectionConfig(_Strict):
+    """ModelInspector: every knob of the eight experiments (docs/metrics.md explains each)."""
+
+    batch_size: int = Field(default=8, ge=1)
+    max_length: int = Field(default=128, ge=1)
+    epsilon: float = Field(default=1e-3, ge=0.0)
+    tau: float = Field(default=0.025, ge=0.0)
+    token_capacity: int = Field(default=1024, ge=1)
+    pooled_capacity: int = Field(default=512, ge=1)
+    series_capacity: int = Field(default=256, ge=1)
+    series_windows: int = Field(default=5, ge=1)
+    shift: ShiftConfig = Field(default_factory=ShiftConfig)
+    sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
+    sensitivity_inputs: int = Field(default=32, ge=1)
+    attribution: FailureAttributionConfig = Field(default_factory=FailureAttributionConfig)
+    robustness_inputs: int = Field(default=64, ge=1)
+    robustness_variants: int = Field(default=2, ge=1)
+    robustness_tolerance: float = Field(default=0.1, ge=0.0)
+    bootstrap: int = Field(default=1000, ge=1)
+    confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
+    pruning: PruningConfig = Field(default_factory=PruningConfig)
+    seed: int = 0
 
 
 class ModulesConfig(_Strict):
@@ -86,6 +156,7 @@ class ForensicsConfig(_Strict):
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     bundle: BundleConfig = Field(default_factory=BundleConfig)
     modules: ModulesConfig = Field(default_factory=ModulesConfig)
+    inspection: InspectionConfig = Field(default_factory=InspectionConfig)
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], source: str = "<mapping>") -> ForensicsConfig:
