@@ -99,15 +99,15 @@ def hooks(
             raise SiteError(f"the model has no module '{path}'")
     handles: list[RemovableHandle] = []
     try:
-        for path, fn in (before or {}).items():
-            handles.append(adapter.modules[path].register_forward_pre_hook(fn, with_kwargs=True))
+        for path, pre in (before or {}).items():
+            handles.append(adapter.modules[path].register_forward_pre_hook(pre, with_kwargs=True))
         for name, entries in inputs.items():
             handles.append(adapter.modules[name].register_forward_pre_hook(_input_hook(entries), with_kwargs=True))
         for name, entries in outputs.items():
             hook = _output_hook(adapter, entries, recompute_patterns)
             handles.append(adapter.modules[name].register_forward_hook(hook, with_kwargs=True))
-        for path, fn in (after or {}).items():
-            handles.append(adapter.modules[path].register_forward_hook(fn, with_kwargs=True))
+        for path, post in (after or {}).items():
+            handles.append(adapter.modules[path].register_forward_hook(post, with_kwargs=True))
         yield
     finally:
         for handle in handles:
