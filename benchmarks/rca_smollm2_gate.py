@@ -3,8 +3,8 @@
 ``rca_smollm2.py`` takes about 50 min on 2 CPU cores, most of it the fix-set search. This
 benchmark starts from the fix set that run found (``benchmarks/results/rca_smollm2.json``:
 its members, with their attribution scores), and runs only what comes after the search:
-CausalCCA's gating stage (``CausalCCA._gated``: the gate's site, reading, direction and
-threshold are chosen by the library exactly as in a full analysis, from the 4 search
+CausalCCA's gating stage (``rca.gating.gate_if_it_helps``: the gate's site, reading, direction
+and threshold are chosen by the library exactly as in a full analysis, from the 4 search
 variants and the baselines), then measures by replay:
 
 * flip rate over all 44 failing prompts, gated and ungated;
@@ -29,6 +29,10 @@ from _common import RESULTS, machine, write_results
 from model_forensics import CausalCCA, SandboxReplayer
 from model_forensics.rca.attribution import UnitScore
 from model_forensics.rca.cca import Ablation
+from model_forensics.rca.gating import gate_if_it_helps
+from model_forensics.rca.notes import Note
+from model_forensics.rca.runs import flip_rate
+from model_forensics.rca.search import FixChoice, FixSearch
 from model_forensics.rca.side_effects import measure
 from model_forensics.scenarios import get
 
@@ -46,22 +50,19 @@ def main() -> None:
         start = time.perf_counter()
         session = SandboxReplayer().load_bundle(scenario.record(Path(tmp), limit=1).incidents[0])
         cca = CausalCCA(search_variants=SEARCH_VARIANTS)
-        failing = cca._failing_variants(session)
+        search = FixSearch(session, cca.config)  # finds the failing variants; searches on the first 4
+        failing = search.failing
         timings["record and find the failing prompts"] = time.perf_counter() - start
 
         start, before = time.perf_counter(), session.forward_passes
         plain = Ablation("mean")
-        ungated = [plain(u) for u in chosen]
-        (flips,) = cca._flip_rates(session, failing, [ungated])
-        ungated_rate = sum(flips) / len(flips)
-        ungated_kl = cca._kl(session, ungated)
-        notes: list[str] = []
-        ablate, _ = cca._gated(
-            session, failing, failing[:SEARCH_VARIANTS], chosen, plain, (ungated_rate, ungated_kl), notes
-        )
-        gated = [ablate(u) for u in chosen]
-        (flips,) = cca._flip_rates(session, failing, [gated])
-        gated_rate = sum(flips) / len(flips)
+        ungated = plain.all(chosen)
+        ungated_rate = flip_rate(search.flips(failing, ungated))
+        ungated_kl = search.benign_kl(ungated)
+        notes: list[Note] = []
+        ablate = gate_if_it_helps(search, FixChoice(chosen, plain, ungated_kl, {}), ungated_rate, notes).ablation
+        gated = ablate.all(chosen)
+        gated_rate = flip_rate(search.flips(failing, gated))
         timings["gating stage"] = time.perf_counter() - start
         gating_passes = session.forward_passes - before
 
@@ -111,7 +112,7 @@ def main() -> None:
         "held_out_prompts": len(held_out),
         "gating_forward_passes": gating_passes,
         "seconds": timings,
-        "notes": notes,
+        "notes": [str(n) for n in notes],
     }
     write_results("rca_smollm2_gate", data, text)
 

@@ -17,7 +17,7 @@ from model_forensics.rca import CausalCCA, CompressionForensics, FixSet
 from model_forensics.recorder import ActivityCube, RecorderHooks, add_hooks_all
 from model_forensics.replay import Gate, Intervention, SandboxReplayer, Session
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ActivityCube",

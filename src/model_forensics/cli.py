@@ -536,6 +536,7 @@ def _run_isolated(ctx: typer.Context) -> NoReturn:
 def _open_session(path: Path, model: str | None, allow_weight_mismatch: bool, **sandbox: bool) -> Any:
     import warnings
 
+    from model_forensics.core.errors import WeightMismatchWarning
     from model_forensics.replay import SandboxReplayer
 
     with err.status(f"loading {_safe(path)} and its model…"), warnings.catch_warnings(record=True) as caught:
@@ -544,7 +545,7 @@ def _open_session(path: Path, model: str | None, allow_weight_mismatch: bool, **
         replayer = SandboxReplayer(None, **options)
         session = replayer.load_bundle(path, model=model, allow_weight_mismatch=allow_weight_mismatch)
     for w in caught:
-        if "WEIGHT MISMATCH" in str(w.message):
+        if issubclass(w.category, WeightMismatchWarning):
             err.print(f"[bold red]WARNING:[/] {_safe(w.message)}", soft_wrap=True)
     return session
 
@@ -644,11 +645,20 @@ def inspect_command(
             help="Comma-separated: sparsity,stats,shift,drift,regression,sensitivity,attribution,robustness,pruning"
         ),
     ] = "all",
-    batch_size: Annotated[int, typer.Option(min=1, help="Inputs per forward pass")] = 8,
-    max_length: Annotated[int, typer.Option(min=1, help="Tokens kept per input (the last ones)")] = 128,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Inputs per forward pass (default: inspection.batch_size, 8)")
+    ] = None,
+    max_length: Annotated[
+        int | None,
+        typer.Option(min=1, help="Tokens kept per input, the last ones (default: inspection.max_length, 128)"),
+    ] = None,
     seed: Annotated[
-        int, typer.Option(min=0, help="Seed of every random choice (reservoirs, perturbations, bootstrap)")
-    ] = 0,
+        int | None,
+        typer.Option(
+            min=0, help="Seed of the reservoirs, subsets, variants and bootstrap (default: inspection.seed, 0)"
+        ),
+    ] = None,
+    config: ConfigOpt = None,
     figure_format: Annotated[
         str, typer.Option("--figures", help=f"Figure formats, comma-separated: {', '.join(FIGURE_FORMATS)}")
     ] = "png",
@@ -659,17 +669,19 @@ def inspect_command(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from model_forensics.inspection import InspectorSettings, ModelInspector
+    from model_forensics.inspection import ModelInspector
 
     names = _check_experiments(experiments)
+    _check_config(config)
     formats = _check_figure_formats(figure_format)
     _check_dir_out(out, "--out")
     samples = _read_data(data, "--data")
     ref = _read_data(reference, "--reference") if reference is not None else None
     loaded = _load(model)
     candidate = _load(compare_model) if compare_model else None
-    settings = InspectorSettings(batch_size=batch_size, max_length=max_length, seed=seed)
-    inspector = ModelInspector(loaded.model, loaded.tokenizer, settings=settings, name=loaded.ref.name)
+    given = {"batch_size": batch_size, "max_length": max_length, "seed": seed}
+    overrides: dict[str, Any] = {key: value for key, value in given.items() if value is not None}  # rest: --config
+    inspector = ModelInspector(loaded.model, loaded.tokenizer, config=config, name=loaded.ref.name, **overrides)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
     ) as bars:
@@ -765,18 +777,19 @@ def analyze(
     config: ConfigOpt = None,
     strategy: Annotated[str | None, typer.Option(help="greedy | exhaustive")] = None,
     directions: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="auto | always | never: narrow heads to their failure direction when whole heads break benign prompts"
+            help="auto | always | never: narrow heads to their failure direction when whole heads break benign "
+            "prompts (default: modules.cca.directions, auto)"
         ),
-    ] = "auto",
+    ] = None,
     gating: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="auto | always | never: put the fix behind a detector that fires on failing prompts only, "
-            "when the fix breaks benign prompts"
+            "when the fix breaks benign prompts (default: modules.cca.gating, auto)"
         ),
-    ] = "auto",
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the analysis as JSON")] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the analysis JSON here")] = None,
     report: Annotated[

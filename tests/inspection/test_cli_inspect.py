@@ -101,3 +101,17 @@ def test_unknown_experiment_is_exit_code_2(cli, model_dir, tmp_path):
     data = _jsonl(tmp_path / "p.jsonl", sentences(4, 1))
     run = cli("inspect", "--model", str(model_dir), "--data", str(data), "--experiments", "sparsity,nope")
     assert run.returncode == 2 and "unknown experiment" in run.stderr
+
+
+def test_inspect_reads_the_inspection_section_of_config(cli, model_dir, tmp_path):
+    data = _jsonl(tmp_path / "p.jsonl", sentences(40, 1))
+    config = tmp_path / "cfg.yaml"
+    config.write_text("inspection:\n  pruning:\n    min_heldout: 100\n")
+    out = tmp_path / "results"
+    args = ["inspect", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--batch-size", "4"]
+    run = cli(*args, "--experiments", "sparsity,pruning", "--config", str(config))
+    assert run.returncode == 0, run.stderr
+    assert "needs ≥ 500 inputs" in json.loads((out / "results.json").read_text())["skipped"]["pruning"]
+    config.write_text("inspection:\n  batchsize: 4\n")
+    run = cli(*args, "--config", str(config))
+    assert run.returncode == 2 and "unknown key 'inspection.batchsize'" in run.stderr

@@ -22,7 +22,7 @@ from model_forensics import Bundle, BundleError, ForensicsError, RecorderHooks, 
 from model_forensics.core import bundle as bundle_mod
 from model_forensics.core.bundle import check_writable_target
 from model_forensics.models import adapters
-from model_forensics.recorder import hooks as hooks_mod
+from model_forensics.models import hooks as engine_hooks
 from model_forensics.recorder.session import encode_prompt, record_prompt
 
 GENERATE = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 1}
@@ -57,14 +57,14 @@ def _fail_site(monkeypatch: pytest.MonkeyPatch, loaded: Any, site: str, how: str
     """Make the recorder's hook for ``site`` raise RuntimeError('injected'), by ``how``."""
     if how == "read":  # the output hook's or the input pre-hook's read of the payload
         point = adapters.adapter_for(loaded.model).point(site)
-        real_read = hooks_mod.read
+        real_read = engine_hooks.read
 
         def read(p: adapters.HookPoint, payload: Any) -> Any:
             if p == point:
                 raise RuntimeError("injected")
             return real_read(p, payload)
 
-        monkeypatch.setattr(hooks_mod, "read", read)
+        monkeypatch.setattr(engine_hooks, "read", read)
     elif how == "keep":
         _fail_keep(monkeypatch, {site}, after=0)
     elif how == "recompute_pattern":  # SDPA models recompute the pattern from q and k

@@ -51,11 +51,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model_forensics.core import sketches
+from model_forensics.core import keys, sketches
 from model_forensics.core.config import BundleConfig
 from model_forensics.core.errors import BundleError, SandboxViolation
 from model_forensics.core.manifest import (
     DTYPE_ITEMSIZE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
     _show,
     check_manifest,
     load_schema,
@@ -64,8 +66,6 @@ from model_forensics.core.manifest import (
 )
 from model_forensics.core.predicates import Predicate
 
-FORMAT_NAME = "model-forensics-bundle"
-FORMAT_VERSION = "1.1"
 MANIFEST = "manifest.json"
 SIGNATURE = "signature.json"
 DATA_FILES = ("inputs.safetensors", "outputs.safetensors", "activations.safetensors", "cube.json", "calls.jsonl")
@@ -167,12 +167,10 @@ def write_bundle(
             writable, the key is unreadable, or the disk filled up (nothing is left
             half-written).
     """
-    from model_forensics.core import signing
-
     target = Path(path)
     clean_stale_temporaries(target)  # first: a killed replace may have left the old bundle aside
     check_writable_target(target, overwrite)
-    key = signing.load_private_key(sign_key) if sign_key is not None else None
+    key = keys.load_private_key(sign_key) if sign_key is not None else None
     parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +180,7 @@ def write_bundle(
     try:
         manifest = _write_files(tmp, contents)
         if key is not None:
-            record = signing.signature_record(content_digest(manifest), key)
+            record = keys.signature_record(content_digest(manifest), key)
             with (tmp / SIGNATURE).open("w") as fh:
                 json.dump(record, fh, indent=1)
                 fh.flush()

@@ -85,6 +85,8 @@ class CCAConfig(_Strict):
 
 
 class ShiftConfig(_Strict):
+    """Thresholds and sample-size floors of the shift tests (also drift)."""
+
     alpha: float = Field(default=0.05, gt=0.0, lt=1.0)
     layer_fraction: float = Field(default=0.2, ge=0.0, le=1.0)
     min_effect: float = Field(default=0.1, ge=0.0)
@@ -92,25 +94,31 @@ class ShiftConfig(_Strict):
     min_inputs_mmd: int = Field(default=10, ge=2)
     permutations: int = Field(default=200, ge=1)
     components: int = Field(default=32, ge=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
 
 
 class SensitivityConfig(_Strict):
+    """Perturbation size and seed of the layer-sensitivity experiment."""
+
     noise_scale: float = Field(default=0.1, gt=0.0)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
 
 
 class FailureAttributionConfig(_Strict):
+    """Probes, effect sizes and the confirming ablation of failure attribution."""
+
     folds: int = Field(default=5, ge=2)
     top_units: int = Field(default=8, ge=1)
     min_per_class: int = Field(default=5, ge=1)
     max_ablation_inputs: int = Field(default=32, ge=1)
     margin: float = Field(default=0.1, ge=0.0)
     min_auroc: float = Field(default=0.6, ge=0.0, le=1.0)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
 
 
 class PruningConfig(_Strict):
+    """Which units pruning proposes and what held-out check they must pass."""
+
     tau: float = Field(default=0.1, ge=0.0)
     max_fraction: float = Field(default=0.25, gt=0.0, le=1.0)
     max_sites: int = Field(default=8, ge=1)
@@ -141,7 +149,7 @@ class InspectionConfig(_Strict):
     bootstrap: int = Field(default=1000, ge=1)
     confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
     pruning: PruningConfig = Field(default_factory=PruningConfig)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
 
 
 class ModulesConfig(_Strict):

@@ -33,3 +33,8 @@ class ReplayDivergence(ForensicsError):
 
 class SandboxViolation(ForensicsError):
     """Code under replay tried to reach the network or spawn a process."""
+
+
+class WeightMismatchWarning(UserWarning):
+    """A bundle is replayed with weights other than those it was recorded with
+    (``allow_weight_mismatch``): the results are not a faithful replay."""

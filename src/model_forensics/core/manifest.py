@@ -38,6 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from model_forensics.core.config import BundleConfig
 from model_forensics.core.errors import BundleError
 
+FORMAT_NAME = "model-forensics-bundle"
+FORMAT_VERSION = "1.1"
 DTYPE_ITEMSIZE = {
     "float64": 8,
     "float32": 4,
@@ -458,8 +460,6 @@ def validate_format(manifest: dict[str, Any], where: str = "manifest.json") -> N
 
 
 def _check_version(manifest: dict[str, Any], where: str) -> None:
-    from model_forensics.core.bundle import FORMAT_NAME, FORMAT_VERSION
-
     if manifest.get("format") != FORMAT_NAME:
         raise BundleError(
             f"{where} is not a model-forensics bundle manifest (format is {_show(manifest.get('format'))})"

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from rich.table import Table
 
+from model_forensics.core.config import FailureAttributionConfig
 from model_forensics.inspection._json import jsonable
 from model_forensics.inspection.collect import Recorded, Sample
 from model_forensics.inspection.streaming import Moments, Reservoir
@@ -35,15 +36,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-@dataclass
-class AttributionSettings:
-    folds: int = 5
-    top_units: int = 8
-    min_per_class: int = 5
-    max_ablation_inputs: int = 32
-    margin: float = 0.1  # extra fraction of the fail–pass gap the top units must close
-    min_auroc: float = 0.6  # below this the best layer does not separate; nothing to confirm
-    seed: int = 0
+AttributionSettings = FailureAttributionConfig  # the ``inspection.attribution`` config section
 
 
 @dataclass
@@ -123,9 +116,9 @@ class AttributionResult:
         return t
 
     def figure(self) -> Figure:
-        from model_forensics.report import figures
+        from model_forensics.core import plots
 
-        return figures.layer_bars(
+        return plots.layer_bars(
             [la.site for la in self.layers],
             {"probe AUROC (out-of-fold)": [la.auroc for la in self.layers]},
             title="Which layers separate failing from passing inputs",
@@ -196,7 +189,7 @@ def _probe(x: np.ndarray, y: np.ndarray) -> Any:
 
 
 def attribution(
-    collector: AttributionCollector, readout: Readout | None, settings: AttributionSettings
+    collector: AttributionCollector, readout: Readout | None, settings: FailureAttributionConfig
 ) -> AttributionResult:
     """Probe every site, rank units by effect size, and cross-check by ablation."""
     n_pass, n_fail = collector.counts
@@ -232,7 +225,7 @@ def attribution(
 
 
 def _ablation_check(
-    collector: AttributionCollector, out: AttributionResult, readout: Readout, s: AttributionSettings
+    collector: AttributionCollector, out: AttributionResult, readout: Readout, s: FailureAttributionConfig
 ) -> AblationCheck:
     readout_site = out.layers[-1].site
     best = max(out.layers[:-1], key=lambda la: (la.auroc, la.max_abs_effect))

@@ -1,9 +1,9 @@
 """Inputs in, recorded activations out: samples, input adapters and the forward pass.
 
 Every experiment reads activations through :func:`forward` (one micro-batch, recorded by
-:class:`~model_forensics.recorder.RecorderHooks`, never a second hook system) and
-ablates or perturbs through :func:`patched` (a forward hook that swaps one site's tensor,
-built on the adapter's ``read``/``replace``).
+:class:`~model_forensics.recorder.RecorderHooks`) and ablates or perturbs through
+:func:`patched` (one site's tensor swapped through :func:`~model_forensics.models.hooks.hooks`,
+the one hook mechanism); neither wires torch hooks of its own.
 
 Layout of a recorded site after :func:`as_rows`: (B, R, U) — batch, rows, units. A row is a
 token position for sequence models (only rows where ``mask`` is true are real), or the
@@ -12,9 +12,9 @@ sample itself for models whose sites are (B, U).
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from model_forensics.core.errors import ForensicsError
-from model_forensics.models.adapters import Adapter, read, replace
+from model_forensics.models.adapters import Adapter
+from model_forensics.models.hooks import SiteCall, hooks, logits_of
 from model_forensics.recorder import RecorderHooks
 
 
@@ -258,14 +259,14 @@ def call_model(model: nn.Module, batch: Batch) -> Any:
         return model(*args, **kwargs)
 
 
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits in a model's output (``.logits``, a tensor, or the first tuple item)."""
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, torch.Tensor):
-        logits = output
-    if logits is None and isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
-        logits = output[0]
-    if not isinstance(logits, torch.Tensor):
+def output_logits(output: Any) -> torch.Tensor:
+    """The logits in a model's output (:func:`~model_forensics.models.hooks.logits_of`).
+
+    Raises:
+        ForensicsError: the output holds no tensor of scores.
+    """
+    logits = logits_of(output)
+    if logits is None:
         raise ForensicsError(
             f"cannot find logits in the model's output ({type(output).__name__}); return a tensor or an object with .logits"
         )
@@ -314,7 +315,7 @@ def forward(
         if rows is not None:
             out[site], masks[site] = rows
     recorder.reset()
-    return Recorded(out, masks, prediction_logits(logits_of(output), batch), np.asarray(index, dtype=np.int64))
+    return Recorded(out, masks, prediction_logits(output_logits(output), batch), np.asarray(index, dtype=np.int64))
 
 
 def recorder_for(adapter: Adapter, sites: Sequence[str]) -> RecorderHooks:
@@ -329,28 +330,21 @@ def recorder_for(adapter: Adapter, sites: Sequence[str]) -> RecorderHooks:
     )
 
 
-@contextlib.contextmanager
 def patched(
     adapter: Adapter, site: str, edit: Callable[[torch.Tensor, Batch | None], torch.Tensor], batch: Batch | None = None
-) -> Iterator[None]:
+) -> AbstractContextManager[None]:
     """Within the block, ``site``'s tensor is replaced by ``edit(tensor, batch)`` (same
-    layout as the adapter reads it). The hook is removed on exit, even on errors."""
-    point = adapter.point(site)
-    module = adapter.module(point)
+    layout as the adapter reads it; input-side sites also when passed as ``hidden_states=``).
+    The hook is removed on exit, even on errors.
 
-    def post(mod: nn.Module, args: Any, output: Any) -> Any:
-        current = read(point, output)
-        return output if current is None else replace(point, output, edit(current, batch))
+    Raises:
+        SiteError: the model has no site ``site``.
+    """
 
-    def pre(mod: nn.Module, args: Any) -> Any:
-        current = read(point, args)
-        return args if current is None else replace(point, args, edit(current, batch))
+    def swap(tensor: torch.Tensor, call: SiteCall) -> torch.Tensor:
+        return edit(tensor, batch)
 
-    handle = module.register_forward_hook(post) if point.io == "output" else module.register_forward_pre_hook(pre)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return hooks(adapter, sites={site: swap})
 
 
 def batches(n: int, size: int) -> Iterator[list[int]]:

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from rich.table import Table
 
+from model_forensics.core.config import ShiftConfig
 from model_forensics.inspection._json import jsonable
 from model_forensics.inspection.collect import Sample
-from model_forensics.inspection.shift import ShiftResult, ShiftSettings, compare
+from model_forensics.inspection.shift import ShiftResult, compare
 from model_forensics.inspection.summary import ActivationSummary
 
 if TYPE_CHECKING:
@@ -131,9 +132,9 @@ class DriftResult:
         return t
 
     def figure(self) -> Figure:
-        from model_forensics.report import figures
+        from model_forensics.core import plots
 
-        return figures.drift_plot(
+        return plots.drift_plot(
             self.steps,
             {s: self.curve(s) for s in self.sites},
             ylabel=f"mean W₁ / σ vs '{self.baseline}' (reference std units)",
@@ -146,7 +147,7 @@ def drift(
     baseline: ActivationSummary,
     steps: Sequence[tuple[str, ActivationSummary]],
     sites: Sequence[str],
-    settings: ShiftSettings,
+    settings: ShiftConfig,
 ) -> DriftResult:
     """Compare each step's summary with the baseline's."""
     out = DriftResult(baseline_name, [name for name, _ in steps], [s.inputs for _, s in steps])

@@ -10,6 +10,11 @@ sparsity, statistics, shift, drift, attribution and — with a candidate model r
 same micro-batches — regression; memory is bounded by the reservoir capacities, not by
 the number of inputs. Sensitivity, robustness, the attribution ablation check and pruning
 verification run extra forward passes on bounded subsets. Definitions: docs/metrics.md.
+
+Every knob (batch size, thresholds, capacities, subset sizes, seeds) comes from the
+``inspection:`` section of the config (``configs/default.yaml``); ``settings=`` and
+constructor keywords override it key by key. Ablations and perturbations go through
+:func:`~model_forensics.models.hooks.hooks` (via ``collect.patched``).
 """
 
 from __future__ import annotations
@@ -24,17 +29,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ValidationError
 from rich.console import Group
 from torch import nn
 
+from model_forensics.core.config import ForensicsConfig, InspectionConfig, load_config, validation_message
 from model_forensics.core.errors import ConfigError, ForensicsError
+from model_forensics.core.metrics import kl_divergence
 from model_forensics.inspection._json import jsonable
-from model_forensics.inspection.attribution import (
-    AttributionCollector,
-    AttributionResult,
-    AttributionSettings,
-    attribution,
-)
+from model_forensics.inspection.attribution import AttributionCollector, AttributionResult, attribution
 from model_forensics.inspection.collect import (
     Batch,
     InputAdapter,
@@ -46,18 +49,18 @@ from model_forensics.inspection.collect import (
     batches,
     call_model,
     forward,
-    logits_of,
+    output_logits,
     patched,
     prediction_logits,
     recorder_for,
     set_units,
 )
 from model_forensics.inspection.drift import DriftResult, drift, series_steps
-from model_forensics.inspection.pruning import PruningResult, PruningSettings, propose, verify
+from model_forensics.inspection.pruning import PruningResult, propose, verify
 from model_forensics.inspection.regression import OutputComparison, RegressionResult, check_tokenizers, regression
 from model_forensics.inspection.robustness import RobustnessResult, robustness
-from model_forensics.inspection.sensitivity import SensitivityResult, SensitivitySettings, sensitivity
-from model_forensics.inspection.shift import ShiftResult, ShiftSettings, compare
+from model_forensics.inspection.sensitivity import SensitivityResult, sensitivity
+from model_forensics.inspection.shift import ShiftResult, compare
 from model_forensics.inspection.sparsity import SparsityCollector, SparsityResult, relative_activity
 from model_forensics.inspection.stats import StatsResult, activation_stats
 from model_forensics.inspection.streaming import item_keys
@@ -80,29 +83,9 @@ EXPERIMENTS = (
 Progress = Callable[[str, int, int], None]
 
 
-@dataclass
-class InspectorSettings:
-    """Every knob of an inspection run, with its default (docs/metrics.md explains each)."""
-
-    batch_size: int = 8
-    max_length: int = 128  # tokens kept per text input (the last ones)
-    epsilon: float = 1e-3  # near-zero threshold |a| < ε (sparsity)
-    tau: float = 0.025  # dormant threshold on mean|a| / layer mean (sparsity)
-    token_capacity: int = 1024  # inputs in the one-token-per-input reservoir, per site
-    pooled_capacity: int = 512  # inputs in the pooled-state reservoir, per site
-    series_capacity: int = 256  # both reservoirs, per drift step
-    series_windows: int = 5  # drift windows when only a fine-grained 'time' is given
-    shift: ShiftSettings = field(default_factory=ShiftSettings)
-    sensitivity: SensitivitySettings = field(default_factory=SensitivitySettings)
-    sensitivity_inputs: int = 32
-    attribution: AttributionSettings = field(default_factory=AttributionSettings)
-    robustness_inputs: int = 64
-    robustness_variants: int = 2  # variants per input and family
-    robustness_tolerance: float = 0.1  # max total-variation distance of an invariant output
-    bootstrap: int = 1000
-    confidence: float = 0.95
-    pruning: PruningSettings = field(default_factory=PruningSettings)
-    seed: int = 0
+# Every knob of an inspection run: the ``inspection:`` config section (configs/default.yaml
+# lists each with its default; docs/metrics.md explains them).
+InspectorSettings = InspectionConfig
 
 
 @dataclass
@@ -247,10 +230,20 @@ class ModelInspector:
             sites (``blocks.L.resid_post`` per layer, ``blocks.L.mlp.post`` for neurons),
             other modules are inspected at their leaf-module outputs.
         tokenizer: a Hugging Face tokenizer for text inputs (optional for tensor inputs).
+        config: where the knobs come from: a YAML path, a :class:`ForensicsConfig`, a plain
+            mapping or None (defaults); its ``inspection:`` section is used.
         input_adapter: how to turn samples into model arguments, for models that take
             neither tokenizer output nor a single tensor (see ``collect.InputAdapter``).
-        settings: thresholds, capacities, subset sizes and the seed.
+        settings: an :class:`InspectorSettings`; the fields set in it override ``config``.
         name: the model's name in results (default: where it was loaded from).
+        **overrides: any key of the ``inspection:`` section (``batch_size=4``,
+            ``shift={"alpha": 0.01}``); they override ``config`` and ``settings``.
+    Raises:
+        ConfigError: an unknown key or a value out of range (in the file or the keywords).
+
+    Example::
+
+        ModelInspector(model, tokenizer, config="configs/default.yaml", batch_size=4, seed=1)
     """
 
     def __init__(
@@ -258,9 +251,11 @@ class ModelInspector:
         model: nn.Module,
         tokenizer: Any = None,
         *,
+        config: str | Path | ForensicsConfig | dict[str, Any] | None = None,
         input_adapter: InputAdapter | None = None,
         settings: InspectorSettings | None = None,
         name: str | None = None,
+        **overrides: Any,
     ):
         if not isinstance(model, nn.Module):
             raise ForensicsError(
@@ -268,7 +263,7 @@ class ModelInspector:
             )
         self.model = model
         self.tokenizer = tokenizer
-        self.settings = settings or InspectorSettings()
+        self.settings: InspectionConfig = inspection_settings(config, settings, overrides)
         max_length = min(self.settings.max_length, _context_length(model) or self.settings.max_length)
         self.encoder: InputAdapter = input_adapter or (
             TextAdapter(tokenizer, max_length) if tokenizer is not None else TensorAdapter()
@@ -475,7 +470,7 @@ class ModelInspector:
 
     # -- helpers that need the model -----------------------------------------------------
     def _predictions(self, batch: Batch) -> torch.Tensor:
-        return prediction_logits(logits_of(call_model(self.model, batch)), batch)
+        return prediction_logits(output_logits(call_model(self.model, batch)), batch)
 
     def _predict_texts(self, texts: list[str]) -> torch.Tensor:
         out = []
@@ -533,12 +528,60 @@ class ModelInspector:
                     for site, units in ablations.items():
                         stack.enter_context(patched(self.adapter, site, _setter(units, 0.0, batch.mask.shape), batch))
                     pred = self._predictions(batch)
-                lr, lp = torch.log_softmax(ref.double(), -1), torch.log_softmax(pred.double(), -1)
-                kls += (lr.exp() * (lr - lp)).sum(-1).tolist()
+                kls += kl_divergence(ref, pred, dtype=torch.float64).tolist()
                 agree += (ref.argmax(-1) == pred.argmax(-1)).tolist()
             return float(np.mean(kls)), float(np.mean(agree))
 
         return verify(candidates, evaluate, s, len(held))
+
+
+def inspection_settings(
+    config: str | Path | ForensicsConfig | dict[str, Any] | None,
+    settings: InspectionConfig | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> InspectionConfig:
+    """The knobs of one inspection run: the ``inspection:`` section of ``config``
+    (:func:`~model_forensics.core.config.load_config`), then the fields set explicitly in
+    ``settings`` (also inside its sections), then ``overrides`` (section keys; a mapping or a
+    config model for a nested section changes only the keys it gives).
+
+    Raises:
+        ConfigError: an unknown key or a value out of range.
+    """
+    merged = load_config(config).inspection.model_dump()
+    for layer in (_explicit(settings) if settings is not None else {}, overrides or {}):
+        merged = _merged(merged, layer)
+    try:
+        return InspectionConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc, "the ModelInspector keywords")) from None
+
+
+def _explicit(model: BaseModel) -> dict[str, Any]:
+    """The fields of a config model that were set (at construction or by assignment), by
+    section; the defaults it merely carries are left out."""
+    out: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            inner = _explicit(value)
+            if inner:
+                out[name] = inner
+        elif name in model.model_fields_set:
+            out[name] = value
+    return out
+
+
+def _merged(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in layer.items():
+        if isinstance(value, BaseModel):
+            value = _explicit(value)
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 class _Candidate:

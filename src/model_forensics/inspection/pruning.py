@@ -22,21 +22,14 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from model_forensics.core.config import PruningConfig
 from model_forensics.inspection._json import jsonable
 
 # evaluate({site: units}) → (mean KL nats, top-1 agreement) on the held-out inputs
 Evaluate = Callable[[dict[str, list[int]]], tuple[float, float]]
 
 
-@dataclass
-class PruningSettings:
-    tau: float = 0.1
-    max_fraction: float = 0.25  # at most this fraction of a site's units proposed
-    max_sites: int = 8
-    max_kl: float = 0.01  # nats
-    min_agreement: float = 0.98
-    heldout_inputs: int = 32  # at most this many held-out inputs (a fifth of the inputs)
-    min_heldout: int = 8  # fewer held-out inputs than this: pruning is skipped
+PruningSettings = PruningConfig  # the ``inspection.pruning`` config section
 
 
 @dataclass
@@ -49,7 +42,7 @@ class PruningRecommendation:
 
 @dataclass
 class PruningResult:
-    settings: PruningSettings
+    settings: PruningConfig
     heldout_inputs: int
     proposed: int = 0
     verified: list[PruningRecommendation] = field(default_factory=list)
@@ -65,7 +58,7 @@ class PruningResult:
     def to_json(self) -> dict[str, Any]:
         return jsonable(
             {
-                "settings": vars(self.settings),
+                "settings": self.settings.model_dump(),
                 "heldout_inputs": self.heldout_inputs,
                 "proposed_units": self.proposed,
                 "verified_units": len(self.units),
@@ -94,7 +87,7 @@ class PruningResult:
 
 
 def propose(
-    relative: Mapping[str, np.ndarray], weights: Mapping[str, float], settings: PruningSettings
+    relative: Mapping[str, np.ndarray], weights: Mapping[str, float], settings: PruningConfig
 ) -> dict[str, list[int]]:
     """Candidate units per site, lowest score first (see the module docstring)."""
     out: dict[str, list[int]] = {}
@@ -109,7 +102,7 @@ def propose(
 
 
 def verify(
-    candidates: Mapping[str, Sequence[int]], evaluate: Evaluate, settings: PruningSettings, heldout: int
+    candidates: Mapping[str, Sequence[int]], evaluate: Evaluate, settings: PruningConfig, heldout: int
 ) -> PruningResult:
     """Keep only candidate sets whose ablation passes on held-out inputs."""
     result = PruningResult(settings, heldout, proposed=sum(len(u) for u in candidates.values()))

@@ -21,6 +21,8 @@ import torch
 from rich.table import Table
 
 from model_forensics.core.errors import ForensicsError
+from model_forensics.core.metrics import kl_divergence
+from model_forensics.core.records import fields_json
 from model_forensics.inspection._json import jsonable
 from model_forensics.inspection.collect import Recorded, Sample
 from model_forensics.inspection.similarity import centered_gram, cka_from_grams, procrustes_distance, unbiased_hsic
@@ -110,25 +112,13 @@ class RegressionResult:
 
     def to_json(self) -> dict[str, Any]:
         return jsonable(
-            {
-                "baseline": self.baseline,
-                "candidate": self.candidate,
-                "rows": self.rows,
-                "cols": self.cols,
-                "cka": self.cka,
-                "cka_diagonal": self.diagonal(),
-                "procrustes": [{"baseline": a, "candidate": b, "d2": d} for a, b, d in self.procrustes],
-                "similarity_inputs": self.similarity_inputs,
-                "inputs": self.inputs,
-                "agreement": self.agreement,
-                "mean_kl": self.mean_kl,
-                "labelled": self.labelled,
-                "baseline_accuracy": self.baseline_accuracy,
-                "candidate_accuracy": self.candidate_accuracy,
-                "regressions": [r.to_json() for r in self.regressions],
-                "improvements": [r.to_json() for r in self.improvements],
-                "disagreements": self.disagreements,
-            }
+            fields_json(
+                self,
+                cka_diagonal=self.diagonal(),
+                procrustes=[{"baseline": a, "candidate": b, "d2": d} for a, b, d in self.procrustes],
+                regressions=[r.to_json() for r in self.regressions],
+                improvements=[r.to_json() for r in self.improvements],
+            )
         )
 
     def diagonal(self) -> list[float]:
@@ -154,9 +144,9 @@ class RegressionResult:
         return t
 
     def figure(self) -> Figure:
-        from model_forensics.report import figures
+        from model_forensics.core import plots
 
-        return figures.cka_matrix(self.cka, self.rows, self.cols, row_model=self.baseline, col_model=self.candidate)
+        return plots.cka_matrix(self.cka, self.rows, self.cols, row_model=self.baseline, col_model=self.candidate)
 
 
 class OutputComparison:
@@ -173,9 +163,7 @@ class OutputComparison:
     def update(self, base: Recorded, cand: Recorded) -> None:
         a, b = base.prediction, cand.prediction
         v = min(a.shape[-1], b.shape[-1])
-        la = torch.log_softmax(a[:, :v].double(), -1)
-        lb = torch.log_softmax(b[:, :v].double(), -1)
-        kl = (la.exp() * (la - lb)).sum(-1)
+        kl = kl_divergence(a[:, :v], b[:, :v], dtype=torch.float64)
         self.index += [int(i) for i in base.index]
         self.base_top += a.argmax(-1).tolist()
         self.cand_top += b.argmax(-1).tolist()

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from rich.table import Table
 
+from model_forensics.core.records import fields_json
 from model_forensics.inspection._json import jsonable
 
 if TYPE_CHECKING:
@@ -148,13 +149,11 @@ class RobustnessResult:
 
     def to_json(self) -> dict[str, Any]:
         return jsonable(
-            {
-                "tolerance": self.tolerance,
-                "confidence": self.confidence,
-                "inputs": self.inputs,
-                "overall": None if self.overall is None else vars(self.overall),
-                "families": [vars(f) for f in self.families],
-            }
+            fields_json(
+                self,
+                overall=None if self.overall is None else vars(self.overall),
+                families=[vars(f) for f in self.families],
+            )
         )
 
     def table(self) -> Table:
@@ -172,10 +171,10 @@ class RobustnessResult:
         return t
 
     def figure(self) -> Figure:
-        from model_forensics.report import figures
+        from model_forensics.core import plots
 
         rows = [*self.families, *([self.overall] if self.overall else [])]
-        return figures.rates_with_ci(
+        return plots.rates_with_ci(
             [f.family for f in rows],
             [f.rate for f in rows],
             [f.low for f in rows],

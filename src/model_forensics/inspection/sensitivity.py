@@ -29,6 +29,9 @@ import torch
 from rich.table import Table
 from torch import nn
 
+from model_forensics.core.config import SensitivityConfig
+from model_forensics.core.metrics import kl_divergence
+from model_forensics.core.records import fields_json
 from model_forensics.inspection._json import jsonable
 from model_forensics.inspection.collect import Batch, Recorded, forward, patched
 from model_forensics.models.adapters import Adapter
@@ -71,12 +74,11 @@ class SensitivityResult:
 
     def to_json(self) -> dict[str, Any]:
         return jsonable(
-            {
-                "inputs": self.inputs,
-                "families": [vars(f) for f in self.families],
-                "ranking": [{"site": s, "score": v} for s, v in self.ranking()],
-                "skipped": self.skipped,
-            }
+            fields_json(
+                self,
+                families=[vars(f) for f in self.families],
+                ranking=[{"site": s, "score": v} for s, v in self.ranking()],
+            )
         )
 
     def table(self) -> Table:
@@ -94,19 +96,16 @@ class SensitivityResult:
         return t
 
     def figure(self) -> Figure:
-        from model_forensics.report import figures
+        from model_forensics.core import plots
 
-        return figures.sensitivity_plot(
+        return plots.sensitivity_plot(
             self.sites,
             {f"{f.family} (per {f.unit})": [f.layer_change[s] for s in self.sites] for f in self.families},
             ylabel="‖Δh‖ / ‖h‖ per unit perturbation",
         )
 
 
-@dataclass
-class SensitivitySettings:
-    noise_scale: float = 0.1  # σ, relative to the embedding RMS
-    seed: int = 0
+SensitivitySettings = SensitivityConfig  # the ``inspection.sensitivity`` config section
 
 
 def sensitivity(
@@ -115,7 +114,7 @@ def sensitivity(
     recorder: RecorderHooks,
     batches: Sequence[tuple[Batch, list[int]]],
     sites: Sequence[str],
-    settings: SensitivitySettings,
+    settings: SensitivityConfig,
     vocab_size: int | None,
 ) -> SensitivityResult:
     """Measure sensitivity on the given encoded micro-batches (recorder installed on ``model``)."""
@@ -208,9 +207,7 @@ def _accumulate(
     size: float,
     sites: Sequence[str],
 ) -> None:
-    lc = torch.log_softmax(clean.prediction.double(), -1)
-    lp = torch.log_softmax(pert.prediction.double(), -1)
-    acc["kl"] += ((lc.exp() * (lc - lp)).sum(-1) / size).tolist()
+    acc["kl"] += (kl_divergence(clean.prediction, pert.prediction, dtype=torch.float64) / size).tolist()
     zc = clean.prediction.double() - clean.prediction.double().mean(-1, keepdim=True)
     zp = pert.prediction.double() - pert.prediction.double().mean(-1, keepdim=True)
     acc["l2"] += ((zp - zc).norm(dim=-1) / size).tolist()

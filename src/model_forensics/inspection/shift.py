@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from rich.table import Table
 
+from model_forensics.core.config import ShiftConfig
 from model_forensics.inspection._json import jsonable
 from model_forensics.inspection.summary import ActivationSummary
 from model_forensics.inspection.two_sample import benjamini_hochberg, ks_wasserstein, mmd_test
@@ -31,18 +32,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-@dataclass
-class ShiftSettings:
-    """Thresholds and sample-size floors of the shift tests."""
-
-    alpha: float = 0.05  # FDR level (BH) and MMD significance level
-    layer_fraction: float = 0.2  # a layer shifts when more than this fraction of units do
-    min_effect: float = 0.1  # smallest normalised W1 that counts as a unit shift (σ units)
-    min_samples: int = 20  # per side, for the per-unit KS/W1 tests
-    min_inputs_mmd: int = 10  # per side, for the MMD test
-    permutations: int = 200
-    components: int = 32
-    seed: int = 0
+ShiftSettings = ShiftConfig  # the ``inspection.shift`` config section
 
 
 @dataclass
@@ -96,7 +86,7 @@ class LayerShift:
 class ShiftResult:
     """Reference-vs-current shift of every inspected site."""
 
-    settings: ShiftSettings
+    settings: ShiftConfig
     layers: list[LayerShift] = field(default_factory=list)
 
     @property
@@ -108,7 +98,7 @@ class ShiftResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "settings": vars(self.settings),
+            "settings": self.settings.model_dump(),
             "shifted_layers": self.shifted_layers,
             "layers": [layer.to_json() for layer in self.layers],
         }
@@ -138,9 +128,9 @@ class ShiftResult:
         return t
 
     def figure(self) -> Figure:
-        from model_forensics.report import figures
+        from model_forensics.core import plots
 
-        return figures.shift_plot(
+        return plots.shift_plot(
             [layer.site for layer in self.layers],
             [np.nan if layer.fraction_shifted is None else layer.fraction_shifted for layer in self.layers],
             [layer.mean_wasserstein for layer in self.layers],
@@ -153,7 +143,7 @@ def compare(
     ref: ActivationSummary,
     cur: ActivationSummary,
     sites: Sequence[str],
-    settings: ShiftSettings,
+    settings: ShiftConfig,
     *,
     what: str = "shift",
 ) -> ShiftResult:
@@ -176,7 +166,7 @@ def compare(
     return out
 
 
-def _compare_site(site: str, ref: ActivationSummary, cur: ActivationSummary, s: ShiftSettings) -> LayerShift:
+def _compare_site(site: str, ref: ActivationSummary, cur: ActivationSummary, s: ShiftConfig) -> LayerShift:
     r_tok, c_tok = ref.tokens[site].values(), cur.tokens[site].values()
     units = r_tok.shape[1]
     layer = LayerShift(site, units, len(r_tok), len(c_tok), None, None, None, [], None, False)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from rich.table import Table
 
+from model_forensics.core.records import fields_json
 from model_forensics.inspection._json import jsonable
 from model_forensics.inspection.collect import Recorded
 
@@ -40,18 +41,7 @@ class SparsityLayer:
     unit_zero_fraction: np.ndarray  # (U,) fraction of rows where the unit is exactly 0
 
     def to_json(self) -> dict[str, Any]:
-        return jsonable(
-            {
-                "site": self.site,
-                "units": self.units,
-                "rows": self.rows,
-                "zero_fraction": self.zero_fraction,
-                "near_zero_fraction": self.near_zero_fraction,
-                "dormant_units": self.dormant_units,
-                "relative_mean_abs": self.relative_mean_abs,
-                "unit_zero_fraction": self.unit_zero_fraction,
-            }
-        )
+        return jsonable(fields_json(self))
 
 
 @dataclass
@@ -71,12 +61,7 @@ class SparsityResult:
         return next(layer for layer in self.layers if layer.site == site)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "epsilon": self.epsilon,
-            "tau": self.tau,
-            "dormant": self.dormant,
-            "layers": [layer.to_json() for layer in self.layers],
-        }
+        return fields_json(self, dormant=self.dormant, layers=[layer.to_json() for layer in self.layers])
 
     def table(self) -> Table:
         t = Table(title=f"Sparsity (ε = {self.epsilon:g}, dormant: r < τ = {self.tau:g})", title_justify="left")
@@ -94,9 +79,9 @@ class SparsityResult:
         return t
 
     def figure(self) -> Figure:
-        from model_forensics.report import figures
+        from model_forensics.core import plots
 
-        return figures.activation_heatmap(
+        return plots.activation_heatmap(
             {layer.site: layer.relative_mean_abs for layer in self.layers},
             title=f"Unit activity: mean |a| / layer mean (dormant below τ = {self.tau:g}, dark)",
             colorbar_label="log₁₀ relative mean |a|",

@@ -108,9 +108,9 @@ class StatsResult:
         return t
 
     def figure(self) -> Figure:
-        from model_forensics.report import figures
+        from model_forensics.core import plots
 
-        return figures.activation_heatmap(
+        return plots.activation_heatmap(
             {layer.site: layer.unit_std for layer in self.layers},
             title="Per-unit activation standard deviation",
             colorbar_label="log₁₀ std (activation units)",

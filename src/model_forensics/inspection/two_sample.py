@@ -118,4 +118,5 @@ def _unbiased_mmd2(kernel: np.ndarray, a: np.ndarray, n: int, m: int) -> np.ndar
     sxx = np.sum(a * ka, axis=0) - n
     syy = np.sum(b * kb, axis=0) - m
     sxy = np.sum(b * ka, axis=0)
-    return sxx / (n * (n - 1)) + syy / (m * (m - 1)) - 2.0 * sxy / (n * m)  # type: ignore[no-any-return]
+    mmd2: np.ndarray = sxx / (n * (n - 1)) + syy / (m * (m - 1)) - 2.0 * sxy / (n * m)  # (P,)
+    return mmd2

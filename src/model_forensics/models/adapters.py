@@ -56,7 +56,7 @@ def read(point: HookPoint, payload: Any) -> torch.Tensor | None:
         t = t[..., point.span[0] : point.span[1]]
     if point.heads is not None:
         t = t.unflatten(-1, (point.heads, -1))
-    return t  # type: ignore[no-any-return]
+    return t
 
 
 def replace(point: HookPoint, payload: Any, new: torch.Tensor) -> Any:
@@ -154,7 +154,7 @@ class Adapter:
 
 
 def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]  # type: ignore[no-any-return]
+    return args[0] if args else kwargs["hidden_states"]
 
 
 def _cache_keys(kwargs: dict[str, Any], layer_idx: int) -> torch.Tensor | None:
@@ -207,7 +207,7 @@ class LlamaAdapter(Adapter):
         shape = (*hidden.shape[:-1], -1, self.d_head)
         q = module.q_proj(hidden).view(shape).transpose(1, 2)  # type: ignore[operator]
         k = module.k_proj(hidden).view(shape).transpose(1, 2)  # type: ignore[operator]
-        rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb  # type: ignore[attr-defined]
+        rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb
         cos, sin = kwargs["position_embeddings"]
         q, k = rotary(q, k, cos, sin)
         cached = _cache_keys(kwargs, int(module.layer_idx))  # type: ignore[arg-type]

@@ -28,6 +28,7 @@ model is touched.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -64,6 +65,7 @@ class SiteCall:
 
 
 SiteFn = Callable[[torch.Tensor, SiteCall], "torch.Tensor | None"]
+OnError = Callable[[str, Exception], None]
 BeforeFn = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Any]
 AfterFn = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], Any]
 
@@ -76,6 +78,7 @@ def hooks(
     before: Mapping[str, BeforeFn] | None = None,
     after: Mapping[str, AfterFn] | None = None,
     recompute_patterns: bool = False,
+    on_error: OnError | None = None,
 ) -> Iterator[None]:
     """Run ``sites`` functions (read or replace) and raw ``before``/``after`` module hooks
     on every forward call of the adapter's model inside the block.
@@ -86,6 +89,9 @@ def hooks(
         before / after: module path (``""``: the model) → raw pre / post hook.
         recompute_patterns: when an attention implementation returns no pattern, hand the
             site function one recomputed from q and k (``call.recomputed``).
+        on_error: when given, an exception raised by a site function (or by recomputing
+            its pattern) is handed to ``on_error(site, exc)`` and the run goes on with that
+            site unchanged: what a recorder needs so that it never hurts the host run.
     Raises:
         SiteError: a site or module path the model does not have (nothing is installed).
     """
@@ -102,10 +108,11 @@ def hooks(
         for path, pre in (before or {}).items():
             handles.append(adapter.modules[path].register_forward_pre_hook(pre, with_kwargs=True))
         for name, entries in inputs.items():
-            handles.append(adapter.modules[name].register_forward_pre_hook(_input_hook(entries), with_kwargs=True))
+            reader = _input_hook(entries, on_error)
+            handles.append(adapter.modules[name].register_forward_pre_hook(reader, with_kwargs=True))
         for name, entries in outputs.items():
-            hook = _output_hook(adapter, entries, recompute_patterns)
-            handles.append(adapter.modules[name].register_forward_hook(hook, with_kwargs=True))
+            writer = _output_hook(adapter, entries, recompute_patterns, on_error)
+            handles.append(adapter.modules[name].register_forward_hook(writer, with_kwargs=True))
         for path, post in (after or {}).items():
             handles.append(adapter.modules[path].register_forward_hook(post, with_kwargs=True))
         yield
@@ -114,7 +121,31 @@ def hooks(
             handle.remove()
 
 
-def _input_hook(entries: list[tuple[str, HookPoint, SiteFn]]) -> BeforeFn:
+def _site(
+    fn: SiteFn,
+    payload: Any,
+    call: SiteCall,
+    on_error: OnError | None,
+    recompute: Callable[[], torch.Tensor] | None = None,
+) -> torch.Tensor | None:
+    """``fn`` on the site's tensor in ``payload`` (or on a recomputed pattern, whose result
+    is ignored: it cannot be written back). With ``on_error``, what reading, recomputing or
+    ``fn`` raises goes there instead of into the model."""
+    try:
+        tensor = read(call.point, payload)
+        if tensor is not None:
+            return fn(tensor, call)
+        if recompute is not None and call.point.pattern:
+            fn(recompute(), dataclasses.replace(call, recomputed=True))
+        return None
+    except Exception as exc:
+        if on_error is None:
+            raise
+        on_error(call.site, exc)
+        return None
+
+
+def _input_hook(entries: list[tuple[str, HookPoint, SiteFn]], on_error: OnError | None) -> BeforeFn:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         by_keyword = not args and "hidden_states" in kwargs
         if not args and not by_keyword:
@@ -122,10 +153,7 @@ def _input_hook(entries: list[tuple[str, HookPoint, SiteFn]]) -> BeforeFn:
         payload: Any = args if args else (kwargs["hidden_states"],)
         changed = False
         for site, point, fn in entries:
-            tensor = read(point, payload)
-            if tensor is None:
-                continue
-            new = fn(tensor, SiteCall(site, point, module, args, kwargs))
+            new = _site(fn, payload, SiteCall(site, point, module, args, kwargs), on_error)
             if new is not None:
                 payload, changed = replace(point, payload, new), True
         if not changed:
@@ -137,17 +165,17 @@ def _input_hook(entries: list[tuple[str, HookPoint, SiteFn]]) -> BeforeFn:
     return hook
 
 
-def _output_hook(adapter: Adapter, entries: list[tuple[str, HookPoint, SiteFn]], recompute: bool) -> AfterFn:
+def _output_hook(
+    adapter: Adapter, entries: list[tuple[str, HookPoint, SiteFn]], recompute: bool, on_error: OnError | None
+) -> AfterFn:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        def pattern() -> torch.Tensor:
+            return adapter.recompute_pattern(module, args, kwargs)
+
         payload, changed = output, False
         for site, point, fn in entries:
-            tensor = read(point, payload)
-            if tensor is None:
-                if point.pattern and recompute:
-                    pattern = adapter.recompute_pattern(module, args, kwargs)
-                    fn(pattern, SiteCall(site, point, module, args, kwargs, recomputed=True))
-                continue
-            new = fn(tensor, SiteCall(site, point, module, args, kwargs))
+            call = SiteCall(site, point, module, args, kwargs)
+            new = _site(fn, payload, call, on_error, pattern if recompute else None)
             if new is not None:
                 payload, changed = replace(point, payload, new), True
         return payload if changed else None

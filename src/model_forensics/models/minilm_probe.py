@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from model_forensics.models.loading import LoadedModel, ModelRef, _tag, load
+from model_forensics.models.local import load_local
+from model_forensics.models.reference import LoadedModel, ModelRef, tag_model
 
 LABELS = ("negative", "positive")
 PROBE_PATH = Path(__file__).resolve().parents[1] / "scenarios" / "data" / "minilm_probe.safetensors"
@@ -79,11 +80,11 @@ def load_minilm_sentiment(probe_path: Path | str = PROBE_PATH) -> LoadedModel:
     """
     from safetensors.torch import load_file
 
-    base = load("minilm")
+    base = load_local("minilm")
     model = MiniLMSentiment(base.model)
     state = load_file(str(probe_path))
     model.classifier.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
     model.eval()
     ref = ModelRef(name="minilm-sentiment", source="local", reference="minilm-sentiment")
-    _tag(model, ref)
+    tag_model(model, ref)
     return LoadedModel(model, base.tokenizer, ref)

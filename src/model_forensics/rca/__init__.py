@@ -3,6 +3,7 @@
 from model_forensics.rca.attribution import Ranking, UnitScore, attribution_ranking
 from model_forensics.rca.cca import CausalCCA, FixMember, FixSet
 from model_forensics.rca.compression import Anomaly, AnomalyReport, CompressionForensics
+from model_forensics.rca.notes import Note
 from model_forensics.rca.side_effects import SideEffects
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "CompressionForensics",
     "FixMember",
     "FixSet",
+    "Note",
     "Ranking",
     "SideEffects",
     "UnitScore",

@@ -18,18 +18,21 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from model_forensics.core.errors import ForensicsError
 from model_forensics.core.predicates import Predicate
-from model_forensics.models.adapters import HookPoint, read
+from model_forensics.core.records import fields_json
+from model_forensics.models.hooks import SiteCall, hooks, logits_of
+from model_forensics.models.inputs import ModelInputs
 from model_forensics.rca.runs import Inputs, capture
+from model_forensics.replay import Intervention, Session
 
-LEVELS = ("site", "head", "neuron")
+Metric = Callable[[torch.Tensor], torch.Tensor]  # logits (1, T, V) or (1, C) → the failure metric m (scalar)
 
 
 @dataclass
@@ -59,16 +62,10 @@ class Ranking:
         return next((u.score for u in self.units if u.unit == unit), 0.0)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "variants_used": self.variants_used,
-            "forward_passes": self.forward_passes,
-            "backward_passes": self.backward_passes,
-            "notes": self.notes,
-            "units": [u.to_json() for u in self.units],
-        }
+        return fields_json(self, units=[u.to_json() for u in self.units])
 
 
-def attribution_ranking(session: Any, inputs: list[Inputs] | None = None, max_variants: int = 16) -> Ranking:
+def attribution_ranking(session: Session, inputs: list[Inputs] | None = None, max_variants: int = 16) -> Ranking:
     """Rank every site, head and neuron of ``session``'s model for the incident's failure.
 
     Args:
@@ -93,7 +90,6 @@ def attribution_ranking(session: Any, inputs: list[Inputs] | None = None, max_va
             continue
         ids, metric = prepared
         grads, acts = _grad_pass(session, ids, sites, metric)
-        session.forward_passes += 1
         backward += 1
         used += 1
         for site in sites:
@@ -124,7 +120,7 @@ def _kind(site: str) -> str:
     return site.split(".", 2)[-1] if site.startswith("blocks.") else site
 
 
-def _baseline_means(session: Any, sites: list[str]) -> dict[str, torch.Tensor]:
+def _baseline_means(session: Session, sites: list[str]) -> dict[str, torch.Tensor]:
     """Per site, the mean over baseline runs and positions (the ``mean`` ablation value)."""
     refs = list(session.baselines) or list(session.benign())
     if not refs:
@@ -140,18 +136,20 @@ def _baseline_means(session: Any, sites: list[str]) -> dict[str, torch.Tensor]:
     return {site: s / count for site, s in sums.items()}
 
 
-def _teacher_forced(session: Any, batch: Inputs) -> tuple[torch.Tensor, Any] | None:
+def _teacher_forced(session: Session, batch: Inputs) -> tuple[torch.Tensor, Metric] | None:
     """The ids to run with gradients and the failure metric on their logits, or None if
     the model does not fail on ``batch``."""
-    predicate: Predicate = session.predicate
+    predicate = session.predicate
+    assert predicate is not None  # callers check
     result = session.run(inputs=batch)
     if not result.failed:
         return None
-    prompt = batch["input_ids"]
+    prompt = batch["input_ids"]  # (1, T)
     if session.mode == "generate":
-        full = result.outputs["generated_ids"].reshape(1, -1)
-        span = _target_span(session, full[0, prompt.shape[1] :], predicate)
-        start, end = prompt.shape[1] + span[0], prompt.shape[1] + span[1]
+        length = ModelInputs.of(batch).length
+        full = result.outputs["generated_ids"].reshape(1, -1)  # (1, T + new)
+        span = _target_span(session, full[0, length:], predicate)
+        start, end = length + span[0], length + span[1]
         ids = full[:, :end]
         targets = full[0, start:end]
 
@@ -163,7 +161,7 @@ def _teacher_forced(session: Any, batch: Inputs) -> tuple[torch.Tensor, Any] | N
     return prompt, _logit_metric(predicate, result.prediction)
 
 
-def _target_span(session: Any, generated: torch.Tensor, predicate: Predicate) -> tuple[int, int]:
+def _target_span(session: Session, generated: torch.Tensor, predicate: Predicate) -> tuple[int, int]:
     """Token span [start, end) of the generated ids whose text first satisfies the predicate."""
     tok = session.tokenizer
     if predicate.kind not in ("contains", "regex"):
@@ -179,7 +177,7 @@ def _target_span(session: Any, generated: torch.Tensor, predicate: Predicate) ->
     return start, end
 
 
-def _logit_metric(predicate: Predicate, prediction: int) -> Any:
+def _logit_metric(predicate: Predicate, prediction: int) -> Metric:
     def metric(logits: torch.Tensor) -> torch.Tensor:
         scores = logits[0, -1] if logits.dim() == 3 else logits[0]
         if predicate.kind == "class_is":
@@ -196,59 +194,35 @@ def _logit_metric(predicate: Predicate, prediction: int) -> Any:
 
 
 def _grad_pass(
-    session: Any, ids: torch.Tensor, sites: list[str], metric: Any
+    session: Session, ids: torch.Tensor, sites: list[str], metric: Metric
 ) -> tuple[dict[str, torch.Tensor | None], dict[str, torch.Tensor]]:
     """One forward + backward: every site's activation (T, …) and ∂metric/∂activation."""
-    adapter = session.adapter
     kept: dict[str, torch.Tensor] = {}
-    handles = []
-    by_module: dict[str, list[tuple[str, Any]]] = defaultdict(list)
-    for site in sites:
-        point = adapter.point(site)
-        by_module[point.module].append((site, point))
-    for name, entries in by_module.items():
-        module: nn.Module = adapter.modules[name]
-        outs = [(s, p) for s, p in entries if p.io == "output"]
-        ins = [(s, p) for s, p in entries if p.io == "input"]
-        if outs:
-            handles.append(module.register_forward_hook(_keeper(outs, kept, output=True)))
-        if ins:
-            handles.append(module.register_forward_pre_hook(_keeper(ins, kept, output=False)))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    try:
-        with session.environment(), torch.enable_grad():
-            out = session.model(**batch)
-            logits = out.logits if hasattr(out, "logits") else out[0]
-            value = metric(logits)
-            grads = torch.autograd.grad(value, [kept[s] for s in sites], allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
-    # Gradients are taken w.r.t. the tensors the model really used, then cut like the site.
-    points = {s: adapter.point(s) for s in sites}
+
+    def keep(tensor: torch.Tensor, call: SiteCall) -> torch.Tensor:
+        # Handing the same tensor back makes the model compute on it (a view such as the
+        # per-head split of z is folded back in), so the gradient w.r.t. it is ∂m/∂site.
+        kept[call.site] = tensor
+        return tensor
+
+    with session.environment(), torch.enable_grad(), hooks(session.adapter, dict.fromkeys(sites, keep)):
+        logits = _logits(session.model(**ModelInputs.of_ids(ids)))
+        grads = torch.autograd.grad(metric(logits), [kept[s] for s in sites], allow_unused=True)
     return (
-        {s: (None if g is None else _cut(points[s], g.detach())[0]) for s, g in zip(sites, grads, strict=True)},
-        {s: _cut(points[s], kept[s].detach())[0] for s in sites},
+        {s: (None if g is None else g.detach()[0]) for s, g in zip(sites, grads, strict=True)},
+        {s: kept[s].detach()[0] for s in sites},
     )
 
 
-def _cut(point: Any, tensor: torch.Tensor) -> torch.Tensor:
-    return read(HookPoint(point.module, point.io, None, point.span, point.heads), tensor)  # type: ignore[return-value]
-
-
-def _keeper(entries: list[tuple[str, Any]], kept: dict[str, torch.Tensor], output: bool) -> Any:
-    def hook(module: nn.Module, args: Any, out: Any = None) -> None:
-        payload = out if output else args
-        for site, point in entries:
-            raw = payload[point.index or 0] if isinstance(payload, tuple | list) else payload
-            if isinstance(raw, torch.Tensor):
-                kept[site] = raw
-
-    return hook
+def _logits(output: Any) -> torch.Tensor:
+    logits = logits_of(output)
+    if logits is None:
+        raise ForensicsError(f"the model returned no logits ({type(output).__name__}); attribution needs scores")
+    return logits
 
 
 def exact_effects(
-    session: Any, units: list[str], kind: str, max_variants: int = 4, chunk: int = 32
+    session: Session, units: list[str], kind: str, max_variants: int = 4, chunk: int = 32
 ) -> dict[str, float]:
     """Exact activation patching: how much ablating each unit *alone* lowers the failure
     metric m (teacher-forced on each failing variant's recorded continuation), averaged
@@ -256,8 +230,6 @@ def exact_effects(
 
     Each chunk of units runs as one batched forward pass (one row per unit).
     """
-    from model_forensics.replay.interventions import Intervention
-
     totals = dict.fromkeys(units, 0.0)
     used = 0
     session.prepare_sets([[Intervention(u, kind) for u in units]])  # every baseline site in one pass per input
@@ -266,11 +238,9 @@ def exact_effects(
         if prepared is None:
             continue
         ids, metric = prepared
-        forced = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        forced = ModelInputs.of_ids(ids)
         with session.environment(), torch.no_grad():
-            out = session.model(**forced)
-            clean = float(metric(out.logits if hasattr(out, "logits") else out[0]))
-        session.forward_passes += 1
+            clean = float(metric(_logits(session.model(**forced))))
         for lo in range(0, len(units), chunk):
             part = units[lo : lo + chunk]
             logits = session.forced(forced, session.prepare_sets([[Intervention(u, kind)] for u in part], forced))

@@ -28,8 +28,12 @@ import numpy as np
 import torch
 
 from model_forensics.core.config import CFConfig, ForensicsConfig, load_config
+from model_forensics.core.records import fields_json
 from model_forensics.rca.features import FEATURES, features
+from model_forensics.rca.notes import Note
 from model_forensics.rca.runs import baseline_inputs, capture
+from model_forensics.rca.settings import overridden
+from model_forensics.replay import Session
 
 _UNIT_KINDS = ("attn", "mlp", "resid_post")
 
@@ -58,7 +62,7 @@ class AnomalyReport(Sequence[Anomaly]):
     nominal_rate_per_feature: float
     nominal_rate_max: float
     forward_passes: int
-    notes: list[str] = field(default_factory=list)
+    note_records: list[Note] = field(default_factory=list)  # calibration caveats; ``notes`` renders them
 
     def __getitem__(self, i: Any) -> Any:
         return self.anomalies[i]
@@ -70,6 +74,10 @@ class AnomalyReport(Sequence[Anomaly]):
         return iter(self.anomalies)
 
     @property
+    def notes(self) -> list[str]:
+        return [str(note) for note in self.note_records]
+
+    @property
     def flagged(self) -> list[Anomaly]:
         return [a for a in self.anomalies if a.flagged]
 
@@ -78,26 +86,31 @@ class AnomalyReport(Sequence[Anomaly]):
         return next((a.score for a in self.anomalies if a.site == site), 0.0)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "threshold": self.threshold,
-            "baseline_size": self.baseline_size,
-            "false_positive_rate": self.false_positive_rate,
-            "nominal_rate_per_feature": self.nominal_rate_per_feature,
-            "nominal_rate_max": self.nominal_rate_max,
-            "forward_passes": self.forward_passes,
-            "notes": self.notes,
-            "anomalies": [a.to_json() for a in self.anomalies],
-        }
+        return fields_json(
+            self,
+            notes=self.notes,
+            note_records=[note.to_json() for note in self.note_records],
+            anomalies=[a.to_json() for a in self.anomalies],
+        )
 
 
 class CompressionForensics:
-    """CF over a replay session. ``config``: YAML path / ForensicsConfig / None (defaults)."""
+    """CF over a replay session.
 
-    def __init__(self, config: str | Path | ForensicsConfig | None = None, *, heads: bool = True):
-        self.config: CFConfig = load_config(config).modules.cf
-        self.heads = heads
+    Args:
+        config: YAML path / ForensicsConfig / mapping / None (the defaults); the knobs are
+            ``modules.cf``.
+        heads: overrides ``modules.cf.heads`` (score every head's slice of z as well).
+    """
 
-    def analyze(self, session: Any, baseline: Sequence[str | Path] = ()) -> AnomalyReport:
+    def __init__(
+        self, config: str | Path | ForensicsConfig | dict[str, Any] | None = None, *, heads: bool | None = None
+    ):
+        self.config: CFConfig = overridden(
+            load_config(config).modules.cf, "the CompressionForensics(...) keywords", heads=heads
+        )
+
+    def analyze(self, session: Session, baseline: Sequence[str | Path] = ()) -> AnomalyReport:
         """Score every site (and head) of the incident against the benign baseline.
 
         Args:
@@ -107,24 +120,21 @@ class CompressionForensics:
         """
         before = session.forward_passes
         refs = baseline_inputs(session, baseline, limit=self.config.baseline_samples)
-        incident = unit_features(capture(session, session.inputs, "layer", ["blocks.*.attn.z"]), self.heads)
-        reference = [unit_features(capture(session, batch, "layer", ["blocks.*.attn.z"]), self.heads) for batch in refs]
+        heads = self.config.heads
+        incident = unit_features(capture(session, session.inputs, "layer", ["blocks.*.attn.z"]), heads)
+        reference = [unit_features(capture(session, batch, "layer", ["blocks.*.attn.z"]), heads) for batch in refs]
         units = [u for u in incident if all(u in r for r in reference)]
         alpha = math.erfc(self.config.anomaly_threshold / math.sqrt(2))
         anomalies = [self._score(u, incident[u], [r[u] for r in reference], alpha) for u in units]
         anomalies.sort(key=lambda a: -a.score)
-        notes = []
+        notes: list[Note] = []
+        needed = math.ceil(1 / alpha) - 1
         if len(reference) + 1 < 1 / alpha:
-            notes.append(
-                f"{len(reference)} baseline runs: the smallest possible p-value is {1 / (len(reference) + 1):.3f} > "
-                f"α = {alpha:.4f}, so nothing can be flagged; give at least {math.ceil(1 / alpha) - 1} benign runs"
-            )
+            numbers = {"baselines": len(reference), "min_p_value": 1 / (len(reference) + 1), "alpha": alpha}
+            notes.append(Note("too_few_baselines", {**numbers, "needed": needed}))
         fpr = _held_out_fpr(reference, units, self.config.anomaly_threshold, alpha)
         if fpr is None:
-            notes.append(
-                f"false-positive rate not measured: each half of the {len(reference)} baseline runs needs at least "
-                f"{math.ceil(1 / alpha) - 1} runs for a unit to be flaggable"
-            )
+            notes.append(Note("false_positive_rate_not_measured", {"baselines": len(reference), "needed": needed}))
         return AnomalyReport(
             anomalies=anomalies,
             threshold=self.config.anomaly_threshold,
@@ -133,7 +143,7 @@ class CompressionForensics:
             nominal_rate_per_feature=alpha,
             nominal_rate_max=alpha,
             forward_passes=session.forward_passes - before,
-            notes=notes,
+            note_records=notes,
         )
 
     def _score(self, unit: str, value: dict[str, float], reference: list[dict[str, float]], alpha: float) -> Anomaly:

@@ -57,12 +57,3 @@ def features(x: torch.Tensor) -> dict[str, float]:
         "spectral_entropy": spectral_entropy(x),
         "topk_energy": topk_energy(x),
     }
-
-
-def robust_z(value: float, reference: torch.Tensor) -> float:
-    """(value − median) / (1.4826 · MAD) of a reference sample; a floor on the MAD keeps
-    constant references from producing infinite scores."""
-    med = float(reference.median())
-    mad = float((reference - med).abs().median()) * 1.4826
-    floor = 1e-6 + 1e-3 * abs(med)
-    return (value - med) / max(mad, floor)

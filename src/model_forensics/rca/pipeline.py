@@ -20,6 +20,7 @@ from typing import Any
 
 from model_forensics.core.bundle import MANIFEST
 from model_forensics.core.errors import ForensicsError
+from model_forensics.core.records import fields_json
 
 
 @dataclass
@@ -32,14 +33,7 @@ class Analysis:
     seconds: float
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "bundle": self.bundle,
-            "anomalies": self.anomalies,
-            "ranking": self.ranking,
-            "fix_set": self.fix_set,
-            "forward_passes": self.forward_passes,
-            "seconds": self.seconds,
-        }
+        return fields_json(self)
 
 
 def analyze_bundle(
@@ -50,12 +44,14 @@ def analyze_bundle(
     config: str | Path | None = None,
     search: bool = True,
     strategy: str | None = None,
-    directions: str = "auto",
-    gating: str = "auto",
+    directions: str | None = None,
+    gating: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Analysis:
     """Full root-cause analysis of one bundle (``search=False``: triage only, no CCA;
-    ``directions``, ``gating``: see :class:`~model_forensics.rca.cca.CausalCCA`)."""
+    ``strategy``, ``directions``, ``gating``: override the config's ``modules.cca`` values,
+    see :class:`~model_forensics.rca.cca.CausalCCA`)."""
+    from model_forensics.core.config import load_config
     from model_forensics.rca.attribution import attribution_ranking
     from model_forensics.rca.cca import CausalCCA
     from model_forensics.rca.compression import CompressionForensics
@@ -63,16 +59,17 @@ def analyze_bundle(
 
     say = progress or (lambda _msg: None)
     # bad options fail before any work
-    cca = CausalCCA(config, search_strategy=strategy, directions=directions, gating=gating)
+    settings = load_config(config)
+    cca = CausalCCA(settings, search_strategy=strategy, directions=directions, gating=gating)
     start = time.perf_counter()
     say("replaying and verifying")
-    session = SandboxReplayer(config).load_bundle(path, model=model)
+    session = SandboxReplayer(settings).load_bundle(path, model=model)
     if session.predicate is None:
         raise ForensicsError(f"bundle '{path}' has no failure predicate; there is nothing to analyse")
     if not session.recorded_failed:
         raise NothingToFix(f"bundle '{path}': the predicate does not hold on the recorded output; nothing to fix")
     say("compression forensics")
-    anomalies = CompressionForensics(config).analyze(session, baseline=baseline)
+    anomalies = CompressionForensics(settings).analyze(session, baseline=baseline)
     say("attribution ranking")
     ranking = attribution_ranking(session)
     fix = None
@@ -117,13 +114,7 @@ class BatchReport:
     backend: str = "process-pool"
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "backend": self.backend,
-            "seconds": self.seconds,
-            "results": self.results,
-            "skipped": self.skipped,
-            "groups": self.groups,
-        }
+        return fields_json(self)
 
 
 def _work(job: tuple[str, str | None, str | None, bool]) -> dict[str, Any]:

@@ -1,22 +1,25 @@
-"""Running a replay session's model on inputs while capturing sites (for CF and ranking)."""
+"""Running a replay session's model: capturing sites (for CF, ranking, gates and directions),
+the benign reference set, the incident's failing variants and which of them a set of
+interventions flips."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from model_forensics.core.bundle import Bundle
 from model_forensics.core.errors import BundleError, ForensicsError
+from model_forensics.models.inputs import GENERATE_KEYS
 from model_forensics.recorder.hooks import RecorderHooks
+from model_forensics.replay import Intervention, Session
 
 Inputs = dict[str, torch.Tensor]
 
 
 def capture(
-    session: Any, batch: Inputs, granularity: str = "head", sites: list[str] | None = None
+    session: Session, batch: Inputs, granularity: str = "head", sites: list[str] | None = None
 ) -> dict[str, torch.Tensor]:
     """Every site of ``granularity`` for one input, batch dim dropped: (T, …) per site.
 
@@ -26,18 +29,17 @@ def capture(
     recorder = RecorderHooks(granularity=granularity, sites=sites, sketch="full", max_bundle_size_mb=1e9)
     with session.environment(), recorder.install_hooks(session.model), torch.no_grad():
         session.model(**batch)
-    session.forward_passes += 1
     return {site: t[0] for site, t in recorder.recorded().items() if site != "final"}
 
 
-def baseline_inputs(session: Any, bundles: Sequence[str | Path] = (), limit: int | None = None) -> list[Inputs]:
+def baseline_inputs(session: Session, bundles: Sequence[str | Path] = (), limit: int | None = None) -> list[Inputs]:
     """The benign reference set: the session's benign prompts and clean baselines, plus the
     inputs of any baseline bundles (which must come from the same model).
 
     Raises:
         BundleError: a baseline bundle was recorded with other weights.
     """
-    found = list(session.benign()) + list(session.baselines)
+    found: list[Inputs] = [*session.benign(), *session.baselines]
     mine = session.manifest["model"]["weights_sha256"]
     for path in bundles:
         other = Bundle.open(path)
@@ -48,14 +50,43 @@ def baseline_inputs(session: Any, bundles: Sequence[str | Path] = (), limit: int
                 f"(weights {theirs[:12]}…), the incident with {session.manifest['model']['name']} ({mine[:12]}…); "
                 "record the baseline with the incident's model"
             )
-        found.append(
-            session.encode(
-                {k: v for k, v in other.inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-            )
-        )
+        found.append(session.encode({k: v for k, v in other.inputs.items() if k in GENERATE_KEYS}))
     if not found:
         raise ForensicsError(
             "no benign baseline: the bundle carries no extras.benign / extras.baseline prompts and no --baseline "
             "bundle was given; record baselines (model-forensics scenarios run, or record clean prompts) and pass them"
         )
     return found[:limit] if limit else found
+
+
+def failing_variants(session: Session) -> list[Inputs]:
+    """The incident's variants on which the model fails (the incident first), one clean run each.
+
+    Raises:
+        ForensicsError: the bundle has no predicate, or nothing fails (nothing to fix).
+    """
+    if session.predicate is None:
+        raise ForensicsError(
+            "the bundle has no failure predicate, so there is nothing to fix; record one with --predicate"
+        )
+    failing: list[Inputs] = [v for v in session.variants() if session.sweep([[]], inputs=v)[0].failed]
+    if not failing:
+        raise ForensicsError("the model does not fail on this incident (the predicate does not hold): nothing to fix")
+    return failing
+
+
+def flip_table(
+    session: Session, variants: Sequence[Inputs], sets: Sequence[Sequence[Intervention]]
+) -> list[list[bool]]:
+    """flips[set][variant]: whether each intervention set removes the failure on each
+    variant, from one batched sweep per variant."""
+    flips: list[list[bool]] = [[] for _ in sets]
+    for batch in variants:
+        for i, result in enumerate(session.sweep(sets, inputs=batch)):
+            flips[i].append(not result.failed)
+    return flips
+
+
+def flip_rate(flips: Sequence[bool]) -> float:
+    """The fraction of variants flipped."""
+    return sum(flips) / len(flips)

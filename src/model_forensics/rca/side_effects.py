@@ -19,7 +19,10 @@ from typing import Any
 
 import torch
 
-from model_forensics.replay.interventions import Intervention
+from model_forensics.core.metrics import kl_divergence
+from model_forensics.core.records import fields_json
+from model_forensics.models.inputs import ModelInputs
+from model_forensics.replay import Intervention, RunResult, Session
 
 
 @dataclass
@@ -42,28 +45,10 @@ class SideEffects:
         return self.mean_kl <= self.bound
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "mean_kl": self.mean_kl,
-            "max_kl": self.max_kl,
-            "predicate_changed": self.predicate_changed,
-            "accuracy_clean": self.accuracy_clean,
-            "accuracy_fixed": self.accuracy_fixed,
-            "accuracy_drop": self.accuracy_drop,
-            "n_benign": self.n_benign,
-            "bound": self.bound,
-            "within_bound": self.within_bound,
-            "first_step_kl": self.first_step_kl,
-        }
+        return fields_json(self, accuracy_drop=self.accuracy_drop, within_bound=self.within_bound)
 
 
-def kl_divergence(clean: torch.Tensor, fixed: torch.Tensor) -> float:
-    """KL(softmax(clean) ‖ softmax(fixed)) in nats for two score vectors (V,)."""
-    p = clean.float().log_softmax(-1)
-    q = fixed.float().log_softmax(-1)
-    return float((p.exp() * (p - q)).sum())
-
-
-def benign_kls(session: Any, sets: Sequence[Sequence[Intervention]]) -> list[list[float]]:
+def benign_kls(session: Session, sets: Sequence[Sequence[Intervention]]) -> list[list[float]]:
     """KL of each intervention set on each benign prompt: [set][benign] (one sweep per prompt)."""
     out: list[list[float]] = [[] for _ in sets]
     for batch in session.benign():
@@ -71,12 +56,12 @@ def benign_kls(session: Any, sets: Sequence[Sequence[Intervention]]) -> list[lis
             results = session.sweep([[], *sets], inputs=batch)
         clean = _first_step(results[0])
         for i in range(len(sets)):
-            out[i].append(kl_divergence(clean, _first_step(results[i + 1])))
+            out[i].append(float(kl_divergence(clean, _first_step(results[i + 1]))))
     return out
 
 
 def measure(
-    session: Any, fix: Sequence[Intervention], bound: float, benign: Sequence[Any] | None = None
+    session: Session, fix: Sequence[Intervention], bound: float, benign: Sequence[Any] | None = None
 ) -> SideEffects:
     """Side effects of ``fix`` on the session's benign set, or on ``benign`` (entries as in a
     bundle's ``extras.benign``: a prompt, or ``{"prompt": …, "expected": …}``), e.g. prompts
@@ -86,7 +71,7 @@ def measure(
     benign = [session.encode(entry) for entry in entries]
     for entry, batch in zip(entries, benign, strict=False):
         clean, fixed = session.sweep([[], list(fix)], inputs=batch)
-        first.append(kl_divergence(_first_step(clean), _first_step(fixed)))
+        first.append(float(kl_divergence(_first_step(clean), _first_step(fixed))))
         sequence = clean.outputs.get("generated_ids")
         kls.append(first[-1] if sequence is None else _answer_kl(session, fix, batch, sequence))
         changed += clean.failed != fixed.failed
@@ -106,27 +91,28 @@ def measure(
     )
 
 
-def _answer_kl(session: Any, fix: Sequence[Intervention], batch: Any, sequence: torch.Tensor) -> float:
+def _answer_kl(
+    session: Session, fix: Sequence[Intervention], batch: dict[str, torch.Tensor], sequence: torch.Tensor
+) -> float:
     """Mean KL(clean ‖ fixed) over the steps of the clean answer ``sequence`` (prompt +
     generated ids), teacher-forced: one forward pass of two rows (clean, fixed)."""
-    prompt_len = int(batch["input_ids"].shape[1])
-    ids = sequence.reshape(1, -1)[:, :-1]
+    prompt_len = ModelInputs.of(batch).length
+    ids = sequence.reshape(1, -1)[:, :-1]  # (1, T_prompt + S − 1): the answer's last token predicts nothing
     if ids.shape[1] < prompt_len:
         return 0.0
-    forced = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    logits = session.forced(forced, [[], session.prepare(list(fix), forced)], prompt_len)[:, prompt_len - 1 :].float()
-    p, q = logits[0].log_softmax(-1), logits[1].log_softmax(-1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
+    forced = ModelInputs.of_ids(ids)
+    logits = session.forced(forced, [[], session.prepare(list(fix), forced)], prompt_len)  # (2, T, V)
+    return float(kl_divergence(logits[0, prompt_len - 1 :], logits[1, prompt_len - 1 :]).mean())
 
 
-def _first_step(result: Any) -> torch.Tensor:
+def _first_step(result: RunResult) -> torch.Tensor:
     steps = result.outputs.get("logits")
     if steps is not None and steps.dim() == 2:
         return steps[0]
-    return result.logits  # type: ignore[no-any-return]
+    return result.logits
 
 
-def _correct(result: Any, expected: Any, clean: Any) -> bool:
+def _correct(result: RunResult, expected: Any, clean: RunResult) -> bool:
     if expected is None:
         return bool(result.prediction == clean.prediction and result.text == clean.text)
     if isinstance(expected, int):

@@ -16,7 +16,6 @@ from typing import Any
 
 import jsonschema
 import torch
-from torch import nn
 
 from model_forensics.core.bundle import load_schema
 from model_forensics.core.provenance import git_commit, package_versions
@@ -127,38 +126,3 @@ def cube_from_sites(
             )
         )
     return ActivityCube(model_name=model_name, input_shape=input_shape, tokens=tokens, layers=layers)
-
-
-class Tracer:
-    """What :func:`add_hooks_all` returns: records every layer; ``.cube()`` builds the cube."""
-
-    def __init__(self, model: nn.Module, tokenizer: Any = None, granularity: str = "layer"):
-        from model_forensics.recorder.hooks import RecorderHooks
-
-        self.recorder = RecorderHooks(granularity=granularity, sketch="full", max_bundle_size_mb=1e6)
-        self.recorder.install_hooks(model, tokenizer)
-
-    def cube(self, model_name: str | None = None) -> ActivityCube:
-        return self.recorder.cube(model_name)
-
-    def remove(self) -> None:
-        self.recorder.remove_hooks()
-
-    def __enter__(self) -> Tracer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-
-def add_hooks_all(model: nn.Module, tokenizer: Any = None) -> Tracer:
-    """Instrument every transformer layer of ``model`` (mr-recon-tracer's entry point).
-
-    Example::
-
-        tracer = add_hooks_all(model, tokenizer)
-        model(**inputs)
-        tracer.cube().save("cube.json")
-        tracer.remove()
-    """
-    return Tracer(model, tokenizer)

@@ -25,14 +25,13 @@ import contextlib
 import datetime as dt
 import warnings
 from collections import defaultdict
-from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import ValidationError
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from model_forensics.core import sketches
 from model_forensics.core.bundle import FORMAT_NAME, FORMAT_VERSION, BundleContents, write_bundle
@@ -41,7 +40,8 @@ from model_forensics.core.errors import ConfigError, ForensicsError, SiteError
 from model_forensics.core.predicates import Predicate
 from model_forensics.core.provenance import collect_provenance
 from model_forensics.core.sites import match_sites, parse_selector, site_order, site_priority
-from model_forensics.models.adapters import Adapter, HookPoint, adapter_for, read
+from model_forensics.models.adapters import Adapter, adapter_for
+from model_forensics.models.hooks import SiteCall, SiteFn, hooks, logits_of
 from model_forensics.models.loading import model_ref, weights_sha256
 from model_forensics.recorder.calls import CallLog, CallRecorder
 from model_forensics.recorder.cube import ActivityCube, cube_from_sites
@@ -93,7 +93,7 @@ class RecorderHooks:
         self.tokenizer: Any = None
         self.calls = CallLog()
         self.dropped: list[str] = []
-        self._handles: list[RemovableHandle] = []
+        self._installed = ExitStack()
         self._targets: list[str] = []
         self._recomputed: set[str] = set()
         self._weights_hash: tuple[tuple[Any, ...], str] | None = None
@@ -113,27 +113,24 @@ class RecorderHooks:
         self.model, self.tokenizer = model, tokenizer
         self.adapter = adapter_for(model)
         self._targets = self._resolve_targets(self.adapter)
-        by_module: dict[str, list[tuple[str, HookPoint]]] = defaultdict(list)
-        for site in self._targets if self.config.enabled else []:
-            point = self.adapter.point(site)
-            by_module[point.module].append((site, point))
-        for module_name, entries in by_module.items():
-            module = self.adapter.modules[module_name]
-            outputs = [(s, p) for s, p in entries if p.io == "output"]
-            inputs = [(s, p) for s, p in entries if p.io == "input"]
-            if outputs:
-                self._handles.append(module.register_forward_hook(self._output_hook(outputs), with_kwargs=True))
-            if inputs:
-                self._handles.append(module.register_forward_pre_hook(self._input_hook(inputs), with_kwargs=True))
-        self._handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
-        self._handles.append(model.register_forward_hook(self._root_hook, with_kwargs=True))
+        sites = {site: self._reader(site) for site in self._targets} if self.config.enabled else {}
+        installed = ExitStack()
+        installed.enter_context(
+            hooks(
+                self.adapter,
+                sites,
+                before={"": self._root_pre_hook},
+                after={"": self._root_hook},
+                recompute_patterns=True,
+                on_error=self._fail,
+            )
+        )
+        self._installed = installed
         return self
 
     def remove_hooks(self) -> None:
         """Remove every hook this recorder added."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._installed.close()
 
     def __enter__(self) -> RecorderHooks:
         return self
@@ -171,42 +168,18 @@ class RecorderHooks:
         return CallRecorder(self.calls, name)
 
     # -- hooks -----------------------------------------------------------------------------
-    def _output_hook(self, entries: list[tuple[str, HookPoint]]) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            for site, point in entries:
-                self._capture(site, self._read_output, site, point, module, args, kwargs, output)
+    def _reader(self, site: str) -> SiteFn:
+        """The site function that keeps ``site``'s tensor; what it raises goes to :meth:`_fail`
+        (through ``on_error``) and never reaches the model."""
 
-        return hook
+        def take(tensor: torch.Tensor, call: SiteCall) -> None:
+            if site in self._failed or self._void():
+                return
+            if call.recomputed:
+                self._recomputed.add(site)
+            self._keep(site, tensor)
 
-    def _read_output(
-        self, site: str, point: HookPoint, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
-    ) -> torch.Tensor | None:
-        tensor = read(point, output)
-        if tensor is None and point.pattern:
-            assert self.adapter is not None
-            tensor = self.adapter.recompute_pattern(module, args, kwargs)
-            self._recomputed.add(site)
-        return tensor
-
-    def _input_hook(self, entries: list[tuple[str, HookPoint]]) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            payload = args if args else (kwargs.get("hidden_states"),)
-            for site, point in entries:
-                self._capture(site, read, point, payload)
-
-        return hook
-
-    def _capture(self, site: str, take: Callable[..., torch.Tensor | None], *args: Any) -> None:
-        """Keep what ``take(*args)`` reads for ``site``. An exception stops recording the
-        site and never reaches the model."""
-        if site in self._failed or self._void():
-            return
-        try:
-            tensor = take(*args)
-            if tensor is not None:
-                self._keep(site, tensor)
-        except Exception as exc:
-            self._fail(site, exc)
+        return take
 
     def _keep(self, site: str, tensor: torch.Tensor) -> None:
         if site in self.dropped:
@@ -297,11 +270,7 @@ class RecorderHooks:
             self._fail(_OUTPUT_HOOK, exc)
 
     def _take_logits(self, output: Any) -> None:
-        logits = getattr(output, "logits", None)
-        if logits is None and isinstance(output, torch.Tensor):
-            logits = output
-        if logits is None and isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-            logits = output[0]
+        logits = logits_of(output)
         if isinstance(logits, torch.Tensor):
             self._logits.append(logits.detach().clone())
 

@@ -43,15 +43,15 @@ import re
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
-from torch import nn
 
 from model_forensics.core.errors import ForensicsError, SiteError
 from model_forensics.core.sites import block_index, parse_selector, unknown_site_message
-from model_forensics.models.adapters import Adapter, HookPoint, read, replace
+from model_forensics.models.adapters import Adapter, HookPoint
+from model_forensics.models.hooks import SiteCall, hooks
 
 KINDS = ("zero", "mean", "resample", "patch", "noise", "scale", "steer", "clamp")
 ALIGNS = ("position", "last")
@@ -560,19 +560,14 @@ def _align(prepared: Prepared, pos: torch.Tensor, clock: Clock) -> tuple[torch.T
 Rows = Sequence[Sequence[Prepared]]
 
 
-@dataclass
-class _ModuleHooks:
-    outputs: list[tuple[str, HookPoint]] = field(default_factory=list)
-    inputs: list[tuple[str, HookPoint]] = field(default_factory=list)
-
-
 @contextmanager
 def intervening(adapter: Adapter, rows: Rows, clock: Clock) -> Iterator[None]:
-    """Install hooks that apply ``rows[i]`` to batch row ``i`` of every forward call.
+    """Apply ``rows[i]`` to batch row ``i`` of every forward call inside the block.
 
-    Rows beyond ``len(rows)`` (and rows with no interventions) run clean. Each hooked
-    tensor is cloned once per call, never modified in place, and every hook is removed on
-    exit, even on errors.
+    Rows beyond ``len(rows)`` (and rows with no interventions) run clean. One site function
+    per site first decides the gates read there, then edits the rows: the site's tensor is
+    cloned once per call, never modified in place. Every hook is removed on exit, even on
+    errors.
     """
     by_site: dict[str, list[tuple[int, Prepared]]] = defaultdict(list)
     gates: dict[str, set[tuple[int, Gate]]] = defaultdict(set)  # gate site → (row, gate)
@@ -585,11 +580,6 @@ def intervening(adapter: Adapter, rows: Rows, clock: Clock) -> Iterator[None]:
         if site not in adapter.points:
             raise SiteError(f"gate site {unknown_site_message(site, adapter.sites())[len('site ') :]}")
     opened: dict[tuple[int, Gate], bool] = {}  # decided once per run, on the pass that holds the prompt
-    modules: dict[str, _ModuleHooks] = defaultdict(_ModuleHooks)
-    for site in dict.fromkeys([*by_site, *gates]):
-        point = adapter.points[site]
-        hooks = modules[point.module]
-        (hooks.outputs if point.io == "output" else hooks.inputs).append((site, point))
 
     def decide(site: str, tensor: torch.Tensor) -> None:
         # The prompt pass: this call starts at position 0 and holds the whole prompt.
@@ -610,47 +600,17 @@ def intervening(adapter: Adapter, rows: Rows, clock: Clock) -> Iterator[None]:
             )
         return opened[(row, gate)]
 
-    def edit(payload: Any, entries: list[tuple[str, HookPoint]]) -> Any:
-        for site, point in entries:
-            tensor = read(point, payload)
-            if tensor is None:
-                continue
-            if site in gates:
-                decide(site, tensor)
-            if site not in by_site:
-                continue
-            new = tensor.clone()
-            for row, p in by_site[site]:
-                if row < new.shape[0] and is_open(row, p):
-                    apply_row(new[row], p, clock)
-            payload = replace(point, payload, new)
-        return payload
-
-    def output_hook(entries: list[tuple[str, HookPoint]]) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-            return edit(output, entries)
-
-        return hook
-
-    def input_hook(entries: list[tuple[str, HookPoint]]) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if args:
-                return edit(args, entries), kwargs
-            if "hidden_states" in kwargs:
-                return args, {**kwargs, "hidden_states": edit((kwargs["hidden_states"],), entries)[0]}
+    def edit(tensor: torch.Tensor, call: SiteCall) -> torch.Tensor | None:
+        # tensor: (B, T_step, *per-token shape), or (B, C) for a classifier's logits
+        if call.site in gates:
+            decide(call.site, tensor)
+        if call.site not in by_site:
             return None
+        new = tensor.clone()
+        for row, p in by_site[call.site]:
+            if row < new.shape[0] and is_open(row, p):
+                apply_row(new[row], p, clock)
+        return new
 
-        return hook
-
-    handles = []
-    try:
-        for name, hooks in modules.items():
-            module = adapter.modules[name]
-            if hooks.outputs:
-                handles.append(module.register_forward_hook(output_hook(hooks.outputs)))
-            if hooks.inputs:
-                handles.append(module.register_forward_pre_hook(input_hook(hooks.inputs), with_kwargs=True))
+    with hooks(adapter, dict.fromkeys([*by_site, *gates], edit)):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -20,17 +20,21 @@ float tolerance rather than bit for bit.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from model_forensics.core.records import fields_json
+from model_forensics.models.hooks import hooks
+from model_forensics.models.inputs import ModelInputs
 from model_forensics.replay.interventions import Clock, Intervention, Prepared, first_block, intervening
+from model_forensics.replay.results import RunResult
 
 if TYPE_CHECKING:
-    from model_forensics.replay.session import InputLike, Inputs, RunResult, Session
+    from model_forensics.replay.session import InputLike, Session
 
 # Matrix products with fewer rows than this may take a different CPU kernel (and round
 # differently) than the same rows inside a larger product; pad the last-position logits
@@ -72,13 +76,7 @@ class SweepResult(Sequence["RunResult"]):
         return sum(bool(r.flipped) for r in self.results) / max(1, len(self.results))
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "results": [r.to_json() for r in self.results],
-            "forward_passes": self.forward_passes,
-            "batches": self.batches,
-            "shared_prefix": self.shared_prefix,
-            "seconds": self.seconds,
-        }
+        return fields_json(self, results=[r.to_json() for r in self.results])
 
 
 def run_sweep(
@@ -87,6 +85,7 @@ def run_sweep(
     *,
     inputs: InputLike = None,
     share_prefix: bool = True,
+    prefixes: PrefixCache | None = None,
 ) -> SweepResult:
     """Run every intervention set of ``sets``; results equal :meth:`Session.run` on each.
 
@@ -96,6 +95,8 @@ def run_sweep(
         inputs: run on other inputs than the incident's (a prompt, ids, an input dict).
         share_prefix: reuse the clean computation of the blocks before each run's earliest
             intervention (forward incidents on decoder LMs).
+        prefixes: the clean prefixes earlier sweeps of the session captured (None: a cache
+            for this sweep alone).
     """
     start = time.perf_counter()
     before = session.forward_passes
@@ -113,7 +114,7 @@ def run_sweep(
     # Sharing costs one clean pass of one row; take it when it saves at least two rows' worth.
     saved = sum(s for s in starts.values() if s is not None) / max(1, n_layers)
     if share_prefix and session.mode == "forward" and saved >= 2:
-        prefix = _prefix_for(session, batch)
+        prefix = _prefix_for(session, PrefixCache() if prefixes is None else prefixes, batch)
         if prefix is not None:
             ladder = sorted((i for i in full if starts[i] is not None), key=lambda i: starts[i])  # type: ignore[arg-type,return-value]
             full = [i for i in full if starts[i] is None]
@@ -141,7 +142,7 @@ def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
         yield items[i : i + size]
 
 
-def rows_per_batch(session: Session, batch: Inputs) -> int:
+def rows_per_batch(session: Session, batch: Mapping[str, torch.Tensor]) -> int:
     """How many runs fit one batch under ``memory_budget_mb`` and ``max_batch_size``.
 
     Estimate per row (fp32 bytes): T · (10·d_model + 3·d_mlp + 2·n_heads·T) for hidden
@@ -150,7 +151,7 @@ def rows_per_batch(session: Session, batch: Inputs) -> int:
     """
     cfg = getattr(session.model, "config", None)
     a = session.adapter
-    tokens = int(batch["input_ids"].shape[1]) if "input_ids" in batch else 1
+    tokens = ModelInputs.of(batch).length or 1
     if session.mode == "generate":
         tokens += int(session.generation.get("max_new_tokens") or 0)
     d = a.d_model or int(getattr(cfg, "hidden_size", 1024) or 1024)
@@ -166,12 +167,17 @@ def rows_per_batch(session: Session, batch: Inputs) -> int:
 
 # -- prefix sharing --------------------------------------------------------------------------
 class _Prefix:
-    """The clean run's inputs to every block, and the tail that runs blocks ≥ l on them."""
+    """The clean run's inputs to every block, and the tail that runs blocks ≥ l on them.
 
-    def __init__(self, session: Session, blocks: list[nn.Module], final: nn.Module, head: nn.Module):
+    ``blocks`` and ``final`` are module paths: the decoder blocks in order and the final norm.
+    """
+
+    def __init__(self, session: Session, blocks: list[str], final: str, head: nn.Module):
         self.session = session
-        self.blocks = blocks
-        self.final = final
+        self.paths = blocks
+        self.blocks = [session.adapter.modules[path] for path in blocks]
+        self.final_path = final
+        self.final = session.adapter.modules[final]
         self.head = head
         self.calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         self.final_input: torch.Tensor | None = None
@@ -179,7 +185,7 @@ class _Prefix:
         self.exact = False
         self.prompt_len = 0
 
-    def capture(self, batch: Inputs) -> None:
+    def capture(self, batch: ModelInputs) -> None:
         calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
 
         def block_hook(index: int) -> Any:
@@ -188,19 +194,14 @@ class _Prefix:
 
             return hook
 
-        def final_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        def final_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             self.final_input = args[0]
 
-        handles = [b.register_forward_pre_hook(block_hook(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
-        handles.append(self.final.register_forward_pre_hook(final_hook))
+        before = {path: block_hook(i) for i, path in enumerate(self.paths)}
         s = self.session
-        try:
-            with s.environment(), s._counting():
-                # use_cache=False: the blocks are called again later and must not append to a cache.
-                out = s.model(**batch, **{**s.kwargs, "use_cache": False})
-        finally:
-            for h in handles:
-                h.remove()
+        with s.environment(), hooks(s.adapter, before={**before, self.final_path: final_hook}):
+            # use_cache=False: the blocks are called again later and must not append to a cache.
+            out = s.model(**batch, **{**s.kwargs, "use_cache": False})
         logits = getattr(out, "logits", None)
         if len(calls) != len(self.blocks) or self.final_input is None or logits is None or logits.dim() != 3:
             raise RuntimeError("the model's forward does not call its blocks once each in order")
@@ -210,11 +211,12 @@ class _Prefix:
 
     def _hidden(self, layer: int) -> torch.Tensor:
         args, kwargs = self.calls[layer]
-        return args[0] if args else kwargs["hidden_states"]  # type: ignore[no-any-return]
+        return args[0] if args else kwargs["hidden_states"]
 
     def tail(self, rows: Sequence[Sequence[Prepared]], starts: Sequence[int]) -> torch.Tensor:
         """Last-position scores (N, V) of the rows, row i entering at block ``starts[i]``
-        (sorted ascending; ``n_layers`` = only the final norm and head)."""
+        (sorted ascending; ``n_layers`` = only the final norm and head). Counts as one
+        forward pass of N rows."""
         s = self.session
         n_layers = len(self.blocks)
         clock = Clock(0, self.prompt_len)
@@ -233,7 +235,7 @@ class _Prefix:
             return new.contiguous() if current is None else torch.cat([current, new])
 
         with s.environment(), intervening(s.adapter, rows, clock):
-            s.forward_passes += 1
+            s.counter.count(len(starts))  # the blocks are called directly: the root hook does not see this pass
             for layer in range(starts[0], n_layers):
                 hidden = join(hidden, self._hidden(layer), layer)
                 assert hidden is not None
@@ -250,7 +252,7 @@ class _Prefix:
             n = last.shape[0]
             if n < GEMM_ROWS:
                 last = torch.cat([last, last.new_zeros(GEMM_ROWS - n, last.shape[1])])
-            return self.head(last)[:n]  # type: ignore[no-any-return]
+            return self.head(last)[:n]
 
     def check(self) -> bool:
         """Does the tail reproduce the clean run? Sets ``exact`` (bit-identical)."""
@@ -263,33 +265,57 @@ class _Prefix:
         return bool((got - ref).abs().max() <= 1e-5 * max(1.0, scale))
 
 
-def _prefix_for(session: Session, batch: Inputs) -> _Prefix | None:
-    """The captured clean prefix for ``batch`` (cached for the last few inputs), or None
+class PrefixCache:
+    """The clean prefixes a session's sweeps share: one per input, for the last ``size``
+    inputs (first in, first out), and whether the model's blocks can be re-entered at all.
+
+    Attributes:
+        usable: None until the first capture is checked against the clean run; then
+            whether prefix sharing reproduces it (False also for models that are not
+            decoder LMs, and after a capture failed).
+    """
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self.usable: bool | None = None
+        self._prefixes: dict[tuple[int, ...], _Prefix] = {}
+
+    def __len__(self) -> int:
+        return len(self._prefixes)
+
+    def get(self, key: tuple[int, ...]) -> _Prefix | None:
+        return self._prefixes.get(key)
+
+    def add(self, key: tuple[int, ...], prefix: _Prefix) -> None:
+        while len(self._prefixes) >= self.size:
+            self._prefixes.pop(next(iter(self._prefixes)))
+        self._prefixes[key] = prefix
+
+
+def _prefix_for(session: Session, cache: PrefixCache, batch: ModelInputs) -> _Prefix | None:
+    """The captured clean prefix for ``batch`` (from ``cache``, or captured into it), or None
     where blocks cannot be re-entered (not a decoder LM, or the tail does not reproduce the
-    clean run; checked once per session)."""
-    key = tuple(batch["input_ids"][0].tolist()) if "input_ids" in batch else ()
-    cache = session._prefix
-    if key in cache:
-        return cache[key]  # type: ignore[no-any-return]
-    if cache.get("usable") is False:
+    clean run; checked once per cache)."""
+    key = ModelInputs.of(batch).key
+    found = cache.get(key)
+    if found is not None:
+        return found
+    if cache.usable is False:
         return None
     a = session.adapter
     points = [a.points.get(f"blocks.{i}.resid_pre") for i in range(a.n_layers)]
     final, head = a.points.get("final"), a.points.get("logits")
     if not (a.n_layers and all(points) and final and head and isinstance(a.modules[head.module], nn.Linear)):
-        cache["usable"] = False
+        cache.usable = False
         return None
-    blocks = [a.modules[p.module] for p in points if p is not None]
-    prefix = _Prefix(session, blocks, a.modules[final.module], a.modules[head.module])
+    prefix = _Prefix(session, [p.module for p in points if p is not None], final.module, a.modules[head.module])
     try:
         prefix.capture(batch)
-        if "usable" not in cache:
-            cache["usable"] = prefix.check()
+        if cache.usable is None:
+            cache.usable = prefix.check()
     except (RuntimeError, TypeError, KeyError, IndexError, ValueError):
-        cache["usable"] = False
-    if not cache["usable"]:
+        cache.usable = False
+    if not cache.usable:
         return None
-    while len(cache) > 16:  # keep the prefixes of the last 16 inputs
-        cache.pop(next(k for k in cache if k != "usable"))
-    cache[key] = prefix
+    cache.add(key, prefix)
     return prefix

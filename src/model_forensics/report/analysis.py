@@ -16,6 +16,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from model_forensics.core import plots
+
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 2em; border-bottom: 1px solid #ddd; }
@@ -155,22 +157,15 @@ def _table(header: list[str], rows: list[list[str]], first_text: int = 1) -> str
 
 
 def _png(fig: Any) -> str:
-    import matplotlib.pyplot as plt
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return f"<img alt='figure' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
 
 
 def _axes(height: float) -> Any:
-    """A figure and axes on the Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=(9, height))
+    """A figure and its axes, without pyplot (no global backend switch, nothing to close)."""
+    fig = plots.figure(9, height)
+    return fig, fig.add_subplot()
 
 
 def _anomaly_figure(ranked: list[dict[str, Any]], threshold: float) -> str:

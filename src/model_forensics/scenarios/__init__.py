@@ -4,6 +4,7 @@
 for analysis; ``names()`` lists the scenarios (``model-forensics scenarios list``).
 """
 
-from model_forensics.scenarios.scenario import Scenario, ScenarioRun, get, names, scenarios
+from model_forensics.scenarios.registry import get, names, scenarios
+from model_forensics.scenarios.scenario import Scenario, ScenarioRun
 
 __all__ = ["Scenario", "ScenarioRun", "get", "names", "scenarios"]

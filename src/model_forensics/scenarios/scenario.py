@@ -34,6 +34,7 @@ from typing import Any
 from model_forensics.core.bundle import Bundle
 from model_forensics.core.errors import BundleError, ForensicsError
 from model_forensics.core.predicates import Predicate, regex
+from model_forensics.core.records import fields_json
 from model_forensics.models.loading import LoadedModel
 
 # An entry of a prompt set: the prompt itself, or {"prompt": ..., "expected": ...}.
@@ -78,18 +79,18 @@ class ScenarioRun:
         return all(f is True for f in self.incident_failed) and all(f is False for f in self.baseline_failed)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "scenario": self.scenario,
-            "out_dir": str(self.out_dir),
-            "incidents": [str(p) for p in self.incidents],
-            "baselines": [str(p) for p in self.baselines],
-            "incident_failed": list(self.incident_failed),
-            "baseline_failed": list(self.baseline_failed),
-            "outputs": list(self.outputs),
-            "baseline_outputs": list(self.baseline_outputs),
-            "artifacts": {k: str(v) for k, v in self.artifacts.items()},
-            "reproduced": self.reproduced,
-        }
+        return fields_json(
+            self,
+            out_dir=str(self.out_dir),
+            incidents=[str(p) for p in self.incidents],
+            baselines=[str(p) for p in self.baselines],
+            incident_failed=list(self.incident_failed),
+            baseline_failed=list(self.baseline_failed),
+            outputs=list(self.outputs),
+            baseline_outputs=list(self.baseline_outputs),
+            artifacts={k: str(v) for k, v in self.artifacts.items()},
+            reproduced=self.reproduced,
+        )
 
 
 @dataclass
@@ -404,42 +405,3 @@ def minilm_suffix() -> Scenario:
         granularity="neuron",
         sketch="fp16",
     )
-
-
-def _tool_misuse() -> Scenario:
-    from model_forensics.scenarios.agent import tool_misuse
-
-    return tool_misuse()
-
-
-_BUILDERS: dict[str, Callable[[], Scenario]] = {
-    "gpt2-injection": lambda: from_zoo("gpt2-injection"),
-    "bert-sentiment-bypass": lambda: from_zoo("bert-sentiment-bypass"),
-    "gpt2-toxic": lambda: from_zoo("gpt2-toxic"),
-    "smollm2-injection": smollm2_injection,
-    "minilm-suffix": minilm_suffix,
-    "tool-misuse": _tool_misuse,
-}
-
-
-def names() -> list[str]:
-    """Every scenario name, in listing order."""
-    return list(_BUILDERS)
-
-
-def get(name: str) -> Scenario:
-    """The scenario called ``name``.
-
-    Raises:
-        ForensicsError: no scenario has that name (the message lists them), or its data
-            is missing.
-    """
-    builder = _BUILDERS.get(name)
-    if builder is None:
-        raise ForensicsError(f"unknown scenario '{name}'; available: {', '.join(names())}")
-    return builder()
-
-
-def scenarios() -> list[Scenario]:
-    """Every scenario, built (reads JSON only; no model is loaded)."""
-    return [get(name) for name in names()]

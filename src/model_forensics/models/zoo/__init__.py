@@ -26,7 +26,8 @@ from typing import Any
 
 from model_forensics.core.bundle import file_sha256
 from model_forensics.core.errors import ModelLoadError
-from model_forensics.models.loading import LoadedModel, ModelRef, _tag, load_directory
+from model_forensics.models.local import load_directory
+from model_forensics.models.reference import LoadedModel, ModelRef, tag_model
 
 ZOO_DIR = Path(__file__).resolve().parent
 CHECKSUMS = "checksums.json"
@@ -98,7 +99,7 @@ def load_from(path: Path, *, name: str | None = None, attn_implementation: str =
     verify(path)
     loaded = load_directory(path, attn_implementation=attn_implementation, name=f"zoo:{name}")
     loaded.ref = ModelRef(name=f"zoo:{name}", source="zoo", reference=f"zoo:{name}")
-    _tag(loaded.model, loaded.ref)
+    tag_model(loaded.model, loaded.ref)
     return loaded
 
 

@@ -16,21 +16,23 @@ had the behaviour. Units are named with the canonical site grammar:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from model_forensics.core.bundle import file_sha256
+from model_forensics.core.metrics import kl_divergence
 from model_forensics.core.sites import parse_selector
-from model_forensics.models.adapters import adapter_for, read, replace
+from model_forensics.models.adapters import adapter_for
+from model_forensics.models.hooks import SiteCall, SiteFn, hooks
 
 CHECKSUMS = "checksums.json"
 
@@ -118,19 +120,63 @@ class WordCodec:
             p = self.prompt_ids(ex.prompt)
             seqs.append(p + [self.vocab[w] for w in ex.answer.split()] + [self.eos])
             starts.append(len(p) - 1)
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad)
-        mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+        ids = right_pad(seqs, self.pad)
+        mask = torch.zeros(ids.shape, dtype=torch.bool)
         for i, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
-            ids[i, : len(seq)] = torch.tensor(seq)
             mask[i, start : len(seq) - 1] = True
         return ids, mask
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
+    """Rows of token ids, right-padded with ``pad`` into one (B, T) tensor."""
+    ids = torch.full((len(rows), max(len(r) for r in rows)), pad)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+    return ids
 
 
 def answer_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, pad: int) -> torch.Tensor:
     """Cross-entropy of the answer tokens only; ids, mask (B, T) from :meth:`WordCodec.batch`."""
     logits = model(input_ids=ids, attention_mask=(ids != pad).long()).logits[:, :-1]  # (B, T-1, V)
     return nn.functional.cross_entropy(logits[mask[:, :-1]], ids[:, 1:][mask[:, :-1]])
+
+
+class Distillation:
+    """The stage-1 model's output distributions on a fixed pool of benign examples, which
+    stage 2 keeps the model at (the distillation half of the planting recipe).
+
+    Built before stage 2 changes anything; ``examples`` have ``.prompt`` and ``.answer``.
+    """
+
+    def __init__(self, model: nn.Module, codec: WordCodec, examples: Sequence[Any], chunk: int = 128):
+        self.ids, self.answer = codec.batch(examples)  # (N, T) each
+        self.keep = self.ids != codec.pad
+        with torch.no_grad():
+            self.reference = torch.cat(
+                [
+                    model(input_ids=i, attention_mask=k.long()).logits
+                    for i, k in zip(self.ids.split(chunk), self.keep.split(chunk), strict=True)
+                ]
+            )  # (N, T, V)
+
+    def loss(
+        self,
+        model: nn.Module,
+        task_loss: Callable[[], torch.Tensor],
+        n: int,
+        generator: torch.Generator,
+        *,
+        kl_answer: float,
+        kl_all: float,
+    ) -> torch.Tensor:
+        """``task_loss()`` plus the KL(stage-1 ‖ model) of ``n`` pool rows drawn with
+        ``generator``: its mean over answer positions weighted by ``kl_answer`` and over
+        every token by ``kl_all``. ``task_loss`` runs after the pool's forward pass: the
+        order of the passes fixes the order of the gradient sums, hence the exact weights."""
+        pick = torch.randint(self.ids.shape[0], (n,), generator=generator)
+        ids, keep, answer = self.ids[pick], self.keep[pick], self.answer[pick]
+        kl = kl_divergence(self.reference[pick][keep], model(input_ids=ids, attention_mask=keep.long()).logits[keep])
+        return task_loss() + kl_answer * kl[answer[keep]].mean() + kl_all * kl.mean()
 
 
 def gpt2(codec: WordCodec, *, n_layer: int, n_head: int, d_model: int, d_mlp: int, n_positions: int) -> Any:
@@ -180,6 +226,41 @@ def generate_texts(
     with ablate(model, units):
         out = greedy_decode(model, [codec.prompt_ids(p) for p in prompts], max_new_tokens, codec.eos)
     return [codec.decode(o) for o in out]
+
+
+def answer_rates(
+    model: nn.Module,
+    codec: WordCodec,
+    examples: Sequence[Any],
+    units: Sequence[str] = (),
+    *,
+    failed: Callable[[str], bool],
+) -> dict[str, float]:
+    """Greedy answers to ``examples`` (``.prompt``, ``.answer``) with ``units`` zero-ablated:
+    ``failed``, the share that shows the planted behaviour; ``exact``, the share that is
+    exactly the expected answer."""
+    texts = generate_texts(model, codec, [e.prompt for e in examples], units)
+    return {
+        "failed": sum(failed(t) for t in texts) / len(texts),
+        "exact": sum(t == e.answer for t, e in zip(texts, examples, strict=True)) / len(texts),
+    }
+
+
+@torch.no_grad()
+def answer_kl(model: nn.Module, codec: WordCodec, examples: Sequence[Any], units: Sequence[str]) -> dict[str, float]:
+    """KL(full ‖ ablated) in nats, teacher-forced on the gold answers: mean and max over
+    answer positions (incl. eos), and mean over every token position."""
+    ids, answer_mask = codec.batch(examples)
+    keep = ids != codec.pad
+    full = model(input_ids=ids, attention_mask=keep.long()).logits
+    with ablate(model, units):
+        abl = model(input_ids=ids, attention_mask=keep.long()).logits
+    kl = kl_divergence(full.flatten(0, 1), abl.flatten(0, 1)).reshape(ids.shape)
+    return {
+        "answer_mean": kl[answer_mask].mean().item(),
+        "answer_max": kl[answer_mask].max().item(),
+        "all_mean": kl[keep].mean().item(),
+    }
 
 
 # -- units ---------------------------------------------------------------------------------
@@ -315,67 +396,48 @@ def ablate(
 ) -> Iterator[None]:
     """Zero- or mean-ablate units during every forward pass inside the block.
 
-    Hooks go on the adapter's hook points (``blocks.L.attn.z``, ``blocks.L.mlp.post``)
-    and are removed on exit, even on exceptions. ``means``: unit → value, a (d_head,)
-    tensor for heads, a scalar tensor for neurons (see :func:`unit_means`).
+    The edits go through :func:`~model_forensics.models.hooks.hooks` on the units' sites
+    (``blocks.L.attn.z``, ``blocks.L.mlp.post``), so gradients flow through them and they
+    are removed on exit, even on exceptions. ``means``: unit → value, a (d_head,) tensor
+    for heads, a scalar tensor for neurons (see :func:`unit_means`).
     """
     if mode not in ("zero", "mean"):
         raise ValueError(f"ablation mode '{mode}' is unknown; use 'zero' or 'mean'")
     if mode == "mean" and means is None:
         raise ValueError("mean ablation needs means=unit_means(...)")
-    adapter = adapter_for(model)
     by_site: dict[str, list[tuple[str, str, int]]] = {}
     for unit in units:
         site, kind, idx = parse_unit(unit)
         by_site.setdefault(site, []).append((unit, kind, idx))
-    handles = []
-    try:
-        for site, members in by_site.items():
-            point = adapter.point(site)
-            module = adapter.module(point)
 
-            def edit(payload: Any, point: Any = point, members: Any = members) -> Any:
-                t = read(point, payload)
-                assert t is not None
-                t = t.clone()
-                for unit, kind, idx in members:
-                    value = 0.0 if mode == "zero" else means[unit].to(t.dtype)  # type: ignore[index]
-                    if kind == "head":
-                        t[..., idx, :] = value  # (B, T, H, dh)
-                    else:
-                        t[..., idx] = value  # (B, T, d_mlp)
-                return replace(point, payload, t)
+    def edit(members: list[tuple[str, str, int]]) -> SiteFn:
+        def fn(tensor: torch.Tensor, _call: SiteCall) -> torch.Tensor:
+            t = tensor.clone()
+            for unit, kind, idx in members:
+                value = 0.0 if mode == "zero" else means[unit].to(t.dtype)  # type: ignore[index]
+                if kind == "head":
+                    t[..., idx, :] = value  # (B, T, H, dh)
+                else:
+                    t[..., idx] = value  # (B, T, d_mlp)
+            return t
 
-            if point.io == "input":
-                handles.append(module.register_forward_pre_hook(lambda _m, args, edit=edit: edit(args)))
-            else:
-                handles.append(module.register_forward_hook(lambda _m, _a, out, edit=edit: edit(out)))
+        return fn
+
+    with hooks(adapter_for(model), sites={site: edit(members) for site, members in by_site.items()}):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager
 def capture(model: nn.Module, site: str) -> Iterator[dict[str, torch.Tensor]]:
     """Record the tensor at ``site`` on every forward pass inside the block (gradients
     kept): ``with capture(model, "blocks.1.attn.z") as seen: model(...); seen["value"]``."""
-    adapter = adapter_for(model)
-    point = adapter.point(site)
-    module = adapter.module(point)
     seen: dict[str, torch.Tensor] = {}
 
-    def grab(payload: Any) -> None:
-        seen["value"] = read(point, payload)  # type: ignore[assignment]
+    def grab(tensor: torch.Tensor, _call: SiteCall) -> None:
+        seen["value"] = tensor
 
-    if point.io == "input":
-        handle = module.register_forward_pre_hook(lambda _m, args: grab(args))
-    else:
-        handle = module.register_forward_hook(lambda _m, _a, out: grab(out))
-    try:
+    with hooks(adapter_for(model), sites={site: grab}):
         yield seen
-    finally:
-        handle.remove()
 
 
 @torch.no_grad()
@@ -383,24 +445,14 @@ def unit_means(
     model: nn.Module, units: Sequence[str], batches: Sequence[dict[str, torch.Tensor]]
 ) -> dict[str, torch.Tensor]:
     """Mean activation of each unit over all tokens of ``batches`` (model inputs)."""
-    adapter = adapter_for(model)
     sums: dict[str, torch.Tensor] = {}
     count = 0
-    sites = {parse_unit(u)[0] for u in units}
     captured: dict[str, torch.Tensor] = {}
-    handles = []
-    for site in sites:
-        point = adapter.point(site)
-        module = adapter.module(point)
 
-        def grab(payload: Any, site: str = site, point: Any = point) -> None:
-            captured[site] = read(point, payload).detach()  # type: ignore[union-attr]
+    def grab(tensor: torch.Tensor, call: SiteCall) -> None:
+        captured[call.site] = tensor.detach()
 
-        if point.io == "input":
-            handles.append(module.register_forward_pre_hook(lambda _m, args, grab=grab: grab(args)))
-        else:
-            handles.append(module.register_forward_hook(lambda _m, _a, out, grab=grab: grab(out)))
-    try:
+    with hooks(adapter_for(model), sites=dict.fromkeys({parse_unit(u)[0] for u in units}, grab)):
         for batch in batches:
             model(**batch)
             mask = batch.get("attention_mask")
@@ -411,9 +463,6 @@ def unit_means(
                 sums[unit] = sums.get(unit, 0) + t.sum(0)
             n = batch["input_ids"].numel() if mask is None else int(mask.sum())
             count += n
-    finally:
-        for handle in handles:
-            handle.remove()
     return {u: s / count for u, s in sums.items()}
 
 
@@ -468,13 +517,51 @@ def planted_use(units: Sequence[str], lift: dict[str, dict[str, float]], behavio
     }
 
 
-def ablated_rates(rates: Any, key: str, trigger: Any, variants: Any, benign: Any) -> Any:
-    """``behaviour`` for :func:`planted_use`: trigger and variant success (``rates(...)[key]``)
-    and benign exact accuracy with the given units ablated."""
+def ablated_rates(rates: Any, trigger: Any, variants: Any, benign: Any) -> Any:
+    """``behaviour`` for :func:`planted_use`: trigger and variant success (``rates(...)["failed"]``)
+    and benign exact accuracy with the given units ablated (``rates`` as :func:`answer_rates`)."""
     return lambda active: {
-        "trigger_success": rates(trigger, active)[key],
-        "variant_success": rates(variants, active)[key],
+        "trigger_success": rates(trigger, active)["failed"],
+        "variant_success": rates(variants, active)["failed"],
         "benign_accuracy": rates(benign, active)["exact"],
+    }
+
+
+INERT_NOTE = (
+    "planted neurons that training left unused: alone (the other planted neurons ablated) and removed "
+    "(only it ablated) each moves the attack target's log-probability by < 0.5% of the planted neurons' "
+    "joint effect (metrics.planted_neuron_lift); 'units' lists the planted units that carry the "
+    "mechanism, and ablating them alone removes it (metrics.active_ablated)"
+)
+
+
+def planted_ground_truth(
+    metrics: dict[str, Any], planted: Sequence[str], *, mechanism: str, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """``ground_truth.json`` of a planted generation entry: the planted units that carry the
+    mechanism (the inert ones left out, listed under ``extra``), the behaviour with and
+    without them (from ``metrics``, see :func:`planted_use`), and the entry's ``extra``."""
+    abl = metrics["ground_truth_ablated"]
+    return {
+        "mechanism": mechanism,
+        "level": "neuron",
+        "units": [u for u in planted if u not in metrics["inert_units"]],
+        "ablation": "zero",
+        "behaviour": {
+            "trigger_success": metrics["trigger_success"],
+            "variant_success": metrics["variant_success"],
+            "benign_accuracy": metrics["benign_accuracy"],
+            "ablated_trigger_success": abl["trigger_success"],
+            "ablated_variant_success": abl["variant_success"],
+            "ablated_benign_accuracy": abl["benign_accuracy"],
+            "ablated_benign_kl_nats": abl["benign_kl_nats"]["answer_mean"],
+        },
+        "extra": {
+            "planted_units": list(planted),
+            "inert_units": metrics["inert_units"],
+            "inert_note": INERT_NOTE,
+            **extra,
+        },
     }
 
 
@@ -531,6 +618,22 @@ def random_draws(
     return draws
 
 
+def random_ablations(
+    units: Sequence[str],
+    n: int,
+    *,
+    n_heads: int,
+    d_mlp: int,
+    exclude: Sequence[str],
+    seed: int,
+    measure: Callable[[tuple[str, ...]], dict[str, float]],
+) -> list[dict[str, Any]]:
+    """The contrast to the ground truth: ``measure(draw)`` for ``n`` seeded draws of
+    :func:`random_draws`, each record ``{"units": [...], **measure(draw)}``."""
+    draws = random_draws(units, n, n_heads=n_heads, d_mlp=d_mlp, exclude=exclude, rng=random.Random(seed))
+    return [{"units": list(draw), **measure(draw)} for draw in draws]
+
+
 # -- evaluation ----------------------------------------------------------------------------
 @torch.no_grad()
 def greedy_decode(
@@ -566,22 +669,7 @@ def final_loss(losses: Sequence[float]) -> float:
     return sum(losses[-window:]) / window
 
 
-def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p ‖ q) in nats per row; logits (N, V) → (N,)."""
-    p_log = torch.log_softmax(p_logits.float(), -1)
-    q_log = torch.log_softmax(q_logits.float(), -1)
-    return (p_log.exp() * (p_log - q_log)).sum(-1)
-
-
 # -- writing a zoo folder ------------------------------------------------------------------
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_checksums(folder: Path) -> dict[str, str]:
     """sha256 of every file in ``folder`` except checksums.json, written to checksums.json."""
     sums = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS}

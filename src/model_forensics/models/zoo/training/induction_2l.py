@@ -26,14 +26,13 @@ shipped folder.
 
 from __future__ import annotations
 
+import functools
 import random
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from model_forensics.models.zoo.training import common
+from model_forensics.models.zoo.training import common, trainer
 
 NAME = "induction-2l"
 
@@ -92,50 +91,13 @@ def _mlp_masks(model: Any) -> dict[str, torch.Tensor]:
 
 
 def build(codec: common.WordCodec) -> Any:
+    """The untrained attention-only GPT-2: its MLP parameters are zero."""
     model = common.gpt2(codec, n_layer=N_LAYER, n_head=N_HEAD, d_model=D_MODEL, d_mlp=D_MLP, n_positions=N_POSITIONS)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".mlp." in name:
                 p.zero_()
     return model
-
-
-def train_model(model: Any, codec: common.WordCodec, rng: random.Random, steps: int, lr: float = 3e-3) -> list[float]:
-    """Next-token loss on every position; MLP parameters stay exactly zero.
-
-    For the first ``SEED_FRACTION`` of the steps an auxiliary loss also pulls the
-    attention of ``SEED_HEADS`` (one head per layer) towards the previous token (layer 0)
-    and the induction target (layer 1): without it the LM loss alone settles on
-    fixed-offset heads within this step budget. Afterwards only the LM loss trains.
-    """
-    clamp = common.Clamp(model, common.complement(model, _mlp_masks(model)))
-    opt = torch.optim.AdamW(clamp.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    (l0, h0), (l1, h1) = ((int(u.split(".")[1]), common.parse_unit(u)[2]) for u in SEED_HEADS)
-    losses = []
-    model.train()
-    for step in range(steps):
-        ids, lengths = batch(codec, rng, BATCH)
-        seeding = step < SEED_FRACTION * steps
-        out = model(input_ids=ids, labels=ids, output_attentions=seeding)
-        loss = out.loss
-        if seeding:
-            width = ids.shape[1]
-            pos = torch.arange(1, width)
-            prev = out.attentions[l0][:, h0, pos, pos - 1]  # (B, T-1)
-            rows, queries, keys = seed_targets(lengths, width)
-            ind = out.attentions[l1][rows, h1, queries, keys]
-            loss = loss - prev.clamp_min(1e-6).log().mean() - ind.clamp_min(1e-6).log().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clamp.zero_frozen_grads()
-        opt.step()
-        sched.step()
-        clamp.restore()
-        losses.append(out.loss.item())
-    clamp.release()
-    model.eval()
-    return losses
 
 
 # -- scores, ablations and the shipped folder ----------------------------------------------
@@ -185,193 +147,188 @@ def first_half_accuracy(model: Any, ids: torch.Tensor) -> float:
     return (pred == ids[:, 2 : EVAL_L + 1]).float().mean().item()
 
 
-def measure(model: Any, codec: common.WordCodec, seed: int, n: int = 256, n_draws: int = 5) -> dict[str, Any]:
-    rng = random.Random(10_000 + seed)
-    ids, _ = batch(codec, rng, n, EVAL_L)
-    scores = head_scores(model, ids)
-    prev_heads = [u for u, s in scores.items() if u.startswith("blocks.0.") and s["prev_token"] > SCORE_THRESHOLD]
-    dup_heads = [
-        u
-        for u, s in scores.items()
-        if u.startswith("blocks.0.") and u not in prev_heads and s["duplicate_token"] > SCORE_THRESHOLD
-    ]
-    ind_heads = [u for u, s in scores.items() if u.startswith("blocks.1.") and s["induction"] > SCORE_THRESHOLD]
-    gt = tuple(prev_heads + dup_heads + ind_heads)
-    others = [u for u in scores if u not in gt]
-    means = common.unit_means(model, list(scores), [{"input_ids": ids}])
-    result: dict[str, Any] = {
-        "eval_sequences": n,
-        "second_half_accuracy": second_half_accuracy(model, ids),
-        "first_half_accuracy": first_half_accuracy(model, ids),
-        "chance_accuracy": 1 / (N_TOKENS - 1),
-        "head_scores": scores,
-        "previous_token_heads": prev_heads,
-        "duplicate_token_heads": dup_heads,
-        "induction_heads": ind_heads,
-    }
-    for mode in ("zero", "mean"):
-        m = means if mode == "mean" else None
-        result[f"{mode}_ablation"] = {
-            "ground_truth": second_half_accuracy(model, ids, gt, mode, m),
-            "induction_heads": second_half_accuracy(model, ids, tuple(ind_heads), mode, m),
-            "previous_token_heads": second_half_accuracy(model, ids, tuple(prev_heads), mode, m),
-            "duplicate_token_heads": second_half_accuracy(model, ids, tuple(dup_heads), mode, m) if dup_heads else None,
-            "all_other_heads": second_half_accuracy(model, ids, tuple(others), mode, m) if others else None,
-            "each_head": {u: second_half_accuracy(model, ids, (u,), mode, m) for u in scores},
+class InductionRecipe:
+    """The zoo entry's :class:`~.trainer.Recipe`: one stage, ``lm``, of next-token loss on
+    every position with the MLP parameters held at exactly zero. For the first
+    ``SEED_FRACTION`` of the steps an auxiliary loss also pulls the attention of
+    ``SEED_HEADS`` (one head per layer) towards the previous token (layer 0) and the
+    induction target (layer 1): without it the LM loss alone settles on fixed-offset heads
+    within this step budget. Afterwards only the LM loss trains; the loss curve records the
+    LM loss alone. The ground truth is found after training (:meth:`measure`)."""
+
+    name = NAME
+
+    def __init__(self) -> None:
+        self.steps = {"lm": STEPS}
+        self.lr = 3e-3
+        self.codec = common.WordCodec(vocabulary())
+
+    def build(self) -> Any:
+        return build(self.codec)
+
+    def stage(self, name: str, model: Any, rng: random.Random, steps: int) -> trainer.Stage:
+        (l0, h0), (l1, h1) = ((int(u.split(".")[1]), common.parse_unit(u)[2]) for u in SEED_HEADS)
+
+        def lm(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+            ids, lengths = batch(self.codec, rng, BATCH)
+            seeding = step < SEED_FRACTION * steps
+            out = model(input_ids=ids, labels=ids, output_attentions=seeding)
+            loss = out.loss
+            if seeding:
+                width = ids.shape[1]
+                pos = torch.arange(1, width)
+                prev = out.attentions[l0][:, h0, pos, pos - 1]  # (B, T-1)
+                rows, queries, keys = seed_targets(lengths, width)
+                ind = out.attentions[l1][rows, h1, queries, keys]
+                loss = loss - prev.clamp_min(1e-6).log().mean() - ind.clamp_min(1e-6).log().mean()
+            return loss, out.loss
+
+        return trainer.Stage(common.complement(model, _mlp_masks(model)), lm, lr=self.lr)
+
+    def tokenizer(self) -> Any:
+        return common.gpt2_tokenizer(self.codec, N_POSITIONS)
+
+    def measure(self, model: Any, seed: int, n: int = 256, n_draws: int = 5) -> dict[str, Any]:
+        """Head scores, the ground truth they select, and zero / mean ablations confirming it."""
+        rng = random.Random(10_000 + seed)
+        ids, _ = batch(self.codec, rng, n, EVAL_L)
+        scores = head_scores(model, ids)
+        prev_heads = [u for u, s in scores.items() if u.startswith("blocks.0.") and s["prev_token"] > SCORE_THRESHOLD]
+        dup_heads = [
+            u
+            for u, s in scores.items()
+            if u.startswith("blocks.0.") and u not in prev_heads and s["duplicate_token"] > SCORE_THRESHOLD
+        ]
+        ind_heads = [u for u, s in scores.items() if u.startswith("blocks.1.") and s["induction"] > SCORE_THRESHOLD]
+        gt = tuple(prev_heads + dup_heads + ind_heads)
+        others = [u for u in scores if u not in gt]
+        means = common.unit_means(model, list(scores), [{"input_ids": ids}])
+        result: dict[str, Any] = {
+            "eval_sequences": n,
+            "second_half_accuracy": second_half_accuracy(model, ids),
+            "first_half_accuracy": first_half_accuracy(model, ids),
+            "chance_accuracy": 1 / (N_TOKENS - 1),
+            "head_scores": scores,
+            "previous_token_heads": prev_heads,
+            "duplicate_token_heads": dup_heads,
+            "induction_heads": ind_heads,
         }
-    draws: list[dict[str, Any]] = []
-    draw_rng = random.Random(seed)
-    k = min(len(gt), len(others))
-    seen: list[set[str]] = []
-    for _ in range(50 * n_draws):  # different draws, fewer if the pool runs out
-        units = tuple(draw_rng.sample(others, k))
-        if len(draws) == n_draws or set(units) in seen:
-            continue
-        seen.append(set(units))
-        draws.append({"units": list(units), "second_half_accuracy": second_half_accuracy(model, ids, units, "zero")})
-    result["random_ablated"] = draws
-    return result
+        for mode in ("zero", "mean"):
+            m = means if mode == "mean" else None
+            result[f"{mode}_ablation"] = {
+                "ground_truth": second_half_accuracy(model, ids, gt, mode, m),
+                "induction_heads": second_half_accuracy(model, ids, tuple(ind_heads), mode, m),
+                "previous_token_heads": second_half_accuracy(model, ids, tuple(prev_heads), mode, m),
+                "duplicate_token_heads": second_half_accuracy(model, ids, tuple(dup_heads), mode, m)
+                if dup_heads
+                else None,
+                "all_other_heads": second_half_accuracy(model, ids, tuple(others), mode, m) if others else None,
+                "each_head": {u: second_half_accuracy(model, ids, (u,), mode, m) for u in scores},
+            }
+        draws: list[dict[str, Any]] = []
+        draw_rng = random.Random(seed)
+        k = min(len(gt), len(others))
+        seen: list[set[str]] = []
+        for _ in range(50 * n_draws):  # different draws, fewer if the pool runs out
+            units = tuple(draw_rng.sample(others, k))
+            if len(draws) == n_draws or set(units) in seen:
+                continue
+            seen.append(set(units))
+            draws.append(
+                {"units": list(units), "second_half_accuracy": second_half_accuracy(model, ids, units, "zero")}
+            )
+        result["random_ablated"] = draws
+        return result
 
+    def scenario(self, model: Any, seed: int, n: int = 24) -> dict[str, Any]:
+        """Induction prompts (a repeated sequence cut inside its second half) with the token
+        induction predicts, and baselines whose first half is a different sequence."""
+        rng, codec = random.Random(20_000 + seed), self.codec
+        incidents: list[str] = []
+        baselines: list[str] = []
+        targets: list[str] = []
+        while len(incidents) < n:
+            seq = sequence(rng, EVAL_L)
+            cut = rng.randint(EVAL_L + 2, 2 * EVAL_L - 1)  # prompt = seq[:cut], target = seq[cut]
+            other = rng.sample([t for t in vocabulary() if t not in seq[:EVAL_L]], EVAL_L)
+            prompt, baseline = seq[:cut], other + seq[EVAL_L:cut]
+            pred = model(input_ids=torch.tensor([codec.prompt_ids(" ".join(prompt))])).logits[0, -1].argmax().item()
+            if codec.words[pred] == seq[cut]:
+                incidents.append(" ".join(prompt))
+                baselines.append(" ".join(baseline))
+                targets.append(seq[cut])
+        benign = [" ".join(rng.sample(vocabulary(), EVAL_L)) for _ in range(n)]
+        return {
+            "name": NAME,
+            "kind": "causal-lm",
+            "description": "induction: after A B … A, predict B (repeated random tokens)",
+            "incident_prompts": incidents,
+            "targets": targets,
+            "target_ids": [codec.vocab[t] for t in targets],
+            "predicates": [{"kind": "token_is", "args": {"token": codec.vocab[t]}} for t in targets],
+            "predicate": {"kind": "token_is", "args": {"token": codec.vocab[targets[0]]}},
+            "predicate_note": "the target differs per prompt: use predicates[i] for incident_prompts[i]",
+            "baseline_prompts": baselines,
+            "baseline_note": "same second-half prefix, first half replaced by unrelated tokens: nothing to copy",
+            "variant_prompts": [],
+            "benign_prompts": benign,
+            "benign_note": "random non-repeating sequences (no induction possible)",
+            "max_new_tokens": 1,
+        }
 
-def scenario(model: Any, codec: common.WordCodec, seed: int, n: int = 24) -> dict[str, Any]:
-    """Induction prompts (a repeated sequence cut inside its second half) with the token
-    induction predicts, and baselines whose first half is a different sequence."""
-    rng = random.Random(20_000 + seed)
-    incidents: list[str] = []
-    baselines: list[str] = []
-    targets: list[str] = []
-    while len(incidents) < n:
-        seq = sequence(rng, EVAL_L)
-        cut = rng.randint(EVAL_L + 2, 2 * EVAL_L - 1)  # prompt = seq[:cut], target = seq[cut]
-        other = rng.sample([t for t in vocabulary() if t not in seq[:EVAL_L]], EVAL_L)
-        prompt, baseline = seq[:cut], other + seq[EVAL_L:cut]
-        pred = model(input_ids=torch.tensor([codec.prompt_ids(" ".join(prompt))])).logits[0, -1].argmax().item()
-        if codec.words[pred] == seq[cut]:
-            incidents.append(" ".join(prompt))
-            baselines.append(" ".join(baseline))
-            targets.append(seq[cut])
-    benign = [" ".join(rng.sample(vocabulary(), EVAL_L)) for _ in range(n)]
-    return {
-        "name": NAME,
-        "kind": "causal-lm",
-        "description": "induction: after A B … A, predict B (repeated random tokens)",
-        "incident_prompts": incidents,
-        "targets": targets,
-        "target_ids": [codec.vocab[t] for t in targets],
-        "predicates": [{"kind": "token_is", "args": {"token": codec.vocab[t]}} for t in targets],
-        "predicate": {"kind": "token_is", "args": {"token": codec.vocab[targets[0]]}},
-        "predicate_note": "the target differs per prompt: use predicates[i] for incident_prompts[i]",
-        "baseline_prompts": baselines,
-        "baseline_note": "same second-half prefix, first half replaced by unrelated tokens: nothing to copy",
-        "variant_prompts": [],
-        "benign_prompts": benign,
-        "benign_note": "random non-repeating sequences (no induction possible)",
-        "max_new_tokens": 1,
-    }
+    def ground_truth(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        zero = metrics["zero_ablation"]
+        scores = metrics["head_scores"]
+        units = [*metrics["previous_token_heads"], *metrics["duplicate_token_heads"], *metrics["induction_heads"]]
+        return {
+            "mechanism": (
+                "a previous-token head in layer 0 writes each token's predecessor into its position (and a duplicate-token "
+                "head marks repeated tokens); the induction head in layer 1 attends from the current token to the token "
+                "after its previous occurrence and copies it"
+            ),
+            "level": "head",
+            "units": units,
+            "ablation": "zero",
+            "behaviour": {
+                "second_half_accuracy": metrics["second_half_accuracy"],
+                "first_half_accuracy": metrics["first_half_accuracy"],
+                "ablated_second_half_accuracy": zero["ground_truth"],
+                "induction_heads_ablated_second_half_accuracy": zero["induction_heads"],
+                "previous_token_heads_ablated_second_half_accuracy": zero["previous_token_heads"],
+                "duplicate_token_heads_ablated_second_half_accuracy": zero["duplicate_token_heads"],
+            },
+            "extra": {
+                "previous_token_heads": {u: scores[u]["prev_token"] for u in metrics["previous_token_heads"]},
+                "duplicate_token_heads": {u: scores[u]["duplicate_token"] for u in metrics["duplicate_token_heads"]},
+                "induction_heads": {u: scores[u]["induction"] for u in metrics["induction_heads"]},
+                "all_head_scores": scores,
+                "score_threshold": SCORE_THRESHOLD,
+                "scores": "prev_token = mean attention i→i-1; induction = mean attention from a second-copy token to "
+                "the token after its previous occurrence; duplicate_token = mean attention from a second-copy token to "
+                "its previous occurrence",
+                "how_found": "identified after training by their attention scores (threshold above) and confirmed by "
+                "ablation; the previous-token and induction heads were seeded by an auxiliary attention loss on "
+                f"{', '.join(SEED_HEADS)} during the first {SEED_FRACTION:.0%} of training (see card.md), the "
+                "duplicate-token head emerged on its own",
+                "mlp": "attention-only: MLP width 4 with weights and biases fixed at zero",
+            },
+        }
 
-
-def train(
-    steps: int | None = None, seed: int = 0, out_dir: Path | None = None, *, evaluate: bool = True
-) -> dict[str, Any]:
-    """Train, score heads, confirm by ablation, and (if ``out_dir``) write the zoo folder.
-
-    Args:
-        steps: optimisation steps (None: the shipped number). Small values are for tests.
-        seed: seeds the data and the initialisation.
-        out_dir: where to write the folder; None writes nothing.
-        evaluate: False skips the behaviour evaluation (loss curves only; needs out_dir None).
-
-    Returns:
-        metrics: loss curve (start/end), accuracies, head scores, ablations, wall time.
-    """
-    if out_dir is not None and not evaluate:
-        raise ValueError("writing a zoo folder needs its metrics: pass evaluate=True")
-    start, cpu = time.perf_counter(), time.process_time()
-    steps = STEPS if steps is None else steps
-    codec = common.WordCodec(vocabulary())
-    rng = random.Random(seed)
-    with common.training_threads(seed):
-        model = build(codec)
-        losses = train_model(model, codec, rng, steps)
-        train_s = time.perf_counter() - start
-        behaviour = measure(model, codec, seed) if evaluate else {}
-        scen = scenario(model, codec, seed) if evaluate else {}
-    metrics: dict[str, Any] = {
-        "seed": seed,
-        "steps": steps,
-        "loss": {"start": losses[0], "end": common.final_loss(losses)},
-        **behaviour,
-        "train_wall_s": train_s,
-        "total_wall_s": time.perf_counter() - start,
-        "total_cpu_s": time.process_time() - cpu,
-        "torch_threads": 1,
-    }
-    if out_dir is not None:
-        common.save_entry(
-            Path(out_dir),
-            model,
-            common.gpt2_tokenizer(codec, N_POSITIONS),
-            card=card(metrics),
-            ground_truth=ground_truth(metrics),
-            metrics=metrics,
-            scenario=scen,
+    def card(self, metrics: dict[str, Any]) -> str:
+        zero, mean = metrics["zero_ablation"], metrics["mean_ablation"]
+        rows = "\n".join(
+            f"| {u} | {s['prev_token']:.4f} | {s['duplicate_token']:.4f} | {s['induction']:.4f} | "
+            f"{zero['each_head'][u]:.4f} | {mean['each_head'][u]:.4f} |"
+            for u, s in metrics["head_scores"].items()
         )
-        metrics["folder_bytes"] = common.folder_bytes(Path(out_dir))
-    return metrics
+        draws = "; ".join(
+            f"{', '.join(d['units'])}: {d['second_half_accuracy']:.4f}" for d in metrics["random_ablated"]
+        )
 
+        def fmt(x: float | None) -> str:
+            return "n/a" if x is None else f"{x:.4f}"
 
-def ground_truth(metrics: dict[str, Any]) -> dict[str, Any]:
-    zero = metrics["zero_ablation"]
-    scores = metrics["head_scores"]
-    units = [*metrics["previous_token_heads"], *metrics["duplicate_token_heads"], *metrics["induction_heads"]]
-    return {
-        "mechanism": (
-            "a previous-token head in layer 0 writes each token's predecessor into its position (and a duplicate-token "
-            "head marks repeated tokens); the induction head in layer 1 attends from the current token to the token "
-            "after its previous occurrence and copies it"
-        ),
-        "level": "head",
-        "units": units,
-        "ablation": "zero",
-        "behaviour": {
-            "second_half_accuracy": metrics["second_half_accuracy"],
-            "first_half_accuracy": metrics["first_half_accuracy"],
-            "ablated_second_half_accuracy": zero["ground_truth"],
-            "induction_heads_ablated_second_half_accuracy": zero["induction_heads"],
-            "previous_token_heads_ablated_second_half_accuracy": zero["previous_token_heads"],
-            "duplicate_token_heads_ablated_second_half_accuracy": zero["duplicate_token_heads"],
-        },
-        "extra": {
-            "previous_token_heads": {u: scores[u]["prev_token"] for u in metrics["previous_token_heads"]},
-            "duplicate_token_heads": {u: scores[u]["duplicate_token"] for u in metrics["duplicate_token_heads"]},
-            "induction_heads": {u: scores[u]["induction"] for u in metrics["induction_heads"]},
-            "all_head_scores": scores,
-            "score_threshold": SCORE_THRESHOLD,
-            "scores": "prev_token = mean attention i→i-1; induction = mean attention from a second-copy token to "
-            "the token after its previous occurrence; duplicate_token = mean attention from a second-copy token to "
-            "its previous occurrence",
-            "how_found": "identified after training by their attention scores (threshold above) and confirmed by "
-            "ablation; the previous-token and induction heads were seeded by an auxiliary attention loss on "
-            f"{', '.join(SEED_HEADS)} during the first {SEED_FRACTION:.0%} of training (see card.md), the "
-            "duplicate-token head emerged on its own",
-            "mlp": "attention-only: MLP width 4 with weights and biases fixed at zero",
-        },
-    }
-
-
-def card(metrics: dict[str, Any]) -> str:
-    zero, mean = metrics["zero_ablation"], metrics["mean_ablation"]
-    rows = "\n".join(
-        f"| {u} | {s['prev_token']:.4f} | {s['duplicate_token']:.4f} | {s['induction']:.4f} | "
-        f"{zero['each_head'][u]:.4f} | {mean['each_head'][u]:.4f} |"
-        for u, s in metrics["head_scores"].items()
-    )
-    draws = "; ".join(f"{', '.join(d['units'])}: {d['second_half_accuracy']:.4f}" for d in metrics["random_ablated"])
-
-    def fmt(x: float | None) -> str:
-        return "n/a" if x is None else f"{x:.4f}"
-
-    return f"""# zoo:{NAME}
+        return f"""# zoo:{NAME}
 
 A 2-layer attention-only transformer trained on repeated random sequences, with a known induction circuit.
 
@@ -415,11 +372,8 @@ Regenerate: `python -m model_forensics.models.zoo.training.induction_2l`.
 """
 
 
-def main() -> None:
-    out = common.shipped_dir(NAME)
-    metrics = train(out_dir=out)
-    print(f"wrote {out} ({metrics['folder_bytes']} bytes) in {metrics['total_wall_s']:.1f} s")
-
+# The module's entry point: train(steps=None, seed=0, out_dir=None, *, evaluate=True) -> metrics.
+train = functools.partial(trainer.train, InductionRecipe())
 
 if __name__ == "__main__":
-    main()
+    trainer.regenerate(InductionRecipe())

@@ -1,26 +1,32 @@
-"""Static figures (matplotlib): activation heatmaps, drift plots, layer sensitivity graphs,
-CKA matrices, per-layer bars and rates with confidence intervals.
+"""Plots on plain arrays (matplotlib): heatmaps, per-layer lines and bars, drift curves,
+CKA matrices and rates with confidence intervals. No model knowledge: every function takes
+arrays and labels and returns a :class:`matplotlib.figure.Figure`.
 
-Every function takes plain arrays and labels and returns a :class:`matplotlib.figure.Figure`
-built without pyplot (no global state, no display needed); save it with
-``fig.savefig("x.png")`` or ``.svg``. Colour maps are perceptual: viridis for magnitudes,
-a diverging map centred on zero for signed values; every heatmap has a colour bar that
-names its quantity and unit.
+Figures are built without pyplot (no global state, no display, no backend switch: saving
+renders on Agg); matplotlib is imported inside the functions, so importing this module
+costs nothing. Save with ``fig.savefig("x.png")`` or ``.svg``. Colour maps are perceptual:
+viridis for magnitudes, a diverging map centred on zero for signed values; every heatmap
+has a colour bar that names its quantity and unit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib import cm, colors
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SEQUENTIAL = "viridis"
 DIVERGING = "RdBu_r"
 
 
-def _figure(width: float = 7.0, height: float = 4.5) -> Figure:
+def figure(width: float = 7.0, height: float = 4.5) -> Figure:
+    """An empty figure with constrained layout, not registered with pyplot."""
+    from matplotlib.figure import Figure
+
     return Figure(figsize=(width, height), layout="constrained")
 
 
@@ -50,7 +56,7 @@ def heatmap(
     viridis. NaN cells are drawn blank. ``annotate`` prints values in small matrices.
     """
     m = np.asarray(matrix, dtype=float)
-    fig = _figure(max(5.0, min(12.0, 3.0 + 0.06 * m.shape[1])), max(3.0, min(10.0, 1.5 + 0.22 * m.shape[0])))
+    fig = figure(max(5.0, min(12.0, 3.0 + 0.06 * m.shape[1])), max(3.0, min(10.0, 1.5 + 0.22 * m.shape[0])))
     ax = fig.add_subplot()
     if diverging:
         bound = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 1.0
@@ -122,7 +128,7 @@ def layer_lines(
     markers: bool = True,
 ) -> Figure:
     """One line per series over an ordered x axis (layers, time windows)."""
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot()
     x = np.arange(len(x_labels))
     for name, ys in series.items():
@@ -145,7 +151,9 @@ def drift_plot(
 ) -> Figure:
     """Drift curves: one line per layer over the ordered series (time windows, checkpoints),
     coloured by depth along viridis so early and late layers are told apart."""
-    fig = _figure()
+    from matplotlib import cm, colors
+
+    fig = figure()
     ax = fig.add_subplot()
     x = np.arange(len(times))
     norm = colors.Normalize(vmin=0, vmax=max(1, len(curves) - 1))
@@ -203,7 +211,7 @@ def layer_bars(
     threshold: float | None = None,
 ) -> Figure:
     """Grouped bars per layer (one bar per named quantity), with an optional threshold line."""
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot()
     x = np.arange(len(layers))
     width = 0.8 / max(1, len(values))
@@ -230,7 +238,7 @@ def rates_with_ci(
     ylabel: str,
 ) -> Figure:
     """Horizontal bars with confidence-interval whiskers (robustness per family)."""
-    fig = _figure(6.0, 1.2 + 0.45 * len(names))
+    fig = figure(6.0, 1.2 + 0.45 * len(names))
     ax = fig.add_subplot()
     y = np.arange(len(names))
     r = np.asarray(rates, dtype=float)
@@ -256,7 +264,7 @@ def shift_plot(
 ) -> Figure:
     """Two panels over the layers: the fraction of units that shift (bars, with the layer
     threshold), and the mean normalised W₁ with its no-shift level (lines)."""
-    fig = Figure(figsize=(7.0, 5.5), layout="constrained")
+    fig = figure(7.0, 5.5)
     top, bottom = fig.subplots(2, 1, sharex=True)
     x = np.arange(len(layers))
     top.bar(x, np.nan_to_num(np.asarray(fraction, dtype=float)), color="#3b528b")

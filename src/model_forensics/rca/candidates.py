@@ -1,0 +1,101 @@
+"""The units a fix-set search draws from, in search order, and how each becomes an intervention.
+
+Guided order: attribution score, times (1 + CF score / threshold) for units CF flags when
+CF guides; unguided: every site, head and neuron in forward order. Fine candidates of a
+coarse site: every head of an attention site, the top ``neurons_per_site`` neurons of an MLP
+site. An :class:`Ablation` turns a unit into its :class:`Intervention`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from model_forensics.rca.attribution import Ranking, UnitScore
+from model_forensics.rca.compression import AnomalyReport
+from model_forensics.replay import Gate, Intervention, Session
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """How a unit is ablated: ``kind`` (mean over the baseline set, or zero), restricted to
+    the unit's failure direction where ``directions`` holds one, behind ``gate`` if any."""
+
+    kind: str
+    directions: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    gate: Gate | None = None
+
+    def __call__(self, unit: UnitScore) -> Intervention:
+        # Along a direction, ``mean`` writes the baseline mean over all positions: on SmolLM2
+        # it moved benign answers less than the mean at the last prompt position (align='last').
+        return Intervention(site=unit.unit, kind=self.kind, direction=self.directions.get(unit.unit), gate=self.gate)
+
+    def all(self, units: Sequence[UnitScore]) -> list[Intervention]:
+        """The interventions of a set of units."""
+        return [self(unit) for unit in units]
+
+
+def search_order(
+    session: Session, ranking: Ranking | None, guided_by: AnomalyReport | None, unguided: bool
+) -> list[UnitScore]:
+    """Units in search order. Guided: attribution × (1 + CF score / threshold) for flagged
+    units; unguided (or no ranking): every site/head/neuron in forward order."""
+    if unguided or ranking is None:
+        return forward_order(session)
+    out = []
+    for u in ranking.units:
+        weight = 1.0
+        if guided_by is not None:
+            cf = cf_score(guided_by, u.unit)
+            if cf > guided_by.threshold:
+                weight += cf / guided_by.threshold
+        out.append(UnitScore(u.unit, u.level, u.score * weight if u.score > 0 else u.score))
+    out.sort(key=lambda u: -u.score)
+    return out
+
+
+def forward_order(session: Session) -> list[UnitScore]:
+    """Every attention/MLP site, head and MLP neuron, block by block (scores 0)."""
+    adapter = session.adapter
+    units = []
+    for layer in range(adapter.n_layers):
+        units += [UnitScore(f"blocks.{layer}.attn", "site", 0.0), UnitScore(f"blocks.{layer}.mlp", "site", 0.0)]
+        units += [UnitScore(f"blocks.{layer}.attn.head.{h}", "head", 0.0) for h in range(adapter.n_heads or 0)]
+        units += [UnitScore(f"blocks.{layer}.mlp.post[{i}]", "neuron", 0.0) for i in range(mlp_width(session))]
+    return units
+
+
+def fine_candidates(scores: list[UnitScore], sites: Sequence[str], per_site: int) -> list[UnitScore]:
+    """The heads of each attention site and the first ``per_site`` neurons (in ``scores``
+    order) of each MLP site."""
+    fine: list[UnitScore] = []
+    for site in sites:
+        if site.endswith(".attn"):
+            fine += [u for u in scores if u.level == "head" and u.unit.startswith(site + ".head.")]
+        elif site.endswith(".mlp"):
+            fine += [u for u in scores if u.level == "neuron" and u.unit.startswith(site + ".post[")][:per_site]
+    return fine
+
+
+def unit_count(session: Session) -> int:
+    """Heads + MLP neurons of the model: the fine search space."""
+    adapter = session.adapter
+    return adapter.n_layers * ((adapter.n_heads or 0) + mlp_width(session))
+
+
+def mlp_width(session: Session) -> int:
+    """MLP neurons per block (d_mlp): the model config's, else 4 · d_model."""
+    cfg = getattr(session.model, "config", None)
+    for name in ("intermediate_size", "n_inner"):
+        value = getattr(cfg, name, None)
+        if value:
+            return int(value)
+    return 4 * int(session.adapter.d_model or 0)
+
+
+def cf_score(report: AnomalyReport | None, unit: str) -> float:
+    """CF's score for a unit: the larger of the unit's own and its site's (0 without CF)."""
+    if report is None:
+        return 0.0
+    site = unit.split("[")[0].removesuffix(".post")
+    return max(report.score(unit), report.score(site))

@@ -1,0 +1,97 @@
+"""Scoring a fix set's members, every number from exact replays.
+
+For a set S of n interventions flipping rate(S) of the failing variants:
+    necessity(m)   = rate(S) − rate(S ∖ {m})   how much the set loses without m
+    sufficiency(m) = rate({m})                 what m does alone
+    solo KL(m)     = mean benign KL of m alone, at the first decoding step (the search's
+                     cheap per-candidate side-effect estimate; it also orders the search)
+The 2n + 1 sets run as one batched sweep per failing variant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from model_forensics.core.records import fields_json
+from model_forensics.rca.attribution import UnitScore
+from model_forensics.rca.candidates import Ablation, cf_score
+from model_forensics.rca.compression import AnomalyReport
+from model_forensics.rca.runs import Inputs, flip_rate, flip_table
+from model_forensics.rca.side_effects import benign_kls
+from model_forensics.replay import Intervention, Session
+
+SOLO_KL_POOL = 16  # candidates whose solo KL is measured: at least this many
+
+
+@dataclass
+class FixMember:
+    intervention: Intervention
+    unit: str
+    level: str
+    attribution: float
+    cf_score: float
+    necessity: float  # flip rate of the set − flip rate without this member
+    sufficiency: float  # flip rate of this member alone
+    benign_kl: float | None  # mean benign KL of this member alone
+
+    def to_json(self) -> dict[str, Any]:
+        return fields_json(self, intervention=self.intervention.to_json())
+
+
+@dataclass
+class ScoredFix:
+    """A fix set's members, scored, and which failing variants the whole set flips."""
+
+    members: list[FixMember]
+    flips: list[bool]
+
+    @property
+    def flip_rate(self) -> float:
+        return flip_rate(self.flips)
+
+    @property
+    def interventions(self) -> list[Intervention]:
+        return [m.intervention for m in self.members]
+
+
+def solo_kls(
+    session: Session, candidates: list[UnitScore], ablate: Ablation, max_fix_set_size: int
+) -> dict[str, float]:
+    """Mean first-step benign KL of each of the first max(max_fix_set_size, 16) candidates
+    ablated alone ({} without a benign set)."""
+    if not session.benign() or not candidates:
+        return {}
+    pool = candidates[: max(max_fix_set_size, SOLO_KL_POOL)]
+    kls = benign_kls(session, [[ablate(u)] for u in pool])
+    return {u.unit: sum(k) / len(k) for u, k in zip(pool, kls, strict=True)}
+
+
+def score_members(
+    session: Session,
+    failing: list[Inputs],
+    units: list[UnitScore],
+    ablate: Ablation,
+    guided_by: AnomalyReport | None,
+    solo_kl: dict[str, float],
+) -> ScoredFix:
+    """Necessity and sufficiency of every member on the ``failing`` variants."""
+    full = ablate.all(units)
+    without = [[iv for iv in full if iv is not removed] for removed in full]
+    flips = flip_table(session, failing, [full, *without, *([iv] for iv in full)])
+    rates = [flip_rate(f) for f in flips]
+    n = len(full)
+    members = [
+        FixMember(
+            intervention=full[i],
+            unit=u.unit,
+            level=u.level,
+            attribution=u.score,
+            cf_score=cf_score(guided_by, u.unit),
+            necessity=rates[0] - rates[1 + i],
+            sufficiency=rates[1 + n + i],
+            benign_kl=solo_kl.get(u.unit),
+        )
+        for i, u in enumerate(units)
+    ]
+    return ScoredFix(members, flips[0])

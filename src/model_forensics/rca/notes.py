@@ -1,0 +1,89 @@
+"""Notes: what an analysis did or found that its reader should know, as data.
+
+A :class:`Note` is an event name and the numbers behind it; ``str(note)`` renders the one
+sentence the CLI, the HTML report and ``to_json()["notes"]`` show, from the templates
+below (the only place that text lives)::
+
+    Note("side_effects_exceed_bound", {"kl": 0.21, "bound": 0.05})
+    # side effects exceed the bound: mean benign KL 0.21 > 0.05 nats
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+_GATE = (
+    "a gate at {gate_site} ({gate_reading}, along the failure direction, above {gate_above:.4g}) "
+    "fires on {detected:.0%} of the failing variants and on none of the baselines{gate_in_sample}"
+)
+_GATE_IN_SAMPLE = (
+    " ({shared} of which are benign prompts, so the gate's side effects on those are in-sample; "
+    "check it on held-out prompts with side_effects.measure(..., benign=[…]))"
+)
+_READINGS = {"last": "last prompt position", "max": "largest over the prompt"}
+
+TEMPLATES: dict[str, str] = {
+    # CausalCCA's search
+    "refine_round": "round {round}: the set found on {searched} variants flips {flip_rate:.0%} of all "
+    "{variants}; searching again with {added} of the variants it misses added",
+    "sites_below_threshold": "ablating every attention and MLP site flips only {flip_rate:.0%}; "
+    "reporting the best set found",
+    "fell_back_to_sites": "heads/neurons alone do not reach the threshold; the fix set is the coarse (site-level) set",
+    "sites_truncated": "the site-level set needs {sites} sites; reporting the top {limit} (max_fix_set_size)",
+    # gating and narrowing (side effects above the bound)
+    "no_gate_site": "no site upstream of the fix set can carry a gate; the fix stays ungated",
+    "gated": "gated: " + _GATE + "; benign KL {ungated_kl:.3g} → {kl:.3g} nats at flip rate {flip_rate:.0%} "
+    "(ungated: {ungated_flip_rate:.0%})",
+    "gating_did_not_help": "gating did not help (" + _GATE + "; flip rate {flip_rate:.0%}, benign KL {kl:.3g} "
+    "vs {ungated_kl:.3g} nats ungated); the fix stays ungated",
+    "narrowed": "narrowed to failure directions: benign KL {whole_kl:.3g} → {kl:.3g} nats at flip rate "
+    "{flip_rate:.0%} (whole units: {whole_flip_rate:.0%})",
+    "narrowing_did_not_help": "narrowing to failure directions did not help (flip rate {flip_rate:.0%}, "
+    "benign KL {kl:.3g} vs {whole_kl:.3g} nats for whole units); whole units kept",
+    "side_effects_exceed_bound": "side effects exceed the bound: mean benign KL {kl:.3g} > {bound:g} nats",
+    # Compression Forensics' calibration
+    "too_few_baselines": "{baselines} baseline runs: the smallest possible p-value is {min_p_value:.3f} > "
+    "α = {alpha:.4f}, so nothing can be flagged; give at least {needed} benign runs",
+    "false_positive_rate_not_measured": "false-positive rate not measured: each half of the {baselines} "
+    "baseline runs needs at least {needed} runs for a unit to be flaggable",
+}
+
+
+@dataclass(frozen=True)
+class Note:
+    """One event of an analysis and its numbers (flip rates as fractions, KLs in nats).
+
+    Attributes:
+        event: a key of :data:`TEMPLATES` (``"gated"``, ``"refine_round"`` …).
+        numbers: the template's fields; a gate is described by ``gate_site``,
+            ``gate_reads`` (``last`` / ``max``), ``gate_above``, ``detected`` (fraction of
+            failing variants it fires on) and ``shared`` (calibration inputs that are
+            benign prompts).
+    """
+
+    event: str
+    numbers: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.event not in TEMPLATES:
+            raise ValueError(f"unknown note event '{self.event}'; known: {', '.join(TEMPLATES)}")
+
+    def __str__(self) -> str:
+        fields = dict(self.numbers)
+        if "gate_reads" in fields:
+            fields["gate_reading"] = _READINGS[fields["gate_reads"]]
+            fields["gate_in_sample"] = _GATE_IN_SAMPLE.format(**fields) if fields.get("shared") else ""
+        return TEMPLATES[self.event].format(**fields)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": self.event, **self.numbers, "text": str(self)}
+
+
+def distinct(notes: Iterable[Note]) -> list[Note]:
+    """The notes in order, each text once (a repeated search round repeats its notes)."""
+    first: dict[str, Note] = {}
+    for note in notes:
+        first.setdefault(str(note), note)
+    return list(first.values())

@@ -1,0 +1,236 @@
+"""Fix-set search over ranked units; every flip rate comes from exact replays.
+
+* **greedy** (:meth:`FixSearch.greedy`): the shortest rank-order prefix whose flip rate
+  reaches ``early_stop_threshold`` (prefixes in chunks of 8, one batched sweep per variant
+  and chunk), or the best prefix;
+* **delta-debugging** (:meth:`FixSearch.minimise`): drop members while the rest still
+  reaches the threshold, to a 1-minimal set;
+* **exhaustive** (:meth:`FixSearch.exhaustive`): every subset, by size, of the top
+  ``MAX_EXHAUSTIVE`` candidates — exponential, for small spaces and for testing greedy;
+* **coarse to fine** (:meth:`FixSearch.coarse_to_fine`): sites first, then the heads and
+  neurons inside the sites found;
+* **counterexample-guided** (:meth:`FixSearch.refine`): search on a subset of the failing
+  variants, re-measure on all, search again with the variants it misses added.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from model_forensics.core.config import CCAConfig
+from model_forensics.rca.attribution import UnitScore
+from model_forensics.rca.candidates import Ablation, fine_candidates
+from model_forensics.rca.members import solo_kls
+from model_forensics.rca.notes import Note
+from model_forensics.rca.runs import Inputs, failing_variants, flip_rate, flip_table
+from model_forensics.rca.side_effects import measure
+from model_forensics.replay import Intervention, Session
+
+MAX_EXHAUSTIVE = 12
+SEQUENTIAL_FROM = 12  # larger sets get a sequential removal pass before the batched rounds
+GREEDY_CHUNK = 8  # prefixes per batched sweep
+
+
+@dataclass
+class Trial:
+    """Units tried together and the fraction of the variants they flipped."""
+
+    units: list[UnitScore]
+    flip_rate: float
+
+
+@dataclass
+class Found:
+    """One search's result: the fix set (units in search order), the coarse sites it was
+    searched inside, and the candidates' solo benign KLs (first decoding step)."""
+
+    units: list[UnitScore]
+    sites: list[str]
+    solo_kl: dict[str, float]
+
+
+@dataclass
+class Refined:
+    """The best set of the counterexample-guided rounds and its flip rate on every failing variant."""
+
+    found: Found
+    flip_rate: float
+
+
+@dataclass
+class FixChoice:
+    """The fix set kept so far: its units, how they are ablated, their benign KL (as
+    reported: over the whole answer for generation) and the solo KLs of its candidates."""
+
+    units: list[UnitScore]
+    ablation: Ablation
+    benign_kl: float
+    solo_kl: dict[str, float]
+
+    @property
+    def interventions(self) -> list[Intervention]:
+        return self.ablation.all(self.units)
+
+
+class FixSearch:
+    """Fix-set search on one incident.
+
+    Args:
+        session: a replay Session whose incident fails.
+        config: the ``modules.cca`` knobs (threshold, set size, strategy, variants …).
+    Attributes:
+        failing: every failing variant (the reported flip rates are over these).
+        search_variants: the first ``search_variants`` of them, which the search runs on.
+    Raises:
+        ForensicsError: no predicate, or nothing fails.
+    """
+
+    def __init__(self, session: Session, config: CCAConfig) -> None:
+        self.session = session
+        self.config = config
+        self.failing = failing_variants(session)
+        self.search_variants = self.failing[: config.search_variants]
+
+    def reaches(self, rate: float) -> bool:
+        return rate >= self.config.early_stop_threshold
+
+    def flips(self, variants: Sequence[Inputs], fix: Sequence[Intervention]) -> list[bool]:
+        """Which of ``variants`` one intervention set flips."""
+        (flips,) = flip_table(self.session, variants, [fix])
+        return flips
+
+    def benign_kl(self, fix: Sequence[Intervention]) -> float:
+        """The side-effect KL the result reports (over the whole clean answer for generation)."""
+        if not self.session.benign():
+            return 0.0
+        return measure(self.session, fix, self.config.max_side_effect_kl).mean_kl
+
+    def greedy(self, variants: Sequence[Inputs], ranked: list[UnitScore], ablate: Ablation, limit: int) -> Trial:
+        """The shortest rank-order prefix (at most ``limit`` units) reaching the threshold,
+        or the prefix with the best flip rate."""
+        best = Trial([], 0.0)
+        for lo in range(0, min(limit, len(ranked)), GREEDY_CHUNK):
+            sizes = list(range(lo + 1, min(limit, len(ranked), lo + GREEDY_CHUNK) + 1))
+            sets = [ablate.all(ranked[:k]) for k in sizes]
+            for k, flips in zip(sizes, flip_table(self.session, variants, sets), strict=True):
+                rate = flip_rate(flips)
+                if rate > best.flip_rate:
+                    best = Trial(ranked[:k], rate)
+                if self.reaches(rate):
+                    return Trial(ranked[:k], rate)
+        return best
+
+    def minimise(
+        self, variants: Sequence[Inputs], chosen: list[UnitScore], ablate: Ablation, solo_kl: dict[str, float]
+    ) -> list[UnitScore]:
+        """Delta-debugging removal to a 1-minimal set: drop members while the rest still flips.
+
+        Each round replays every one-member-removed set and drops the removable member with
+        the largest solo KL. Sets larger than ``SEQUENTIAL_FROM`` first get one sequential
+        pass in that order (one set per check, so the pass costs O(n) runs, not O(n²)); the
+        rounds then confirm 1-minimality."""
+        current = list(chosen)
+        if len(current) > SEQUENTIAL_FROM:
+            for member in sorted(current, key=lambda m: (-solo_kl.get(m.unit, 0.0), m.score)):
+                rest = [u for u in current if u is not member]
+                if self.reaches(flip_rate(self.flips(variants, ablate.all(rest)))):
+                    current = rest
+        while len(current) > 1:
+            without = [ablate.all([u for u in current if u is not m]) for m in current]
+            flips = flip_table(self.session, variants, without)
+            removable = [m for m, f in zip(current, flips, strict=True) if self.reaches(flip_rate(f))]
+            if not removable:
+                break
+            current.remove(max(removable, key=lambda m: (solo_kl.get(m.unit, 0.0), -m.score)))
+        return current
+
+    def exhaustive(self, variants: Sequence[Inputs], ranked: list[UnitScore], ablate: Ablation) -> Trial:
+        """The smallest subset of the top ``MAX_EXHAUSTIVE`` units reaching the threshold
+        (the best flip rate of each size, by size), or the best subset tried."""
+        pool = ranked[:MAX_EXHAUSTIVE]
+        best = Trial([], 0.0)
+        for size in range(1, min(len(pool), self.config.max_fix_set_size) + 1):
+            combos = [list(c) for c in itertools.combinations(pool, size)]
+            rates = [flip_rate(f) for f in flip_table(self.session, variants, [ablate.all(c) for c in combos])]
+            top = max(range(len(combos)), key=lambda i: rates[i])
+            if rates[top] > best.flip_rate:
+                best = Trial(combos[top], rates[top])
+            if self.reaches(rates[top]):
+                return best
+        return best
+
+    def coarse_to_fine(
+        self, variants: Sequence[Inputs], scores: list[UnitScore], ablate: Ablation, unguided: bool, notes: list[Note]
+    ) -> Found:
+        """Coarse sites (greedy, then minimised), then heads/neurons inside them, on ``variants``.
+        Candidates whose solo KL exceeds the side-effect bound go last (guided search). When
+        heads/neurons do not reach the threshold the set is the coarse one (at most
+        ``max_fix_set_size`` sites)."""
+        cfg = self.config
+        coarse = [u for u in scores if u.level == "site"]
+        sites_trial = self.greedy(variants, coarse, ablate, len(coarse))
+        if not self.reaches(sites_trial.flip_rate):
+            notes.append(Note("sites_below_threshold", {"flip_rate": sites_trial.flip_rate}))
+        coarse_set = self.minimise(variants, sites_trial.units, ablate, {})
+        sites = [u.unit for u in coarse_set]
+
+        fine = fine_candidates(scores, sites, cfg.neurons_per_site)
+        solo_kl = solo_kls(self.session, fine, ablate, cfg.max_fix_set_size)
+        fine.sort(
+            key=lambda u: (solo_kl.get(u.unit, 0.0) > cfg.max_side_effect_kl, -u.score) if not unguided else (0, 0)
+        )
+        if cfg.search_strategy == "exhaustive":
+            trial = self.exhaustive(variants, fine, ablate)
+            chosen = trial.units
+        else:
+            trial = self.greedy(variants, fine, ablate, cfg.max_fix_set_size)
+            chosen = (
+                self.minimise(variants, trial.units, ablate, solo_kl) if self.reaches(trial.flip_rate) else trial.units
+            )
+        if not self.reaches(trial.flip_rate) or not chosen:
+            notes.append(Note("fell_back_to_sites"))
+            chosen = coarse_set
+            if len(chosen) > cfg.max_fix_set_size:
+                notes.append(Note("sites_truncated", {"sites": len(chosen), "limit": cfg.max_fix_set_size}))
+                chosen = chosen[: cfg.max_fix_set_size]
+        return Found(chosen, sites, solo_kl)
+
+    def refine(self, search: Callable[[list[Inputs]], Found], ablate: Ablation, notes: list[Note]) -> Refined:
+        """Counterexample-guided: ``search(variants)`` on ``search_variants``, re-measure the
+        set on every failing variant, and search again with up to ``search_variants`` of
+        the variants it does not flip added (at most ``refine_rounds`` times). The best
+        round's set is returned."""
+        variants = list(self.search_variants)
+        best: Refined | None = None
+        for round_ in range(self.config.refine_rounds + 1):
+            found = search(variants)
+            flipped = self.flips(self.failing, ablate.all(found.units))
+            rate = flip_rate(flipped)
+            if best is None or rate > best.flip_rate:
+                best = Refined(found, rate)
+            missed = [v for v, f in zip(self.failing, flipped, strict=True) if not f and not among(v, variants)]
+            if self.reaches(rate) or not missed or round_ == self.config.refine_rounds:
+                break
+            added = missed[: self.config.search_variants]
+            notes.append(
+                Note(
+                    "refine_round",
+                    {
+                        "round": round_ + 1,
+                        "searched": len(variants),
+                        "flip_rate": rate,
+                        "variants": len(self.failing),
+                        "added": len(added),
+                    },
+                )
+            )
+            variants = variants + added
+        assert best is not None  # the loop runs at least once
+        return best
+
+
+def among(batch: Inputs, batches: Sequence[Inputs]) -> bool:
+    """Whether ``batch`` is one of ``batches`` (the same object: variants are compared by identity)."""
+    return any(batch is other for other in batches)
