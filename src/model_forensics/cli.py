@@ -10,9 +10,13 @@ so a hostile manifest cannot style, hide or rewrite what the terminal shows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -88,6 +92,8 @@ scenarios_app = typer.Typer(
     help="Incident scenarios: zoo models with ground truth, and real weights.", no_args_is_help=True
 )
 app.add_typer(scenarios_app, name="scenarios")
+circuits_app = typer.Typer(help="Circuits: token influence, head importance, claim evaluation.", no_args_is_help=True)
+app.add_typer(circuits_app, name="circuits")
 # No emoji codes: ":name:" inside a bundle value must print as written.
 console = Console(emoji=False)
 err = Console(stderr=True, emoji=False)
@@ -98,10 +104,32 @@ ModelOpt = Annotated[
 PromptOpt = Annotated[str, typer.Option("--prompt", "-p", help="The input text")]
 BundleArg = Annotated[Path, typer.Argument(help="Bundle directory or .mfb.zip")]
 ConfigOpt = Annotated[Path | None, typer.Option(help="YAML config (default: built-in defaults)")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N | auto (CUDA if available)")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 | float16 | bfloat16 (the weights' dtype)")]
+ReplayDtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype", help="float32 | float16 | bfloat16 (default: as recorded; another dtype is not bit-identical)"
+    ),
+]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from model_forensics import __version__
+
+        console.print(f"model-forensics {__version__}", highlight=False)
+        raise typer.Exit()
 
 
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors")] = False) -> None:
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit"),
+    ] = False,
+) -> None:
     if debug:
         os.environ["MODEL_FORENSICS_DEBUG"] = "1"
 
@@ -209,7 +237,7 @@ def _parse_predicate(spec: str) -> Any:
     pred = parse_predicate(spec)
     if pred.needs_text and not next(iter(pred.args.values()), ""):
         raise ForensicsError(f"predicate '{spec}' has an empty value; e.g. contains:HACKED")
-    if any(i < 0 for i in pred.indices()):
+    if pred.resolved and any(i < 0 for i in pred.indices()):
         raise ForensicsError(f"predicate '{spec}' names a negative index; token and class ids start at 0")
     if pred.kind == "regex":
         pred.evaluate(text="")  # raises naming the pattern when it does not compile
@@ -244,11 +272,22 @@ def _check_figure_formats(spec: str) -> list[str]:
     return formats
 
 
-def _load(reference: str) -> Any:
-    from model_forensics.models import load
+def _check_device(device: str | None, dtype: str | None) -> None:
+    """--device and --dtype, checked before any work (no CUDA here is one line, exit 2)."""
+    from model_forensics.models.loading import parse_dtype, resolve_device
 
+    if dtype is not None:
+        parse_dtype(dtype)
+    if device is not None:
+        resolve_device(device)
+
+
+def _load(reference: str, device: str = "cpu", dtype: str = "float32") -> Any:
+    from model_forensics.models.loading import load
+
+    _check_device(device, dtype)
     with err.status(f"loading {_safe(reference)}…"):
-        return load(reference)
+        return load(reference, device=device, dtype=dtype)
 
 
 # -- bundles -------------------------------------------------------------------------------------
@@ -291,6 +330,9 @@ def _print_summary(bundle_path: Path) -> None:
             "[bold red]FAILS[/] (predicate holds)" if pred["holds"] else "[green]passes[/] (predicate does not hold)"
         )
         args = ", ".join(map(repr, pred["args"].values()))
+        name = (m.get("extras") or {}).get("predicate_name")
+        if isinstance(name, str):  # given by name (class_is:positive): the name, then the id it resolved to
+            args = f"{name!r} = {args}"
         table.add_row("failure predicate", f"{_safe(pred['kind'])}({_safe(args)}) → {verdict}")
     sketches = ", ".join(sorted({s["sketch"] for s in m["sites"].values()}))
     granularity = m["recorder"].get("granularity")
@@ -324,7 +366,27 @@ def record(
     max_new_tokens: Annotated[
         int, typer.Option(min=0, help="Greedy-generate this many tokens (0: one forward pass)")
     ] = 0,
-    predicate: Annotated[str | None, typer.Option(help="Failure predicate, e.g. contains:HACKED or class_is:1")] = None,
+    predicate: Annotated[
+        str | None,
+        typer.Option(help="Failure predicate, e.g. contains:HACKED, class_is:positive (or 1), token_is:HACKED (or 42)"),
+    ] = None,
+    variants: Annotated[
+        str | None,
+        typer.Option(
+            help="Failing variants of the incident: a .jsonl/.txt file of prompts, or 'auto' (generated from "
+            "--prompt); those that do not fail the predicate are dropped"
+        ),
+    ] = None,
+    benign: Annotated[
+        Path | None,
+        typer.Option(help="Benign prompts (.jsonl/.txt) for side-effect checks; those that fail are dropped"),
+    ] = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            help="Clean counterparts of the incident (.jsonl/.txt), the CF baseline; those that fail are dropped"
+        ),
+    ] = None,
     granularity: Annotated[Granularity | None, typer.Option(help="Which sites to record")] = None,
     sketch: Annotated[SketchKind | None, typer.Option(help="How site tensors are stored")] = None,
     config: ConfigOpt = None,
@@ -333,35 +395,98 @@ def record(
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON")] = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
 ) -> None:
-    """Record one prompt into an incident bundle."""
+    """Record one prompt into an incident bundle (with your variants, benign prompts and baselines)."""
     from model_forensics.core import signing
     from model_forensics.recorder import RecorderHooks
-    from model_forensics.recorder.session import record_prompt
+    from model_forensics.recorder.session import NoFailingVariants, record_incident, record_prompt
 
     _check_prompt(prompt)
     pred = _parse_predicate(predicate) if predicate else None
     _check_config(config)
     recorder = RecorderHooks(config, granularity=granularity, sketch=sketch)
+    prompt_sets, sources = _read_prompt_sets(variants, benign, baseline, pred, recorder.config_tree.bundle)
     if sign_key is not None:
         signing.load_private_key(sign_key)
     _check_bundle_out(out, overwrite)
-    loaded = _load(model)
+    loaded = _load(model, device=device, dtype=dtype)
     with err.status("recording…"):
-        path = record_prompt(
-            loaded,
-            prompt,
-            out,
-            recorder=recorder,
-            max_new_tokens=max_new_tokens,
-            predicate=pred,
-            overwrite=overwrite,
-            sign_key=sign_key,
-        )
+        if variants == "auto":
+            prompt_sets["variants"] = _auto_variants(prompt)
+        if prompt_sets:
+            assert pred is not None
+            try:
+                recording = record_incident(
+                    loaded,
+                    prompt,
+                    out,
+                    predicate=pred,
+                    **prompt_sets,
+                    sources=sources,
+                    variants_generated=variants == "auto",
+                    recorder=recorder,
+                    max_new_tokens=max_new_tokens,
+                    overwrite=overwrite,
+                    sign_key=sign_key,
+                )
+            except NoFailingVariants as exc:
+                _error_line(str(exc))
+                raise typer.Exit(1) from None
+            path, messages = recording.path, [check.message for check in recording.checks]
+        else:
+            path = record_prompt(
+                loaded,
+                prompt,
+                out,
+                recorder=recorder,
+                max_new_tokens=max_new_tokens,
+                predicate=pred,
+                overwrite=overwrite,
+                sign_key=sign_key,
+            )
+            messages = []
+    for message in messages:
+        err.print(_safe(message), soft_wrap=True, highlight=False)
     if as_json:
         console.print_json((path / "manifest.json").read_text())
     else:
         _print_summary(path)
+
+
+AUTO_VARIANTS = 32  # --variants auto: how many are generated (seed 0) before the predicate filters them
+
+
+def _read_prompt_sets(
+    variants: str | None, benign: Path | None, baseline: Path | None, predicate: Any, limits: Any
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The prompt files of ``record``, read and checked before the model loads (``--variants
+    auto`` is generated after). Returns the prompts and the source of each set, by role."""
+    from model_forensics.core.prompts import read_prompts
+
+    files = {
+        "variants": None if variants in (None, "auto") else Path(str(variants)),
+        "benign": benign,
+        "baseline": baseline,
+    }
+    given = [role for role, path in files.items() if path is not None] + (["variants"] if variants == "auto" else [])
+    if given and predicate is None:
+        raise ForensicsError(
+            f"--{'/--'.join(given)} {'needs' if len(given) == 1 else 'need'} a --predicate: each prompt is checked "
+            "against it (variants must fail it, benign and baseline prompts must not); e.g. --predicate contains:HACKED"
+        )
+    prompt_sets = {role: read_prompts(path, limits) for role, path in files.items() if path is not None}
+    sources = {role: path.name for role, path in files.items() if path is not None}
+    if variants == "auto":
+        sources["variants"] = "generated from --prompt by --variants auto, seed 0"
+    return prompt_sets, sources
+
+
+def _auto_variants(prompt: str) -> list[str]:
+    from model_forensics.inspection.variants import auto_variants
+
+    return auto_variants(prompt, count=AUTO_VARIANTS, seed=0)
 
 
 @app.command()
@@ -369,6 +494,7 @@ def trace(
     model: ModelOpt,
     prompt: PromptOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the ActivityCube JSON")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file")] = False,
 ) -> None:
     """Trace a prompt into an ActivityCube (tokens × layers × metrics) JSON file."""
     import torch
@@ -378,6 +504,8 @@ def trace(
 
     _check_prompt(prompt)
     _check_file_out(out, "--out")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise ForensicsError(f"'{out}' already exists; choose another path or pass --overwrite to replace it")
     loaded = _load(model)
     batch = encode_prompt(loaded, prompt)
     with add_hooks_all(loaded.model, loaded.tokenizer) as tracer, torch.no_grad():
@@ -521,6 +649,46 @@ def bundle_sign(
     )
 
 
+@bundle_app.command("pack")
+def bundle_pack(
+    path: Annotated[Path, typer.Argument(help="Bundle directory")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The archive to write (NAME.mfb.zip)")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing archive")] = False,
+) -> None:
+    """Zip a bundle directory into a .mfb.zip the reader accepts, and check what was written.
+
+    (`zip -r x.mfb.zip DIR` is refused: it stores DIR/ and every file under it.)
+    """
+    from model_forensics.core.bundle import Bundle, pack_bundle
+
+    _check_exists(path, "bundle", "pass a bundle directory")
+    _check_file_out(out, "--out")
+    archive = pack_bundle(path, out, overwrite=overwrite)
+    packed = Bundle.open(archive)
+    console.print(
+        f"[green]✓[/] packed {_safe(path)} → {_safe(archive)} ({_human(archive.stat().st_size)}), "
+        f"verified: digest {packed.digest}",
+        soft_wrap=True,
+    )
+
+
+@bundle_app.command("unpack")
+def bundle_unpack(
+    archive: Annotated[Path, typer.Argument(help="A .mfb.zip archive")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to create")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle")] = False,
+) -> None:
+    """Unpack a .mfb.zip into a bundle directory (checked before anything is written)."""
+    from model_forensics.core.bundle import Bundle, unpack_bundle
+
+    _check_exists(archive, "archive", "pass a .mfb.zip file")
+    _check_bundle_out(out, overwrite)
+    path = unpack_bundle(archive, out, overwrite=overwrite)
+    console.print(
+        f"[green]✓[/] unpacked {_safe(archive)} → {_safe(path)}: digest {Bundle.open(path).digest}", soft_wrap=True
+    )
+
+
 def _run_isolated(ctx: typer.Context) -> NoReturn:
     """Re-run this command line, minus --isolate, in a fresh network namespace."""
     from model_forensics.replay import isolation
@@ -533,20 +701,33 @@ def _run_isolated(ctx: typer.Context) -> NoReturn:
 
 
 # -- replay --------------------------------------------------------------------------------------
-def _open_session(path: Path, model: str | None, allow_weight_mismatch: bool, **sandbox: bool) -> Any:
+def _open_session(
+    path: Path,
+    model: str | None,
+    allow_weight_mismatch: bool,
+    device: str | None = None,
+    dtype: str | None = None,
+    **sandbox: bool,
+) -> Any:
     import warnings
 
     from model_forensics.core.errors import WeightMismatchWarning
     from model_forensics.replay import SandboxReplayer
+    from model_forensics.replay.loading import DtypeChangeWarning
 
+    _check_device(device, dtype)
     with err.status(f"loading {_safe(path)} and its model…"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         options: dict[str, Any] = {k: v for k, v in sandbox.items() if v}
         replayer = SandboxReplayer(None, **options)
-        session = replayer.load_bundle(path, model=model, allow_weight_mismatch=allow_weight_mismatch)
+        session = replayer.load_bundle(
+            path, model=model, allow_weight_mismatch=allow_weight_mismatch, device=device, dtype=dtype
+        )
     for w in caught:
         if issubclass(w.category, WeightMismatchWarning):
             err.print(f"[bold red]WARNING:[/] {_safe(w.message)}", soft_wrap=True)
+        elif issubclass(w.category, DtypeChangeWarning):
+            err.print(f"note: {_safe(w.message)}", soft_wrap=True)
     return session
 
 
@@ -574,6 +755,10 @@ def replay(
         list[str] | None,
         typer.Option("--intervene", "-i", help="SITE:KIND[=VALUE], e.g. blocks.1.attn.head.3:zero (repeatable)"),
     ] = None,
+    fix: Annotated[
+        Path | None,
+        typer.Option("--fix", help="Apply the fix set an `analyze --out FILE` JSON holds (gates, directions included)"),
+    ] = None,
     verify: Annotated[bool, typer.Option(help="Check the unchanged replay is bit-identical first")] = True,
     allow_weight_mismatch: Annotated[bool, typer.Option(help="Replay even if the weights differ (warns)")] = False,
     isolate: Annotated[bool, typer.Option("--isolate", help="Replay in a fresh network namespace")] = False,
@@ -583,46 +768,88 @@ def replay(
     allow_subprocess: Annotated[
         bool, typer.Option("--allow-subprocess", help="Let replayed code start processes (off: the sandbox refuses)")
     ] = False,
+    device: DeviceOpt = "cpu",
+    dtype: ReplayDtypeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON")] = False,
 ) -> None:
-    """Replay an incident bundle in the sandbox, optionally with interventions."""
+    """Replay an incident bundle in the sandbox, optionally with interventions or a fix set."""
     from model_forensics.replay import Intervention
+    from model_forensics.replay.loading import read_fix_file, recorded_dtype
+    from model_forensics.scenarios.agent import replayed_call
 
     interventions = [Intervention.parse(spec) for spec in intervene or []]
+    if fix is not None:
+        interventions += read_fix_file(fix)
     _check_exists(path, "bundle", "pass a bundle directory or a .mfb.zip file")
     if isolate:
         _run_isolated(ctx)
     session = _open_session(
-        path, model, allow_weight_mismatch, allow_network=allow_network, allow_subprocess=allow_subprocess
+        path,
+        model,
+        allow_weight_mismatch,
+        device=device,
+        dtype=dtype,
+        allow_network=allow_network,
+        allow_subprocess=allow_subprocess,
     )
     report = None
-    if verify:
+    same_dtype = next(session.model.parameters()).dtype == recorded_dtype(session.bundle)
+    if verify and same_dtype:
         with err.status("verifying the replay…"):
             report = session.verify()
     with err.status("replaying…"):
         result = session.run(interventions)
+    call = replayed_call(session, result)  # an agent step: the tool call it would issue (not run)
     if as_json:
         payload = {"verify": report.to_json() if report else None, "recorded_failed": session.recorded_failed}
-        console.print_json(json.dumps({**payload, "run": result.to_json()}))
+        extra = {"fix": None if fix is None else str(fix), "agent_call": None if call is None else call.to_json()}
+        console.print_json(json.dumps({**payload, **extra, "run": result.to_json()}))
         return
+    console.print(_replay_table(path, session, result, report, interventions, fix))
+    if call is not None:
+        colour = "bold red" if call.destructive else "green"
+        who = "with the fix the agent would issue" if fix is not None else "the replayed agent would issue"
+        console.print(f"{who}: [{colour}]{_safe(call)}[/] (replayed, not executed)", soft_wrap=True)
+
+
+def _replay_table(
+    path: Path, session: Any, result: Any, report: Any, interventions: list[Any], fix: Path | None
+) -> Table:
     table = Table(show_header=False, title=f"replay of [bold]{_safe(path)}[/]", title_justify="left")
     table.add_column(style="bold cyan")
     table.add_column()
     if report is not None:
         colour = "green" if report.bit_identical else "red"
         table.add_row("verification", f"[{colour}]{_safe(report.summary())}[/]")
+    if fix is not None:
+        n = len(interventions)
+        table.add_row("fix set", _safe(f"{fix} ({n} intervention{'s' if n != 1 else ''})"))
     table.add_row("interventions", _safe(", ".join(str(iv) for iv in interventions) or "(none)"))
+    for site, opened in result.gates.items():
+        table.add_row(
+            "gate", _safe(f"{site}: {'opened (the fix applied)' if opened else 'closed (run left unchanged)'}")
+        )
     if session.manifest["output"].get("text") is not None:
         table.add_row("recorded output", _clip(session.manifest["output"]["text"]))
     if result.text is not None:
-        table.add_row("replayed output", _clip(result.text))
-    table.add_row("prediction", _safe(result.prediction))
+        table.add_row("fixed output" if fix is not None else "replayed output", _clip(result.text))
+    recorded = session.manifest["output"].get("prediction")
+    if result.text is None and recorded is not None:  # a classifier: its class is the output
+        table.add_row("recorded prediction", _safe(recorded))
+    table.add_row("fixed prediction" if fix is not None else "prediction", _safe(result.prediction))
     if result.failed is not None:
-        verdict = "[bold red]FAILS[/]" if result.failed else "[green]passes[/]"
-        flip = " (flipped: the intervention fixes it)" if result.flipped else ""
-        table.add_row("failure predicate", verdict + flip)
+        if fix is not None:
+            verdict = (
+                "[bold red]still holds[/] (the fix does not remove the failure)"
+                if result.failed
+                else "[green]no longer holds[/] (the fix removes the failure)"
+            )
+        else:
+            verdict = "[bold red]FAILS[/]" if result.failed else "[green]passes[/]"
+            verdict += " (flipped: the intervention fixes it)" if result.flipped else ""
+        table.add_row("failure predicate", verdict)
     table.add_row("forward passes", str(session.forward_passes))
-    console.print(table)
+    return table
 
 
 # -- inspection ----------------------------------------------------------------------------------
@@ -716,35 +943,118 @@ def inspect_command(
 
 
 # -- root-cause analysis -------------------------------------------------------------------------
-def _progress_callback(progress: Any, task: Any) -> Any:
-    def say(message: str) -> None:
-        progress.update(task, description=_safe(message), advance=1)
-
-    return say
+PLAIN_PROGRESS_EVERY_S = 2.0  # without a terminal: at most one progress line this often per phase
 
 
-def _fix_table(result: dict[str, Any]) -> Table:
+@contextlib.contextmanager
+def _progress_callback() -> Iterator[Callable[[str, int, int], None]]:
+    """``progress(phase, done, total)`` for ``analyze_bundle`` on stderr: on a terminal a rich
+    bar per phase (count, time left); otherwise plain lines (``search: units: 8/56
+    candidates, about 3 s left``) at most every 2 s per phase, and each phase's last line
+    once the next phase begins (so an error right after a phase stays one line)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from model_forensics.rca.progress import describe
+
+    if err.is_terminal:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=err, transient=True) as bar:
+            tasks: dict[str, Any] = {}
+
+            def update(phase: str, done: int, total: int) -> None:
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task(_safe(phase), total=total)
+                elif done == 0:
+                    bar.reset(tasks[phase], total=total)
+                bar.update(tasks[phase], completed=done, total=total)
+
+            yield update
+        return
+    state: dict[str, Any] = {"phase": None, "pending": None, "started": 0.0, "printed": 0.0}
+
+    def line(phase: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if phase != state["phase"]:
+            if state["pending"]:
+                err.print(state["pending"], soft_wrap=True, highlight=False)
+            state.update(phase=phase, started=now, printed=now)
+        elapsed = now - state["started"]
+        eta = elapsed / done * (total - done) if 0 < done < total else None
+        state["pending"] = _safe(describe(phase, done, total, eta))
+        if now - state["printed"] >= PLAIN_PROGRESS_EVERY_S:
+            err.print(state["pending"], soft_wrap=True, highlight=False)
+            state.update(pending=None, printed=now)
+
+    yield line
+    if state["pending"]:
+        err.print(state["pending"], soft_wrap=True, highlight=False)
+
+
+def _fix_table(result: dict[str, Any], title: str, caption: str) -> Table:
+    """The fix set's members, narrow enough for 80 columns; unit names are never cut
+    (their column is as wide as the longest). How a member is ablated (along a failure
+    direction, behind a gate) is in the level column; attribution and CF scores are in
+    --json and the report."""
+    from rich import box
+
     fix = result["fix_set"]
-    table = Table(title=f"minimal fix set: {len(fix['members'])} interventions, flip rate {fix['total_flip_rate']:.0%}")
-    for col in ("intervention", "level", "necessity", "sufficiency", "attribution", "CF score", "benign KL"):
-        table.add_column(col)
-    for m in fix["members"]:
+    names = [_safe(f"{m['intervention']['site']}:{m['intervention']['kind']}") for m in fix["members"]]
+    table = Table(
+        title=_safe(title),
+        caption=_safe(caption),
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        title_justify="left",
+        caption_justify="left",
+        title_style="bold",
+    )
+    table.add_column("intervention", no_wrap=True, min_width=max(map(len, names), default=12))
+    for col in ("level", "necessity", "sufficiency", "benign KL"):
+        table.add_column(col, justify="left" if col == "level" else "right")
+    for name, m in zip(names, fix["members"], strict=True):
         iv = m["intervention"]
-        kl = "—" if m["benign_kl"] is None else f"{m['benign_kl']:.4f}"
-        table.add_row(
-            _safe(
-                f"{iv['site']}:{iv['kind']}"
-                + (" along its failure direction" if iv.get("direction") else "")
-                + (f", gated at {iv['gate']['site']}" if iv.get("gate") else "")
-            ),
-            _safe(m["level"]),
-            f"{m['necessity']:.0%}",
-            f"{m['sufficiency']:.0%}",
-            f"{m['attribution']:.3f}",
-            f"{m['cf_score']:.1f}",
-            kl,
-        )
+        level = m["level"] + (", direction" if iv.get("direction") else "") + (", gated" if iv.get("gate") else "")
+        kl = "—" if m["benign_kl"] is None else f"{m['benign_kl']:.2g}"
+        table.add_row(name, _safe(level), f"{m['necessity']:.0%}", f"{m['sufficiency']:.0%}", kl)
     return table
+
+
+def _print_explanation(result: dict[str, Any], sections: list[Any]) -> None:
+    """The analysis in reading order (:func:`model_forensics.rca.explain.explain`); every
+    string from the bundle printed literally."""
+    for section in sections:
+        if section.key == "fix_set":
+            console.print(_fix_table(result, section.title, " ".join(section.paragraphs)))
+            console.print()
+            continue
+        console.print(f"[bold]{_safe(section.title)}[/]")
+        for paragraph in section.paragraphs:
+            console.print(_safe(paragraph), highlight=False)
+        if section.items:
+            bullets = Table.grid(padding=(0, 1))
+            bullets.add_column(no_wrap=True)
+            bullets.add_column()
+            for item in section.items:
+                bullets.add_row(" •", _safe(item))
+            console.print(bullets, highlight=False)
+        for command, does in section.commands:
+            for line in _command_lines(command, console.width - 2):
+                console.print(f"  [cyan]{_safe(line)}[/]", soft_wrap=True, highlight=False)
+            console.print(f"      {_safe(does)}", highlight=False)
+        console.print()
+
+
+def _command_lines(command: str, width: int) -> list[str]:
+    """A shell command cut at word boundaries into lines of at most ``width`` characters,
+    continued with a backslash, so it still runs when copied (a word longer than a line
+    gets a line of its own)."""
+    lines: list[str] = []
+    for word in (shlex.quote(w) for w in shlex.split(command)):
+        if lines and len(lines[-1]) + 1 + len(word) + 2 <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word if not lines else "    " + word)
+    return [line + " \\" for line in lines[:-1]] + lines[-1:]
 
 
 def _anomaly_table(result: dict[str, Any], n: int = 10) -> Table:
@@ -791,14 +1101,24 @@ def analyze(
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the analysis as JSON")] = False,
+    anomalies: Annotated[
+        bool,
+        typer.Option(
+            "--anomalies",
+            help="Also show the CF anomaly table (hidden by default: on the zoo CF ranks the planted sites "
+            "worse than activation norm, benchmarks/results/rca_eval.md)",
+        ),
+    ] = False,
+    device: DeviceOpt = "cpu",
+    dtype: ReplayDtypeOpt = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the analysis JSON here")] = None,
     report: Annotated[
         Path | None, typer.Option("--report", help="Also write a self-contained HTML report here (tables + figures)")
     ] = None,
 ) -> None:
-    """Root-cause analysis: CF anomalies, attribution ranking, a verified minimal fix set."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
+    """Root-cause analysis: the smallest verified fix set, explained (what happened, the answer,
+    what was tried, what is uncertain, what to run next)."""
+    from model_forensics.rca.explain import explain
     from model_forensics.rca.pipeline import NothingToFix, analyze_bundle
 
     _check_exists(bundle, "bundle", "pass an incident bundle directory or a .mfb.zip file")
@@ -810,11 +1130,9 @@ def analyze(
         if path is not None:
             _check_file_out(path, what)
     _check_config(config)
-    with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True
-    ) as progress:
-        task = progress.add_task("loading", total=4)
-        try:
+    _check_device(device, dtype)
+    try:
+        with _progress_callback() as progress:
             result = analyze_bundle(
                 bundle,
                 model=model,
@@ -823,11 +1141,14 @@ def analyze(
                 strategy=strategy,
                 directions=directions,
                 gating=gating,
-                progress=_progress_callback(progress, task),
+                progress=progress,
+                device=device,
+                dtype=dtype,
             ).to_json()
-        except NothingToFix as exc:
-            err.print(f"nothing to fix: {_safe(exc)}", soft_wrap=True)
-            raise typer.Exit(1) from None
+    except NothingToFix as exc:
+        err.print(f"nothing to fix: {_safe(exc)}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    _add_agent_with_fix(result, bundle, model, device, dtype)
     if out is not None:
         out.write_text(json.dumps(result, indent=1))
     if report is not None:
@@ -838,25 +1159,49 @@ def analyze(
     if as_json:
         console.print_json(json.dumps(result))
         return
-    console.print(_anomaly_table(result))
-    console.print(_fix_table(result))
-    fix = result["fix_set"]
-    se = fix["side_effects"]
-    if se:
-        console.print(
-            f"side effects on {se['n_benign']} benign prompts: mean KL {se['mean_kl']:.4f} nats "
-            f"(bound {se['bound']}, {'within' if se['within_bound'] else '[red]EXCEEDED[/]'}), "
-            f"accuracy {se['accuracy_clean']:.0%} → {se['accuracy_fixed']:.0%}, predicate changed on {se['predicate_changed']:.0%}"
-        )
-    console.print(
-        f"flip rate {fix['total_flip_rate']:.0%} over {len(fix['flips'])} failing variants · "
-        f"{fix['candidates']} candidate units · {result['forward_passes']} forward passes · {result['seconds']:.1f} s"
-    )
-    for note in [*result["anomalies"].get("notes", []), *fix["notes"]]:
-        console.print(f"note: {_safe(note)}")
+    saved, reported = (None if p is None else str(p) for p in (out, report))
+    _print_explanation(result, explain(result, saved_to=saved, report_to=reported, anomalies_shown=anomalies))
+    _print_agent_with_fix(result)
+    if anomalies:
+        console.print(_anomaly_table(result))
+        for note in result["anomalies"].get("notes", []):
+            console.print(f"note: {_safe(note)}", highlight=False)
 
 
-def _many(directory: Path, model: str | None, config: Path | None, search: bool, workers: int, ray: str | None) -> Any:
+def _add_agent_with_fix(
+    result: dict[str, Any], bundle: Path, model: str | None, device: str | None, dtype: str | None
+) -> None:
+    """For an agent-step incident (tool-misuse), ``result["agent_with_fix"]``: the tool call
+    the agent would issue with the fix set applied (replayed in the sandbox, not executed)."""
+    from model_forensics.core.bundle import Bundle
+    from model_forensics.scenarios.agent import fixed_agent_call
+
+    fix = result.get("fix_set")
+    if not fix or not fix.get("interventions") or "agent" not in (Bundle.open(bundle).manifest.get("extras") or {}):
+        return
+    with err.status("replaying the agent step with the fix…"):
+        call = fixed_agent_call(bundle, fix["interventions"], model=model, device=device, dtype=dtype)
+    if call is not None:
+        result["agent_with_fix"] = call.to_json() | {"call": str(call)}
+
+
+def _print_agent_with_fix(result: dict[str, Any]) -> None:
+    call = result.get("agent_with_fix")
+    if call:
+        colour = "bold red" if call["destructive"] else "green"
+        console.print(f"with the fix the agent would issue: [{colour}]{_safe(call['call'])}[/]", soft_wrap=True)
+
+
+def _many(
+    directory: Path,
+    model: str | None,
+    config: Path | None,
+    search: bool,
+    workers: int,
+    ray: str | None,
+    results_dir: Path | None = None,
+    resume: bool = False,
+) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from model_forensics.rca.pipeline import find_bundles, run_many
@@ -875,6 +1220,8 @@ def _many(directory: Path, model: str | None, config: Path | None, search: bool,
             workers=workers,
             ray=ray,
             on_done=lambda _r: progress.advance(task),
+            results_dir=results_dir,
+            resume=resume,
         )
 
 
@@ -918,17 +1265,34 @@ def batch(
     ray: RayOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the summary JSON here")] = None,
+    results: Annotated[
+        Path | None,
+        typer.Option("--results", help="Directory for one result JSON per incident, each written as it finishes"),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Skip incidents whose result is already in --results (same job)")
+    ] = False,
 ) -> None:
     """Analyse every bundle in a directory (corrupt ones are skipped and listed)."""
+    from model_forensics.rca.pipeline import write_json_atomic
+
     if out is not None:
         _check_file_out(out, "--out")
-    report = _many(directory, model, config, True, workers, ray)
+    if resume and results is None:
+        raise ForensicsError("--resume reads the results an earlier run wrote: pass --results DIR too")
+    if results is not None:
+        _check_dir_out(results, "--results")
+    report = _many(directory, model, config, True, workers, ray, results, resume)
     if out is not None:
-        out.write_text(json.dumps(report.to_json(), indent=1))
+        write_json_atomic(out, report.to_json())
     if as_json:
         console.print_json(json.dumps(report.to_json()))
-    else:
-        _print_batch(report, search=True)
+        return
+    _print_batch(report, search=True)
+    if results is not None:
+        console.print(
+            f"{len(report.computed)} computed, {len(report.resumed)} resumed from {_safe(results)}", soft_wrap=True
+        )
 
 
 @app.command()
@@ -1070,6 +1434,237 @@ def _verdict(holds: bool | None, expected: bool) -> str:
         return "no predicate"
     text = "FAILS (predicate holds)" if holds else "passes"
     return f"[green]{text}[/]" if holds == expected else f"[bold red]{text} (unexpected)[/]"
+
+
+# -- circuits --------------------------------------------------------------------------------------
+CircuitsModelOpt = Annotated[
+    str | None, typer.Option("--model", "-m", help="zoo:NAME, smollm2, a model directory … (or use --bundle)")
+]
+CircuitsBundleOpt = Annotated[
+    Path | None, typer.Option("--bundle", "-b", help="Run on an incident bundle's model (and prompt), no re-recording")
+]
+CircuitsOutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the JSON result and figures")]
+CircuitsJsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON result to stdout instead of a table")]
+CircuitsTargetOpt = Annotated[
+    str | None, typer.Option("--target", "-t", help="Output token to explain, e.g. ' HACKED' (default: the top one)")
+]
+
+
+def _circuits_subject(model: str | None, bundle: Path | None, prompt: str | None, needs_prompt: bool) -> Any:
+    """The loaded model (``LoadedModel``) or replay session the command runs on, after
+    checking the options (one of --model / --bundle; a prompt where one is needed)."""
+    if (model is None) == (bundle is None):
+        raise ForensicsError("pass either --model (with --prompt) or --bundle (an incident bundle), not both or none")
+    if prompt is not None:
+        _check_prompt(prompt)
+    if bundle is not None:
+        _check_exists(bundle, "bundle", "pass an incident bundle directory or .mfb.zip")
+        return _open_session(bundle, None, False)
+    if needs_prompt and prompt is None:
+        raise ForensicsError("--model needs --prompt (the text to analyse); or pass --bundle to use a recorded prompt")
+    assert model is not None
+    return _load(model)
+
+
+def _circuits_call(subject: Any) -> tuple[Any, Any]:
+    """(model or session, tokenizer) as the circuits functions take them."""
+    from model_forensics.replay.session import Session
+
+    if isinstance(subject, Session):
+        return subject, None
+    return subject.model, subject.tokenizer
+
+
+def _circuits_write(out: Path | None, name: str, result: Any, figure_format: str) -> list[Path]:
+    """``NAME.json`` and ``NAME.FORMAT`` figures in ``out`` (nothing without --out)."""
+    if out is None:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / f"{name}.json"]
+    written[0].write_text(json.dumps(result.to_json(), indent=2))
+    figure = result.figure()
+    for fmt in _check_figure_formats(figure_format):
+        figure.savefig(out / f"{name}.{fmt}")
+        written.append(out / f"{name}.{fmt}")
+    return written
+
+
+def _circuits_done(written: list[Path]) -> None:
+    if written:
+        console.print(f"wrote {', '.join(_safe(p) for p in written)}", soft_wrap=True)
+
+
+@circuits_app.command("influence")
+def circuits_influence(
+    model: CircuitsModelOpt = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="The input text")] = None,
+    bundle: CircuitsBundleOpt = None,
+    target: CircuitsTargetOpt = None,
+    method: Annotated[
+        str, typer.Option(help="integrated_gradients | grad_x_input | occlusion | attention_rollout")
+    ] = "integrated_gradients",
+    position: Annotated[int, typer.Option(help="Output position explained (-1: the last prompt token)")] = -1,
+    measure: Annotated[str, typer.Option(help="logprob | logit of the target")] = "logprob",
+    baseline: Annotated[str, typer.Option(help="zero | pad: what IG integrates from and occlusion writes")] = "zero",
+    n_steps: Annotated[int, typer.Option("--n-steps", min=1, help="Integration points (IG)")] = 32,
+    out: CircuitsOutOpt = None,
+    figure_format: Annotated[str, typer.Option("--figures", help="Figure formats: png, svg, pdf")] = "png",
+    as_json: CircuitsJsonOpt = False,
+) -> None:
+    """Score each prompt token by its influence on one output token."""
+    from model_forensics.circuits import METHODS, token_influence
+
+    if method not in METHODS:
+        raise ForensicsError(f"--method '{method}' is unknown; use one of {', '.join(METHODS)}")
+    _check_figure_formats(figure_format)
+    if out is not None:
+        _check_dir_out(out, "--out")
+    subject = _circuits_subject(model, bundle, prompt, needs_prompt=True)
+    net, tok = _circuits_call(subject)
+    with err.status(f"{method}…"):
+        result = token_influence(
+            net,
+            tok,
+            prompt,
+            target=_circuits_target(target),
+            method=method,
+            position=position,
+            measure=measure,
+            baseline=baseline,
+            n_steps=n_steps,
+        )
+    written = _circuits_write(out, "influence", result, figure_format)
+    if as_json:
+        console.print_json(json.dumps(result.to_json()))
+        return
+    table = Table(
+        title=f"{_safe(method)} ({result.evidence}) → {_safe(repr(result.objective.label))} "
+        f"at position {result.objective.position}",
+        title_justify="left",
+    )
+    for column in ("pos", "token", "score", ""):
+        table.add_column(column, justify="right" if column in ("pos", "score") else "left")
+    top = set(result.top(3))
+    for i, (token, score) in enumerate(zip(result.tokens, result.scores, strict=True)):
+        table.add_row(str(i), _clip(token, 40), f"{score:+.4f}", "[bold]top 3[/]" if i in top else "")
+    console.print(table)
+    if result.convergence_delta is not None:
+        console.print(f"convergence delta {result.convergence_delta:+.2e} ({result.n_steps} steps)")
+    _circuits_done(written)
+
+
+def _circuits_target(target: str | None) -> str | int | None:
+    """A --target: a token id when it is all digits (``146``), else the token text."""
+    if target is None:
+        return None
+    return int(target) if target.strip().isdigit() else target
+
+
+@circuits_app.command("heads")
+def circuits_heads(
+    model: CircuitsModelOpt = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="The input text")] = None,
+    bundle: CircuitsBundleOpt = None,
+    target: CircuitsTargetOpt = None,
+    metric: Annotated[str, typer.Option(help="logprob | logit (drop of the target) | kl")] = "logprob",
+    kind: Annotated[str, typer.Option(help="mean | zero ablation (a bundle: any intervention kind)")] = "mean",
+    baseline: Annotated[
+        Path | None, typer.Option(help="Prompts (.jsonl/.txt) whose mean head outputs 'mean' writes (--model)")
+    ] = None,
+    top: Annotated[int, typer.Option(min=1, help="Heads shown in the table")] = 10,
+    out: CircuitsOutOpt = None,
+    figure_format: Annotated[str, typer.Option("--figures", help="Figure formats: png, svg, pdf")] = "png",
+    as_json: CircuitsJsonOpt = False,
+) -> None:
+    """Ablate every attention head alone (one batched sweep) and rank them by effect."""
+    from model_forensics.circuits import head_importance, read_prompts
+
+    _check_figure_formats(figure_format)
+    if out is not None:
+        _check_dir_out(out, "--out")
+    base = [r.text for r in read_prompts(baseline)] if baseline is not None else None
+    if base is not None and bundle is not None:
+        raise ForensicsError("--baseline applies to --model; a bundle's mean reads its recorded baseline set")
+    subject = _circuits_subject(model, bundle, prompt, needs_prompt=True)
+    net, tok = _circuits_call(subject)
+    with err.status("ablating every head…"):
+        result = head_importance(
+            net, tok, prompt, metric=metric, target=_circuits_target(target), kind=kind, baseline=base
+        )
+    written = _circuits_write(out, "heads", result, figure_format)
+    if as_json:
+        console.print_json(json.dumps(result.to_json()))
+        return
+    table = Table(
+        title=f"head importance: {_safe(kind)} ablation, {_safe(result.metric)} "
+        f"({len(result.heads)} heads, {result.forward_passes} passes, {result.seconds:.1f} s)",
+        title_justify="left",
+    )
+    table.add_column("head")
+    table.add_column("effect", justify="right")
+    for head, effect in result.ranking()[:top]:
+        table.add_row(_safe(head), f"{effect:+.4f}")
+    console.print(table)
+    _circuits_done(written)
+
+
+@circuits_app.command("evaluate")
+def circuits_evaluate(
+    prompts: Annotated[Path, typer.Option("--prompts", help='Prompt set: .jsonl ({"prompt": …, "target": …}) or .txt')],
+    unit: Annotated[
+        list[str], typer.Option("--unit", "-u", help="A claimed unit, e.g. blocks.0.attn.head.3 (repeat the option)")
+    ],
+    model: CircuitsModelOpt = None,
+    bundle: CircuitsBundleOpt = None,
+    target: CircuitsTargetOpt = None,
+    kind: Annotated[str, typer.Option(help="mean | zero | resample (resample: prompts of one length)")] = "mean",
+    measure: Annotated[str, typer.Option(help="logprob | logit of each prompt's target")] = "logprob",
+    n_boot: Annotated[int, typer.Option("--n-boot", min=1, help="Bootstrap resamples")] = 1000,
+    seed: Annotated[int, typer.Option(min=0, help="Bootstrap seed (and resample donors)")] = 0,
+    out: CircuitsOutOpt = None,
+    figure_format: Annotated[str, typer.Option("--figures", help="Figure formats: png, svg, pdf")] = "png",
+    as_json: CircuitsJsonOpt = False,
+) -> None:
+    """Ablate the claimed units together on a prompt set: effect size with a bootstrap CI."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from model_forensics.circuits import evaluate_claim, read_prompts
+
+    _check_figure_formats(figure_format)
+    if out is not None:
+        _check_dir_out(out, "--out")
+    records = read_prompts(prompts)
+    subject = _circuits_subject(model, bundle, None, needs_prompt=False)
+    net, tok = _circuits_call(subject)
+    columns = (TextColumn("prompts"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("prompts", total=len(records))
+        result = evaluate_claim(
+            net,
+            tok,
+            records,
+            units=unit,
+            kind=kind,
+            measure=measure,
+            target=_circuits_target(target),
+            n_boot=n_boot,
+            seed=seed,
+            progress=lambda done, total: bar.update(task, completed=done),
+        )
+    written = _circuits_write(out, "claim", result, figure_format)
+    if as_json:
+        console.print_json(json.dumps(result.to_json()))
+        return
+    low, high = result.ci
+    console.print(
+        f"{_safe(', '.join(result.units))} ({_safe(kind)} ablation) on {len(result.prompts)} prompts: "
+        f"mean drop in {_safe(measure)} {result.mean_effect:+.4f} "
+        f"[{int(result.confidence * 100)}% CI {low:+.4f} … {high:+.4f}], "
+        f"output changed on {result.fraction_changed:.0%}",
+        soft_wrap=True,
+        highlight=False,
+    )
+    _circuits_done(written)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from model_forensics import Intervention, RecorderHooks, cli, token_is
+from model_forensics import Bundle, Intervention, RecorderHooks, cli, token_is
 from model_forensics.cli import app
 from model_forensics.scenarios import get
 
@@ -85,25 +85,28 @@ def test_report_to_a_missing_directory_is_bad_input(run, tmp_path) -> None:
     assert "--report" in res.output and "existing directory" in res.output
 
 
-def test_analyze_ends_with_the_fix_set_table(table) -> None:
+def test_analyze_shows_the_fix_set_table_after_the_conclusion(table) -> None:
     res, analysis = table
     fix = analysis["fix_set"]
     assert fix["members"]
     out = res.stdout
-    title = f"minimal fix set: {len(fix['members'])} interventions, flip rate {fix['total_flip_rate']:.0%}"
-    assert out.index("CF anomalies") < out.index(title)
+    n = len(fix["members"])
+    title = f"Fix set: {n} intervention{'s' if n != 1 else ''}, flip rate {fix['total_flip_rate']:.0%}"
+    assert out.index("Conclusion") < out.index(title)
     after = out[out.index(title) :]
     for member in fix["members"]:
         iv = member["intervention"]
         assert f"{iv['site']}:{iv['kind']}" in after
-    assert f"flip rate {fix['total_flip_rate']:.0%} over {len(fix['flips'])} failing variants" in after
+    assert f"on {len(fix['flips'])} failing variants" in " ".join(after.split())
 
 
-def test_analyze_shows_why_cf_flagged_nothing(table) -> None:
-    res, analysis = table
-    notes = analysis["anomalies"]["notes"]
+def test_analyze_shows_why_cf_flagged_nothing(run, tmp_path: Path) -> None:
+    res = _analyze(str(run.incidents[0]), "--anomalies", "--out", str(tmp_path / "a.json"))
+    assert res.exit_code == 0, res.output
+    notes = json.loads((tmp_path / "a.json").read_text())["anomalies"]["notes"]
     assert any("nothing can be flagged" in n for n in notes)  # 16 benign runs < 1/α − 1
     out = res.stdout.replace("\n", "")
+    assert out.index("Conclusion") < out.index("CF anomalies")
     assert all(n.replace(" ", "") in out.replace(" ", "") for n in notes)
 
 
@@ -161,3 +164,19 @@ def test_unknown_directions_or_gating_mode_is_bad_input(run, option) -> None:
     assert res.exit_code == 2
     _one_clean_line(res)
     assert "'auto', 'always' or 'never'" in res.output
+
+
+def test_baseline_bundles_feed_the_mean_ablation_values(run) -> None:
+    from model_forensics.rca.runs import add_baseline_bundles
+    from model_forensics.replay import SandboxReplayer
+
+    session = SandboxReplayer().load_bundle(run.incidents[0])
+    own = list(session.baselines)
+    fix = [Intervention("blocks.1.attn.head.0", "mean")]
+    before = session.run(fix).logits
+    add_baseline_bundles(session, [run.baselines[0]])
+    assert len(session.baselines) == len(own) + 1
+    with_bundle = session.run(fix).logits
+    session.set_baseline([*own, session.encode({"input_ids": Bundle.open(run.baselines[0]).inputs["input_ids"]})])
+    assert torch.equal(with_bundle, session.run(fix).logits)  # the bundle's input joined the mean
+    assert not torch.equal(before, with_bundle)

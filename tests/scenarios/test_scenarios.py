@@ -33,7 +33,7 @@ def _extras(path: Path) -> dict[str, Any]:
 
 
 def test_registry_names_every_scenario() -> None:
-    assert names() == [*ZOO, *REAL, "tool-misuse"]
+    assert names() == [*ZOO, *REAL, "tool-misuse", "cnn-badnets"]  # cnn-badnets: tests/scenarios/test_cnn_badnets.py
 
 
 def test_unknown_scenario_error_lists_the_names() -> None:

@@ -22,7 +22,14 @@ manifest, which holds the sha256 of every data file; two people compare one stri
 
 Writes go to a temporary sibling directory that replaces the target atomically
 (``renameat2(RENAME_EXCHANGE)`` where the OS has it), so a kill at any instant leaves
-the old or the new bundle under the name. Only a bundle is ever replaced.
+the old or the new bundle under the name. Only a bundle is ever replaced. What is written
+gets the permissions the user's umask gives a new file or directory (0644 / 0755 under
+umask 022), not the private 0600 / 0700 of a temporary.
+
+An archive is the bundle's files at the top level of a zip, nothing else (no folder
+entries, no ``DIR/`` prefix, as ``zip -r x.mfb.zip DIR`` would write): :func:`pack_bundle`
+writes exactly that and re-opens what it wrote; :func:`unpack_bundle` turns one back into
+a directory.
 """
 
 from __future__ import annotations
@@ -99,6 +106,8 @@ __all__ = [
     "file_sha256",
     "load_schema",
     "pack_bundle",
+    "shared_mode",
+    "unpack_bundle",
     "write_bundle",
 ]
 
@@ -178,6 +187,7 @@ def write_bundle(
     except OSError as exc:
         raise BundleError(_os_message(exc, f"cannot write bundle under '{parent}'")) from None
     try:
+        tmp.chmod(shared_mode(directory=True))  # mkdtemp's 0700 would make the bundle private
         manifest = _write_files(tmp, contents)
         if key is not None:
             record = keys.signature_record(content_digest(manifest), key)
@@ -457,12 +467,47 @@ def _save_tensors(entries: dict[str, torch.Tensor], file: Path) -> None:
         if code is None:
             raise
         raise OSError(int(code[1]), os.strerror(int(code[1])), str(file)) from None
+    file.chmod(shared_mode())  # safetensors creates its files 0600, whatever the umask
 
 
-def pack_bundle(path: str | Path, out: str | Path) -> Path:
-    """Zip a bundle directory into ``out`` (``*.mfb.zip``), atomically."""
+def shared_mode(directory: bool = False) -> int:
+    """The mode a new file (0o666) or directory (0o777) gets under this process's umask:
+    what a bundle's files and archives are given, so a group can read them when the umask
+    lets it (0644 / 0755 under umask 022)."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def _umask() -> int:
+    try:  # Linux ≥ 4.7 reports it without changing it (os.umask can only set it)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def pack_bundle(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Zip a bundle directory into ``out`` (``*.mfb.zip``) atomically, in the layout the
+    reader accepts (the bundle's files at the top level, stored, no folder entries), then
+    open the archive written to check it holds the same bundle (same content digest).
+
+    Raises:
+        BundleError: the bundle does not verify, ``out`` is not a ``.mfb.zip`` name, exists
+            (without ``overwrite``) or is a directory, or cannot be written.
+    """
     bundle = Bundle.open(path)
+    if bundle.source.is_file():
+        raise BundleError(f"'{path}' is already an archive; pack a bundle directory")
     target = Path(out)
+    if not target.name.endswith(".mfb.zip"):
+        raise BundleError(f"'{target}' must end in .mfb.zip (the name the reader opens as an archive)")
+    if target.is_dir() or target.is_symlink():
+        raise BundleError(f"'{target}' is a directory or a link; name a new .mfb.zip file")
+    if target.exists() and not overwrite:
+        raise BundleError(f"'{target}' already exists; choose another path or pass overwrite=True (--overwrite)")
     clean_stale_temporaries(target)
     try:
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
@@ -470,6 +515,7 @@ def pack_bundle(path: str | Path, out: str | Path) -> Path:
         raise BundleError(_os_message(exc, f"cannot write '{target}'")) from None
     tmp = Path(name)
     try:
+        os.fchmod(fd, shared_mode())  # mkstemp's 0600 would make the archive private
         with os.fdopen(fd, "wb") as fh:
             with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:
                 for file in (MANIFEST, *DATA_FILES, SIGNATURE):
@@ -477,6 +523,9 @@ def pack_bundle(path: str | Path, out: str | Path) -> Path:
                         zf.write(bundle.path / file, arcname=file)
             fh.flush()
             os.fsync(fh.fileno())
+        packed = Bundle.open(tmp)
+        if packed.digest != bundle.digest:
+            raise BundleError(f"the archive written for '{path}' does not hold the same bundle; nothing was written")
         os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -485,6 +534,41 @@ def pack_bundle(path: str | Path, out: str | Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(target.parent)
+    return target
+
+
+def unpack_bundle(archive: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Turn a ``.mfb.zip`` back into a bundle directory at ``out``, atomically; the archive
+    is checked (layout, caps, checksums) before anything is written.
+
+    Raises:
+        BundleError: the archive is not a valid bundle, or ``out`` cannot take a bundle
+            (see :func:`check_writable_target`).
+    """
+    bundle = Bundle.open(archive)
+    if not bundle.source.is_file():
+        raise BundleError(f"'{archive}' is a bundle directory already; unpack a .mfb.zip file")
+    target = Path(out)
+    clean_stale_temporaries(target)
+    check_writable_target(target, overwrite)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        raise BundleError(_os_message(exc, f"cannot write bundle under '{target.parent}'")) from None
+    try:
+        tmp.chmod(shared_mode(directory=True))
+        for file in sorted(BUNDLE_FILES):
+            if (bundle.path / file).is_file():
+                shutil.copyfile(bundle.path / file, tmp / file)
+                with (tmp / file).open("rb") as fh:
+                    os.fsync(fh.fileno())
+        _replace(tmp, target, overwrite)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BundleError(_os_message(exc, f"cannot write bundle '{target}'") + "; nothing was written") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return target
 
 

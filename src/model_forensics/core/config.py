@@ -82,6 +82,9 @@ class CCAConfig(_Strict):
     directions: Literal["auto", "always", "never"] = "auto"
     direction_pool: int = Field(default=60, ge=1)
     gating: Literal["auto", "always", "never"] = "auto"
+    sweep_smallest: bool = True
+    sweep_neurons: int = Field(default=48, ge=0)
+    sweep_pairs: int = Field(default=10, ge=0)
 
 
 class ShiftConfig(_Strict):

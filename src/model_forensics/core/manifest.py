@@ -376,7 +376,25 @@ class PromptIds(_Open):
     input_ids: Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1)]
 
 
-Prompt = str | PromptText | PromptIds
+Pixel = Annotated[float, Field(ge=-1e6, le=1e6)]
+
+
+class PromptPixels(_Open):
+    """An image input: ``{"pixel_values": [[[…]]]}``, one image (C, H, W) of finite
+    numbers, at most 64 channels and 1024 × 1024 pixels (the manifest's size cap bounds
+    the total)."""
+
+    pixel_values: Annotated[
+        list[
+            Annotated[
+                list[Annotated[list[Pixel], Field(min_length=1, max_length=1024)]], Field(min_length=1, max_length=1024)
+            ]
+        ],
+        Field(min_length=1, max_length=64),
+    ]
+
+
+Prompt = str | PromptText | PromptIds | PromptPixels
 
 
 class Extras(_Open):

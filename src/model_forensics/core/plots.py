@@ -284,3 +284,35 @@ def shift_plot(
     ticks, labels = _thin_ticks(list(layers), 32)
     bottom.set_xticks(ticks, labels, rotation=60, fontsize=7)
     return fig
+
+
+def token_bars(
+    labels: Sequence[str],
+    values: Sequence[float] | np.ndarray,
+    *,
+    title: str,
+    ylabel: str,
+    interval: tuple[float, float] | None = None,
+) -> Figure:
+    """One bar per labelled item (source tokens, prompts), signed values on a diverging
+    colour scale centred on zero; ``interval`` shades a (low, high) band (a bootstrap CI
+    of the mean, drawn with its mean line)."""
+    from matplotlib import colormaps
+
+    v = np.nan_to_num(np.asarray(values, dtype=float))
+    fig = figure(max(5.0, min(14.0, 2.0 + 0.3 * len(v))), 4.0)
+    ax = fig.add_subplot()
+    bound = float(np.max(np.abs(v))) if v.size and np.max(np.abs(v)) > 0 else 1.0
+    ax.bar(np.arange(len(v)), v, color=colormaps[DIVERGING](0.5 + 0.5 * v / bound))
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    if interval is not None:
+        low, high = interval
+        ax.axhspan(low, high, color="gray", alpha=0.25, label=f"95% CI of the mean [{low:.3g}, {high:.3g}]")
+        ax.axhline(float(np.mean(v)) if v.size else 0.0, color="gray", linestyle="--", linewidth=1)
+        ax.legend(fontsize=7)
+    ticks, names = _thin_ticks(list(labels), 48)
+    ax.set_xticks(ticks, names, rotation=60, fontsize=7, ha="right")
+    ax.set_title(title, fontsize=9)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    return fig

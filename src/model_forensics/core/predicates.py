@@ -6,11 +6,17 @@ is an intervention under which it no longer holds.
 
 Output views: ``text`` is the generated / decoded continuation; ``logits`` is the score
 vector the prediction reads, shape (V,) for the next token or (C,) for a classifier.
+
+``class_is`` and ``token_is`` may name their target (``class_is:positive``,
+``token_is:HACKED``): such a predicate is *unresolved* until :func:`resolve_predicate`
+looks the name up in the model's labels (``config.id2label`` / ``label2id``) or its
+tokenizer; the resolved predicate stores the id and keeps the name for display.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import regex as regex_engine
@@ -20,16 +26,20 @@ from model_forensics.core.errors import ForensicsError
 
 _TEXT_KINDS = ("contains", "not_contains", "regex")
 _LOGIT_KINDS = ("token_is", "class_is", "logit_diff")
+_NAMED = {"token_is": "token", "class_is": "label"}  # kinds that may name their target: kind → id arg
 
 
 @dataclass(frozen=True)
 class Predicate:
     """A failure test: ``kind`` is one of contains, not_contains, regex, token_is,
-    class_is, logit_diff; ``args`` its parameters."""
+    class_is, logit_diff; ``args`` its parameters. ``name``: the class label or token text
+    a ``class_is`` / ``token_is`` predicate was given by (display only; ``args`` holds the
+    id once resolved)."""
 
     kind: str
     args: dict[str, Any] = field(default_factory=dict)
     regex_timeout_s: float = field(default=1.0, compare=False, repr=False)
+    name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in _TEXT_KINDS + _LOGIT_KINDS:
@@ -40,6 +50,11 @@ class Predicate:
     @property
     def needs_text(self) -> bool:
         return self.kind in _TEXT_KINDS
+
+    @property
+    def resolved(self) -> bool:
+        """False for a ``class_is`` / ``token_is`` given by name and not yet looked up."""
+        return self.kind not in _NAMED or _NAMED[self.kind] in self.args
 
     def evaluate(self, text: str | None = None, logits: torch.Tensor | None = None) -> bool:
         """True when the output fails. ``logits``: (V,) or (C,)."""
@@ -69,7 +84,16 @@ class Predicate:
             raise ForensicsError(f"predicate {self.describe()} is not a valid regex ({exc})") from None
 
     def indices(self) -> list[int]:
-        """The logit indices a logit predicate reads (empty for text predicates)."""
+        """The logit indices a logit predicate reads (empty for text predicates).
+
+        Raises:
+            ForensicsError: the predicate names its target and is not resolved yet.
+        """
+        if not self.resolved:
+            raise ForensicsError(
+                f"predicate {self.describe()} names its target; resolve it against the model first "
+                "(resolve_predicate(predicate, model.config, tokenizer))"
+            )
         if self.kind == "token_is":
             return [int(self.args["token"])]
         if self.kind == "class_is":
@@ -85,15 +109,18 @@ class Predicate:
                 f"predicate {self.describe()} reads index {max(self.indices())}, but the output has only "
                 f"{logits.shape[-1]} scores; fix the predicate (or the bundle it came from)"
             )
-        if self.kind in ("token_is", "class_is"):
-            target = int(self.args["token"] if self.kind == "token_is" else self.args["label"])
-            return logits.argmax(dim=-1) == target
+        if self.kind in _NAMED:
+            return logits.argmax(dim=-1) == self.indices()[0]
         if self.kind == "logit_diff":
             diff = logits[:, int(self.args["a"])] - logits[:, int(self.args["b"])]
             return diff > float(self.args.get("threshold", 0.0))
         raise ForensicsError(f"predicate {self.describe()} reads text; it has no logit form")
 
     def describe(self) -> str:
+        """``class_is(1)``; with a name, ``class_is('positive' = 1)`` (``= ?`` while unresolved)."""
+        if self.name is not None:
+            target = self.args.get(_NAMED[self.kind], "?")
+            return f"{self.kind}({self.name!r} = {target})"
         inner = ", ".join(f"{v!r}" for v in self.args.values())
         return f"{self.kind}({inner})"
 
@@ -135,7 +162,8 @@ def logit_diff(a: int, b: int, threshold: float = 0.0) -> Predicate:
 
 def parse_predicate(spec: str) -> Predicate:
     """Parse a CLI predicate: ``contains:HACKED``, ``regex:^PWN``, ``class_is:1``,
-    ``token_is:42``, ``logit_diff:12,7,0.5``.
+    ``token_is:42``, ``logit_diff:12,7,0.5``; ``class_is:positive`` and ``token_is:HACKED``
+    name their target and give an unresolved predicate (see :func:`resolve_predicate`).
 
     Raises:
         ForensicsError: the spec is malformed.
@@ -150,10 +178,92 @@ def parse_predicate(spec: str) -> Predicate:
         makers = {"contains": contains, "not_contains": not_contains, "regex": regex}
         if kind in makers:
             return makers[kind](value)
-        if kind == "class_is":
-            return class_is(int(value))
-        if kind == "token_is":
-            return token_is(int(value))
+        if kind in _NAMED:
+            if _is_int(value):
+                return Predicate(kind, {_NAMED[kind]: int(value)})
+            if not value.strip():
+                raise ForensicsError(f"predicate '{spec}' has an empty value; e.g. {kind}:1")
+            return Predicate(kind, name=value)
     except ValueError:
         raise ForensicsError(f"predicate '{spec}' has a malformed value for {kind}") from None
     return Predicate(kind)  # raises with the list of kinds
+
+
+def _is_int(value: str) -> bool:
+    try:
+        int(value)
+    except ValueError:
+        return False
+    return True
+
+
+def resolve_predicate(predicate: Predicate, config: Any = None, tokenizer: Any = None) -> Predicate:
+    """Look a named ``class_is`` / ``token_is`` target up in the model; others pass unchanged.
+
+    Args:
+        predicate: possibly unresolved (``class_is:positive``, ``token_is:HACKED``).
+        config: the model's config; its ``id2label`` / ``label2id`` name the classes.
+        tokenizer: the model's tokenizer; the token is a vocabulary entry (``ĠHACKED``) or a
+            text that encodes to exactly one token.
+    Returns:
+        The predicate with the id in ``args`` and the name in ``name``.
+    Raises:
+        ForensicsError: the name is unknown (the message lists the labels), or the text is
+            several tokens or none.
+    """
+    if predicate.resolved:
+        return predicate
+    assert predicate.name is not None
+    name = predicate.name
+    target = _label_id(name, config) if predicate.kind == "class_is" else _token_id(name, tokenizer)
+    return replace(predicate, args={_NAMED[predicate.kind]: target})
+
+
+def _label_id(name: str, config: Any) -> int:
+    labels: dict[str, int] = {}
+    id2label: Mapping[Any, Any] = getattr(config, "id2label", None) or {}
+    label2id: Mapping[Any, Any] = getattr(config, "label2id", None) or {}
+    for i, label in id2label.items():
+        labels.setdefault(str(label), int(i))
+    for label, i in label2id.items():
+        labels.setdefault(str(label), int(i))
+    if not labels:
+        raise ForensicsError(
+            f"class_is:{name} names a class, but the model has no class labels (config.id2label); "
+            "give the class id instead, e.g. class_is:1"
+        )
+    if name in labels:
+        return labels[name]
+    folded = [i for label, i in labels.items() if label.casefold() == name.casefold()]
+    if len(set(folded)) == 1:
+        return folded[0]
+    listed = ", ".join(f"{label} ({i})" for label, i in sorted(labels.items(), key=lambda kv: kv[1]))
+    raise ForensicsError(f"class_is:{name}: the model has no class '{name}'; its classes are {listed}")
+
+
+def _token_id(text: str, tokenizer: Any) -> int:
+    if tokenizer is None:
+        raise ForensicsError(
+            f"token_is:{text} names a token, but the model has no tokenizer; give the token id, e.g. token_is:42"
+        )
+    vocab = tokenizer.get_vocab()
+    if text in vocab:
+        return int(vocab[text])
+    ids = [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if ids and unk not in ids and len(ids) == 1:
+        return ids[0]
+    if not ids or (unk is not None and unk in ids and len(ids) == 1):
+        raise ForensicsError(
+            f"token_is:{text}: '{text}' is not in the tokenizer's vocabulary; "
+            "use contains:TEXT for text, or give the token id (token_is:ID)"
+        )
+    pieces = [str(p) for p in tokenizer.convert_ids_to_tokens(ids)]
+    hint = ""
+    spaced = [int(i) for i in tokenizer.encode(" " + text, add_special_tokens=False)]
+    if len(spaced) == 1 and spaced[0] != unk:
+        hint = f"; ' {text}' (with a leading space) is one token: token_is:{spaced[0]}"
+    raise ForensicsError(
+        f"token_is:{text}: '{text}' is {len(ids)} tokens ({' | '.join(pieces)}), and token_is reads one; "
+        f"use contains:{text} for text, or one token id{hint}"
+    )

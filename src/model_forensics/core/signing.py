@@ -17,7 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from model_forensics.core.bundle import SIGNATURE, Bundle, _read_capped
+from model_forensics.core.bundle import SIGNATURE, Bundle, _read_capped, shared_mode
 from model_forensics.core.errors import BundleError
 from model_forensics.core.keys import (
     ALGORITHM,
@@ -53,6 +53,7 @@ def write_signature(bundle_dir: str | Path, private_key: str | Path) -> Path:
         raise BundleError(f"'{bundle_dir}' is an archive; sign the bundle directory, then pack it")
     record = signature_record(bundle.digest, load_private_key(private_key))
     fd, tmp = tempfile.mkstemp(prefix=".signature.", dir=bundle.path)
+    os.fchmod(fd, shared_mode())  # readable like the bundle's other files, not mkstemp's 0600
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(record, fh, indent=1)

@@ -285,8 +285,9 @@ def as_rows(tensor: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tor
     """A site tensor in (B, R, U) layout with its row mask, or None for non-float sites.
 
     (B, T, …) with T matching the mask → token rows, trailing axes flattened into units
-    (per-head sites become heads·d_head units); (B, U) → one row per sample; (B, C, *S)
-    (convolutions) → spatial rows, channels as units.
+    (per-head sites become heads·d_head units); (B, U) → one row per sample; (B, H·W, C)
+    (image sites as the generic adapter reads them) → spatial rows, channels as units;
+    (B, C, *S) with two or more spatial axes → spatial rows, channels as units.
     """
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dim() < 2:
         return None
@@ -296,6 +297,8 @@ def as_rows(tensor: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tor
         return t.reshape(b, t.shape[1], -1), mask
     if t.dim() == 2:
         return t.unsqueeze(1), torch.ones((b, 1), dtype=torch.bool)
+    if t.dim() == 3:
+        return t, torch.ones((b, t.shape[1]), dtype=torch.bool)
     rows = t.reshape(b, t.shape[1], -1).transpose(1, 2)  # (B, spatial, C)
     return rows, torch.ones((b, rows.shape[1]), dtype=torch.bool)
 
@@ -357,15 +360,15 @@ def set_units(x: torch.Tensor, units: Sequence[int], values: torch.Tensor | floa
     """``x`` with the given units set to ``values`` (one per unit, or a scalar) at every row.
 
     Units index the flattened trailing axes of a token-layout site (B, T, …), the last
-    axis of a (B, U) site, or the channel axis of a (B, C, *spatial) site — the same
-    numbering :func:`as_rows` uses.
+    axis of a (B, U) or (B, H·W, C) site, or the channel axis of a (B, C, *spatial) site —
+    the same numbering :func:`as_rows` uses.
     """
     out = x.clone()
     idx = torch.as_tensor(list(units), dtype=torch.long, device=x.device)
     vals = values if isinstance(values, float | int) else torch.as_tensor(values, dtype=x.dtype, device=x.device)
     if x.dim() == 2:
         out[:, idx] = vals
-    elif token_layout:
+    elif token_layout or x.dim() == 3:
         flat = out.reshape(*out.shape[:2], -1)
         flat[..., idx] = vals
         out = flat.reshape(x.shape)

@@ -12,6 +12,12 @@ Layouts of the tensors a site yields (B = batch, T = tokens):
     attn.pattern                                     (B, n_heads, T_q, T_k)
     mlp.post                                         (B, T, d_mlp)
     logits                                           (B, T, vocab) or (B, n_classes)
+
+Generic sites (any other ``nn.Module``) are read as the module returns them, except that a
+channels-first image tensor (B, C, H, W) (convolutions, pooling, 2-D norms and what follows
+them) reads as (B, H·W, C): spatial positions, row-major, take the token axis and channels
+are the units, so ``features.2[5]`` is channel 5 and ``@pos=9`` is row 1, column 1 of an
+8-wide map. Writing a site turns the tensor back into (B, C, H, W).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ class HookPoint:
     ``index``: element of a tuple result (attention modules return (out, weights)).
     ``span``: a slice of the last dimension (GPT-2's fused q/k/v projection).
     ``heads``: split the last dimension into (heads, d_head).
+    ``channels``: a (B, C, H, W) tensor reads as (B, H·W, C) (generic image sites); other
+    layouts are read as they are.
     """
 
     module: str
@@ -43,6 +51,7 @@ class HookPoint:
     span: tuple[int, int] | None = None
     heads: int | None = None
     pattern: bool = False
+    channels: bool = False
 
 
 def read(point: HookPoint, payload: Any) -> torch.Tensor | None:
@@ -56,6 +65,8 @@ def read(point: HookPoint, payload: Any) -> torch.Tensor | None:
         t = t[..., point.span[0] : point.span[1]]
     if point.heads is not None:
         t = t.unflatten(-1, (point.heads, -1))
+    if point.channels and t.dim() == 4:
+        t = t.flatten(2).transpose(1, 2).contiguous()  # (B, C, H, W) → (B, H·W, C)
     return t
 
 
@@ -65,12 +76,14 @@ def replace(point: HookPoint, payload: Any, new: torch.Tensor) -> Any:
         new = new.flatten(-2)
     if isinstance(payload, tuple | list):
         i = point.index or 0
-        inner = replace(HookPoint(point.module, point.io, None, point.span), payload[i], new)
+        inner = replace(HookPoint(point.module, point.io, None, point.span, channels=point.channels), payload[i], new)
         return type(payload)((*payload[:i], inner, *payload[i + 1 :]))
     if point.span is not None:
         out = payload.clone()
         out[..., point.span[0] : point.span[1]] = new
         return out
+    if point.channels and isinstance(payload, torch.Tensor) and payload.dim() == 4:
+        return new.transpose(1, 2).reshape(payload.shape)  # (B, H·W, C) → (B, C, H, W)
     return new
 
 
@@ -305,16 +318,29 @@ class BertAdapter(Adapter):
 
 
 class GenericAdapter(Adapter):
-    """Any ``nn.Module``: every leaf module's output is a site named by its path."""
+    """Any ``nn.Module``: every leaf module's output is a site named by its path
+    (``features.3``); image outputs (B, C, H, W) read as (B, H·W, C), channels as units."""
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
         for name, module in model.named_modules():
             if name and not any(True for _ in module.children()):
-                self.points[name] = HookPoint(name)
+                self.points[name] = HookPoint(name, channels=True)
 
     def sites(self) -> list[str]:
         return list(self.points)
+
+
+def conv_sites(adapter: Adapter) -> list[tuple[str, int]]:
+    """(site, output channels) of every convolution among a generic model's sites, in
+    forward order: the sites whose units are channels (none on canonical models)."""
+    out = []
+    for site in adapter.sites():
+        point = adapter.points[site]
+        module = adapter.modules.get(point.module)
+        if point.channels and isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            out.append((site, int(module.out_channels)))
+    return out
 
 
 _FAMILIES: dict[str, type[Adapter]] = {

@@ -8,6 +8,10 @@ References understood by :func:`load`:
     ``path/to/dir``        a Hugging Face model directory (config.json + weights)
     ``path/to/file.gguf``  a GGUF file (dequantised once, then cached as safetensors)
 
+Every load takes a ``dtype`` (``float32``, ``float16``, ``bfloat16``: the weights are cast
+to it) and a ``device`` (``cpu``, ``cuda``, ``auto``: CUDA when it is available, else CPU;
+see :func:`resolve_device`).
+
 This module only dispatches: the model types live in :mod:`.reference`, the file loaders
 in :mod:`.local`, the zoo in :mod:`.zoo` and the probe in :mod:`.minilm_probe`, all of
 which sit below it.
@@ -17,41 +21,107 @@ from __future__ import annotations
 
 import torch
 
+from model_forensics.core.errors import ModelLoadError
 from model_forensics.models import zoo
 from model_forensics.models.local import cache_dir, load_directory, load_local
 from model_forensics.models.reference import LoadedModel, ModelRef, model_ref, tag_model, weights_sha256
 
 __all__ = [
+    "DEVICES",
+    "DTYPES",
     "LoadedModel",
     "ModelRef",
     "cache_dir",
     "load",
     "load_directory",
     "model_ref",
+    "parse_dtype",
+    "resolve_device",
     "tag_model",
     "weights_sha256",
 ]
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``float32`` / ``float16`` / ``bfloat16`` / ``float64`` (or a torch dtype) as a torch dtype.
+
+    Raises:
+        ModelLoadError: any other name (the message lists the known ones).
+    """
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise ModelLoadError(f"dtype {name} is not supported; use one of {', '.join(DTYPES)}")
+        return name
+    if name not in DTYPES:
+        raise ModelLoadError(f"dtype {name!r} is unknown; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``cpu``, ``cuda`` (``cuda:N``) or ``auto`` (CUDA if available, else CPU) as a torch device.
+
+    Raises:
+        ModelLoadError: an unknown name, or CUDA asked for where none is available.
+    """
+    text = str(name)
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text != "cpu" and not text.startswith("cuda"):
+        raise ModelLoadError(f"device {text!r} is unknown; use one of {', '.join(DEVICES)}")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ModelLoadError(f"device {text!r} is not a valid device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(
+                f"device {text!r}: no CUDA device is available here (torch.cuda.is_available() is False); "
+                "use --device cpu (or auto)"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"device {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                f"use cuda:0 … cuda:{torch.cuda.device_count() - 1}"
+            )
+    return device
 
 
 def load(
     reference: str,
     *,
     attn_implementation: str = "eager",
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> LoadedModel:
     """Load a model and its tokenizer from a reference (see the module docstring).
 
     Eager attention is the default so attention patterns are returned directly.
 
+    Args:
+        reference: ``smollm2``, ``minilm``, ``minilm-sentiment``, ``zoo:NAME``, a model
+            directory or a ``.gguf`` file.
+        dtype: the weights' dtype (a name from :data:`DTYPES` or a torch dtype).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (see :func:`resolve_device`).
     Raises:
-        ModelLoadError: the reference cannot be resolved, or its files cannot be loaded.
+        ModelLoadError: the reference cannot be resolved, its files cannot be loaded, or
+            the dtype or device is unknown or unavailable.
     """
+    torch_dtype = parse_dtype(dtype)
+    target = resolve_device(device)  # before any work: a missing GPU is a one-line error
     if reference.startswith("zoo:"):
-        return zoo.load(reference.removeprefix("zoo:"), attn_implementation=attn_implementation)
-    if reference == "minilm-sentiment":
+        loaded = zoo.load(reference.removeprefix("zoo:"), attn_implementation=attn_implementation)
+    elif reference == "minilm-sentiment":
         # Imported on use: the probe module imports transformers, which plain loads avoid.
         from model_forensics.models.minilm_probe import load_minilm_sentiment
 
-        return load_minilm_sentiment()
-    return load_local(reference, attn_implementation=attn_implementation, dtype=dtype, progress=progress)
+        loaded = load_minilm_sentiment()
+    else:
+        loaded = load_local(reference, attn_implementation=attn_implementation, dtype=torch_dtype, progress=progress)
+    # The zoo and the probe load in float32 on the CPU; cast once here (a no-op when they match).
+    loaded.model.to(device=target, dtype=torch_dtype)
+    return loaded

@@ -33,6 +33,9 @@ class ModelRef:
 
 @dataclass
 class LoadedModel:
+    """A model, its tokenizer (None for models fed tensors, such as the zoo's image
+    classifier) and the reference that loads it again."""
+
     model: nn.Module
     tokenizer: Any
     ref: ModelRef

@@ -27,8 +27,10 @@ import torch
 from model_forensics.core.errors import ForensicsError
 from model_forensics.core.predicates import Predicate
 from model_forensics.core.records import fields_json
+from model_forensics.models.adapters import conv_sites
 from model_forensics.models.hooks import SiteCall, hooks, logits_of
 from model_forensics.models.inputs import ModelInputs
+from model_forensics.rca.progress import Progress, silent
 from model_forensics.rca.runs import Inputs, capture
 from model_forensics.replay import Intervention, Session
 
@@ -65,26 +67,32 @@ class Ranking:
         return fields_json(self, units=[u.to_json() for u in self.units])
 
 
-def attribution_ranking(session: Session, inputs: list[Inputs] | None = None, max_variants: int = 16) -> Ranking:
+def attribution_ranking(
+    session: Session, inputs: list[Inputs] | None = None, max_variants: int = 16, progress: Progress = silent
+) -> Ranking:
     """Rank every site, head and neuron of ``session``'s model for the incident's failure.
 
     Args:
         session: a replay Session with a failure predicate.
         inputs: failing inputs to attribute (default: the incident and its variants, up to
             ``max_variants``; inputs on which the model does not fail are skipped).
+        progress: called with ("attribution", inputs done, inputs).
     """
     if session.predicate is None:
         raise ForensicsError(
             "the bundle has no failure predicate; record it with one (e.g. --predicate contains:HACKED)"
         )
     adapter = session.adapter
-    sites = [s for s in adapter.sites() if _kind(s) in ("attn", "mlp", "attn.z", "mlp.post")]
+    channels = {site for site, _ in conv_sites(adapter)}  # a CNN: its convolutions' channels
+    sites = [s for s in adapter.sites() if _kind(s) in ("attn", "mlp", "attn.z", "mlp.post") or s in channels]
     before = session.forward_passes
     means = _baseline_means(session, sites)
     totals: dict[tuple[str, str], float] = defaultdict(float)
     used = backward = 0
     notes: list[str] = []
-    for batch in (inputs if inputs is not None else session.variants())[:max_variants]:
+    batches = (inputs if inputs is not None else session.variants())[:max_variants]
+    for done, batch in enumerate(batches):
+        progress("attribution", done, len(batches))
         prepared = _teacher_forced(session, batch)
         if prepared is None:
             continue
@@ -105,10 +113,11 @@ def attribution_ranking(session: Session, inputs: list[Inputs] | None = None, ma
                 base = site.removesuffix(".z")
                 for h, v in enumerate(per_head.tolist()):
                     totals[(f"{base}.head.{h}", "head")] -= v
-            else:
-                per_neuron = delta.sum(dim=0)  # (T, d_mlp) → (d_mlp,)
+            else:  # mlp.post (T, d_mlp), or an image site (H·W, C): per neuron / channel
+                per_neuron = delta.sum(dim=0)
                 for i, v in enumerate(per_neuron.tolist()):
                     totals[(f"{site}[{i}]", "neuron")] -= v
+    progress("attribution", len(batches), len(batches))
     if used == 0:
         raise ForensicsError("the model does not fail on the incident or any variant; nothing to attribute")
     units = [UnitScore(u, level, score / used) for (u, level), score in totals.items()]
@@ -136,7 +145,7 @@ def _baseline_means(session: Session, sites: list[str]) -> dict[str, torch.Tenso
     return {site: s / count for site, s in sums.items()}
 
 
-def _teacher_forced(session: Session, batch: Inputs) -> tuple[torch.Tensor, Metric] | None:
+def _teacher_forced(session: Session, batch: Inputs) -> tuple[torch.Tensor | Inputs, Metric] | None:
     """The ids to run with gradients and the failure metric on their logits, or None if
     the model does not fail on ``batch``."""
     predicate = session.predicate
@@ -144,6 +153,8 @@ def _teacher_forced(session: Session, batch: Inputs) -> tuple[torch.Tensor, Metr
     result = session.run(inputs=batch)
     if not result.failed:
         return None
+    if "input_ids" not in batch:  # a model fed tensors (pixel_values): one forward pass
+        return dict(batch), _logit_metric(predicate, result.prediction)
     prompt = batch["input_ids"]  # (1, T)
     if session.mode == "generate":
         length = ModelInputs.of(batch).length
@@ -164,7 +175,7 @@ def _teacher_forced(session: Session, batch: Inputs) -> tuple[torch.Tensor, Metr
 def _target_span(session: Session, generated: torch.Tensor, predicate: Predicate) -> tuple[int, int]:
     """Token span [start, end) of the generated ids whose text first satisfies the predicate."""
     tok = session.tokenizer
-    if predicate.kind not in ("contains", "regex"):
+    if predicate.kind not in ("contains", "regex") or tok is None:
         return 0, len(generated)
 
     def hit(text: str) -> bool:
@@ -194,7 +205,7 @@ def _logit_metric(predicate: Predicate, prediction: int) -> Metric:
 
 
 def _grad_pass(
-    session: Session, ids: torch.Tensor, sites: list[str], metric: Metric
+    session: Session, ids: torch.Tensor | Inputs, sites: list[str], metric: Metric
 ) -> tuple[dict[str, torch.Tensor | None], dict[str, torch.Tensor]]:
     """One forward + backward: every site's activation (T, …) and ∂metric/∂activation."""
     kept: dict[str, torch.Tensor] = {}
@@ -206,12 +217,17 @@ def _grad_pass(
         return tensor
 
     with session.environment(), torch.enable_grad(), hooks(session.adapter, dict.fromkeys(sites, keep)):
-        logits = _logits(session.model(**ModelInputs.of_ids(ids)))
+        logits = _logits(session.model(**_inputs(ids)))
         grads = torch.autograd.grad(metric(logits), [kept[s] for s in sites], allow_unused=True)
     return (
         {s: (None if g is None else g.detach()[0]) for s, g in zip(sites, grads, strict=True)},
         {s: kept[s].detach()[0] for s in sites},
     )
+
+
+def _inputs(ids: torch.Tensor | Inputs) -> ModelInputs:
+    """Teacher-forced inputs: token ids (1, T), or a tensor-fed model's own inputs."""
+    return ModelInputs(ids) if isinstance(ids, dict) else ModelInputs.of_ids(ids)
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -238,7 +254,7 @@ def exact_effects(
         if prepared is None:
             continue
         ids, metric = prepared
-        forced = ModelInputs.of_ids(ids)
+        forced = _inputs(ids)
         with session.environment(), torch.no_grad():
             clean = float(metric(_logits(session.model(**forced))))
         for lo in range(0, len(units), chunk):

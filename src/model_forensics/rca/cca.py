@@ -36,7 +36,7 @@ from typing import Any
 from model_forensics.core.config import CCAConfig, ForensicsConfig, load_config
 from model_forensics.core.errors import ConfigError
 from model_forensics.core.records import fields_json
-from model_forensics.rca.attribution import Ranking, attribution_ranking
+from model_forensics.rca.attribution import Ranking, UnitScore, attribution_ranking
 from model_forensics.rca.candidates import Ablation, search_order, unit_count
 from model_forensics.rca.compression import AnomalyReport
 from model_forensics.rca.gating import gate_if_it_helps, gate_threshold
@@ -44,9 +44,11 @@ from model_forensics.rca.implicated import implicated_units
 from model_forensics.rca.members import FixMember, score_members
 from model_forensics.rca.narrowing import narrow_if_it_helps
 from model_forensics.rca.notes import Note, distinct
-from model_forensics.rca.search import FixChoice, FixSearch
+from model_forensics.rca.progress import Progress, silent, step
+from model_forensics.rca.search import FixChoice, FixSearch, Found, Refined
 from model_forensics.rca.settings import overridden
 from model_forensics.rca.side_effects import SideEffects, measure
+from model_forensics.rca.smallest import SmallFix, site_of, smaller_wins, smallest_fix
 from model_forensics.replay import Intervention, Session
 
 __all__ = ["Ablation", "CausalCCA", "FixMember", "FixSet", "gate_threshold"]
@@ -144,6 +146,10 @@ class CausalCCA:
             same set behind a gate (:mod:`~model_forensics.rca.gating`) and keep it when it
             flips as much (up to the threshold) with less KL; ``always`` / ``never`` force
             the choice.
+        sweep_smallest: before the greedy search, sweep every head and the top
+            ``sweep_neurons`` neurons alone, then pairs of the top ``sweep_pairs``
+            (:mod:`~model_forensics.rca.smallest`); a smaller set reaching the threshold with
+            no worse side effects wins (greedy search only).
         max_fix_set_size / early_stop_threshold / max_side_effect_kl: as in the config.
     Raises:
         ConfigError: a value the config does not allow.
@@ -163,6 +169,7 @@ class CausalCCA:
         directions: str | None = None,
         direction_pool: int | None = None,
         gating: str | None = None,
+        sweep_smallest: bool | None = None,
         max_fix_set_size: int | None = None,
         early_stop_threshold: float | None = None,
         max_side_effect_kl: float | None = None,
@@ -189,6 +196,7 @@ class CausalCCA:
             directions=directions,
             direction_pool=direction_pool,
             gating=gating,
+            sweep_smallest=sweep_smallest,
             max_fix_set_size=max_fix_set_size,
             early_stop_threshold=early_stop_threshold,
             max_side_effect_kl=max_side_effect_kl,
@@ -205,9 +213,14 @@ class CausalCCA:
     directions = property(lambda self: self.config.directions)
     direction_pool = property(lambda self: self.config.direction_pool)
     gating = property(lambda self: self.config.gating)
+    sweep_smallest = property(lambda self: self.config.sweep_smallest)
 
     def search_fix_set(
-        self, session: Session, guided_by: AnomalyReport | None = None, ranking: Ranking | None = None
+        self,
+        session: Session,
+        guided_by: AnomalyReport | None = None,
+        ranking: Ranking | None = None,
+        progress: Progress = silent,
     ) -> FixSet:
         """Find a 1-minimal intervention set that flips the incident's failing variants.
 
@@ -215,45 +228,51 @@ class CausalCCA:
             session: a replay Session whose bundle has a failure predicate and fails.
             guided_by: CF anomalies that re-weight the attribution ranking.
             ranking: a precomputed attribution ranking (computed here if None).
+            progress: called with (phase, done, total) as the search advances
+                (:mod:`~model_forensics.rca.progress` lists the phases).
         Raises:
             ForensicsError: no predicate, or nothing fails (nothing to fix).
         """
         cfg = self.config
         start, phases = time.perf_counter(), _PhasePasses(session)
-        search = FixSearch(session, cfg)
+        search = FixSearch(session, cfg, progress)
         phases.mark("variants")
         ablate = Ablation("mean" if session.baselines else "zero")
         unguided = cfg.guidance == "unguided"
         if ranking is None and not unguided:
-            ranking = attribution_ranking(session)
+            ranking = attribution_ranking(session, progress=progress)
             phases.mark("ranking")
         weighting = guided_by if cfg.guidance == "cf" else None
         scores = search_order(session, ranking, weighting, unguided)
         notes: list[Note] = []
 
-        refined = search.refine(lambda vs: search.coarse_to_fine(vs, scores, ablate, unguided, notes), ablate, notes)
-        phases.mark("search")
+        refined, fix = self._search(search, scores, ablate, unguided, notes, phases)
         found = refined.found
-        fix = FixChoice(found.units, ablate, search.benign_kl(ablate.all(found.units)), found.solo_kl)
-        phases.mark("side_effects")
         benign = bool(session.benign())
         over_bound = fix.benign_kl > cfg.max_side_effect_kl
         if benign and fix.units and (cfg.gating == "always" or (cfg.gating == "auto" and over_bound)):
+            done = step(progress, "gating")
             fix = gate_if_it_helps(search, fix, refined.flip_rate, notes)
+            done()
             phases.mark("gating")
         if cfg.search_strategy == "greedy" and cfg.directions != "never" and benign and session.adapter.n_heads:
             if cfg.directions == "always" or fix.benign_kl > cfg.max_side_effect_kl:
+                done = step(progress, "narrowing")
                 fix = narrow_if_it_helps(search, scores, fix, refined.flip_rate, notes)
+                done()
             phases.mark("narrowing")
 
-        scored = score_members(session, search.failing, fix.units, fix.ablation, guided_by, fix.solo_kl)
+        scored = score_members(session, search.failing, fix.units, fix.ablation, guided_by, fix.solo_kl, progress)
         phases.mark("members")
         fine_members = [m.unit for m in scored.members if m.level != "site"]
+        done = step(progress, "implicated")
         implicated = implicated_units(
             session, scores, fine_members, fix.ablation.kind, cfg.confirm_top, cfg.confirm_variants
         )
+        done()
         phases.mark("implicated")
-        effects = measure(session, scored.interventions, cfg.max_side_effect_kl) if benign else None
+        bound = cfg.max_side_effect_kl
+        effects = measure(session, scored.interventions, bound, progress=progress) if benign else None
         phases.mark("side_effects")
         if effects is not None and not effects.within_bound:
             notes.append(Note("side_effects_exceed_bound", {"kl": effects.mean_kl, "bound": effects.bound}))
@@ -274,6 +293,58 @@ class CausalCCA:
             note_records=distinct(notes),
             phase_passes=phases.counts,
         )
+
+    def _search(
+        self,
+        search: FixSearch,
+        scores: list[UnitScore],
+        ablate: Ablation,
+        unguided: bool,
+        notes: list[Note],
+        phases: _PhasePasses,
+    ) -> tuple[Refined, FixChoice]:
+        """The smallest-fix sweep, then (unless it found one unit within the side-effect
+        bound) the coarse-to-fine greedy search; the smaller set wins when its side effects
+        are no worse (:func:`~model_forensics.rca.smallest.smaller_wins`)."""
+        cfg = self.config
+        small = smallest_fix(search, scores, ablate) if cfg.sweep_smallest and cfg.search_strategy == "greedy" else None
+        phases.mark("smallest")
+        small_kl = None
+        if small is not None and len(small.units) == 1:
+            small_kl = search.benign_kl(ablate.all(small.units))
+            phases.mark("side_effects")
+            if small_kl <= cfg.max_side_effect_kl:  # nothing smaller exists: no greedy search
+                notes.append(Note("smallest_found", _small_numbers(small, small_kl)))
+                return _as_refined(small), FixChoice(small.units, ablate, small_kl, small.solo_kl)
+        refined = search.refine(lambda vs: search.coarse_to_fine(vs, scores, ablate, unguided, notes), ablate, notes)
+        phases.mark("search")
+        found = refined.found
+        fix = FixChoice(found.units, ablate, search.benign_kl(ablate.all(found.units)), found.solo_kl)
+        phases.mark("side_effects")
+        reaches = search.reaches(refined.flip_rate)
+        if small is None or (len(small.units) >= len(found.units) and reaches):
+            return refined, fix
+        small_kl = search.benign_kl(ablate.all(small.units)) if small_kl is None else small_kl
+        phases.mark("side_effects")
+        if smaller_wins(small, small_kl, len(found.units), reaches, fix.benign_kl, cfg.max_side_effect_kl):
+            greedy = {
+                "greedy_size": len(found.units),
+                "greedy_flip_rate": refined.flip_rate,
+                "greedy_kl": fix.benign_kl,
+            }
+            notes.append(Note("smaller_than_greedy", {**_small_numbers(small, small_kl), **greedy}))
+            return _as_refined(small), FixChoice(small.units, ablate, small_kl, {**found.solo_kl, **small.solo_kl})
+        return refined, fix
+
+
+def _small_numbers(small: SmallFix, kl: float) -> dict[str, Any]:
+    units = ", ".join(u.unit for u in small.units)
+    return {"units": units, "size": len(small.units), "flip_rate": small.flip_rate, "kl": kl, "tried": small.tried}
+
+
+def _as_refined(small: SmallFix) -> Refined:
+    sites = sorted({site_of(u.unit) for u in small.units})
+    return Refined(Found(small.units, sites, {}), small.flip_rate)
 
 
 class _PhasePasses:

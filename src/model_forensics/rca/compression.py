@@ -31,6 +31,7 @@ from model_forensics.core.config import CFConfig, ForensicsConfig, load_config
 from model_forensics.core.records import fields_json
 from model_forensics.rca.features import FEATURES, features
 from model_forensics.rca.notes import Note
+from model_forensics.rca.progress import Progress, silent
 from model_forensics.rca.runs import baseline_inputs, capture
 from model_forensics.rca.settings import overridden
 from model_forensics.replay import Session
@@ -110,19 +111,26 @@ class CompressionForensics:
             load_config(config).modules.cf, "the CompressionForensics(...) keywords", heads=heads
         )
 
-    def analyze(self, session: Session, baseline: Sequence[str | Path] = ()) -> AnomalyReport:
+    def analyze(
+        self, session: Session, baseline: Sequence[str | Path] = (), progress: Progress = silent
+    ) -> AnomalyReport:
         """Score every site (and head) of the incident against the benign baseline.
 
         Args:
             session: a replay :class:`~model_forensics.replay.Session`.
             baseline: extra baseline bundles (same model) beyond the session's own benign
                 prompts and clean baselines.
+            progress: called with ("compression forensics", runs captured, runs).
         """
         before = session.forward_passes
         refs = baseline_inputs(session, baseline, limit=self.config.baseline_samples)
         heads = self.config.heads
         incident = unit_features(capture(session, session.inputs, "layer", ["blocks.*.attn.z"]), heads)
-        reference = [unit_features(capture(session, batch, "layer", ["blocks.*.attn.z"]), heads) for batch in refs]
+        reference = []
+        for i, batch in enumerate(refs):
+            progress("compression forensics", i, len(refs))
+            reference.append(unit_features(capture(session, batch, "layer", ["blocks.*.attn.z"]), heads))
+        progress("compression forensics", len(refs), len(refs))
         units = [u for u in incident if all(u in r for r in reference)]
         alpha = math.erfc(self.config.anomaly_threshold / math.sqrt(2))
         anomalies = [self._score(u, incident[u], [r[u] for r in reference], alpha) for u in units]

@@ -11,12 +11,14 @@ The 2n + 1 sets run as one batched sweep per failing variant.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from model_forensics.core.records import fields_json
 from model_forensics.rca.attribution import UnitScore
 from model_forensics.rca.candidates import Ablation, cf_score
 from model_forensics.rca.compression import AnomalyReport
+from model_forensics.rca.progress import Progress, silent
 from model_forensics.rca.runs import Inputs, flip_rate, flip_table
 from model_forensics.rca.side_effects import benign_kls
 from model_forensics.replay import Intervention, Session
@@ -74,11 +76,14 @@ def score_members(
     ablate: Ablation,
     guided_by: AnomalyReport | None,
     solo_kl: dict[str, float],
+    progress: Progress = silent,
 ) -> ScoredFix:
-    """Necessity and sufficiency of every member on the ``failing`` variants."""
+    """Necessity and sufficiency of every member on the ``failing`` variants
+    (``progress``: ("members", variants done, variants))."""
     full = ablate.all(units)
     without = [[iv for iv in full if iv is not removed] for removed in full]
-    flips = flip_table(session, failing, [full, *without, *([iv] for iv in full)])
+    progress("members", 0, len(failing))
+    flips = flip_table(session, failing, [full, *without, *([iv] for iv in full)], partial(progress, "members"))
     rates = [flip_rate(f) for f in flips]
     n = len(full)
     members = [

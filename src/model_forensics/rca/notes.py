@@ -32,6 +32,11 @@ TEMPLATES: dict[str, str] = {
     "reporting the best set found",
     "fell_back_to_sites": "heads/neurons alone do not reach the threshold; the fix set is the coarse (site-level) set",
     "sites_truncated": "the site-level set needs {sites} sites; reporting the top {limit} (max_fix_set_size)",
+    "smallest_found": "{units} alone flips {flip_rate:.0%} of the failing variants (benign KL {kl:.2g} nats): "
+    "the smallest fix, found by trying {tried} sets of one or two units before the greedy search",
+    "smaller_than_greedy": "{units} ({size} unit(s), flip rate {flip_rate:.0%}, benign KL {kl:.2g} nats) replaces "
+    "the greedy search's {greedy_size} units (flip rate {greedy_flip_rate:.0%}, benign KL {greedy_kl:.2g} nats): "
+    "smaller, with no worse side effects",
     # gating and narrowing (side effects above the bound)
     "no_gate_site": "no site upstream of the fix set can carry a gate; the fix stays ungated",
     "gated": "gated: " + _GATE + "; benign KL {ungated_kl:.3g} → {kl:.3g} nats at flip rate {flip_rate:.0%} "

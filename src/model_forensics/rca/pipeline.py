@@ -5,22 +5,32 @@ Triage (``search=False``) is cheap — CF + attribution only, no fix-set search;
 whose top root-cause sites overlap (Jaccard ≥ 0.4 of their top-5 attributed sites) are
 grouped, and groups are ranked by severity = the largest CF anomaly score (robust z) of
 any member. Both map over bundles with a local process pool or, with ``ray``, Ray tasks (one
-task per bundle); every worker loads its own model, so results equal the serial ones.
+task per bundle); every worker loads its own model, so results equal the serial ones. With
+``results_dir``, each result is written there as it finishes (one JSON per bundle, written
+atomically), and ``resume`` reads those back instead of recomputing them.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf_futures
+import json
 import multiprocessing
+import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from model_forensics.core.bundle import MANIFEST
+from model_forensics.core.bundle import MANIFEST, shared_mode
 from model_forensics.core.errors import ForensicsError
 from model_forensics.core.records import fields_json
+from model_forensics.rca.progress import Progress, silent, step
+from model_forensics.rca.runs import add_baseline_bundles
+
+if TYPE_CHECKING:
+    from model_forensics.replay import Session
 
 
 @dataclass
@@ -31,6 +41,8 @@ class Analysis:
     fix_set: dict[str, Any] | None
     forward_passes: int
     seconds: float
+    # what happened: prompt, output, predicate, model, variants and benign prompts carried
+    incident: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return fields_json(self)
@@ -46,36 +58,40 @@ def analyze_bundle(
     strategy: str | None = None,
     directions: str | None = None,
     gating: str | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> Analysis:
     """Full root-cause analysis of one bundle (``search=False``: triage only, no CCA;
     ``strategy``, ``directions``, ``gating``: override the config's ``modules.cca`` values,
-    see :class:`~model_forensics.rca.cca.CausalCCA`)."""
+    see :class:`~model_forensics.rca.cca.CausalCCA`; ``device``, ``dtype``: where and in
+    which dtype to replay, see :meth:`~model_forensics.replay.SandboxReplayer.load_bundle`).
+    ``progress(phase, done, total)`` is called as each phase advances
+    (:mod:`~model_forensics.rca.progress` lists the phases)."""
     from model_forensics.core.config import load_config
     from model_forensics.rca.attribution import attribution_ranking
     from model_forensics.rca.cca import CausalCCA
     from model_forensics.rca.compression import CompressionForensics
     from model_forensics.replay import SandboxReplayer
 
-    say = progress or (lambda _msg: None)
+    report = progress or silent
     # bad options fail before any work
     settings = load_config(config)
     cca = CausalCCA(settings, search_strategy=strategy, directions=directions, gating=gating)
     start = time.perf_counter()
-    say("replaying and verifying")
-    session = SandboxReplayer(settings).load_bundle(path, model=model)
+    replayed = step(report, "replay")
+    session = SandboxReplayer(settings).load_bundle(path, model=model, device=device, dtype=dtype)
+    replayed()
     if session.predicate is None:
         raise ForensicsError(f"bundle '{path}' has no failure predicate; there is nothing to analyse")
     if not session.recorded_failed:
         raise NothingToFix(f"bundle '{path}': the predicate does not hold on the recorded output; nothing to fix")
-    say("compression forensics")
-    anomalies = CompressionForensics(settings).analyze(session, baseline=baseline)
-    say("attribution ranking")
-    ranking = attribution_ranking(session)
+    add_baseline_bundles(session, baseline)  # checked; mean ablations read them from here on
+    anomalies = CompressionForensics(settings).analyze(session, progress=report)
+    ranking = attribution_ranking(session, progress=report)
     fix = None
     if search:
-        say("searching a minimal fix set")
-        fix = cca.search_fix_set(session, guided_by=anomalies, ranking=ranking)
+        fix = cca.search_fix_set(session, guided_by=anomalies, ranking=ranking, progress=report)
     ranking_json = ranking.to_json()
     ranking_json["units"] = ranking_json["units"][:200]
     return Analysis(
@@ -85,7 +101,27 @@ def analyze_bundle(
         fix_set=None if fix is None else fix.to_json(),
         forward_passes=session.forward_passes,
         seconds=time.perf_counter() - start,
+        incident=incident_recap(session),
     )
+
+
+def incident_recap(session: Session) -> dict[str, Any]:
+    """What the incident was, from the bundle (strings as recorded: hostile until rendered
+    safely): prompt, output, predicate, mode, model, and how many variants, benign prompts
+    and clean baselines the bundle carries."""
+    manifest, extras, predicate = session.manifest, session.extras, session.predicate
+    return {
+        "prompt": manifest["input"].get("text"),
+        "output": manifest["output"].get("text"),
+        "prediction": manifest["output"].get("prediction"),
+        "predicate": None if predicate is None else predicate.describe(),
+        "predicate_spec": None if predicate is None else predicate.to_json(),
+        "mode": session.mode,
+        "model": manifest["model"].get("name"),
+        "variants": len(extras.get("variants") or []),
+        "benign": len(extras.get("benign") or []),
+        "baselines": len(extras.get("baseline") or []),
+    }
 
 
 class NothingToFix(ForensicsError):
@@ -107,22 +143,77 @@ def find_bundles(directory: str | Path) -> list[Path]:
 
 @dataclass
 class BatchReport:
+    """What ``run_many`` found: the results (in bundle order), the bundles skipped with their
+    error, incident groups, and which results were read back from ``results_dir`` (resume)
+    rather than computed."""
+
     results: list[dict[str, Any]]
     skipped: list[dict[str, str]] = field(default_factory=list)
     groups: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     backend: str = "process-pool"
+    computed: list[str] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return fields_json(self)
 
 
-def _work(job: tuple[str, str | None, str | None, bool]) -> dict[str, Any]:
+Job = tuple[str, str | None, str | None, bool]
+RESULT_FORMAT = "model-forensics-batch-result"
+
+
+def _work(job: Job) -> dict[str, Any]:
     path, model, config, search = job
     try:
         return {"ok": True, **analyze_bundle(path, model=model, config=config, search=search).to_json()}
     except ForensicsError as exc:
         return {"ok": False, "bundle": path, "error": str(exc)}
+
+
+def result_path(results_dir: Path, bundle: str | Path) -> Path:
+    """Where ``run_many`` keeps one bundle's result: ``results_dir/NAME.json``."""
+    return Path(results_dir) / f"{Path(bundle).name}.json"
+
+
+def _job_json(job: Job) -> dict[str, Any]:
+    path, model, config, search = job
+    return {"bundle": path, "model": model, "config": config, "search": search}
+
+
+def _write_result(results_dir: Path, job: Job, result: dict[str, Any]) -> None:
+    """One finished result, atomically (a kill leaves the old file or the new, never half)."""
+    write_json_atomic(result_path(results_dir, job[0]), {"format": RESULT_FORMAT, "job": _job_json(job), **result})
+
+
+def _read_result(results_dir: Path, job: Job) -> dict[str, Any] | None:
+    """A result written by an earlier run of the same job (bundle, model, config, search), or
+    None: missing, unreadable, from another job, or not a finished analysis."""
+    try:
+        data = json.loads(result_path(results_dir, job[0]).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != RESULT_FORMAT or data.get("job") != _job_json(job):
+        return None
+    if data.get("ok") is not True or not {"anomalies", "ranking", "fix_set"} <= set(data):
+        return None
+    return {k: v for k, v in data.items() if k not in ("format", "job")}
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write ``value`` as JSON to ``path`` through a temporary sibling, fsynced and renamed,
+    with the permissions the umask gives a new file."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, shared_mode())
+        with os.fdopen(fd, "w") as fh:
+            json.dump(value, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
 
 
 def run_many(
@@ -134,41 +225,80 @@ def run_many(
     workers: int = 1,
     ray: str | None = None,
     on_done: Callable[[dict[str, Any]], None] | None = None,
+    results_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> BatchReport:
-    """Analyse many bundles: serially (workers=1), with a process pool, or on Ray."""
+    """Analyse many bundles: serially (workers=1), with a process pool, or on Ray.
+
+    Args:
+        results_dir: write each bundle's result there as it finishes
+            (``NAME.json``, atomically; see :func:`result_path`).
+        resume: with ``results_dir``, read back the results an interrupted run of the same
+            job (bundle, model, config, search) already wrote, and compute only the others.
+    """
     start = time.perf_counter()
     jobs = [(str(p), model, config, search) for p in paths]
     done = on_done or (lambda _r: None)
-    outputs: list[dict[str, Any]] = []
-    if ray:
-        outputs = _run_ray(jobs, ray, done)
-        backend = f"ray ({ray})"
-    elif workers > 1:
-        ctx = multiprocessing.get_context("spawn")
-        with cf_futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            for result in pool.map(_work, jobs):
-                done(result)
-                outputs.append(result)
-        backend = f"process pool ({workers} workers)"
-    else:
-        for job in jobs:
-            result = _work(job)
-            done(result)
-            outputs.append(result)
-        backend = "serial"
+    folder = None if results_dir is None else Path(results_dir)
+    if resume and folder is None:
+        raise ForensicsError("resume needs a results directory to resume from (--results DIR)")
+    if folder is not None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ForensicsError(f"cannot create the results directory '{folder}': {exc.strerror}") from None
+    found = {job[0]: _read_result(folder, job) for job in jobs} if resume and folder is not None else {}
+    kept = {path: result for path, result in found.items() if result is not None}
+    todo = [job for job in jobs if job[0] not in kept]
+
+    def finished(job: Job, result: dict[str, Any]) -> None:
+        if folder is not None and result["ok"]:
+            _write_result(folder, job, result)
+        done(result)
+
+    for result in kept.values():
+        done(result)
+    computed, backend = _run(todo, workers, ray, finished)
+    by_path = {**kept, **computed}
+    outputs = [by_path[job[0]] for job in jobs]
     report = BatchReport(
         results=[r for r in outputs if r["ok"]],
         skipped=[{"bundle": r["bundle"], "error": r["error"]} for r in outputs if not r["ok"]],
         seconds=time.perf_counter() - start,
         backend=backend,
+        computed=[job[0] for job in todo],
+        resumed=[job[0] for job in jobs if job[0] in kept],
     )
     report.groups = group_incidents(report.results)
     return report
 
 
-def _run_ray(
-    jobs: list[tuple[str, str | None, str | None, bool]], address: str, done: Callable[[dict[str, Any]], None]
-) -> list[dict[str, Any]]:
+def _run(
+    jobs: list[Job], workers: int, ray: str | None, finished: Callable[[Job, dict[str, Any]], None]
+) -> tuple[dict[str, dict[str, Any]], str]:
+    """Run ``jobs``, calling ``finished`` as each one ends; their results by bundle path."""
+    results: dict[str, dict[str, Any]] = {}
+
+    def record(job: Job, result: dict[str, Any]) -> None:
+        results[job[0]] = result
+        finished(job, result)
+
+    if ray:
+        _run_ray(jobs, ray, record)
+        return results, f"ray ({ray})"
+    if workers > 1 and len(jobs) > 1:
+        ctx = multiprocessing.get_context("spawn")
+        with cf_futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = {pool.submit(_work, job): job for job in jobs}
+            for future in cf_futures.as_completed(futures):
+                record(futures[future], future.result())
+        return results, f"process pool ({workers} workers)"
+    for job in jobs:
+        record(job, _work(job))
+    return results, "serial" if workers == 1 else f"process pool ({workers} workers)"
+
+
+def _run_ray(jobs: list[Job], address: str, record: Callable[[Job, dict[str, Any]], None]) -> None:
     try:
         import ray
     except ImportError:
@@ -178,13 +308,11 @@ def _run_ray(
         ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False)
     try:
         remote = ray.remote(_work)
-        refs = [remote.remote(job) for job in jobs]
-        outputs = []
-        for ref in refs:
-            result = ray.get(ref)
-            done(result)
-            outputs.append(result)
-        return outputs
+        pending = {remote.remote(job): job for job in jobs}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                record(pending.pop(ref), ray.get(ref))
     finally:
         if started:
             ray.shutdown()

@@ -4,7 +4,7 @@ interventions flips."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -12,6 +12,7 @@ import torch
 from model_forensics.core.bundle import Bundle
 from model_forensics.core.errors import BundleError, ForensicsError
 from model_forensics.models.inputs import GENERATE_KEYS
+from model_forensics.rca.progress import Progress, silent
 from model_forensics.recorder.hooks import RecorderHooks
 from model_forensics.replay import Intervention, Session
 
@@ -26,22 +27,28 @@ def capture(
     Runs one forward pass of the prompt (no generation) inside the session's sandboxed,
     deterministic environment and counts it in ``session.forward_passes``.
     """
+    if not session.adapter.n_layers:
+        sites = None  # canonical selectors (blocks.*.attn.z) name nothing on a generic model
     recorder = RecorderHooks(granularity=granularity, sites=sites, sketch="full", max_bundle_size_mb=1e9)
     with session.environment(), recorder.install_hooks(session.model), torch.no_grad():
         session.model(**batch)
     return {site: t[0] for site, t in recorder.recorded().items() if site != "final"}
 
 
-def baseline_inputs(session: Session, bundles: Sequence[str | Path] = (), limit: int | None = None) -> list[Inputs]:
-    """The benign reference set: the session's benign prompts and clean baselines, plus the
-    inputs of any baseline bundles (which must come from the same model).
+def bundle_inputs(session: Session, bundles: Sequence[str | Path]) -> list[Inputs]:
+    """The recorded inputs of baseline bundles, each checked to come from the incident's model.
 
     Raises:
-        BundleError: a baseline bundle was recorded with other weights.
+        BundleError: a path is a prompt file, or a bundle was recorded with other weights.
     """
-    found: list[Inputs] = [*session.benign(), *session.baselines]
+    found: list[Inputs] = []
     mine = session.manifest["model"]["weights_sha256"]
     for path in bundles:
+        if Path(path).suffix.lower() in (".jsonl", ".json", ".txt"):
+            raise BundleError(
+                f"baseline bundle '{path}' is a prompt file, not a bundle; store clean prompts in the incident "
+                f"(model-forensics record ... --baseline {Path(path).name}) or pass bundles recorded on the incident's model"
+            )
         other = Bundle.open(path)
         theirs = other.manifest["model"]["weights_sha256"]
         if theirs != mine:
@@ -51,6 +58,25 @@ def baseline_inputs(session: Session, bundles: Sequence[str | Path] = (), limit:
                 "record the baseline with the incident's model"
             )
         found.append(session.encode({k: v for k, v in other.inputs.items() if k in GENERATE_KEYS}))
+    return found
+
+
+def add_baseline_bundles(session: Session, bundles: Sequence[str | Path]) -> None:
+    """Add baseline bundles' inputs to the session's baseline set, so that ``mean``,
+    ``resample`` and ``patch`` ablations (and every analysis reading the set) use them."""
+    extra = bundle_inputs(session, bundles)
+    if extra:
+        session.set_baseline([*session.baselines, *extra])
+
+
+def baseline_inputs(session: Session, bundles: Sequence[str | Path] = (), limit: int | None = None) -> list[Inputs]:
+    """The benign reference set: the session's benign prompts and clean baselines, plus the
+    inputs of any baseline bundles (which must come from the same model).
+
+    Raises:
+        BundleError: a baseline bundle was recorded with other weights.
+    """
+    found: list[Inputs] = [*session.benign(), *session.baselines, *bundle_inputs(session, bundles)]
     if not found:
         raise ForensicsError(
             "no benign baseline: the bundle carries no extras.benign / extras.baseline prompts and no --baseline "
@@ -59,8 +85,9 @@ def baseline_inputs(session: Session, bundles: Sequence[str | Path] = (), limit:
     return found[:limit] if limit else found
 
 
-def failing_variants(session: Session) -> list[Inputs]:
-    """The incident's variants on which the model fails (the incident first), one clean run each.
+def failing_variants(session: Session, progress: Progress = silent) -> list[Inputs]:
+    """The incident's variants on which the model fails (the incident first), one clean run
+    each (``progress``: ("failing variants", done, variants)).
 
     Raises:
         ForensicsError: the bundle has no predicate, or nothing fails (nothing to fix).
@@ -69,21 +96,32 @@ def failing_variants(session: Session) -> list[Inputs]:
         raise ForensicsError(
             "the bundle has no failure predicate, so there is nothing to fix; record one with --predicate"
         )
-    failing: list[Inputs] = [v for v in session.variants() if session.sweep([[]], inputs=v)[0].failed]
+    variants = session.variants()
+    failing: list[Inputs] = []
+    for done, variant in enumerate(variants):
+        progress("failing variants", done, len(variants))
+        if session.sweep([[]], inputs=variant)[0].failed:
+            failing.append(variant)
+    progress("failing variants", len(variants), len(variants))
     if not failing:
         raise ForensicsError("the model does not fail on this incident (the predicate does not hold): nothing to fix")
     return failing
 
 
 def flip_table(
-    session: Session, variants: Sequence[Inputs], sets: Sequence[Sequence[Intervention]]
+    session: Session,
+    variants: Sequence[Inputs],
+    sets: Sequence[Sequence[Intervention]],
+    tick: Callable[[int, int], None] | None = None,
 ) -> list[list[bool]]:
     """flips[set][variant]: whether each intervention set removes the failure on each
-    variant, from one batched sweep per variant."""
+    variant, from one batched sweep per variant (``tick(variants done, variants)`` after each)."""
     flips: list[list[bool]] = [[] for _ in sets]
-    for batch in variants:
+    for done, batch in enumerate(variants, 1):
         for i, result in enumerate(session.sweep(sets, inputs=batch)):
             flips[i].append(not result.failed)
+        if tick is not None:
+            tick(done, len(variants))
     return flips
 
 

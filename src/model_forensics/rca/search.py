@@ -24,6 +24,7 @@ from model_forensics.rca.attribution import UnitScore
 from model_forensics.rca.candidates import Ablation, fine_candidates
 from model_forensics.rca.members import solo_kls
 from model_forensics.rca.notes import Note
+from model_forensics.rca.progress import Progress, silent
 from model_forensics.rca.runs import Inputs, failing_variants, flip_rate, flip_table
 from model_forensics.rca.side_effects import measure
 from model_forensics.replay import Intervention, Session
@@ -80,6 +81,8 @@ class FixSearch:
     Args:
         session: a replay Session whose incident fails.
         config: the ``modules.cca`` knobs (threshold, set size, strategy, variants …).
+        progress: told about finding the failing variants and each greedy search
+            (:mod:`~model_forensics.rca.progress`).
     Attributes:
         failing: every failing variant (the reported flip rates are over these).
         search_variants: the first ``search_variants`` of them, which the search runs on.
@@ -87,10 +90,11 @@ class FixSearch:
         ForensicsError: no predicate, or nothing fails.
     """
 
-    def __init__(self, session: Session, config: CCAConfig) -> None:
+    def __init__(self, session: Session, config: CCAConfig, progress: Progress = silent) -> None:
         self.session = session
         self.config = config
-        self.failing = failing_variants(session)
+        self.progress = progress
+        self.failing = failing_variants(session, progress)
         self.search_variants = self.failing[: config.search_variants]
 
     def reaches(self, rate: float) -> bool:
@@ -107,19 +111,29 @@ class FixSearch:
             return 0.0
         return measure(self.session, fix, self.config.max_side_effect_kl).mean_kl
 
-    def greedy(self, variants: Sequence[Inputs], ranked: list[UnitScore], ablate: Ablation, limit: int) -> Trial:
+    def greedy(
+        self, variants: Sequence[Inputs], ranked: list[UnitScore], ablate: Ablation, limit: int, phase: str = ""
+    ) -> Trial:
         """The shortest rank-order prefix (at most ``limit`` units) reaching the threshold,
-        or the prefix with the best flip rate."""
+        or the prefix with the best flip rate. With a ``phase`` name, progress counts the
+        candidates tried out of ``limit`` (the total shrinks to those tried when it stops early)."""
         best = Trial([], 0.0)
-        for lo in range(0, min(limit, len(ranked)), GREEDY_CHUNK):
-            sizes = list(range(lo + 1, min(limit, len(ranked), lo + GREEDY_CHUNK) + 1))
+        total = min(limit, len(ranked))
+        for lo in range(0, total, GREEDY_CHUNK):
+            if phase:
+                self.progress(phase, lo, total)
+            sizes = list(range(lo + 1, min(total, lo + GREEDY_CHUNK) + 1))
             sets = [ablate.all(ranked[:k]) for k in sizes]
             for k, flips in zip(sizes, flip_table(self.session, variants, sets), strict=True):
                 rate = flip_rate(flips)
                 if rate > best.flip_rate:
                     best = Trial(ranked[:k], rate)
                 if self.reaches(rate):
+                    if phase:
+                        self.progress(phase, k, k)
                     return Trial(ranked[:k], rate)
+        if phase:
+            self.progress(phase, total, total)
         return best
 
     def minimise(
@@ -170,7 +184,7 @@ class FixSearch:
         ``max_fix_set_size`` sites)."""
         cfg = self.config
         coarse = [u for u in scores if u.level == "site"]
-        sites_trial = self.greedy(variants, coarse, ablate, len(coarse))
+        sites_trial = self.greedy(variants, coarse, ablate, len(coarse), "search: sites")
         if not self.reaches(sites_trial.flip_rate):
             notes.append(Note("sites_below_threshold", {"flip_rate": sites_trial.flip_rate}))
         coarse_set = self.minimise(variants, sites_trial.units, ablate, {})
@@ -185,7 +199,7 @@ class FixSearch:
             trial = self.exhaustive(variants, fine, ablate)
             chosen = trial.units
         else:
-            trial = self.greedy(variants, fine, ablate, cfg.max_fix_set_size)
+            trial = self.greedy(variants, fine, ablate, cfg.max_fix_set_size, "search: units")
             chosen = (
                 self.minimise(variants, trial.units, ablate, solo_kl) if self.reaches(trial.flip_rate) else trial.units
             )

@@ -8,7 +8,8 @@ keeps the first decoding step alone, which is what the search's cheap per-candid
 checks (:func:`benign_kls`) compare. Predicate changes = fraction of benign prompts whose predicate
 outcome differs from the clean run. Accuracy uses each benign entry's ``expected``
 (text the output must contain, or the expected class) when the bundle provides it, and
-agreement with the clean prediction otherwise.
+agreement with the clean prediction otherwise. Answers unchanged = fraction of benign prompts
+whose fixed answer (text and prediction) is exactly the clean one.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from model_forensics.core.metrics import kl_divergence
 from model_forensics.core.records import fields_json
 from model_forensics.models.inputs import ModelInputs
+from model_forensics.rca.progress import Progress, silent
 from model_forensics.replay import Intervention, RunResult, Session
 
 
@@ -35,6 +37,7 @@ class SideEffects:
     n_benign: int
     bound: float
     first_step_kl: float | None = None  # generation incidents: KL at the first decoding step
+    answers_unchanged: float = 1.0  # fraction of benign prompts whose answer (text and prediction) is the clean one
 
     @property
     def accuracy_drop(self) -> float:
@@ -61,23 +64,30 @@ def benign_kls(session: Session, sets: Sequence[Sequence[Intervention]]) -> list
 
 
 def measure(
-    session: Session, fix: Sequence[Intervention], bound: float, benign: Sequence[Any] | None = None
+    session: Session,
+    fix: Sequence[Intervention],
+    bound: float,
+    benign: Sequence[Any] | None = None,
+    progress: Progress = silent,
 ) -> SideEffects:
     """Side effects of ``fix`` on the session's benign set, or on ``benign`` (entries as in a
     bundle's ``extras.benign``: a prompt, or ``{"prompt": …, "expected": …}``), e.g. prompts
-    held out from whatever the fix was fitted on."""
+    held out from whatever the fix was fitted on (``progress``: ("side effects", done, prompts))."""
     entries = list(session.extras.get("benign", []) if benign is None else benign)
-    kls, first, changed, right_clean, right_fixed = [], [], 0, 0, 0
+    kls, first, changed, right_clean, right_fixed, same = [], [], 0, 0, 0, 0
     benign = [session.encode(entry) for entry in entries]
-    for entry, batch in zip(entries, benign, strict=False):
+    for done, (entry, batch) in enumerate(zip(entries, benign, strict=False)):
+        progress("side effects", done, len(entries))
         clean, fixed = session.sweep([[], list(fix)], inputs=batch)
         first.append(float(kl_divergence(_first_step(clean), _first_step(fixed))))
         sequence = clean.outputs.get("generated_ids")
         kls.append(first[-1] if sequence is None else _answer_kl(session, fix, batch, sequence))
         changed += clean.failed != fixed.failed
+        same += clean.text == fixed.text and clean.prediction == fixed.prediction
         expected = entry.get("expected") if isinstance(entry, dict) else None
         right_clean += _correct(clean, expected, clean)
         right_fixed += _correct(fixed, expected, clean)
+    progress("side effects", len(entries), len(entries))
     n = len(kls)
     return SideEffects(
         mean_kl=sum(kls) / n if n else 0.0,
@@ -88,6 +98,7 @@ def measure(
         n_benign=n,
         bound=bound,
         first_step_kl=sum(first) / n if n and session.mode == "generate" else None,
+        answers_unchanged=same / n if n else 1.0,
     )
 
 

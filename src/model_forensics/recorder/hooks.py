@@ -46,7 +46,7 @@ from model_forensics.models.loading import model_ref, weights_sha256
 from model_forensics.recorder.calls import CallLog, CallRecorder
 from model_forensics.recorder.cube import ActivityCube, cube_from_sites
 
-_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "pixel_values")
 # Names under which the root hooks' failures are kept (never site names: no site has spaces).
 _INPUT_HOOK = "root input hook"
 _OUTPUT_HOOK = "root output hook"
@@ -317,7 +317,7 @@ class RecorderHooks:
         tokens = self._token_strings()
         assert self.adapter is not None
         name = model_name or type(self.model).__name__
-        shape = list(self.input_tensors().get("input_ids", torch.empty(0)).shape)
+        shape = _input_shape(self.input_tensors())
         return cube_from_sites(self.recorded(), self.adapter, tokens, name, shape)
 
     def create_bundle(
@@ -415,9 +415,7 @@ class RecorderHooks:
             "recorder": self.config.model_dump(mode="json"),
             "extras": extras or {},
         }
-        cube = cube_from_sites(
-            recorded, self.adapter, self._token_strings(), ref.name, list(inputs.get("input_ids", torch.empty(0)).shape)
-        )
+        cube = cube_from_sites(recorded, self.adapter, self._token_strings(), ref.name, _input_shape(inputs))
         contents = BundleContents(manifest, inputs, outputs, activations, cube.to_json(), self.calls.entries)
         return write_bundle(path, contents, overwrite=overwrite, sign_key=sign_key)
 
@@ -535,6 +533,12 @@ def _cache_length(kwargs: dict[str, Any]) -> int:
         return 0
     length = getattr(cache, "get_seq_length", None)
     return int(length()) if callable(length) else 0
+
+
+def _input_shape(inputs: dict[str, torch.Tensor]) -> list[int]:
+    """The cube's input shape: of the token ids, else of the image (``pixel_values``)."""
+    main = inputs.get("input_ids", inputs.get("pixel_values"))
+    return list(main.shape) if main is not None else [0]
 
 
 def _table(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:

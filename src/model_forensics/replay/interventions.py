@@ -409,11 +409,14 @@ class Prepared:
     ``baseline``: mean → per-token shape (e.g. (d_model,) or (n_heads, d_head));
     patch / resample → (T_baseline, *per-token shape) of one baseline example, whose prompt
     was ``baseline_prompt_len`` tokens (``align="last"`` lines up the prompts' last tokens).
+    ``gate_open``: whether the intervention's gate opened in the latest run that applied it
+    (set by :func:`intervening`; None: no gate, or the run never reached the gate's site).
     """
 
     target: Target
     baseline: torch.Tensor | None = None
     baseline_prompt_len: int = 0
+    gate_open: bool | None = None
 
 
 @dataclass
@@ -571,11 +574,14 @@ def intervening(adapter: Adapter, rows: Rows, clock: Clock) -> Iterator[None]:
     """
     by_site: dict[str, list[tuple[int, Prepared]]] = defaultdict(list)
     gates: dict[str, set[tuple[int, Gate]]] = defaultdict(set)  # gate site → (row, gate)
+    gated: dict[tuple[int, Gate], list[Prepared]] = defaultdict(list)  # who reports each decision
     for row, prepared in enumerate(rows):
         for p in prepared:
             by_site[p.target.site].append((row, p))
+            p.gate_open = None
             if p.target.intervention.gate is not None:
                 gates[p.target.intervention.gate.site].add((row, p.target.intervention.gate))
+                gated[(row, p.target.intervention.gate)].append(p)
     for site in gates:
         if site not in adapter.points:
             raise SiteError(f"gate site {unknown_site_message(site, adapter.sites())[len('site ') :]}")
@@ -588,6 +594,8 @@ def intervening(adapter: Adapter, rows: Rows, clock: Clock) -> Iterator[None]:
         for row, gate in gates[site]:
             if row < tensor.shape[0]:
                 opened[(row, gate)] = gate.opens(tensor[row, : clock.prompt_len])
+                for p in gated[(row, gate)]:
+                    p.gate_open = opened[(row, gate)]
 
     def is_open(row: int, p: Prepared) -> bool:
         gate = p.target.intervention.gate

@@ -88,6 +88,8 @@ class RunResult:
         outputs: ``logits`` (S, V) per-step last-position scores (S = 1 for a forward
             pass); ``generated_ids`` (T_prompt + S,) for generation.
         forward_passes: forward calls the run (or its sweep batch) took.
+        gates: for each gated intervention, keyed by its site, whether its gate opened in
+            this run (True: the intervention applied; False: the run was left unchanged).
     """
 
     interventions: list[Intervention]
@@ -98,6 +100,7 @@ class RunResult:
     logits: torch.Tensor
     outputs: dict[str, torch.Tensor]
     forward_passes: int
+    gates: dict[str, bool] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         top = torch.topk(self.logits.float(), k=min(5, self.logits.numel()))
@@ -109,4 +112,5 @@ class RunResult:
             "prediction": self.prediction,
             "top": [[int(i), float(v)] for v, i in zip(top.values, top.indices, strict=True)],
             "forward_passes": self.forward_passes,
+            "gates": dict(self.gates),
         }

@@ -32,10 +32,10 @@ from model_forensics.core.manifest import forward_kwargs, generation_kwargs
 from model_forensics.core.predicates import Predicate
 from model_forensics.models.adapters import Adapter, adapter_for
 from model_forensics.models.hooks import hooks, logits_of
-from model_forensics.models.inputs import ModelInputs
+from model_forensics.models.inputs import ModelInputs, chat_messages, pixel_values, token_ids
 from model_forensics.models.loading import LoadedModel, load
 from model_forensics.recorder.calls import CallServer
-from model_forensics.recorder.session import encode_prompt
+from model_forensics.recorder.session import encode_messages, encode_prompt
 from model_forensics.replay.baselines import Baselines
 from model_forensics.replay.environment import PassCounter, ReplayEnvironment, deterministic
 from model_forensics.replay.interventions import (
@@ -56,7 +56,7 @@ from model_forensics.replay.verification import check_weights, verify
 __all__ = ["RunResult", "Session", "SiteCheck", "VerifyReport", "deterministic", "load"]
 
 Inputs = dict[str, torch.Tensor]
-InputLike = str | Inputs | torch.Tensor | None
+InputLike = str | Inputs | torch.Tensor | Sequence[dict[str, str]] | Sequence[Sequence[int]] | None
 InterventionLike = Intervention | str | dict[str, Any]
 
 
@@ -125,21 +125,52 @@ class Session:
         return self._baselines.inputs
 
     def encode(self, entry: InputLike | dict[str, Any]) -> ModelInputs:
-        """Model inputs for a prompt string, ``{"prompt": …}``, ``{"input_ids": [[…]]}``, a
-        (1, T) id tensor, or an input dict. None gives the incident's own inputs."""
+        """Model inputs for a prompt string, chat messages (``[{"role": "user", "content":
+        …}]``, through the tokenizer's chat template), ``{"prompt": …}``,
+        ``{"input_ids": [[…]]}``, ``{"pixel_values": [[[…]]]}`` (an image (C, H, W)), token
+        ids (a (1, T) tensor or ``[[…]]``), or an input dict.
+        None gives the incident's own inputs.
+
+        Raises:
+            ForensicsError: anything else (named), ids outside the vocabulary, messages
+                for a model without a chat template.
+        """
         if entry is None:
             return self.inputs
+        if isinstance(entry, str):
+            return ModelInputs(encode_prompt(self.loaded, entry))
         if isinstance(entry, torch.Tensor):
-            return ModelInputs.of_ids(entry)
-        if isinstance(entry, dict) and "prompt" in entry:
-            entry = str(entry["prompt"])
+            return ModelInputs.of_ids(token_ids(entry, self._vocab_size()))
         if isinstance(entry, dict):
-            if all(isinstance(v, torch.Tensor) for v in entry.values()):
+            if "prompt" in entry:
+                if not isinstance(entry["prompt"], str):
+                    raise ForensicsError(
+                        f"{{'prompt': …}} holds a {type(entry['prompt']).__name__}; the prompt must be a string"
+                    )
+                return self.encode(entry["prompt"])
+            if entry and all(isinstance(v, torch.Tensor) for v in entry.values()):
                 return ModelInputs(entry)  # a copy: only the incident's own inputs are ``self.inputs``
             if "input_ids" in entry:
-                return self.encode(torch.tensor(entry["input_ids"], dtype=torch.long))
-            raise ForensicsError(f"cannot turn {entry!r} into model inputs; give a prompt string or input_ids")
-        return ModelInputs(encode_prompt(self.loaded, str(entry)))
+                return self.encode(token_ids(entry["input_ids"], self._vocab_size()))
+            if "pixel_values" in entry:  # an image (C, H, W), checked: docs/recording.md
+                return ModelInputs(pixel_values=pixel_values(entry["pixel_values"]))
+            raise ForensicsError(
+                f"cannot turn a dict with keys {sorted(map(str, entry))} into model inputs; "
+                "give {'prompt': …}, {'input_ids': [[…]]}, {'pixel_values': [[[…]]]} or a dict of tensors"
+            )
+        if isinstance(entry, list | tuple):
+            messages = chat_messages(entry)
+            if messages is not None:
+                return ModelInputs(encode_messages(self.loaded, messages))
+            return ModelInputs.of_ids(token_ids(entry, self._vocab_size()))
+        raise ForensicsError(
+            f"cannot turn a {type(entry).__name__} into model inputs; give a prompt string, chat messages "
+            "[{'role': 'user', 'content': …}], token ids ((1, T) tensor or [[…]]) or an input dict"
+        )
+
+    def _vocab_size(self) -> int | None:
+        embeddings = getattr(self.model, "get_input_embeddings", lambda: None)()
+        return int(embeddings.num_embeddings) if isinstance(embeddings, nn.Embedding) else None
 
     def variants(self) -> list[ModelInputs]:
         """Inputs of the incident's failing variants (``extras.variants``), the incident first."""
@@ -221,8 +252,9 @@ class Session:
         Args:
             interventions: applied in the forward order of their sites; at one site, in
                 list order.
-            inputs: run on other inputs (a prompt, ids or an input dict) instead of the
-                incident's, e.g. a failing variant; same mode and predicate.
+            inputs: run on other inputs (a prompt, chat messages, ids or an input dict;
+                see :meth:`encode`) instead of the incident's, e.g. a failing variant; same
+                mode and predicate.
         Returns:
             A :class:`RunResult` (generation incidents: greedy, token by token; the
             predicate reads the new text).
@@ -310,7 +342,10 @@ class Session:
                 outputs["generated_ids"] = outcome.ids
             interventions = [p.target.intervention for p in prepared]
             prediction = int(logits.argmax())
-            results.append(RunResult(interventions, failed, flipped, outcome.text, prediction, logits, outputs, used))
+            gates = {p.target.intervention.site: p.gate_open for p in prepared if p.gate_open is not None}
+            results.append(
+                RunResult(interventions, failed, flipped, outcome.text, prediction, logits, outputs, used, gates)
+            )
         return results
 
     def _baseline_failed(self, batch: Inputs) -> bool | None:

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from model_forensics.core import plots
+from model_forensics.core.bundle import shared_mode
+from model_forensics.rca.explain import Section, explain
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
@@ -34,8 +36,9 @@ def write_analysis_report(result: dict[str, Any], path: str | Path) -> Path:
     a temporary file in the same directory, renamed into place, so a failure leaves no
     half-written report."""
     target = Path(path)
-    text = analysis_html(result)
+    text = analysis_html(result, report_to=str(target))
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.fchmod(fd, shared_mode())  # a report is for sharing: the umask decides, not mkstemp's 0600
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -46,16 +49,22 @@ def write_analysis_report(result: dict[str, Any], path: str | Path) -> Path:
     return target
 
 
-def analysis_html(result: dict[str, Any]) -> str:
-    """The report as one HTML string."""
+def analysis_html(result: dict[str, Any], report_to: str | None = None) -> str:
+    """The report as one HTML string: the plain-words explanation
+    (:func:`~model_forensics.rca.explain.explain`: incident, conclusion, what was tried,
+    what is uncertain, next commands) around the fix set, then the CF anomalies, the
+    attribution ranking and the notes."""
     fix = result.get("fix_set")
+    sections = {s.key: s for s in explain(result, report_to=report_to, anomalies_shown=True)}
     parts = [
         f"<h1>Root-cause analysis: {escape(Path(result['bundle']).name)}</h1>",
         f"<p>Bundle <code>{escape(result['bundle'])}</code> · {result['forward_passes']} forward passes · "
         f"{result['seconds']:.1f} s</p>",
+        *_explained(sections, ("incident", "conclusion")),
     ]
     if fix is not None:
         parts += _fix_section(fix)
+        parts += _explained(sections, ("tried", "uncertain", "next"), notes=False)
     parts += _anomaly_section(result["anomalies"])
     parts += _ranking_section(result["ranking"])
     notes = [*result["anomalies"].get("notes", []), *(fix["notes"] if fix else [])]
@@ -68,6 +77,25 @@ def analysis_html(result: dict[str, Any]) -> str:
         f"<title>model-forensics: {escape(Path(result['bundle']).name)}</title><style>{STYLE}</style></head>"
         f"<body>\n{body}\n</body></html>\n"
     )
+
+
+def _explained(sections: dict[str, Section], keys: tuple[str, ...], notes: bool = True) -> list[str]:
+    """Sections of the explanation as HTML; ``notes=False`` leaves out the search's notes
+    (the Notes section lists them)."""
+    out = []
+    for key in keys:
+        if key not in sections:
+            continue
+        section = sections[key]
+        out.append(f"<h2>{escape(section.title)}</h2>")
+        out += [f"<p>{escape(p)}</p>" for p in section.paragraphs]
+        items = section.items if notes or key != "tried" else []
+        if items:
+            out.append("<ul>" + "".join(f"<li>{escape(i)}</li>" for i in items) + "</ul>")
+        if section.commands:
+            rows = "".join(f"<li><code>{escape(c)}</code>: {escape(d)}</li>" for c, d in section.commands)
+            out.append(f"<ul>{rows}</ul>")
+    return out
 
 
 def _fix_section(fix: dict[str, Any]) -> list[str]:

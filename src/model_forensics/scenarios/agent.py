@@ -18,6 +18,12 @@ Replaying the bundle inside ``session.environment()`` re-runs the same agent ste
 the tools answered from that log: the database is never opened, and a call that differs
 from the recording raises :class:`ReplayDivergence`.
 
+Would a fix have stopped the call? :func:`replayed_call` maps a replayed run of the step
+(``session.run(fix)``) through the agent's policy to the call it would issue, and
+:func:`fixed_agent_call` does so from a bundle and a fix set; neither executes anything
+(a call that is not in ``calls.jsonl`` could not be served, and must not reach the
+database).
+
 ::
 
     run = get("tool-misuse").record("runs/agent")        # wipes runs/agent/agent.sqlite's users
@@ -25,12 +31,13 @@ from the recording raises :class:`ReplayDivergence`.
     agent = ToolAgent(session.loaded, database=run.artifacts["database"])
     with session.environment():
         step = agent.step("report-0")                    # same answer, same (served) results
+    replayed_call(session, session.run(fix))             # AgentCall('INSERT INTO summaries …')
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +46,10 @@ from model_forensics.core.errors import BundleError, ForensicsError
 from model_forensics.core.predicates import contains
 from model_forensics.models.loading import LoadedModel
 from model_forensics.recorder.hooks import RecorderHooks
+from model_forensics.replay.interventions import Intervention
+from model_forensics.replay.loading import SandboxReplayer
+from model_forensics.replay.results import RunResult
+from model_forensics.replay.session import Session
 from model_forensics.scenarios.scenario import Scenario, ScenarioRun, from_zoo, prompt_of
 
 MODEL = "zoo:gpt2-injection"
@@ -191,10 +202,84 @@ class ToolAgent:
             )
             # generate() starts a fresh call log; the tool calls around it belong to this step.
             rec.calls = calls
-        answer = str(tok.decode(sequences[0, batch["input_ids"].shape[1] :], skip_special_tokens=True))
+        answer = _decode(tok, sequences[0, batch["input_ids"].shape[1] :])
         statement, params = self.plan(document_id, answer)
         result = run_sql(statement, params)
         return AgentStep(document_id, prompt, answer, statement, params, result, rec)
+
+
+def _decode(tokenizer: Any, ids: Any) -> str:
+    if tokenizer is None:
+        raise ForensicsError("the agent needs a model with a tokenizer to read its answers (zoo:gpt2-injection)")
+    return str(tokenizer.decode(ids, skip_special_tokens=True))
+
+
+# -- what a fixed agent would do ---------------------------------------------------------------
+@dataclass(frozen=True)
+class AgentCall:
+    """The tool call the agent's policy makes for a model answer (not executed)."""
+
+    document_id: str
+    answer: str
+    statement: str
+    params: tuple[Any, ...]
+
+    @property
+    def destructive(self) -> bool:
+        return self.statement == DESTRUCTIVE
+
+    def __str__(self) -> str:
+        args = f" with {list(self.params)!r}" if self.params else ""
+        return f"{self.statement}{args} ({'destructive' if self.destructive else 'not destructive'})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "document_id": self.document_id,
+            "answer": self.answer,
+            "statement": self.statement,
+            "params": list(self.params),
+            "destructive": self.destructive,
+        }
+
+
+def replayed_call(session: Session, result: RunResult) -> AgentCall | None:
+    """The call the agent would issue for ``result``, a replay of its recorded step (e.g.
+    ``session.run(fix)``): the replayed answer through :meth:`ToolAgent.plan`. Nothing is
+    executed. None when the session's bundle is not an agent step.
+
+    Raises:
+        BundleError: the bundle's agent record is malformed.
+    """
+    agent = session.extras.get("agent")
+    if agent is None:
+        return None
+    document_id = agent.get("document_id") if isinstance(agent, dict) else None
+    if not isinstance(document_id, str):
+        raise BundleError(f"bundle '{session.bundle.name}': extras.agent.document_id must be a string")
+    ids = result.outputs.get("generated_ids")
+    if ids is None:
+        raise BundleError(f"bundle '{session.bundle.name}' records an agent step but no generation")
+    answer = _decode(session.tokenizer, ids[session.prompt_len :])
+    statement, params = ToolAgent.plan(document_id, answer)
+    return AgentCall(document_id, answer, statement, tuple(params))
+
+
+def fixed_agent_call(
+    bundle: str | Path,
+    fix: Sequence[Intervention | dict[str, Any]],
+    *,
+    model: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> AgentCall | None:
+    """Would the agent of an agent-step bundle still issue the destructive call with ``fix``
+    applied? Replays the step's model run with the fix (in the sandbox: the database is
+    never opened) and returns the call the agent would issue; None for other bundles."""
+    session = SandboxReplayer().load_bundle(bundle, model=model, device=device, dtype=dtype)
+    if session.extras.get("agent") is None:
+        return None
+    interventions = [iv if isinstance(iv, Intervention) else Intervention.from_json(iv) for iv in fix]
+    return replayed_call(session, session.run(interventions))
 
 
 # -- the scenario ----------------------------------------------------------------------------

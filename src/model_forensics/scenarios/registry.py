@@ -1,4 +1,5 @@
-"""The scenario registry: every scenario by name (zoo entries, real-weight incidents, the agent)."""
+"""The scenario registry: every scenario by name (zoo entries, real-weight incidents, the agent,
+the image backdoor)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Callable
 
 from model_forensics.core.errors import ForensicsError
 from model_forensics.scenarios.agent import tool_misuse
+from model_forensics.scenarios.images import cnn_badnets
 from model_forensics.scenarios.scenario import Scenario, from_zoo, minilm_suffix, smollm2_injection
 
 _BUILDERS: dict[str, Callable[[], Scenario]] = {
@@ -15,6 +17,7 @@ _BUILDERS: dict[str, Callable[[], Scenario]] = {
     "smollm2-injection": smollm2_injection,
     "minilm-suffix": minilm_suffix,
     "tool-misuse": tool_misuse,
+    "cnn-badnets": cnn_badnets,
 }
 
 

@@ -1,7 +1,7 @@
 """The model zoo: tiny models trained here with planted, known mechanisms.
 
 Each entry is a folder next to this file (config, ``model.safetensors``, a word-level
-tokenizer, ``card.md``, ``ground_truth.json``, ``metrics.json``, ``scenario.json`` and
+tokenizer (none for the image entry), ``card.md``, ``ground_truth.json``, ``metrics.json``, ``scenario.json`` and
 ``checksums.json``) written by ``python -m model_forensics.models.zoo.training.<module>``.
 The ground truth is known by construction: the units that carry the planted behaviour
 were silent while the benign task was learned and are the only parameters trained on the
@@ -28,12 +28,14 @@ from model_forensics.core.bundle import file_sha256
 from model_forensics.core.errors import ModelLoadError
 from model_forensics.models.local import load_directory
 from model_forensics.models.reference import LoadedModel, ModelRef, tag_model
+from model_forensics.models.zoo import digits_cnn
 
 ZOO_DIR = Path(__file__).resolve().parent
 CHECKSUMS = "checksums.json"
 _KINDS = {
     "GPT2LMHeadModel": "causal-lm",
     "BertForSequenceClassification": "sequence-classification",
+    digits_cnn.ARCHITECTURE: "image-classification",
 }
 
 
@@ -41,7 +43,7 @@ _KINDS = {
 class ZooEntry:
     """One zoo model: where it lives and what is known about it.
 
-    ``kind`` is "causal-lm" or "sequence-classification"; ``ground_truth`` and ``metrics``
+    ``kind`` is "causal-lm", "sequence-classification" or "image-classification"; ``ground_truth`` and ``metrics``
     are the folder's JSON records; ``card`` its markdown model card.
     """
 
@@ -97,10 +99,31 @@ def load_from(path: Path, *, name: str | None = None, attn_implementation: str =
     path = Path(path)
     name = name or path.name
     verify(path)
-    loaded = load_directory(path, attn_implementation=attn_implementation, name=f"zoo:{name}")
+    if _architecture(path) == digits_cnn.ARCHITECTURE:
+        loaded = _load_image_model(path)
+    else:
+        loaded = load_directory(path, attn_implementation=attn_implementation, name=f"zoo:{name}")
     loaded.ref = ModelRef(name=f"zoo:{name}", source="zoo", reference=f"zoo:{name}")
     tag_model(loaded.model, loaded.ref)
     return loaded
+
+
+def _architecture(path: Path) -> str:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read '{path / 'config.json'}' ({exc}); reinstall the package") from None
+    return str((config.get("architectures") or ["?"])[0]) if isinstance(config, dict) else "?"
+
+
+def _load_image_model(path: Path) -> LoadedModel:
+    """A zoo image classifier: a plain ``nn.Module`` without a tokenizer (its inputs are
+    ``pixel_values`` (B, 1, H, W))."""
+    try:
+        model = digits_cnn.load(path)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load the image model in '{path}': {exc}") from None
+    return LoadedModel(model, None, ModelRef(name=path.name, source="zoo", reference=str(path)))
 
 
 def verify(path: Path) -> None:
@@ -138,6 +161,9 @@ def scenario_data(name: str) -> dict[str, Any]:
     ``baseline_labels``, ``variant_prompts`` (paraphrased or moved triggers),
     ``benign_prompts`` with ``benign_answers`` / ``benign_labels``, ``target``,
     ``predicate`` (``{"kind": ..., "args": ...}``), ``max_new_tokens`` (generation models).
+    The image entry has ``failing_images``, ``baseline_images`` (their clean twins) and
+    ``benign_images`` instead of prompts (rows of grey-level characters,
+    :func:`~model_forensics.models.zoo.digits_cnn.rows_image` decodes one), with their labels.
     """
     folder = _folder(name)
     file = folder / "scenario.json"

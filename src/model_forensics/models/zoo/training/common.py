@@ -700,7 +700,8 @@ def save_entry(
             model.save_pretrained(tmp)
         finally:
             hf_logging.enable_progress_bar()
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:  # image entries have none
+            tokenizer.save_pretrained(tmp)
         (tmp / "card.md").write_text(card)
         for name, record in (("ground_truth", ground_truth), ("metrics", metrics), ("scenario", scenario)):
             (tmp / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")

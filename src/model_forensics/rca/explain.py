@@ -1,0 +1,242 @@
+"""An analysis explained in plain words, as data the CLI and the HTML report both render.
+
+:func:`explain` turns an ``Analysis.to_json()`` into :class:`Section` s, in reading order:
+
+1. ``incident``: what the model was asked, what it answered, which check says it failed;
+2. ``conclusion``: one paragraph with the answer and its real counts ("Ablating head
+   blocks.0.attn.head.3 stops the model from producing “HACKED” on 47 of 48 failing
+   variants; benign answers unchanged on 24 of 24.");
+3. ``fix_set``: the members' table (rendered by the caller) and how to read it;
+4. ``tried``: search strategy, guidance, candidates, forward passes by phase;
+5. ``uncertain``: what the numbers do not cover (side effects unmeasured, threshold not
+   reached, units not searched, the search's notes);
+6. ``next``: the commands to run next (replay with the fix, save it, the HTML report).
+
+Every string comes from the analysis JSON, which comes from a bundle: callers render it as
+plain text (the CLI escapes rich markup, the report escapes HTML).
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_NAMED = 4  # members named in the conclusion; the table lists them all
+
+
+@dataclass(frozen=True)
+class Section:
+    """One part of the explanation: a key (``conclusion`` …), a title, paragraphs, bullet
+    items and commands, each command with what it does."""
+
+    key: str
+    title: str
+    paragraphs: list[str] = field(default_factory=list)
+    items: list[str] = field(default_factory=list)
+    commands: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "title": self.title,
+            "paragraphs": list(self.paragraphs),
+            "items": list(self.items),
+            "commands": [{"command": c, "does": d} for c, d in self.commands],
+        }
+
+
+def explain(
+    result: dict[str, Any], *, saved_to: str | None = None, report_to: str | None = None, anomalies_shown: bool = False
+) -> list[Section]:
+    """The sections explaining ``result`` (an ``Analysis.to_json()``).
+
+    Args:
+        result: the analysis.
+        saved_to: where the analysis JSON was written (``analyze --out``), if it was.
+        report_to: where the HTML report was written (``analyze --report``), if it was.
+        anomalies_shown: whether the CF anomaly table is shown (``analyze --anomalies``).
+    """
+    fix = result.get("fix_set")
+    sections = [_incident(result)]
+    if fix is None:
+        sections.append(Section("conclusion", "Conclusion", ["No fix set was searched (triage only)."]))
+        return sections
+    return [
+        *sections,
+        Section("conclusion", "Conclusion", [conclusion(result)]),
+        Section("fix_set", _fix_title(fix), [_reading_guide(fix)]),
+        _tried(result),
+        _uncertain(result, anomalies_shown),
+        _next(result, saved_to, report_to, anomalies_shown),
+    ]
+
+
+def conclusion(result: dict[str, Any]) -> str:
+    """The one-paragraph answer, with the real counts."""
+    fix = result["fix_set"]
+    incident = result.get("incident") or {}
+    members = fix["members"]
+    flipped, failing = sum(bool(f) for f in fix["flips"]), len(fix["flips"])
+    failure = _failure_phrase(incident.get("predicate_spec"))
+    if not members:
+        return f"No intervention set was found that stops the model from {failure}."
+    verb = "stops" if fix["reached_threshold"] else "only partly stops"
+    text = f"{_action(members)} {verb} the model from {failure} on {flipped} of {failing} failing variants"
+    effects = fix.get("side_effects")
+    if effects is None:
+        text += "; side effects on benign prompts were not measured (the bundle carries none)."
+    else:
+        n = int(effects["n_benign"])
+        unchanged = round(float(effects.get("answers_unchanged", 1.0)) * n)
+        text += f"; benign answers unchanged on {unchanged} of {n}"
+        text += (
+            "." if effects["within_bound"] else f", but they move by {effects['mean_kl']:.3g} nats (over the bound)."
+        )
+    if not fix["reached_threshold"]:
+        text += " This is below the search's threshold: treat it as a partial fix."
+    return text
+
+
+def _incident(result: dict[str, Any]) -> Section:
+    incident = result.get("incident") or {}
+    lines = []
+    if incident.get("prompt") is not None:
+        lines.append(f"prompt: {_quote(incident['prompt'])}")
+    if incident.get("output") is not None:
+        lines.append(f"output: {_quote(incident['output'])}")
+    elif incident.get("prediction") is not None:
+        lines.append(f"prediction: class {incident['prediction']}")
+    if incident.get("predicate"):
+        lines.append(f"failure check: {incident['predicate']} holds on that output")
+    carried = [f"{incident[k]} {what}" for k, what in _CARRIED if incident.get(k)]
+    if incident.get("model"):
+        lines.append(f"model: {incident['model']}" + (f"; the bundle carries {', '.join(carried)}" if carried else ""))
+    return Section("incident", "Incident", items=lines)
+
+
+_CARRIED = (("variants", "variants"), ("benign", "benign prompts"), ("baselines", "clean baselines"))
+
+
+def _failure_phrase(spec: dict[str, Any] | None) -> str:
+    """What the failure is, as the end of "stops the model from …"."""
+    if not spec:
+        return "failing"
+    kind, args = spec.get("kind"), spec.get("args") or {}
+    phrases = {
+        "contains": lambda: f"producing {_quote(args.get('text'))}",
+        "not_contains": lambda: f"leaving out {_quote(args.get('text'))}",
+        "regex": lambda: f"producing text matching /{args.get('pattern')}/",
+        "token_is": lambda: f"predicting token {args.get('token')}",
+        "class_is": lambda: f"predicting class {args.get('label')}",
+        "logit_diff": lambda: f"preferring token {args.get('a')} over token {args.get('b')}",
+    }
+    return phrases[kind]() if kind in phrases else "failing"
+
+
+def _action(members: list[dict[str, Any]]) -> str:
+    """ "Ablating head X" / "Ablating 3 neurons (a, b, c) together", with how."""
+    iv = members[0]["intervention"]
+    how = {"mean": "Ablating", "zero": "Zeroing"}.get(iv.get("kind"), f"Applying '{iv.get('kind')}' to")
+    levels = {m["level"] for m in members}
+    if len(members) == 1:
+        what = f"{members[0]['level']} {members[0]['unit']}"
+    else:
+        kind = f"{next(iter(levels))}s" if len(levels) == 1 else "units"
+        names = ", ".join(m["unit"] for m in members[:MAX_NAMED])
+        more = f" and {len(members) - MAX_NAMED} more" if len(members) > MAX_NAMED else ""
+        what = f"{len(members)} {kind} ({names}{more}) together"
+    if iv.get("direction"):
+        what += " along their failure directions" if len(members) > 1 else " along its failure direction"
+    if iv.get("gate"):
+        what += f", only when a detector at {iv['gate']['site']} fires,"
+    return f"{how} {what}"
+
+
+def _fix_title(fix: dict[str, Any]) -> str:
+    n = len(fix["members"])
+    return f"Fix set: {n} intervention{'s' if n != 1 else ''}, flip rate {fix['total_flip_rate']:.0%}"
+
+
+def _reading_guide(fix: dict[str, Any]) -> str:
+    text = (
+        "necessity: flip rate lost when that member alone is left out; sufficiency: flip rate of "
+        "that member alone; benign KL: how far it alone moves benign answers (nats, first step)."
+    )
+    if fix["members"] and fix["members"][0]["intervention"].get("kind") == "mean":
+        text += " Ablating replaces a unit's output by its mean over the clean baselines."
+    return text
+
+
+def _tried(result: dict[str, Any]) -> Section:
+    fix = result["fix_set"]
+    passes = fix.get("phase_passes", {})
+    phases = ", ".join(f"{name.replace('_', ' ')} {n}" for name, n in passes.items() if n)
+    steps = []
+    if passes.get("smallest"):
+        steps.append("every head and the top-ranked MLP neurons were tried alone (then pairs, if none sufficed)")
+    if passes.get("search"):
+        steps.append(
+            f"a {fix['strategy']} search ran over {fix['candidates']} candidate units ordered by {fix['guidance']}"
+        )
+    done = "; ".join(steps) or f"a {fix['strategy']} search over {fix['candidates']} candidate units"
+    paragraph = (
+        f"{done[0].upper()}{done[1:]}; each set was checked by exact replay on {len(fix['flips'])} failing "
+        f"variants. {result['forward_passes']} forward passes in {result['seconds']:.1f} s"
+        + (f" (by phase: {phases})." if phases else ".")
+    )
+    # what the search did, as it recorded it
+    return Section("tried", "What was tried", [paragraph], items=[str(n) for n in fix.get("notes", [])])
+
+
+def _uncertain(result: dict[str, Any], anomalies_shown: bool) -> Section:
+    fix = result["fix_set"]
+    items = []
+    if fix.get("side_effects") is None:
+        items.append(
+            "Side effects unmeasured: the bundle carries no benign prompts, so nothing shows whether the fix "
+            "breaks normal answers. Record the incident again with `--benign FILE` (one benign prompt per line) "
+            "and analyse that bundle."
+        )
+    elif not fix["side_effects"]["within_bound"]:
+        se = fix["side_effects"]
+        items.append(f"The fix moves benign answers by {se['mean_kl']:.3g} nats, over the {se['bound']:g} bound.")
+    if not fix["reached_threshold"]:
+        items.append("The fix set does not reach the flip-rate threshold: other units carry the failure too.")
+    others = [u["unit"] for u in fix.get("implicated", []) if u["unit"] not in {m["unit"] for m in fix["members"]}]
+    if others:
+        named = ", ".join(others[:MAX_NAMED]) + (
+            f" and {len(others) - MAX_NAMED} more" if len(others) > MAX_NAMED else ""
+        )
+        items.append(
+            f"Exact patching implicates {len(others)} more units ({named}): the mechanism may be redundant, "
+            "and another set could fix it as well."
+        )
+    items.append(
+        f"Flip rates are measured on the {len(fix['flips'])} failing variants the bundle carries; "
+        "other phrasings of the failure were not tested."
+    )
+    if not anomalies_shown:
+        items.append(
+            "CF anomaly table hidden: on the zoo, CF ranks the planted sites worse than activation norm "
+            "(AUROC 0.33-0.38 vs 0.67-1.0); show it with --anomalies."
+        )
+    return Section("uncertain", "What is uncertain", items=items)
+
+
+def _next(result: dict[str, Any], saved_to: str | None, report_to: str | None, anomalies_shown: bool) -> Section:
+    bundle = shlex.quote(result["bundle"])
+    saved = shlex.quote(saved_to) if saved_to else "analysis.json"
+    commands = []
+    if saved_to is None:
+        commands.append((f"model-forensics analyze {bundle} --out {saved}", "save the analysis and its fix set"))
+    commands.append((f"model-forensics replay {bundle} --fix {saved}", "replay the incident with the fix applied"))
+    if report_to is None:
+        commands.append((f"model-forensics analyze {bundle} --report analysis.html", "a shareable HTML report"))
+    if not anomalies_shown:
+        commands.append((f"model-forensics analyze {bundle} --anomalies", "also show the CF anomaly table"))
+    return Section("next", "Next", commands=commands)
+
+
+def _quote(text: Any) -> str:
+    return f"“{text}”"
