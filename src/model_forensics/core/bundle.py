@@ -61,6 +61,7 @@ from safetensors.torch import save_file
 from model_forensics.core import keys, sketches
 from model_forensics.core.config import BundleConfig
 from model_forensics.core.errors import BundleError, SandboxViolation
+from model_forensics.core.files import shared_mode
 from model_forensics.core.manifest import (
     DTYPE_ITEMSIZE,
     FORMAT_NAME,
@@ -468,25 +469,6 @@ def _save_tensors(entries: dict[str, torch.Tensor], file: Path) -> None:
             raise
         raise OSError(int(code[1]), os.strerror(int(code[1])), str(file)) from None
     file.chmod(shared_mode())  # safetensors creates its files 0600, whatever the umask
-
-
-def shared_mode(directory: bool = False) -> int:
-    """The mode a new file (0o666) or directory (0o777) gets under this process's umask:
-    what a bundle's files and archives are given, so a group can read them when the umask
-    lets it (0644 / 0755 under umask 022)."""
-    return (0o777 if directory else 0o666) & ~_umask()
-
-
-def _umask() -> int:
-    try:  # Linux ≥ 4.7 reports it without changing it (os.umask can only set it)
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def pack_bundle(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:

@@ -15,16 +15,15 @@ from __future__ import annotations
 import concurrent.futures as cf_futures
 import json
 import multiprocessing
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model_forensics.core.bundle import MANIFEST, shared_mode
+from model_forensics.core.bundle import MANIFEST
 from model_forensics.core.errors import ForensicsError
+from model_forensics.core.files import write_text_atomic
 from model_forensics.core.records import fields_json
 from model_forensics.rca.progress import Progress, silent, step
 from model_forensics.rca.runs import add_baseline_bundles
@@ -203,17 +202,7 @@ def _read_result(results_dir: Path, job: Job) -> dict[str, Any] | None:
 def write_json_atomic(path: Path, value: Any) -> None:
     """Write ``value`` as JSON to ``path`` through a temporary sibling, fsynced and renamed,
     with the permissions the umask gives a new file."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, shared_mode())
-        with os.fdopen(fd, "w") as fh:
-            json.dump(value, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(value, indent=1))
 
 
 def run_many(

@@ -18,6 +18,7 @@ import jsonschema
 import torch
 
 from model_forensics.core.bundle import load_schema
+from model_forensics.core.files import write_text_atomic
 from model_forensics.core.provenance import git_commit, package_versions
 from model_forensics.core.sites import block_index
 
@@ -77,9 +78,7 @@ class ActivityCube:
     def save(self, path: str | Path) -> Path:
         data = self.to_json()
         jsonschema.validate(data, load_schema("cube"))
-        out = Path(path)
-        out.write_text(json.dumps(data, allow_nan=False))
-        return out
+        return write_text_atomic(path, json.dumps(data, allow_nan=False))  # never half-written
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ActivityCube:

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import tempfile
 from html import escape
 from pathlib import Path
 from typing import Any
 
 from model_forensics.core import plots
-from model_forensics.core.bundle import shared_mode
+from model_forensics.core.files import write_text_atomic
 from model_forensics.rca.explain import Section, explain
 
 STYLE = """
@@ -37,16 +35,7 @@ def write_analysis_report(result: dict[str, Any], path: str | Path) -> Path:
     half-written report."""
     target = Path(path)
     text = analysis_html(result, report_to=str(target))
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.fchmod(fd, shared_mode())  # a report is for sharing: the umask decides, not mkstemp's 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_text_atomic(target, text)
 
 
 def analysis_html(result: dict[str, Any], report_to: str | None = None) -> str:
