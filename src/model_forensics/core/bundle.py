@@ -181,14 +181,7 @@ def write_bundle(
     clean_stale_temporaries(target)  # first: a killed replace may have left the old bundle aside
     check_writable_target(target, overwrite)
     key = keys.load_private_key(sign_key) if sign_key is not None else None
-    parent = target.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=parent))
-    except OSError as exc:
-        raise BundleError(_os_message(exc, f"cannot write bundle under '{parent}'")) from None
-    try:
-        tmp.chmod(shared_mode(directory=True))  # mkdtemp's 0700 would make the bundle private
+    with _staged(target, overwrite, make_parent=True) as tmp:
         manifest = _write_files(tmp, contents)
         if key is not None:
             record = keys.signature_record(content_digest(manifest), key)
@@ -196,6 +189,24 @@ def write_bundle(
                 json.dump(record, fh, indent=1)
                 fh.flush()
                 os.fsync(fh.fileno())
+    return target
+
+
+@contextlib.contextmanager
+def _staged(target: Path, overwrite: bool, make_parent: bool = False) -> Iterator[Path]:
+    """A private temporary directory beside ``target`` to write a bundle into; on a clean
+    exit it replaces ``target`` atomically, on any error it is removed (nothing is left
+    half-written)."""
+    parent = target.parent
+    try:
+        if make_parent:
+            parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=parent))
+    except OSError as exc:
+        raise BundleError(_os_message(exc, f"cannot write bundle under '{parent}'")) from None
+    try:
+        tmp.chmod(shared_mode(directory=True))  # mkdtemp's 0700 would make the bundle private
+        yield tmp
         _replace(tmp, target, overwrite)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -203,7 +214,6 @@ def write_bundle(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 def check_writable_target(target: Path, overwrite: bool) -> None:
@@ -533,24 +543,12 @@ def unpack_bundle(archive: str | Path, out: str | Path, overwrite: bool = False)
     target = Path(out)
     clean_stale_temporaries(target)
     check_writable_target(target, overwrite)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
-    except OSError as exc:
-        raise BundleError(_os_message(exc, f"cannot write bundle under '{target.parent}'")) from None
-    try:
-        tmp.chmod(shared_mode(directory=True))
+    with _staged(target, overwrite) as tmp:
         for file in sorted(BUNDLE_FILES):
             if (bundle.path / file).is_file():
                 shutil.copyfile(bundle.path / file, tmp / file)
                 with (tmp / file).open("rb") as fh:
                     os.fsync(fh.fileno())
-        _replace(tmp, target, overwrite)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise BundleError(_os_message(exc, f"cannot write bundle '{target}'") + "; nothing was written") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

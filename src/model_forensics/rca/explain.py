@@ -174,7 +174,10 @@ def _tried(result: dict[str, Any]) -> Section:
     phases = ", ".join(f"{name.replace('_', ' ')} {n}" for name, n in passes.items() if n)
     steps = []
     if passes.get("smallest"):
-        steps.append("every head and the top-ranked MLP neurons were tried alone (then pairs, if none sufficed)")
+        steps.append(
+            "single units were tried alone (every attention head, the top-ranked neurons or channels), "
+            "then pairs if none sufficed"
+        )
     if passes.get("search"):
         steps.append(
             f"a {fix['strategy']} search ran over {fix['candidates']} candidate units ordered by {fix['guidance']}"
