@@ -32,11 +32,11 @@ from model_forensics.core.manifest import forward_kwargs, generation_kwargs
 from model_forensics.core.predicates import Predicate
 from model_forensics.models.adapters import Adapter, adapter_for
 from model_forensics.models.hooks import hooks, logits_of
-from model_forensics.models.inputs import ModelInputs, chat_messages, pixel_values, token_ids
+from model_forensics.models.inputs import ModelInputs
 from model_forensics.models.loading import LoadedModel, load
 from model_forensics.recorder.calls import CallServer
-from model_forensics.recorder.session import encode_messages, encode_prompt
 from model_forensics.replay.baselines import Baselines
+from model_forensics.replay.encoding import InputLike, Inputs, encode_input
 from model_forensics.replay.environment import PassCounter, ReplayEnvironment, deterministic
 from model_forensics.replay.interventions import (
     NEEDS_BASELINE,
@@ -55,8 +55,6 @@ from model_forensics.replay.verification import check_weights, verify
 # Importable from here as before the split (``load``: tests replace it to catch model loads).
 __all__ = ["RunResult", "Session", "SiteCheck", "VerifyReport", "deterministic", "load"]
 
-Inputs = dict[str, torch.Tensor]
-InputLike = str | Inputs | torch.Tensor | Sequence[dict[str, str]] | Sequence[Sequence[int]] | None
 InterventionLike = Intervention | str | dict[str, Any]
 
 
@@ -125,52 +123,15 @@ class Session:
         return self._baselines.inputs
 
     def encode(self, entry: InputLike | dict[str, Any]) -> ModelInputs:
-        """Model inputs for a prompt string, chat messages (``[{"role": "user", "content":
-        …}]``, through the tokenizer's chat template), ``{"prompt": …}``,
-        ``{"input_ids": [[…]]}``, ``{"pixel_values": [[[…]]]}`` (an image (C, H, W)), token
-        ids (a (1, T) tensor or ``[[…]]``), or an input dict.
-        None gives the incident's own inputs.
+        """Model inputs for anything :func:`~model_forensics.replay.encoding.encode_input`
+        takes (a prompt, chat messages, ids, an image, an input dict); None gives the
+        incident's own inputs.
 
         Raises:
             ForensicsError: anything else (named), ids outside the vocabulary, messages
                 for a model without a chat template.
         """
-        if entry is None:
-            return self.inputs
-        if isinstance(entry, str):
-            return ModelInputs(encode_prompt(self.loaded, entry))
-        if isinstance(entry, torch.Tensor):
-            return ModelInputs.of_ids(token_ids(entry, self._vocab_size()))
-        if isinstance(entry, dict):
-            if "prompt" in entry:
-                if not isinstance(entry["prompt"], str):
-                    raise ForensicsError(
-                        f"{{'prompt': …}} holds a {type(entry['prompt']).__name__}; the prompt must be a string"
-                    )
-                return self.encode(entry["prompt"])
-            if entry and all(isinstance(v, torch.Tensor) for v in entry.values()):
-                return ModelInputs(entry)  # a copy: only the incident's own inputs are ``self.inputs``
-            if "input_ids" in entry:
-                return self.encode(token_ids(entry["input_ids"], self._vocab_size()))
-            if "pixel_values" in entry:  # an image (C, H, W), checked: docs/recording.md
-                return ModelInputs(pixel_values=pixel_values(entry["pixel_values"]))
-            raise ForensicsError(
-                f"cannot turn a dict with keys {sorted(map(str, entry))} into model inputs; "
-                "give {'prompt': …}, {'input_ids': [[…]]}, {'pixel_values': [[[…]]]} or a dict of tensors"
-            )
-        if isinstance(entry, list | tuple):
-            messages = chat_messages(entry)
-            if messages is not None:
-                return ModelInputs(encode_messages(self.loaded, messages))
-            return ModelInputs.of_ids(token_ids(entry, self._vocab_size()))
-        raise ForensicsError(
-            f"cannot turn a {type(entry).__name__} into model inputs; give a prompt string, chat messages "
-            "[{'role': 'user', 'content': …}], token ids ((1, T) tensor or [[…]]) or an input dict"
-        )
-
-    def _vocab_size(self) -> int | None:
-        embeddings = getattr(self.model, "get_input_embeddings", lambda: None)()
-        return int(embeddings.num_embeddings) if isinstance(embeddings, nn.Embedding) else None
+        return self.inputs if entry is None else encode_input(self.loaded, entry)
 
     def variants(self) -> list[ModelInputs]:
         """Inputs of the incident's failing variants (``extras.variants``), the incident first."""

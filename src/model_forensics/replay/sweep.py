@@ -34,7 +34,8 @@ from model_forensics.replay.interventions import Clock, Intervention, Prepared, 
 from model_forensics.replay.results import RunResult
 
 if TYPE_CHECKING:
-    from model_forensics.replay.session import InputLike, Session
+    from model_forensics.replay.encoding import InputLike
+    from model_forensics.replay.session import Session
 
 # Matrix products with fewer rows than this may take a different CPU kernel (and round
 # differently) than the same rows inside a larger product; pad the last-position logits
