@@ -73,3 +73,26 @@ def smollm2():
 @pytest.fixture()
 def ids() -> torch.Tensor:
     return torch.tensor([[1, 5, 9, 3, 7, 2, 8, 4]])
+
+
+@pytest.fixture(scope="session")
+def argmax_incidents():
+    """Records incidents for batch and triage tests: ``argmax_incidents(loaded, root, n_benign)``."""
+    return _record_argmax_incidents
+
+
+def _record_argmax_incidents(loaded, root: Path, n_benign: int, n: int = 3) -> Path:
+    """``n`` incidents on a tiny model, each failing by its own next-token argmax (seeded
+    prompts), sharing ``n_benign`` random benign prompts: what batch and triage tests run on."""
+    from model_forensics import RecorderHooks, token_is
+
+    g = torch.Generator().manual_seed(3)
+    benign = [{"input_ids": [torch.randint(0, 50, (7,), generator=g).tolist()]} for _ in range(n_benign)]
+    for i in range(n):
+        ids = torch.randint(0, 50, (1, 7), generator=g)
+        with torch.no_grad():
+            pred = int(loaded.model(input_ids=ids).logits[0, -1].argmax())
+        with RecorderHooks().install_hooks(loaded.model) as rec, torch.no_grad():
+            loaded.model(input_ids=ids)
+            rec.create_bundle(root / f"incident-{i}", predicate=token_is(pred), extras={"benign": benign})
+    return root

@@ -1444,15 +1444,27 @@ CircuitsBundleOpt = Annotated[
     Path | None, typer.Option("--bundle", "-b", help="Run on an incident bundle's model (and prompt), no re-recording")
 ]
 CircuitsOutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the JSON result and figures")]
+CircuitsFiguresOpt = Annotated[str, typer.Option("--figures", help="Figure formats: png, svg, pdf")]
 CircuitsJsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON result to stdout instead of a table")]
 CircuitsTargetOpt = Annotated[
     str | None, typer.Option("--target", "-t", help="Output token to explain, e.g. ' HACKED' (default: the top one)")
 ]
 
 
+def _circuits_start(
+    model: str | None, bundle: Path | None, prompt: str | None, needs_prompt: bool, out: Path | None, figures: str
+) -> tuple[Any, Any]:
+    """Check a circuits command's options (figure formats, --out, one of --model /
+    --bundle, a prompt where one is needed), then load what it runs on: (model or replay
+    session, tokenizer) as the circuits functions take them."""
+    _check_figure_formats(figures)
+    if out is not None:
+        _check_dir_out(out, "--out")
+    return _circuits_call(_circuits_subject(model, bundle, prompt, needs_prompt))
+
+
 def _circuits_subject(model: str | None, bundle: Path | None, prompt: str | None, needs_prompt: bool) -> Any:
-    """The loaded model (``LoadedModel``) or replay session the command runs on, after
-    checking the options (one of --model / --bundle; a prompt where one is needed)."""
+    """The loaded model (``LoadedModel``) or replay session the command runs on."""
     if (model is None) == (bundle is None):
         raise ForensicsError("pass either --model (with --prompt) or --bundle (an incident bundle), not both or none")
     if prompt is not None:
@@ -1475,17 +1487,23 @@ def _circuits_call(subject: Any) -> tuple[Any, Any]:
     return subject.model, subject.tokenizer
 
 
-def _circuits_write(out: Path | None, name: str, result: Any, figure_format: str) -> list[Path]:
-    """``NAME.json`` and ``NAME.FORMAT`` figures in ``out`` (nothing without --out)."""
-    if out is None:
-        return []
-    out.mkdir(parents=True, exist_ok=True)
-    written = [out / f"{name}.json"]
-    written[0].write_text(json.dumps(result.to_json(), indent=2))
-    figure = result.figure()
-    for fmt in _check_figure_formats(figure_format):
-        figure.savefig(out / f"{name}.{fmt}")
-        written.append(out / f"{name}.{fmt}")
+def _circuits_output(out: Path | None, name: str, result: Any, figure_format: str, as_json: bool) -> list[Path] | None:
+    """Write ``NAME.json`` and ``NAME.FORMAT`` figures in ``out`` (with --out), then print
+    the JSON (with --json: returns None, nothing more to show) or return what was written."""
+    from model_forensics.core.files import write_text_atomic
+
+    data = result.to_json()
+    written: list[Path] = []
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        written.append(write_text_atomic(out / f"{name}.json", json.dumps(data, indent=2)))
+        figure = result.figure()
+        for fmt in _check_figure_formats(figure_format):
+            figure.savefig(out / f"{name}.{fmt}")
+            written.append(out / f"{name}.{fmt}")
+    if as_json:
+        console.print_json(json.dumps(data))
+        return None
     return written
 
 
@@ -1508,7 +1526,7 @@ def circuits_influence(
     baseline: Annotated[str, typer.Option(help="zero | pad: what IG integrates from and occlusion writes")] = "zero",
     n_steps: Annotated[int, typer.Option("--n-steps", min=1, help="Integration points (IG)")] = 32,
     out: CircuitsOutOpt = None,
-    figure_format: Annotated[str, typer.Option("--figures", help="Figure formats: png, svg, pdf")] = "png",
+    figure_format: CircuitsFiguresOpt = "png",
     as_json: CircuitsJsonOpt = False,
 ) -> None:
     """Score each prompt token by its influence on one output token."""
@@ -1516,11 +1534,7 @@ def circuits_influence(
 
     if method not in METHODS:
         raise ForensicsError(f"--method '{method}' is unknown; use one of {', '.join(METHODS)}")
-    _check_figure_formats(figure_format)
-    if out is not None:
-        _check_dir_out(out, "--out")
-    subject = _circuits_subject(model, bundle, prompt, needs_prompt=True)
-    net, tok = _circuits_call(subject)
+    net, tok = _circuits_start(model, bundle, prompt, True, out, figure_format)
     with err.status(f"{method}…"):
         result = token_influence(
             net,
@@ -1533,9 +1547,8 @@ def circuits_influence(
             baseline=baseline,
             n_steps=n_steps,
         )
-    written = _circuits_write(out, "influence", result, figure_format)
-    if as_json:
-        console.print_json(json.dumps(result.to_json()))
+    written = _circuits_output(out, "influence", result, figure_format, as_json)
+    if written is None:
         return
     table = Table(
         title=f"{_safe(method)} ({result.evidence}) → {_safe(repr(result.objective.label))} "
@@ -1573,27 +1586,22 @@ def circuits_heads(
     ] = None,
     top: Annotated[int, typer.Option(min=1, help="Heads shown in the table")] = 10,
     out: CircuitsOutOpt = None,
-    figure_format: Annotated[str, typer.Option("--figures", help="Figure formats: png, svg, pdf")] = "png",
+    figure_format: CircuitsFiguresOpt = "png",
     as_json: CircuitsJsonOpt = False,
 ) -> None:
     """Ablate every attention head alone (one batched sweep) and rank them by effect."""
     from model_forensics.circuits import head_importance, read_prompts
 
-    _check_figure_formats(figure_format)
-    if out is not None:
-        _check_dir_out(out, "--out")
-    base = [r.text for r in read_prompts(baseline)] if baseline is not None else None
-    if base is not None and bundle is not None:
+    if baseline is not None and bundle is not None:
         raise ForensicsError("--baseline applies to --model; a bundle's mean reads its recorded baseline set")
-    subject = _circuits_subject(model, bundle, prompt, needs_prompt=True)
-    net, tok = _circuits_call(subject)
+    base = [r.text for r in read_prompts(baseline)] if baseline is not None else None
+    net, tok = _circuits_start(model, bundle, prompt, True, out, figure_format)
     with err.status("ablating every head…"):
         result = head_importance(
             net, tok, prompt, metric=metric, target=_circuits_target(target), kind=kind, baseline=base
         )
-    written = _circuits_write(out, "heads", result, figure_format)
-    if as_json:
-        console.print_json(json.dumps(result.to_json()))
+    written = _circuits_output(out, "heads", result, figure_format, as_json)
+    if written is None:
         return
     table = Table(
         title=f"head importance: {_safe(kind)} ablation, {_safe(result.metric)} "
@@ -1622,7 +1630,7 @@ def circuits_evaluate(
     n_boot: Annotated[int, typer.Option("--n-boot", min=1, help="Bootstrap resamples")] = 1000,
     seed: Annotated[int, typer.Option(min=0, help="Bootstrap seed (and resample donors)")] = 0,
     out: CircuitsOutOpt = None,
-    figure_format: Annotated[str, typer.Option("--figures", help="Figure formats: png, svg, pdf")] = "png",
+    figure_format: CircuitsFiguresOpt = "png",
     as_json: CircuitsJsonOpt = False,
 ) -> None:
     """Ablate the claimed units together on a prompt set: effect size with a bootstrap CI."""
@@ -1630,12 +1638,8 @@ def circuits_evaluate(
 
     from model_forensics.circuits import evaluate_claim, read_prompts
 
-    _check_figure_formats(figure_format)
-    if out is not None:
-        _check_dir_out(out, "--out")
     records = read_prompts(prompts)
-    subject = _circuits_subject(model, bundle, None, needs_prompt=False)
-    net, tok = _circuits_call(subject)
+    net, tok = _circuits_start(model, bundle, None, False, out, figure_format)
     columns = (TextColumn("prompts"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task("prompts", total=len(records))
@@ -1651,9 +1655,8 @@ def circuits_evaluate(
             seed=seed,
             progress=lambda done, total: bar.update(task, completed=done),
         )
-    written = _circuits_write(out, "claim", result, figure_format)
-    if as_json:
-        console.print_json(json.dumps(result.to_json()))
+    written = _circuits_output(out, "claim", result, figure_format, as_json)
+    if written is None:
         return
     low, high = result.ci
     console.print(

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 import model_forensics
-from model_forensics import Bundle, RecorderHooks, token_is
+from model_forensics import Bundle
 from model_forensics.cli import app
 from model_forensics.models.loading import load
 
@@ -90,20 +90,9 @@ def test_unknown_dtype_is_one_clear_line(command: str, toxic_bundle: Path, tmp_p
 
 # -- batch --results / --resume ------------------------------------------------------------------
 @pytest.fixture()
-def incidents(tiny, tmp_path: Path) -> Path:
+def incidents(tiny, argmax_incidents, tmp_path: Path) -> Path:
     """Three incidents on the tiny Llama (predicate: its own next-token argmax)."""
-    loaded = tiny["llama"]
-    root = tmp_path / "bundles"
-    g = torch.Generator().manual_seed(3)
-    benign = [{"input_ids": [torch.randint(0, 50, (7,), generator=g).tolist()]} for _ in range(6)]
-    for i in range(3):
-        ids = torch.randint(0, 50, (1, 7), generator=g)
-        with torch.no_grad():
-            pred = int(loaded.model(input_ids=ids).logits[0, -1].argmax())
-        with RecorderHooks().install_hooks(loaded.model) as rec, torch.no_grad():
-            loaded.model(input_ids=ids)
-            rec.create_bundle(root / f"incident-{i}", predicate=token_is(pred), extras={"benign": benign})
-    return root
+    return argmax_incidents(tiny["llama"], tmp_path / "bundles", n_benign=6)
 
 
 def test_batch_writes_each_result_and_resume_recomputes_only_the_missing_one(incidents: Path, tmp_path: Path) -> None:

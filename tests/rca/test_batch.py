@@ -8,29 +8,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from model_forensics import ForensicsError, RecorderHooks, token_is
+from model_forensics import ForensicsError
 from model_forensics.cli import app
 from model_forensics.rca.pipeline import find_bundles, run_many
 
 
 @pytest.fixture(scope="module")
-def bundles(tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bundles(tiny, argmax_incidents, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three incidents on the tiny Llama (predicate: its own next-token argmax)."""
-    loaded = tiny["llama"]
-    root = tmp_path_factory.mktemp("bundles")
-    g = torch.Generator().manual_seed(3)
-    benign = [{"input_ids": [torch.randint(0, 50, (7,), generator=g).tolist()]} for _ in range(10)]
-    for i in range(3):
-        ids = torch.randint(0, 50, (1, 7), generator=g)
-        with torch.no_grad():
-            pred = int(loaded.model(input_ids=ids).logits[0, -1].argmax())
-        with RecorderHooks().install_hooks(loaded.model) as rec, torch.no_grad():
-            loaded.model(input_ids=ids)
-            rec.create_bundle(root / f"incident-{i}", predicate=token_is(pred), extras={"benign": benign})
-    return root
+    return argmax_incidents(tiny["llama"], tmp_path_factory.mktemp("bundles"), n_benign=10)
 
 
 def _summary(report) -> list[tuple[str, list[str]]]:

@@ -93,36 +93,45 @@ def parse_json(raw: bytes, what: str, limits: BundleConfig, max_bytes: float | N
     except UnicodeDecodeError as exc:
         raise BundleError(f"{what} is not UTF-8 (byte {exc.start}); the bundle is corrupt or hostile") from None
     try:
-        value = json.loads(
-            text,
-            object_pairs_hook=_unique_keys,
-            parse_constant=_refuse_constant,
-        )
+        value = strict_loads(text)
     except RecursionError:
         raise BundleError(f"{what} nests too deeply to parse; refusing it") from None
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
-        if isinstance(exc, _Refused):
+        if isinstance(exc, JSONRefused):
             raise BundleError(f"{what} {exc}") from None
         raise BundleError(f"{what} is not valid JSON ({exc}); the bundle is corrupt") from None
     _check_shape(value, what, limits)
     return value
 
 
-class _Refused(ValueError):
-    """Raised inside json.loads hooks; turned into a BundleError by parse_json."""
+class JSONRefused(ValueError):
+    """What JSON forbids but Python's parser accepts: raised by :func:`strict_loads`."""
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise _Refused(f"repeats the key {_show(key)}; a JSON object must not hold a key twice")
-    return out
+def strict_loads(
+    text: str,
+    *,
+    duplicate: str = "repeats the key {key}; a JSON object must not hold a key twice",
+    constant: str = "holds {name}, which is not JSON; refusing it",
+) -> Any:
+    """``json.loads`` that refuses a key twice in one object and NaN / ±Infinity, with
+    :class:`JSONRefused` worded by ``duplicate`` (``{key}``: the key, quoted and escaped)
+    and ``constant`` (``{name}``). Invalid JSON is a ``ValueError``, too deep a document a
+    ``RecursionError``, as with ``json.loads``: every reader of hostile JSON goes through here.
+    """
 
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            seen: set[str] = set()
+            key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+            raise JSONRefused(duplicate.format(key=_show(key)))
+        return out
 
-def _refuse_constant(name: str) -> Any:
-    raise _Refused(f"holds {name}, which is not JSON; refusing it")
+    def refuse_constant(name: str) -> Any:
+        raise JSONRefused(constant.format(name=name))
+
+    return json.loads(text, object_pairs_hook=unique_keys, parse_constant=refuse_constant)
 
 
 def _check_shape(value: Any, what: str, limits: BundleConfig) -> None:

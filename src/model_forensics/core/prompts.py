@@ -21,13 +21,13 @@ manifest, which readers cap at that size) or over ``bundle.max_prompts`` prompts
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from model_forensics.core.config import BundleConfig
 from model_forensics.core.errors import ForensicsError
+from model_forensics.core.manifest import strict_loads
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".txt": "text"}
 _SCALARS = (str, int, float, bool, type(None))
@@ -109,7 +109,7 @@ def _read_capped(file: Path, max_mb: float) -> bytes:
 
 def _json_prompt(text: str, where: str) -> PromptLine:
     try:
-        value = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        value = strict_loads(text, duplicate="duplicate key {key}", constant="{name} is not a JSON number")
     except ValueError as exc:
         raise ForensicsError(
             f'{where} is not valid JSON ({exc}); write a JSON string or {{"prompt": "…"}} object per line'
@@ -142,20 +142,3 @@ def _check_prompt(prompt: PromptLine, caps: BundleConfig) -> None:
             f"{prompt.where} holds a {longest}-character string, over bundle.max_string_chars="
             f"{caps.max_string_chars}; shorten it"
         )
-
-
-class _Refused(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _Refused(f"duplicate key '{key}'")
-        out[key] = value
-    return out
-
-
-def _no_constant(name: str) -> Any:
-    raise _Refused(f"{name} is not a JSON number")

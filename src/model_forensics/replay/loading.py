@@ -12,7 +12,6 @@ the weights against the recording's sha256.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch import nn
 from model_forensics.core.bundle import Bundle
 from model_forensics.core.config import ForensicsConfig, ReplayConfig, load_config
 from model_forensics.core.errors import BundleError, ForensicsError, ModelLoadError
-from model_forensics.core.manifest import attn_implementation, bundle_relative
+from model_forensics.core.manifest import attn_implementation, bundle_relative, strict_loads
 from model_forensics.models import loading as model_loading
 from model_forensics.models.loading import DTYPES, LoadedModel, model_ref
 from model_forensics.replay.interventions import Intervention
@@ -211,11 +210,8 @@ def read_fix_file(path: str | Path) -> list[Intervention]:
 
 
 def _strict_json(raw: bytes, what: str) -> Any:
-    def refuse(name: str) -> Any:
-        raise ValueError(f"holds {name}, which is not JSON")
-
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=refuse)
+        return strict_loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ForensicsError(f"{what} is not UTF-8 (byte {exc.start}); pass the JSON `analyze --out` wrote") from None
     except RecursionError:
