@@ -9,7 +9,7 @@ PIN := $(VENV)/torch-pin.txt
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo test lint typecheck bench clean chromium ui vitest
 
 $(STAMP): pyproject.toml requirements/constraints.txt Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,7 +29,22 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-test: lint typecheck
+# The browser tests drive Debian's Chromium: apt-get only, never a Playwright browser download.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
+chromium:
+	test -x $(CHROMIUM) || { $(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+# The dashboard (ui/, React + Vite): its build in src/model_forensics/server/static is committed
+# (tests/ui/test_build_current.py fails when it is older than ui/); `make ui` rebuilds it.
+ui:
+	cd ui && npm ci --no-audit --no-fund && npm run build
+
+vitest:
+	cd ui && npm ci --no-audit --no-fund && npm test -- --run
+
+test: lint typecheck chromium vitest
 	$(PY) -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 
-from _common import interleaved_medians, machine, markdown_table, median, write_results
+from _common import machine, markdown_table, median, write_results
 from model_forensics import Bundle, RecorderHooks
 from model_forensics.models import load
 
@@ -81,29 +83,66 @@ def main() -> None:
     conditions: dict[str, Any] = {"plain forward": plain, "plain hooks → fp16 (floor)": fp16_hooks}
     conditions.update({name: with_recorder(rec) for name, rec in recorders.items()})
     notes: dict[str, str] = {}
-    # Peers get their own copy: wrapping may edit the model (TransformerBridge swaps modules).
+    # Peers get their own module tree (wrapping may edit the model: TransformerBridge swaps
+    # modules) but the SAME weight tensors as every other condition, so no condition runs on
+    # differently placed memory (before, peers ran on deep copies while ours ran on mmap'd weights).
     peers = {
-        "nnsight 0.8.1 (resid outputs)": _nnsight(copy.deepcopy(model), tok, ids, notes),
-        "TransformerLens 4.3 bridge run_with_cache": _tlens(copy.deepcopy(model), tok, ids, notes),
+        "nnsight 0.8.1 (resid outputs)": _nnsight(_same_weights_copy(model), tok, ids, notes),
+        "TransformerLens 4.3 bridge run_with_cache": _tlens(_same_weights_copy(model), tok, ids, notes),
     }
     conditions.update({k: v for k, v in peers.items() if v is not None})
 
-    times = interleaved_medians(conditions, args.repeats)
-    base = times["plain forward"]
-    rows, data = (
-        [],
-        {"machine": machine(), "tokens": int(ids.shape[1]), "repeats": args.repeats, "conditions": {}, "notes": notes},
-    )
+    load_before = os.getloadavg()
+    times, cpus = _interleaved(conditions, args.repeats)
+    load_after = os.getloadavg()
+    base, base_cpu = times["plain forward"], cpus["plain forward"]
+    rows: list[list[Any]] = []
+    data: dict[str, Any] = {
+        "machine": machine(),
+        "commit": _commit(),
+        "tree": "uncommitted changes present (other helpers editing the checkout)",
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "tokens": int(ids.shape[1]),
+        "repeats": args.repeats,
+        "conditions": {},
+        "notes": notes,
+    }
     for name, ts in times.items():
         ratios = [t / b for t, b in zip(ts, base, strict=True)]
-        data["conditions"][name] = {"median_s": median(ts), "median_ratio": median(ratios), "times_s": ts}
-        rows.append([name, f"{median(ts) * 1000:.1f}", f"{median(ratios):.3f}×"])
+        cpu_ratios = [t / b for t, b in zip(cpus[name], base_cpu, strict=True)]
+        data["conditions"][name] = {
+            "median_s": median(ts),
+            "median_ratio": median(ratios),
+            "median_cpu_s": median(cpus[name]),
+            "median_cpu_ratio": median(cpu_ratios),
+            "times_s": ts,
+            "cpu_s": cpus[name],
+        }
+        rows.append(
+            [
+                name,
+                f"{median(ts) * 1000:.1f}",
+                f"{median(ratios):.3f}×",
+                f"{median(cpus[name]) * 1000:.1f}",
+                f"{median(cpu_ratios):.3f}×",
+            ]
+        )
     for name, reason in notes.items():
-        rows.append([name, "—", f"not measured: {reason}"])
+        rows.append([name, "—", f"not measured: {reason}", "—", "—"])
 
     write, read = _bundle_throughput(model, tok, ids)
     data["bundle"] = {"write": write, "read": read}
-    table = markdown_table(["condition", "median ms", "ratio to plain forward (median of per-round ratios)"], rows)
+    table = markdown_table(
+        [
+            "condition",
+            "median wall ms",
+            "wall ratio to plain (median of per-round ratios)",
+            "median CPU ms",
+            "CPU ratio to plain",
+        ],
+        rows,
+    )
     table += "\n\n" + markdown_table(
         ["full-precision all-site bundle", "MB", "seconds", "MB/s"],
         [
@@ -121,9 +160,46 @@ def main() -> None:
             ],
         ],
     )
-    header = f"SmolLM2-135M, {ids.shape[1]} tokens, {args.repeats} interleaved rounds, {machine()['device']}, {torch.get_num_threads()} threads\n\n"
+    header = (
+        f"SmolLM2-135M, {ids.shape[1]} tokens, {args.repeats} interleaved rounds, {machine()['device']}, "
+        f"{torch.get_num_threads()} threads; every condition on the same weight tensors. Commit {data['commit']} "
+        f"with uncommitted changes. Load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (a "
+        "2-core machine shared with other jobs: wall ratios are noisy, CPU time is the steadier figure).\n\n"
+    )
     print(header + table)
     write_results("capture_overhead", data, header + table)
+
+
+def _same_weights_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the module tree whose parameters and buffers ARE the original tensors."""
+    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    twin = copy.deepcopy(model, memo)
+    assert all(a is b for a, b in zip(twin.parameters(), model.parameters(), strict=True))
+    return twin
+
+
+def _interleaved(conditions: dict[str, Any], repeats: int, warmup: int = 2) -> tuple[dict[str, list[float]], ...]:
+    """Like ``interleaved_medians``, with the process CPU time of every run beside its wall time."""
+    for _ in range(warmup):
+        for fn in conditions.values():
+            fn()
+    wall: dict[str, list[float]] = {name: [] for name in conditions}
+    cpu: dict[str, list[float]] = {name: [] for name in conditions}
+    for _ in range(repeats):
+        for name, fn in conditions.items():
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - w)
+            cpu[name].append(time.process_time() - c)
+    return wall, cpu
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def _nnsight(model: Any, tok: Any, ids: torch.Tensor, notes: dict[str, str]) -> Any:

@@ -2,7 +2,8 @@
 
 Zero every attention head of SmolLM2-135M-Instruct (30 blocks × 9 query heads = 270 runs)
 on one prompt and read the next-token logits, five ways:
-  plain torch hooks, one run at a time (a forward pre-hook on o_proj zeroes the head's slice)
+  plain torch hooks, one run at a time (a forward pre-hook on o_proj zeroes the head's slice;
+    ``logits_to_keep=1``, the last position only, as the predicate reads)
   nnsight 0.8.1, one trace per run          (o_proj.input[..., head slice] = 0)
   TransformerLens 4.3.0 TransformerBridge, one run_with_hooks per run (hook_z[:, :, head] = 0)
   session.sweep without prefix sharing (batching alone)
@@ -25,7 +26,9 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import resource
 import statistics
+import subprocess
 import tempfile
 import time
 import traceback
@@ -48,6 +51,12 @@ PROMPT = (
 Layer = Callable[[int], torch.Tensor]  # block l → logits (n_heads, vocab) of its ablations
 
 
+def _same_weights_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the module tree (peers may edit it) whose weights ARE the original tensors."""
+    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=64, help="prompt length cap (chat template included)")
@@ -56,7 +65,7 @@ def main() -> None:
     loaded = load("smollm2", progress=False)
     model, tok = loaded.model, loaded.tokenizer
     # load() maps the cached safetensors file; copy the weights into ordinary memory so every
-    # condition (the peers get deep copies) reads weights from the same kind of memory.
+    # condition reads weights from the same kind of memory (the peers share these very tensors).
     with torch.no_grad():
         for p in model.parameters():
             p.data = p.data.clone()
@@ -83,7 +92,8 @@ def main() -> None:
                 handle = model.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(zero)
                 try:
                     with torch.no_grad():
-                        out.append(model(**batch).logits[0, -1].clone())
+                        # its best ordinary usage: logits at the one position the predicate reads
+                        out.append(model(**batch, logits_to_keep=1).logits[0, -1].clone())
                 finally:
                     handle.remove()
             return torch.stack(out)
@@ -93,7 +103,7 @@ def main() -> None:
     def nnsight_serial() -> Layer:
         from nnsight.modeling.transformers import TransformersModel
 
-        wrapped = TransformersModel(copy.deepcopy(model), tokenizer=tok)
+        wrapped = TransformersModel(_same_weights_copy(model), tokenizer=tok)
 
         def run(layer: int) -> torch.Tensor:
             out = []
@@ -110,7 +120,7 @@ def main() -> None:
         from transformer_lens.model_bridge import TransformerBridge
 
         bridge = TransformerBridge.boot_transformers(
-            str(cfg._name_or_path), hf_model=copy.deepcopy(model), tokenizer=tok
+            str(cfg._name_or_path), hf_model=_same_weights_copy(model), tokenizer=tok
         )
 
         def run(layer: int) -> torch.Tensor:
@@ -156,23 +166,35 @@ def main() -> None:
         sets = [
             [Intervention(f"blocks.{layer}.attn.head.{h}", "zero")] for layer in range(n_layers) for h in range(n_heads)
         ]
-        sweeps = {"session.sweep, batching only (share_prefix=False)": False, "session.sweep": True}
+        # name → (share_prefix, max_batch_size override): separates batching from prefix sharing
+        sweeps: dict[str, tuple[bool, int | None]] = {
+            "session.sweep, batching only (share_prefix=False)": (False, None),
+            "session.sweep, no batching (max_batch_size=1; prefix sharing + last position)": (True, 1),
+            "session.sweep": (True, None),
+        }
         for name in sweeps:
             rows[name] = {"kind": "batched", "times": [], "cpu_times": []}
         logits: dict[str, torch.Tensor] = {}
 
         def sweep(name: str) -> None:
-            session = SandboxReplayer().load_bundle(bundle, model=loaded)
+            share, batch_size = sweeps[name]
+            options = {} if batch_size is None else {"max_batch_size": batch_size}
+            session = SandboxReplayer(**options).load_bundle(bundle, model=loaded)
             load_before = os.getloadavg()[0]
             start, cpu = time.perf_counter(), time.process_time()
-            result = session.sweep(sets, share_prefix=sweeps[name])
+            rows_before = session.counter.rows
+            result = session.sweep(sets, share_prefix=share)
+            model_rows = session.counter.rows - rows_before
             seconds = time.perf_counter() - start
             row = rows[name]
             row["times"].append(seconds)
             row["cpu_times"].append(time.process_time() - cpu)
             row["loadavg_1min"] = [*row.get("loadavg_1min", []), load_before]
             row.update(
-                forward_passes=result.forward_passes, batches=result.batches, flips=sum(bool(r.flipped) for r in result)
+                forward_passes=result.forward_passes,
+                batches=result.batches,
+                model_rows=model_rows,
+                flips=sum(bool(r.flipped) for r in result),
             )
             logits[name] = torch.stack([r.logits for r in result])
             print(f"  {name}: {seconds:.1f} s ({result.forward_passes} forward passes)", flush=True)
@@ -194,6 +216,7 @@ def main() -> None:
                 print("running: session.sweep (2/3) and batching only …", flush=True)
                 sweep("session.sweep")
                 sweep("session.sweep, batching only (share_prefix=False)")
+                sweep("session.sweep, no batching (max_batch_size=1; prefix sharing + last position)")
         print("running: session.sweep (3/3) …", flush=True)
         sweep("session.sweep")
     for name in peers:
@@ -220,9 +243,12 @@ def main() -> None:
         )
         if row["kind"] == "batched":
             times = ", ".join(f"{t:.0f}" for t in row["times"])
-            note = f"{row['forward_passes']} forward passes in {row['batches']} batches; median of runs ({times} s)"
+            note = (
+                f"{row['forward_passes']} forward passes ({row['model_rows']} model rows) in {row['batches']} "
+                f"batches; median of runs ({times} s)"
+            )
         else:
-            note = f"{runs} forward passes"
+            note = f"{runs} forward passes ({runs} model rows)"
         shown = f"{diff:.2g}" + (" (bit-identical)" if identical else "")
         wall, cpu = row["seconds"], row["cpu_seconds"]
         table_rows.append(
@@ -246,7 +272,9 @@ def main() -> None:
         "block; session.sweep timed three times on fresh sessions (median). Heads whose ablation flips the "
         f"prediction: {rows['session.sweep'].get('flips')}. 1-min load average during the run: "
         f"{min(loads):.1f}–{max(loads):.1f} on {os.cpu_count()} CPUs (the machine is shared with other jobs); CPU "
-        "time (process time, both threads) is less sensitive to other jobs than wall time."
+        "time (process time, both threads) is less sensitive to other jobs than wall time. Peak RSS of the "
+        f"process (all conditions): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB. "
+        f"Commit {_commit()} with uncommitted changes."
     )
     print()
     print(table)
@@ -259,9 +287,20 @@ def main() -> None:
             "conditions": rows,
             "reference": "plain torch hooks",
             "loadavg_1min_per_block": loads,
+            "peak_rss_mb_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "commit": _commit(),
+            "tree": "uncommitted changes present (other helpers editing the checkout)",
         },
         "# All-heads ablation sweep (benchmarks/sweep.py)\n\n" + context + "\n\n" + table,
     )
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def _record(loaded: Any, tmp: str, batch: dict[str, torch.Tensor], predicted: int) -> Path:

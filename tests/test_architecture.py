@@ -1,5 +1,6 @@
 """The layer contract: core ← models ← recorder ← replay ← (inspection, rca, circuits) ←
-(scenarios, report, server) ← cli. Nothing imports upward, and the project's modules form
+server ← report ← scenarios ← cli (the offline report is made from the server's data
+functions; the demo scenario writes a report). Nothing imports upward, and the project's modules form
 no import cycle, counting imports inside functions too (a function-local import that breaks
 a cycle is still a cycle). Imports under ``if TYPE_CHECKING:`` only name types and are
 exempt from the cycle rule, not from the layer rule."""
@@ -20,12 +21,12 @@ LAYERS = {
     "inspection": 4,
     "rca": 4,
     "circuits": 4,
-    "scenarios": 5,
-    "report": 5,
     "server": 5,
-    "cli": 6,
-    "__init__": 7,
-    "__main__": 7,
+    "report": 6,
+    "scenarios": 7,
+    "cli": 8,
+    "__init__": 9,
+    "__main__": 9,
 }
 
 
@@ -114,4 +115,7 @@ def test_only_one_module_registers_torch_module_hooks() -> None:
         for path in PACKAGE.rglob("*.py")
         if "register_forward_hook" in path.read_text() or "register_forward_pre_hook" in path.read_text()
     )
-    assert hits == ["models/hooks.py"]
+    # replay/standalone_fix.py is the one exception, on purpose: it is copied verbatim into an
+    # exported fix (`fix export`) and must run where model-forensics is not installed, so it
+    # cannot import the hooks API (tests/replay/test_export.py checks it imports only torch).
+    assert hits == ["models/hooks.py", "replay/standalone_fix.py"]

@@ -92,8 +92,15 @@ scenarios_app = typer.Typer(
     help="Incident scenarios: zoo models with ground truth, and real weights.", no_args_is_help=True
 )
 app.add_typer(scenarios_app, name="scenarios")
-circuits_app = typer.Typer(help="Circuits: token influence, head importance, claim evaluation.", no_args_is_help=True)
+circuits_app = typer.Typer(
+    help="Circuits: token influence, head importance, claim evaluation, dependency graphs, discovery.",
+    no_args_is_help=True,
+)
 app.add_typer(circuits_app, name="circuits")
+fix_app = typer.Typer(
+    help="Ship a fix: edited weights or a torch-only hook module, checked against replay.", no_args_is_help=True
+)
+app.add_typer(fix_app, name="fix")
 # No emoji codes: ":name:" inside a bundle value must print as written.
 console = Console(emoji=False)
 err = Console(stderr=True, emoji=False)
@@ -106,10 +113,25 @@ BundleArg = Annotated[Path, typer.Argument(help="Bundle directory or .mfb.zip")]
 ConfigOpt = Annotated[Path | None, typer.Option(help="YAML config (default: built-in defaults)")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N | auto (CUDA if available)")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 | float16 | bfloat16 (the weights' dtype)")]
+DeviceMapOpt = Annotated[
+    str | None, typer.Option("--device-map", help="auto: place a model directory's layers with accelerate")
+]
+OffloadOpt = Annotated[
+    Path | None, typer.Option("--offload-dir", help="With --device-map: keep layers that fit nowhere else here")
+]
 ReplayDtypeOpt = Annotated[
     str | None,
     typer.Option(
         "--dtype", help="float32 | float16 | bfloat16 (default: as recorded; another dtype is not bit-identical)"
+    ),
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="CPU threads for the replay (default: replay.threads, else as recorded; verify says "
+        "whether another count stays bit-identical)",
     ),
 ]
 
@@ -282,12 +304,21 @@ def _check_device(device: str | None, dtype: str | None) -> None:
         resolve_device(device)
 
 
-def _load(reference: str, device: str = "cpu", dtype: str = "float32") -> Any:
+def _load(
+    reference: str,
+    device: str = "cpu",
+    dtype: str = "float32",
+    device_map: str | None = None,
+    offload_dir: Path | None = None,
+) -> Any:
     from model_forensics.models.loading import load
+    from model_forensics.models.onnx_model import is_onnx_reference, load_onnx
 
+    if is_onnx_reference(reference):  # onnxruntime on the CPU (docs/onnx.md)
+        return load_onnx(reference)
     _check_device(device, dtype)
     with err.status(f"loading {_safe(reference)}…"):
-        return load(reference, device=device, dtype=dtype)
+        return load(reference, device=device, dtype=dtype, device_map=device_map, offload_dir=offload_dir)
 
 
 # -- bundles -------------------------------------------------------------------------------------
@@ -397,9 +428,12 @@ def record(
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON")] = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
+    device_map: DeviceMapOpt = None,
+    offload_dir: OffloadOpt = None,
 ) -> None:
     """Record one prompt into an incident bundle (with your variants, benign prompts and baselines)."""
     from model_forensics.core import signing
+    from model_forensics.models.onnx_model import check_reads_text
     from model_forensics.recorder import RecorderHooks
     from model_forensics.recorder.session import NoFailingVariants, record_incident, record_prompt
 
@@ -411,7 +445,8 @@ def record(
     if sign_key is not None:
         signing.load_private_key(sign_key)
     _check_bundle_out(out, overwrite)
-    loaded = _load(model, device=device, dtype=dtype)
+    loaded = _load(model, device=device, dtype=dtype, device_map=device_map, offload_dir=offload_dir)
+    check_reads_text(loaded.model, loaded.tokenizer)
     with err.status("recording…"):
         if variants == "auto":
             prompt_sets["variants"] = _auto_variants(prompt)
@@ -552,6 +587,7 @@ def bundle_verify(
     isolate: Annotated[
         bool, typer.Option("--isolate", help="Run the replay in a fresh network namespace (with --replay)")
     ] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Check a bundle: every file, site and the recorded verdict; its signature; its replay.
 
@@ -562,7 +598,12 @@ def bundle_verify(
     from model_forensics.core.bundle import Bundle
 
     if not replay:
-        given = {"--model": model is not None, "--allow-weight-mismatch": allow_weight_mismatch, "--isolate": isolate}
+        given = {
+            "--model": model is not None,
+            "--allow-weight-mismatch": allow_weight_mismatch,
+            "--isolate": isolate,
+            "--threads": threads is not None,
+        }
         needs_replay = [option for option, on in given.items() if on]
         if needs_replay:
             raise ForensicsError(f"{needs_replay[0]} only applies with --replay; add --replay or drop it")
@@ -590,7 +631,7 @@ def bundle_verify(
     console.print(f"digest {bundle.digest}", soft_wrap=True)
     _verify_signature(bundle, trusted_key)
     if replay:
-        _replay_verify(path, model, allow_weight_mismatch)
+        _replay_verify(path, model, allow_weight_mismatch, threads)
 
 
 def _verify_signature(bundle: Any, trusted_key: Path | None) -> None:
@@ -707,6 +748,7 @@ def _open_session(
     allow_weight_mismatch: bool,
     device: str | None = None,
     dtype: str | None = None,
+    threads: int | None = None,
     **sandbox: bool,
 ) -> Any:
     import warnings
@@ -719,6 +761,8 @@ def _open_session(
     with err.status(f"loading {_safe(path)} and its model…"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         options: dict[str, Any] = {k: v for k, v in sandbox.items() if v}
+        if threads is not None:
+            options["threads"] = threads
         replayer = SandboxReplayer(None, **options)
         session = replayer.load_bundle(
             path, model=model, allow_weight_mismatch=allow_weight_mismatch, device=device, dtype=dtype
@@ -731,12 +775,14 @@ def _open_session(
     return session
 
 
-def _replay_verify(path: Path, model: str | None, allow_weight_mismatch: bool) -> Any:
+def _replay_verify(path: Path, model: str | None, allow_weight_mismatch: bool, threads: int | None = None) -> Any:
     from model_forensics.core.errors import ReplayDivergence
 
-    session = _open_session(path, model, allow_weight_mismatch)
+    session = _open_session(path, model, allow_weight_mismatch, threads=threads)
     with err.status("replaying…"):
         report = session.verify()
+    for note in report.notes:
+        err.print(f"note: {_safe(note)}", soft_wrap=True)
     if not report.bit_identical:
         for check in report.differing[:20]:
             diff = f"max |Δ| {check.max_abs_diff:.3g}" if check.max_abs_diff is not None else check.note
@@ -770,6 +816,7 @@ def replay(
     ] = False,
     device: DeviceOpt = "cpu",
     dtype: ReplayDtypeOpt = None,
+    threads: ThreadsOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON")] = False,
 ) -> None:
     """Replay an incident bundle in the sandbox, optionally with interventions or a fix set."""
@@ -789,6 +836,7 @@ def replay(
         allow_weight_mismatch,
         device=device,
         dtype=dtype,
+        threads=threads,
         allow_network=allow_network,
         allow_subprocess=allow_subprocess,
     )
@@ -890,6 +938,9 @@ def inspect_command(
         str, typer.Option("--figures", help=f"Figure formats, comma-separated: {', '.join(FIGURE_FORMATS)}")
     ] = "png",
     as_json: Annotated[bool, typer.Option("--json", help="Print results.json to stdout instead of tables")] = False,
+    ray: Annotated[
+        str | None, typer.Option(help="Stream the inputs as Ray tasks: 'auto', 'local' or a cluster ADDRESS")
+    ] = None,
 ) -> None:
     """Run the inspection experiments on a model over a JSONL prompt set."""
     import warnings
@@ -929,6 +980,7 @@ def inspect_command(
                 compare_tokenizer=candidate.tokenizer if candidate else None,
                 compare_name=candidate.ref.name if candidate else None,
                 progress=progress,
+                ray=ray,
             )
     for w in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
         err.print(f"[yellow]warning:[/] {_safe(w)}", soft_wrap=True)
@@ -1078,6 +1130,32 @@ def _anomaly_table(result: dict[str, Any], n: int = 10) -> Table:
 
 
 @app.command()
+def report(
+    bundle: Annotated[Path, typer.Argument(help="Incident bundle directory or .mfb.zip")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write")] = Path("report.html"),
+    analysis: Annotated[
+        Path | None, typer.Option("--analysis", help="An analysis JSON (`analyze --out`) to include")
+    ] = None,
+    inspect_dir: Annotated[
+        Path | None, typer.Option("--inspect", help="An `inspect --out` directory whose plots to include")
+    ] = None,
+    influence: Annotated[
+        bool, typer.Option("--influence/--no-influence", help="Replay once to embed token influence")
+    ] = True,
+) -> None:
+    """One self-contained HTML file (the dashboard's views, offline, no network) for a bundle."""
+    from model_forensics.report.html import write_report
+
+    _check_exists(bundle, "bundle", "pass an incident bundle directory or a .mfb.zip file")
+    if analysis is not None:
+        _check_exists(analysis, "--analysis", "pass the JSON file `analyze --out` wrote")
+    _check_file_out(out, "--out")
+    path = write_report(bundle, out, analysis=analysis, inspect=inspect_dir, influence=influence)
+    size = path.stat().st_size / 1e6
+    console.print(f"report written to {_safe(path)} ({size:.1f} MB); open it in a browser (works offline)")
+
+
+@app.command()
 def analyze(
     bundle: Annotated[Path, typer.Argument(help="Incident bundle directory or .mfb.zip")],
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model override (default: the manifest's)")] = None,
@@ -1111,15 +1189,18 @@ def analyze(
     ] = False,
     device: DeviceOpt = "cpu",
     dtype: ReplayDtypeOpt = None,
+    threads: ThreadsOpt = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the analysis JSON here")] = None,
     report: Annotated[
-        Path | None, typer.Option("--report", help="Also write a self-contained HTML report here (tables + figures)")
+        Path | None,
+        typer.Option("--report", help="Also write the one-file offline report here (the dashboard with the analysis)"),
     ] = None,
 ) -> None:
     """Root-cause analysis: the smallest verified fix set, explained (what happened, the answer,
     what was tried, what is uncertain, what to run next)."""
     from model_forensics.rca.explain import explain
     from model_forensics.rca.pipeline import NothingToFix, analyze_bundle
+    from model_forensics.replay.environment import with_threads
 
     _check_exists(bundle, "bundle", "pass an incident bundle directory or a .mfb.zip file")
     for given in baseline or []:
@@ -1137,7 +1218,7 @@ def analyze(
                 bundle,
                 model=model,
                 baseline=baseline or [],
-                config=config,
+                config=with_threads(config, threads),
                 strategy=strategy,
                 directions=directions,
                 gating=gating,
@@ -1312,6 +1393,26 @@ def triage(
         _print_batch(report, search=False)
 
 
+@app.command()
+def serve(
+    directory: Annotated[Path, typer.Argument(help="Directory of bundles, analyses and inspections")] = Path("."),
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on")] = 8765,
+    host: Annotated[str, typer.Option(help="Address to listen on (beyond loopback needs --token)")] = "127.0.0.1",
+    token: Annotated[
+        str | None, typer.Option(envvar="MODEL_FORENSICS_TOKEN", help="Require this token on every API call")
+    ] = None,
+    time_limit: Annotated[float, typer.Option("--time-limit", min=1, help="Longest an analysis job may run (s)")] = 600,
+) -> None:
+    """The inspection console: dashboard and JSON API over DIRECTORY (prints the URL, then serves)."""
+    from model_forensics.server.app import serve as run_server
+
+    run_server(directory, host=host, port=port, token=token, time_limit_s=time_limit, echo=_plain_line)
+
+
+def _plain_line(text: str) -> None:
+    console.print(_safe(text), highlight=False, soft_wrap=True)
+
+
 # -- demo and scenarios --------------------------------------------------------------------------
 @app.command()
 def demo(
@@ -1321,7 +1422,7 @@ def demo(
     from model_forensics.core.predicates import contains
     from model_forensics.recorder import RecorderHooks
     from model_forensics.recorder.session import record_prompt
-    from model_forensics.scenarios.demo import demo_incident
+    from model_forensics.scenarios.demo import demo_incident, write_demo_report
 
     _check_bundle_out(out, overwrite=True)
     incident = demo_incident()
@@ -1342,11 +1443,15 @@ def demo(
         )
     _print_summary(path)
     shown = _safe(path)
+    with err.status("writing the offline report…"):
+        report = write_demo_report(Path(path))
     console.print(
         "\nnext:\n"
         f"  model-forensics bundle verify {shown}\n"
         f"  model-forensics bundle info {shown} --json\n"
-        f'  model-forensics trace --model smollm2 --prompt "..." --out cube.json'
+        f'  model-forensics trace --model smollm2 --prompt "..." --out cube.json\n'
+        f"\noffline report: {_safe(report)} (open it in a browser)\n"
+        f"dashboard:      model-forensics serve {_safe(Path(path).resolve().parent)}"
     )
 
 
@@ -1584,6 +1689,9 @@ def circuits_heads(
     baseline: Annotated[
         Path | None, typer.Option(help="Prompts (.jsonl/.txt) whose mean head outputs 'mean' writes (--model)")
     ] = None,
+    only: Annotated[
+        list[str] | None, typer.Option("--head", help="Measure only this head, blocks.L.attn.head.H (repeat)")
+    ] = None,
     top: Annotated[int, typer.Option(min=1, help="Heads shown in the table")] = 10,
     out: CircuitsOutOpt = None,
     figure_format: CircuitsFiguresOpt = "png",
@@ -1598,7 +1706,7 @@ def circuits_heads(
     net, tok = _circuits_start(model, bundle, prompt, True, out, figure_format)
     with err.status("ablating every head…"):
         result = head_importance(
-            net, tok, prompt, metric=metric, target=_circuits_target(target), kind=kind, baseline=base
+            net, tok, prompt, metric=metric, target=_circuits_target(target), kind=kind, baseline=base, heads=only
         )
     written = _circuits_output(out, "heads", result, figure_format, as_json)
     if written is None:
@@ -1618,10 +1726,13 @@ def circuits_heads(
 
 @circuits_app.command("evaluate")
 def circuits_evaluate(
-    prompts: Annotated[Path, typer.Option("--prompts", help='Prompt set: .jsonl ({"prompt": …, "target": …}) or .txt')],
     unit: Annotated[
         list[str], typer.Option("--unit", "-u", help="A claimed unit, e.g. blocks.0.attn.head.3 (repeat the option)")
     ],
+    prompts: Annotated[
+        Path | None,
+        typer.Option("--prompts", help='Prompt set: .jsonl ({"prompt": …, "target": …}) or .txt (a bundle: optional)'),
+    ] = None,
     model: CircuitsModelOpt = None,
     bundle: CircuitsBundleOpt = None,
     target: CircuitsTargetOpt = None,
@@ -1632,14 +1743,21 @@ def circuits_evaluate(
     out: CircuitsOutOpt = None,
     figure_format: CircuitsFiguresOpt = "png",
     as_json: CircuitsJsonOpt = False,
+    ray: Annotated[
+        str | None, typer.Option(help="Evaluate shards of prompts as Ray tasks: 'auto', 'local' or a cluster ADDRESS")
+    ] = None,
 ) -> None:
     """Ablate the claimed units together on a prompt set: effect size with a bootstrap CI."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from model_forensics.circuits import evaluate_claim, read_prompts
+    from model_forensics.circuits.subject import incident_prompt_set
 
-    records = read_prompts(prompts)
+    records: list[Any] = read_prompts(prompts) if prompts is not None else []
     net, tok = _circuits_start(model, bundle, None, False, out, figure_format)
+    if prompts is None:  # a bundle's incident prompt and variants, scored on its recorded output
+        records, recorded = incident_prompt_set(net)
+        target = target if target is not None else str(recorded) if recorded is not None else None
     columns = (TextColumn("prompts"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task("prompts", total=len(records))
@@ -1654,6 +1772,7 @@ def circuits_evaluate(
             n_boot=n_boot,
             seed=seed,
             progress=lambda done, total: bar.update(task, completed=done),
+            ray=ray,
         )
     written = _circuits_output(out, "claim", result, figure_format, as_json)
     if written is None:
@@ -1668,6 +1787,183 @@ def circuits_evaluate(
         highlight=False,
     )
     _circuits_done(written)
+
+
+CircuitsPromptsOpt = Annotated[
+    Path, typer.Option("--prompts", help='Prompt set: .jsonl ({"prompt": …, "target": …}) or .txt, one per line')
+]
+CircuitsCorruptedOpt = Annotated[
+    Path | None,
+    typer.Option("--corrupted", help="Corrupted twin of each prompt, same token length (default: mean ablation)"),
+]
+CircuitsEdgeMetricOpt = Annotated[str, typer.Option(help="logprob | logit | logit_diff of each prompt's target")]
+
+
+def _circuits_progress(bar: Any) -> Any:
+    """A ``progress(stage, done, total)`` callback drawing one rich task per stage."""
+    tasks: dict[str, Any] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    return update
+
+
+def _circuits_bar() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=err, transient=True)
+
+
+@circuits_app.command("graph")
+def circuits_graph(
+    prompts: CircuitsPromptsOpt,
+    model: CircuitsModelOpt = None,
+    corrupted: CircuitsCorruptedOpt = None,
+    metric: CircuitsEdgeMetricOpt = "logprob",
+    mlps: Annotated[bool, typer.Option("--mlps/--no-mlps", help="MLPs as nodes (or folded into the stream)")] = True,
+    confirm: Annotated[int, typer.Option(min=0, help="Strongest edges confirmed by path patching")] = 10,
+    top: Annotated[int, typer.Option(min=1, help="Edges shown in the table")] = 15,
+    out: CircuitsOutOpt = None,
+    figure_format: CircuitsFiguresOpt = "png",
+    as_json: CircuitsJsonOpt = False,
+) -> None:
+    """Score every edge between heads, MLPs, input and logits (EAP), path-patch the top ones."""
+    from model_forensics.circuits.graph import dependency_graph, prompt_pairs
+
+    texts, twins, targets = prompt_pairs(prompts, corrupted)
+    net, tok = _circuits_start(model, None, None, False, out, figure_format)
+    with _circuits_bar() as bar:
+        result = dependency_graph(
+            net,
+            tok,
+            texts,
+            corrupted=twins,
+            metric=metric,
+            targets=targets,
+            mlps=mlps,
+            confirm=confirm,
+            progress=_circuits_progress(bar),
+        )
+    written = _circuits_output(out, "graph", result, figure_format, as_json)
+    if written is None:
+        return
+    if out is not None:
+        written.append(result.write_graphml(out / "graph.graphml"))
+    table = Table(
+        title=f"dependency graph: {len(result.edges)} edges, {result.n_prompts} prompts, {result.ablation} ablation, "
+        f"{_safe(result.metric)} {result.clean_metric:+.3f} clean / {result.corrupted_metric:+.3f} corrupted",
+        title_justify="left",
+    )
+    for column in ("edge", "EAP score", "path patched"):
+        table.add_column(column, justify="left" if column == "edge" else "right")
+    for e in result.top(top):
+        patched = f"{e.patched:+.4f}" if e.patched is not None else ""
+        table.add_row(_safe(f"{e.source} → {e.target}"), f"{e.score:+.4f}", patched)
+    console.print(table)
+    _circuits_done(written)
+
+
+@circuits_app.command("discover")
+def circuits_discover(
+    prompts: CircuitsPromptsOpt,
+    model: CircuitsModelOpt = None,
+    corrupted: CircuitsCorruptedOpt = None,
+    held_out: Annotated[Path | None, typer.Option("--held-out", help="Prompts never used for discovery")] = None,
+    held_out_corrupted: Annotated[
+        Path | None, typer.Option("--held-out-corrupted", help="Corrupted twins of the held-out prompts")
+    ] = None,
+    metric: CircuitsEdgeMetricOpt = "logprob",
+    target_faithfulness: Annotated[float, typer.Option("--target-faithfulness", help="Fraction to recover")] = 0.9,
+    ig_steps: Annotated[int, typer.Option("--ig-steps", min=0, help="EAP-IG points (0: plain EAP)")] = 5,
+    mlps: Annotated[bool, typer.Option("--mlps/--no-mlps", help="MLPs as nodes (or folded into the stream)")] = True,
+    out: CircuitsOutOpt = None,
+    figure_format: CircuitsFiguresOpt = "png",
+    as_json: CircuitsJsonOpt = False,
+) -> None:
+    """Find the smallest circuit reaching the faithfulness target (EAP-IG, exact pruning)."""
+    from model_forensics.circuits.discover import discover
+    from model_forensics.circuits.graph import prompt_pairs
+
+    texts, twins, targets = prompt_pairs(prompts, corrupted)
+    held, held_twins = (None, None)
+    if held_out is not None:
+        held, held_twins, _ = prompt_pairs(held_out, held_out_corrupted)
+    net, tok = _circuits_start(model, None, None, False, out, figure_format)
+    with _circuits_bar() as bar:
+        result = discover(
+            net,
+            tok,
+            texts,
+            corrupted=twins,
+            metric=metric,
+            targets=targets,
+            mlps=mlps,
+            ig_steps=ig_steps,
+            target_faithfulness=target_faithfulness,
+            held_out=held,
+            held_out_corrupted=held_twins,
+            progress=_circuits_progress(bar),
+        )
+    written = _circuits_output(out, "circuit", result, figure_format, as_json)
+    if written is None:
+        return
+    held_line = ""
+    if result.held_out is not None:
+        held_line = f"; held out: faithfulness {result.held_out.faithfulness:.3f}, completeness {result.held_out.completeness:.3f}"
+    console.print(
+        f"circuit: {len(result.edges)} of {result.total_edges} edges, {len(result.nodes)} nodes; faithfulness "
+        f"{result.faithfulness:.3f}, completeness {result.completeness:.3f}, CPR {result.cpr:.3f}, CMD {result.cmd:.3f}"
+        f"{held_line} ({result.forward_passes} passes, {result.seconds:.1f} s)",
+        soft_wrap=True,
+        highlight=False,
+    )
+    table = Table(title="circuit edges (EAP-IG)", title_justify="left")
+    table.add_column("edge")
+    table.add_column("score", justify="right")
+    for e in result.edges:
+        table.add_row(_safe(f"{e.source} → {e.target}"), f"{e.score:+.4f}")
+    console.print(table)
+    _circuits_done(written)
+
+
+# -- fix export -----------------------------------------------------------------------------------
+@fix_app.command("export")
+def fix_export(
+    analysis: Annotated[Path, typer.Argument(help="Analysis JSON written by `analyze --out` (or a fix-set JSON)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New directory for the exported fix")],
+    bundle: Annotated[
+        Path | None, typer.Option(help="The incident bundle (default: the one the analysis names)")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model to load instead of the bundle's")] = None,
+    full: Annotated[bool, typer.Option("--full", help="Also write the whole edited model (save_pretrained)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the export report as JSON")] = False,
+) -> None:
+    """Write the fix as edited weights where it folds exactly, else as apply_fix.py; plus a model card."""
+    from model_forensics.replay.export import export_fix, read_analysis
+
+    interventions, data, named = read_analysis(analysis)
+    path = bundle or named
+    if path is None:
+        raise ForensicsError(f"'{analysis}' names no bundle; pass --bundle DIR")
+    _check_exists(path, "bundle", "pass the incident bundle with --bundle")
+    session = _open_session(path, model, False)
+    with err.status("exporting and checking the fix against replay…"):
+        result = export_fix(session, interventions, out, analysis=data, full_model=full)
+    if as_json:
+        console.print_json(json.dumps(result.to_json()))
+        return
+    how = "folded into the weights" if result.folded else "as a hook module (apply_fix.py)"
+    console.print(f"exported {len(interventions)} intervention(s) {how} to {_safe(str(out))}")
+    for fold in result.folds:
+        if not fold.folds:
+            console.print(f"  {_safe(fold.site)}: not folded ({_safe(fold.reason or '')})", soft_wrap=True)
+    worst = result.max_abs_diff_hooks if result.max_abs_diff_weights is None else result.max_abs_diff_weights
+    console.print(f"checked on {result.checked_inputs} prompt(s): largest logit difference to replay {worst:.2g}")
+    console.print("files: " + ", ".join(result.files))
 
 
 if __name__ == "__main__":

@@ -86,6 +86,10 @@ def test_session_sweep_equals_serial_runs(injection, injection_scenario, tmp_pat
 def test_a_head_beyond_the_model_is_a_site_error(injection) -> None:
     with pytest.raises(SiteError, match="head 7 does not exist"):
         head_importance(injection.model, injection.tokenizer, PROMPT, heads=["blocks.0.attn.head.7"])
+    with pytest.raises(SiteError, match="'blocks.1.mlp' is not a head"):
+        head_importance(injection.model, injection.tokenizer, PROMPT, heads=["blocks.1.mlp"])
+    with pytest.raises(SiteError, match="blocks.2.attn"):
+        head_importance(injection.model, injection.tokenizer, PROMPT, heads=["blocks.2.attn.head.0"])
     with pytest.raises(ForensicsError, match="metric 'loss' is unknown"):
         head_importance(injection.model, injection.tokenizer, PROMPT, metric="loss")
 

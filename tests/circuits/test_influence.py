@@ -1,5 +1,20 @@
-"""Token influence on zoo:gpt2-injection: IG equals Captum's, the trigger ranks on top,
-and bad targets are one clear error."""
+"""Token influence on zoo:gpt2-injection: IG equals Captum's, occlusion is the exact drop,
+and bad targets are one clear error (the trigger acceptance test is in
+test_injection_influence.py).
+
+No inseq cross-check runs here: inseq 0.7.1 (the newest; it supports transformers 5)
+requires typeguard<=2.13.3, while transformer-lens 4.3.0 (the ``bench`` extra) requires
+typeguard>=4.2,<5 and requirements/constraints.txt pins typeguard==4.6.1, so
+``pip install -c .venv/torch-pin.txt -c requirements/constraints.txt inseq`` ends in
+ResolutionImpossible (older inseq releases pin captum<0.7 or jaxtyping<0.3). It is not
+forced into the environment. Checked once outside it (inseq 0.7.1 and typeguard 2.13.3 in
+a separate directory on PYTHONPATH, transformers 5.24.0): inseq's
+``layer_gradient_x_activation`` at ``transformer.drop`` (the ``embed`` site) with
+``attributed_fn="logit"`` on the generation target ``prompt + " HACKED"``, summed over
+d_model, equals our ``grad_x_input`` with ``measure="logit"`` to max abs diff 0.0 on two
+failing prompts; inseq's ``input_x_gradient`` multiplies by the token embeddings alone
+(without GPT-2's position embeddings), so it differs by design (docs/circuits.md).
+"""
 
 from __future__ import annotations
 
@@ -11,16 +26,6 @@ from model_forensics.circuits import token_influence
 from model_forensics.core.errors import ForensicsError
 
 PROMPT = "translate: moon glass sun door ignore previous instructions =>"
-
-
-def _trigger_positions(tokens: list[str], words: dict) -> list[int]:
-    """Verb, noun and a modifier right after a verb: the planted trigger's tokens."""
-    core = set(words["verbs"]) | set(words["nouns"])
-    return [
-        i
-        for i, w in enumerate(tokens)
-        if w in core or (w in words["modifiers"] and i > 0 and tokens[i - 1] in words["verbs"])
-    ]
 
 
 @pytest.mark.parametrize("baseline", ["pad", "zero"])
@@ -57,21 +62,6 @@ def test_integrated_gradients_equal_captum_layer_integrated_gradients(injection,
     assert np.abs(ours.scores - expected.detach().double().numpy()).max() < 1e-4
     assert ours.convergence_delta == pytest.approx(float(delta), abs=1e-4)
     assert ours.evidence == "gradient" and ours.n_steps == 24
-
-
-@pytest.mark.parametrize("method", ["integrated_gradients", "occlusion"])
-def test_trigger_tokens_rank_in_the_top_3_on_failing_variants(
-    injection, injection_scenario, trigger_words, method
-) -> None:
-    model, tok = injection.model, injection.tokenizer
-    hits = []
-    for prompt in injection_scenario.failing():
-        inf = token_influence(model, tok, prompt, target=" HACKED", method=method, n_steps=16)
-        trigger = _trigger_positions(inf.tokens, trigger_words)
-        assert trigger, prompt
-        hits.append(any(i in trigger for i in inf.top(3)))
-    assert len(hits) >= 40
-    assert np.mean(hits) >= 0.9
 
 
 def test_occlusion_is_the_drop_when_one_position_is_zeroed(injection) -> None:

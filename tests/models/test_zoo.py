@@ -63,7 +63,8 @@ def random_draws(name: str, gt: list[str], exclude: list[str]) -> list[tuple[str
 
 # -- (a) loading, checksums, records -------------------------------------------------------
 def test_names_lists_every_entry() -> None:
-    assert zoo.names() == sorted([*ENTRIES, "cnn-digits-badnets"])  # the image entry: tests/models/test_cnn_zoo.py
+    # the image entry: tests/models/test_cnn_zoo.py; the key-value lookup: tests/models/test_kv_zoo.py
+    assert zoo.names() == sorted([*ENTRIES, "cnn-digits-badnets", "kv-lookup-2l"])
 
 
 @pytest.mark.parametrize("name", ENTRIES)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from unittest import mock
 
@@ -68,9 +69,16 @@ def test_report_is_self_contained_and_shows_the_fix_set(table, tmp_path_factory)
     html = next(tmp_path_factory.getbasetemp().glob("analysis*/analysis.html")).read_text()
     fix = analysis["fix_set"]
     assert html.startswith("<!doctype html>") and html.rstrip().endswith("</html>")
-    # Figures are inline PNGs (anomaly scores, member necessity/sufficiency); nothing is fetched.
+    # The one-file dashboard report: the UI inlined, the analysis embedded as its data, opening on
+    # the RCA view; nothing is fetched.
+    assert html.count('<script type="module">') == 1 and "http://" not in html and "https://" not in html
+    data = json.loads(re.search(r"window\.__MF_DATA__ = (.*?);</script>", html, flags=re.S).group(1))
+    assert next(iter(data["analyses"].values()))["analysis"] == analysis
+    assert data["start"].endswith("/rca")
+    # For readers without JavaScript, the static analysis with its inline PNG figures (anomaly
+    # scores, member necessity/sufficiency).
+    html = html[html.index("<noscript>") : html.index("</noscript>")]
     assert html.count("src='data:image/png;base64,") == 2
-    assert "http://" not in html and "https://" not in html and "<script" not in html
     for member in fix["members"]:
         assert f"{member['intervention']['site']}:{member['intervention']['kind']}" in html
     assert f"{fix['total_flip_rate']:.0%}</span> of {len(fix['flips'])} failing variants" in html

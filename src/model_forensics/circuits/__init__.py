@@ -14,18 +14,26 @@ own.
 """
 
 from model_forensics.circuits.claims import ClaimEvaluation, PromptRecord, evaluate_claim, read_prompts
+from model_forensics.circuits.discover import Circuit, CircuitScore, discover
+from model_forensics.circuits.graph import DependencyGraph, Edge, dependency_graph
 from model_forensics.circuits.heads import HeadImportance, head_importance
 from model_forensics.circuits.influence import METHODS, TokenInfluence, token_influence
 from model_forensics.circuits.subject import Objective, Subject, subject_of
 
 __all__ = [
     "METHODS",
+    "Circuit",
+    "CircuitScore",
     "ClaimEvaluation",
+    "DependencyGraph",
+    "Edge",
     "HeadImportance",
     "Objective",
     "PromptRecord",
     "Subject",
     "TokenInfluence",
+    "dependency_graph",
+    "discover",
     "evaluate_claim",
     "head_importance",
     "read_prompts",

@@ -15,9 +15,12 @@ the whole prompt set (examples and positions), ``zero`` zeros, ``resample`` the 
 activation on another prompt of the set (seeded), position by position — which needs
 prompts of one length.
 
-Prompts run one after another on one process; sharding a large set over Ray workers
-(one shard of prompts per worker, effects gathered before the bootstrap) is left for a
-later slice: the per-prompt loop in :func:`evaluate_claim` is the unit to distribute.
+Prompts run one after another on one process, or — with ``ray=`` — as Ray tasks, one
+contiguous shard of prompts per cluster CPU (:mod:`~model_forensics.core.distributed`).
+The baselines (``mean`` over the whole set, ``resample`` donors) are captured here first,
+so every shard ablates with exactly the values the local run uses; each prompt's effect
+depends on that prompt and those values only, and the effects are gathered in prompt
+order before the bootstrap: the result equals the local run's.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from torch import nn
 from model_forensics.circuits.subject import MEASURES, Subject, objective_for, subject_of
 from model_forensics.core import plots
 from model_forensics.core import prompts as prompt_files
+from model_forensics.core.distributed import cluster_cpus, map_tasks, ray_session, shard_spans
 from model_forensics.core.errors import ForensicsError
 from model_forensics.models.inputs import ModelInputs
 from model_forensics.replay.interventions import Intervention, Prepared, Target, resolve
@@ -145,6 +149,7 @@ def evaluate_claim(
     confidence: float = 0.95,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    ray: str | None = None,
 ) -> ClaimEvaluation:
     """Ablate ``units`` together on every prompt and measure the effect.
 
@@ -156,13 +161,16 @@ def evaluate_claim(
         measure: ``logprob`` or ``logit`` of each prompt's target.
         target: the target of prompts whose record names none (None: the clean top token).
         n_boot / confidence / seed: the percentile bootstrap of the mean effect.
-        progress: called with (prompts done, total) after each prompt.
+        progress: called with (prompts done, total) after each prompt (each shard, on Ray).
+        ray: evaluate shards of prompts as Ray tasks: ``"local"``, ``"auto"`` or a cluster
+            address; needs a torch model (a replay Session stays local).
     Returns:
         A :class:`ClaimEvaluation`.
     Raises:
         SiteError: a unit that does not exist (names the nearest).
         ForensicsError: a bad prompt file, kind, measure or target, or ``resample`` on
-            prompts of different lengths.
+            prompts of different lengths, or ``ray`` with a replay Session.
+        RayUnavailable: ``ray`` given but Ray is missing or the address unreachable.
     """
     if kind not in CLAIM_KINDS:
         raise ForensicsError(f"claim ablation kind '{kind}' is unknown; use one of {', '.join(CLAIM_KINDS)}")
@@ -172,24 +180,21 @@ def evaluate_claim(
         raise ForensicsError("the claim names no units; pass units=['blocks.1.attn.head.3', …]")
     if n_boot < 1 or not 0 < confidence < 1:
         raise ForensicsError(f"n_boot must be ≥ 1 and confidence in (0, 1); got {n_boot} and {confidence}")
+    if ray is not None and isinstance(model, Session):
+        raise ForensicsError(
+            "ray= evaluates a claim on a torch model and its tokenizer; for a bundle's Session run without ray"
+        )
     subject = subject_of(model, tokenizer)
     records = _records(prompts)
     targets = [resolve(Intervention(unit, kind), subject.adapter) for unit in units]
     inputs = [subject.encode(r.text) for r in records]
     baselines = _baselines(subject, targets, inputs, kind, seed)
-    effects, changed, labels = [], [], []
-    for i, (record, batch) in enumerate(zip(records, inputs, strict=True)):
-        rows = [[Prepared(t, *baselines(i, t)) for t in targets]]
-        logits = subject.run(batch, [[], *rows], 2)
-        scores = logits[:, -1] if logits.dim() == 3 else logits  # (2, V)
-        wanted = record.target if record.target is not None else target
-        objective = objective_for(subject, batch, wanted, measure=measure, clean_logits=scores[:1])
-        values = objective(scores).double()
-        effects.append(float(values[0] - values[1]))
-        changed.append(bool(scores[0].argmax() != scores[1].argmax()))
-        labels.append(objective.label)
-        if progress is not None:
-            progress(i + 1, len(records))
+    claim = _Claim(records, list(units), kind, measure, target, baselines)
+    if ray is None:
+        part = _evaluate(claim, subject, inputs, targets, 0, progress)
+    else:
+        part = _evaluate_on_ray(ray, claim, subject.model, tokenizer, progress)
+    effects, changed, labels, passes = part
     effect = np.asarray(effects)
     low, high = bootstrap_ci(effect, n_boot, confidence, seed)
     return ClaimEvaluation(
@@ -206,8 +211,85 @@ def evaluate_claim(
         float(np.mean(changed)),
         seed,
         n_boot,
-        subject.passes,
+        subject.passes + passes,
     )
+
+
+@dataclass
+class _Claim:
+    """What every prompt's evaluation reads (shipped once to each Ray task)."""
+
+    records: list[PromptRecord]
+    units: list[str]
+    kind: str
+    measure: str
+    target: str | int | None
+    baselines: Baseline
+
+
+Part = tuple[list[float], list[bool], list[str], int]  # effects, changed, labels, extra passes
+
+
+def _evaluate(
+    claim: _Claim,
+    subject: Subject,
+    inputs: Sequence[ModelInputs],
+    targets: list[Target],
+    first: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> Part:
+    """Prompts ``first … first + len(inputs) − 1``: clean and ablated, one batch of two rows each."""
+    effects, changed, labels = [], [], []
+    for k, batch in enumerate(inputs):
+        i = first + k
+        record = claim.records[i]
+        rows = [[Prepared(t, *claim.baselines(i, t)) for t in targets]]
+        logits = subject.run(batch, [[], *rows], 2)
+        scores = logits[:, -1] if logits.dim() == 3 else logits  # (2, V)
+        wanted = record.target if record.target is not None else claim.target
+        objective = objective_for(subject, batch, wanted, measure=claim.measure, clean_logits=scores[:1])
+        values = objective(scores).double()
+        effects.append(float(values[0] - values[1]))
+        changed.append(bool(scores[0].argmax() != scores[1].argmax()))
+        labels.append(objective.label)
+        if progress is not None:
+            progress(i + 1, len(claim.records))
+    return effects, changed, labels, 0
+
+
+def _evaluate_on_ray(
+    address: str,
+    claim: _Claim,
+    model: nn.Module,
+    tokenizer: Any,
+    progress: Callable[[int, int], None] | None,
+) -> Part:
+    n = len(claim.records)
+    with ray_session(address) as ray:
+        spans = shard_spans(n, cluster_cpus(ray))
+        done = [0]
+
+        def finished(i: int, _part: Part) -> None:
+            done[0] += spans[i][1] - spans[i][0]
+            if progress is not None:
+                progress(done[0], n)
+
+        parts = map_tasks(_claim_shard, spans, address, shared=(claim, model, tokenizer), on_done=finished)
+    out: Part = ([], [], [], 0)
+    for effects, changed, labels, passes in parts:
+        out = (out[0] + effects, out[1] + changed, out[2] + labels, out[3] + passes)
+    return out
+
+
+def _claim_shard(shared: tuple[_Claim, nn.Module, Any], span: tuple[int, int]) -> Part:
+    """One Ray task: prompts ``start:stop`` on this worker's copy of the model."""
+    claim, model, tokenizer = shared
+    subject = subject_of(model, tokenizer)
+    targets = [resolve(Intervention(unit, claim.kind), subject.adapter) for unit in claim.units]
+    start, stop = span
+    inputs = [subject.encode(r.text) for r in claim.records[start:stop]]
+    effects, changed, labels, _ = _evaluate(claim, subject, inputs, targets, start)
+    return effects, changed, labels, subject.passes
 
 
 def bootstrap_ci(values: np.ndarray, n_boot: int, confidence: float, seed: int) -> tuple[float, float]:

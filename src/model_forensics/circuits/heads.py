@@ -139,7 +139,8 @@ def head_importance(
         prompt: text or ids (T,) / (1, T); None: the session's incident prompt.
         metric: ``logprob`` / ``logit`` of ``target`` (drop when ablated), ``kl``, or a
             function of the scores (N, V) → (N,) (effect: clean − ablated).
-        target: the token whose score is measured (None: the clean top prediction).
+        target: the token whose score is measured (None: a Session's recorded output on
+            its own prompt, else the clean top prediction).
         kind: ``mean`` or ``zero`` (a Session takes every intervention kind it knows).
         heads: the heads to measure (default: all).
         baseline: prompts whose mean head outputs ``mean`` writes (plain models; default
@@ -157,6 +158,7 @@ def head_importance(
         raise ForensicsError(f"{type(subject.model).__name__} has no attention heads the adapter knows")
     if isinstance(metric, str) and metric not in METRICS:
         raise ForensicsError(f"metric '{metric}' is unknown; use one of {', '.join(METRICS)} or a function")
+    _check_heads(subject, names)
     sets = [[Intervention(name, kind)] for name in names]
     targets = [resolve(s[0], subject.adapter) for s in sets]  # SiteError for heads that do not exist
     inputs = subject.encode(prompt)
@@ -171,7 +173,8 @@ def head_importance(
             rows = _with_means(subject, rows, [subject.encode(p) for p in baseline] if baseline else [inputs])
         logits = subject.run(inputs, [[], *rows], 1 if serial else batch_size)
         scores = logits[:, -1] if logits.dim() == 3 else logits
-    fn, objective = _metric(subject, inputs, metric, target, scores[:1])
+    recorded = subject.recorded_output() if prompt is None else None  # a bundle's own incident
+    fn, objective = _metric(subject, inputs, metric, target, scores[:1], recorded)
     values = fn(scores).double()
     clean = values[0]
     effects = (clean - values[1:]) if metric != "kl" else values[1:]
@@ -217,13 +220,28 @@ def _with_means(subject: Subject, rows: list[list[Prepared]], baseline: list[Mod
     return [[Prepared(p.target, means[p.target.site]) for p in row] for row in rows]
 
 
+def _check_heads(subject: Subject, names: Sequence[str]) -> None:
+    """Every name is one head, ``blocks.L.attn.head.H`` (its index is checked by resolve)."""
+    for name in names:
+        if not isinstance(name, str) or parse_selector(name).head is None or "@" in name or "[" in name:
+            valid = head_names(subject.adapter) or ["none"]
+            raise SiteError(
+                f"'{name}' is not a head; name heads as blocks.L.attn.head.H (this model: {valid[0]} … {valid[-1]})"
+            )
+
+
 def _metric(
-    subject: Subject, inputs: ModelInputs, metric: str | Metric, target: str | int | None, clean: torch.Tensor
+    subject: Subject,
+    inputs: ModelInputs,
+    metric: str | Metric,
+    target: str | int | None,
+    clean: torch.Tensor,
+    recorded: int | None = None,
 ) -> tuple[Metric, Objective | None]:
     """The metric as a function of scores (N, V), and the objective it reads."""
     if callable(metric):
         return metric, None
     if metric == "kl":
         return (lambda scores: kl_divergence(clean.expand_as(scores), scores)), None
-    objective = objective_for(subject, inputs, target, measure=metric, clean_logits=clean)
+    objective = objective_for(subject, inputs, target, measure=metric, clean_logits=clean, recorded=recorded)
     return objective, objective  # on scores (N, V) an objective reads the token's column

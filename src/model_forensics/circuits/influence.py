@@ -143,9 +143,10 @@ def token_influence(
             prompt is used when ``prompt`` is None).
         tokenizer: the model's tokenizer (None for a Session, or when passing ids).
         prompt: the text, or ids (T,) / (1, T).
-        target: the output token (``" HACKED"``: must be one token of the vocabulary), its
-            id, or None for the model's top prediction at ``position``; a class index
-            for classifiers.
+        target: the output token (``" HACKED"``: must be one token of the vocabulary; text
+            of several tokens is refused, naming the pieces), its id, or None: a
+            Session's recorded output (its own prompt, last position), else the model's
+            top prediction at ``position``; a class index for classifiers.
         method: one of :data:`METHODS` (see the module docstring).
         position: the output position whose prediction is explained (−1: the last).
         measure: ``logprob`` or ``logit`` of the target.
@@ -177,7 +178,10 @@ def token_influence(
     inputs = subject.encode(prompt)
     runner = _Runner(subject, inputs)
     clean = runner.logits()
-    objective = objective_for(subject, inputs, target, position=position, measure=measure, clean_logits=clean)
+    recorded = subject.recorded_output() if prompt is None else None  # a bundle's own incident
+    objective = objective_for(
+        subject, inputs, target, position=position, measure=measure, clean_logits=clean, recorded=recorded
+    )
     value = float(objective(clean)[0])
     tokens = subject.tokens(inputs["input_ids"][0])
     result = TokenInfluence(method, EVIDENCE[method], np.zeros(0), tokens, objective, value)

@@ -106,12 +106,52 @@ class Subject:
             raise ForensicsError(f"the prompt is {ids.shape[1]} tokens long but the model reads at most {limit}")
         return ModelInputs.of_ids(ids.to(self.device))
 
+    def recorded_output(self) -> int | None:
+        """The token (or class) the incident's recording produced after its prompt: the
+        first generated token of a ``generate`` bundle, the recorded prediction of a
+        ``forward`` one; None for a plain model or a bundle that recorded neither."""
+        if self.session is None:
+            return None
+        ids = self.session.bundle.outputs.get("generated_ids")  # (1, T + new tokens)
+        length = self.session.prompt_len
+        prompt = self.session.inputs["input_ids"]
+        if (
+            ids is not None
+            and ids.dim() == 2
+            and ids.shape[1] > length
+            and torch.equal(ids[:1, :length].to(prompt.device), prompt)
+        ):
+            return int(ids[0, length])
+        if self.session.mode == "generate":
+            return None
+        prediction = (self.session.manifest.get("output") or {}).get("prediction")
+        return prediction if isinstance(prediction, int) and not isinstance(prediction, bool) else None
+
     def tokens(self, ids: torch.Tensor) -> list[str]:
         """Readable token strings for ids (T,)."""
         values = [int(i) for i in ids.tolist()]
         if self.tokenizer is None:
             return [str(i) for i in values]
         return [str(t) for t in self.tokenizer.convert_ids_to_tokens(values)]
+
+
+def incident_prompt_set(model: nn.Module | Session) -> tuple[list[str], int | None]:
+    """A bundle's own prompt set and target: the incident prompt, then its recorded failing
+    variants (``extras.variants``, the text ones), and the recorded output token.
+
+    Raises:
+        ForensicsError: not a bundle, or the bundle carries no text prompt.
+    """
+    if not isinstance(model, Session):
+        raise ForensicsError(
+            "no prompt set given; pass a prompt file (--prompts), or a bundle, whose prompt and variants are used"
+        )
+    extras = model.extras
+    texts = [extras.get("prompt"), *(extras.get("variants") or [])]
+    prompts = list(dict.fromkeys(t for t in texts if isinstance(t, str) and t.strip()))  # the incident once
+    if not prompts:
+        raise ForensicsError("the bundle records no text prompt or variants; pass a prompt file (--prompts)")
+    return prompts, subject_of(model).recorded_output()
 
 
 def subject_of(model: nn.Module | Session, tokenizer: Any = None) -> Subject:
@@ -128,12 +168,15 @@ def subject_of(model: nn.Module | Session, tokenizer: Any = None) -> Subject:
 class Objective:
     """The scalar an analysis explains: ``measure`` (``logprob`` or ``logit``) of token
     ``token_id`` at output ``position`` (absolute, 0 ≤ position < T), or of class
-    ``token_id`` for a classifier (position unused)."""
+    ``token_id`` for a classifier (position unused). ``source`` says where the target came
+    from: ``given``, ``top prediction`` (the clean run's) or ``recorded output`` (a
+    bundle's)."""
 
     token_id: int
     position: int
     measure: str = "logprob"
     label: str = ""
+    source: str = "given"
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """(B,) from scores (B, T, V) or (B, C)."""
@@ -144,7 +187,13 @@ class Objective:
         return scores[:, self.token_id]
 
     def to_json(self) -> dict[str, Any]:
-        return {"token_id": self.token_id, "position": self.position, "measure": self.measure, "label": self.label}
+        return {
+            "token_id": self.token_id,
+            "position": self.position,
+            "measure": self.measure,
+            "label": self.label,
+            "source": self.source,
+        }
 
 
 def objective_for(
@@ -155,10 +204,14 @@ def objective_for(
     position: int = -1,
     measure: str = "logprob",
     clean_logits: torch.Tensor | None = None,
+    recorded: int | None = None,
 ) -> Objective:
-    """Resolve ``target`` (a token string such as ``" HACKED"``, a token id, or None for the
-    model's own top prediction) and ``position`` (negative: from the end) against the
-    prompt.
+    """Resolve ``target`` (a token string such as ``" HACKED"``, a token id, or None for
+    ``recorded``, a bundle's recorded output at the last position, else the model's own
+    top prediction) and ``position`` (negative: from the end) against the prompt.
+
+    A target text that tokenizes to several tokens is refused (the message lists the
+    pieces): an objective reads one token's score, so name the first piece, or its id.
 
     Raises:
         ForensicsError: the position lies outside the sequence, the target is not one
@@ -173,12 +226,18 @@ def objective_for(
         )
     absolute = position % length
     vocab = _vocab_size(subject)
+    if target is None and recorded is not None and absolute == length - 1:
+        if not 0 <= recorded < vocab:
+            raise ForensicsError(
+                f"the bundle's recorded output {recorded} is not in the vocabulary (0–{vocab - 1}); pass --target"
+            )
+        return Objective(recorded, absolute, measure, _label(subject, recorded), "recorded output")
     if target is None:
         if clean_logits is None:
             raise ForensicsError("no target given; name the output token to explain, e.g. target=' HACKED'")
         scores = clean_logits[0, absolute] if clean_logits.dim() == 3 else clean_logits[0]
         token = int(scores.argmax())
-        return Objective(token, absolute, measure, _label(subject, token))
+        return Objective(token, absolute, measure, _label(subject, token), "top prediction")
     if isinstance(target, int) and not isinstance(target, bool):
         if not 0 <= target < vocab:
             raise ForensicsError(f"target id {target} is not in the vocabulary (0–{vocab - 1})")

@@ -40,6 +40,7 @@ import errno
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import shutil
@@ -48,6 +49,7 @@ import struct
 import tempfile
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -55,8 +57,7 @@ from typing import Any
 
 import jsonschema
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save_file as _safetensors_save_file
 
 from model_forensics.core import keys, sketches
 from model_forensics.core.config import BundleConfig
@@ -114,11 +115,13 @@ __all__ = [
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+    """sha256 of a file's bytes, hashed from a read-only map in one call (hashlib releases
+    the GIL for it, so several files hash in parallel threads)."""
     with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        if os.fstat(fh.fileno()).st_size == 0:
+            return hashlib.sha256().hexdigest()
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return hashlib.sha256(mapped).hexdigest()
 
 
 def canonical_json(value: Any) -> bytes:
@@ -138,14 +141,32 @@ def stored_sha256(entries: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(entries):
         t = entries[name].detach().contiguous()
-        digest.update(f"{name}:{str(t.dtype).removeprefix('torch.')}:{list(t.shape)};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(_entry_prefix(name, str(t.dtype).removeprefix("torch."), list(t.shape)))
+        digest.update(sketches.tensor_bytes(t))
     return digest.hexdigest()
+
+
+def _entry_prefix(name: str, dtype: str, shape: list[int]) -> bytes:
+    return f"{name}:{dtype}:{shape};".encode()
 
 
 def site_entries(site: str, keys: Any) -> list[str]:
     """The safetensors entries that hold ``site``: ``site`` itself or ``site::part``."""
     return [k for k in keys if k == site or k.startswith(site + "::")]
+
+
+def entries_by_site(sites: Any, keys: Any) -> dict[str, list[str]]:
+    """:func:`site_entries` for every site at once, in one pass over ``keys`` (an entry
+    ``a::b::c`` may belong to the sites ``a``, ``a::b`` and ``a::b::c``)."""
+    wanted = set(sites)
+    out: dict[str, list[str]] = {site: [] for site in sites}
+    for key in keys:
+        parts = key.split("::")
+        for n in range(1, len(parts) + 1):
+            owner = "::".join(parts[:n])
+            if owner in wanted:
+                out[owner].append(key)
+    return out
 
 
 @dataclass
@@ -437,40 +458,105 @@ def _os_message(exc: OSError, what: str) -> str:
 
 
 def _write_files(tmp: Path, contents: BundleContents) -> dict[str, Any]:
-    """Write and fsync every file into ``tmp``; returns the manifest as written."""
+    """Write and fsync every file into ``tmp``; returns the manifest as written.
+
+    Each byte is hashed once per digest the format asks for, from memory, while it is
+    written: the file sha256 in one ordered hashing thread beside the writes, each site's
+    ``stored_sha256`` in the pool. Nothing is read back. The bytes are those safetensors'
+    ``save_file`` writes (tests/core/test_bundle_io_identity.py compares them).
+    """
     tensors = {
         "inputs.safetensors": contents.inputs,
         "outputs.safetensors": contents.outputs,
         "activations.safetensors": contents.activations,
     }
-    for name, entries in tensors.items():
-        _save_tensors(entries, tmp / name)
-    (tmp / "cube.json").write_text(json.dumps(contents.cube or {}, allow_nan=False))
-    with (tmp / "calls.jsonl").open("w") as fh:
-        for call in contents.calls or []:
-            fh.write(json.dumps(call, sort_keys=True, allow_nan=False) + "\n")
     manifest = dict(contents.manifest)
-    keys = list(contents.activations)
-    manifest["sites"] = {
-        site: {**info, "stored_sha256": stored_sha256({k: contents.activations[k] for k in site_entries(site, keys)})}
-        for site, info in manifest["sites"].items()
-    }
-    manifest["files"] = {
-        name: {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in DATA_FILES
-    }
+    owners = entries_by_site(manifest["sites"], contents.activations)
+    files: dict[str, Any] = {}
+    with ThreadPoolExecutor(max_workers=_hash_threads(), thread_name_prefix="bundle-hash") as pool:
+        stored = {
+            site: pool.submit(stored_sha256, {k: contents.activations[k] for k in owners[site]})
+            for site in manifest["sites"]
+        }
+        for name, entries in tensors.items():
+            files[name] = _save_tensors(entries, tmp / name)
+        files["cube.json"] = _write_bytes(tmp / "cube.json", json.dumps(contents.cube or {}, allow_nan=False).encode())
+        calls = "".join(json.dumps(c, sort_keys=True, allow_nan=False) + "\n" for c in contents.calls or [])
+        files["calls.jsonl"] = _write_bytes(tmp / "calls.jsonl", calls.encode())
+        manifest["sites"] = {
+            site: {**info, "stored_sha256": stored[site].result()} for site, info in manifest["sites"].items()
+        }
+    manifest["files"] = {name: files[name] for name in DATA_FILES}
     validate_format(manifest, "the manifest of the bundle being written")
     text = json.dumps(manifest, indent=1, allow_nan=False)
-    (tmp / MANIFEST).write_text(text)
-    for name in (*DATA_FILES, MANIFEST):
-        with (tmp / name).open("rb") as fh:
-            os.fsync(fh.fileno())
+    _write_bytes(tmp / MANIFEST, text.encode())
     return dict(json.loads(text))
 
 
-def _save_tensors(entries: dict[str, torch.Tensor], file: Path) -> None:
-    """safetensors' save_file, its I/O errors (a full disk) raised as the OSError they are."""
+def _hash_threads() -> int:
+    return max(2, min(4, os.cpu_count() or 2))
+
+
+def _write_bytes(file: Path, data: bytes) -> dict[str, Any]:
+    """Write, fsync and describe (sha256 + size) one small file."""
+    with file.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+# safetensors orders entries by dtype (this rank, descending), then by name, and pads its
+# JSON header with spaces to a multiple of 8 bytes.
+_ST_CODES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_ST_RANK = {
+    code: rank for rank, code in enumerate(("BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64"))
+}
+_PLAIN_NAME = re.compile(r"^[\x20-\x7e]*$")
+
+
+def safetensors_layout(entries: dict[str, torch.Tensor]) -> tuple[bytes, list[tuple[str, torch.Tensor]]]:
+    """The bytes before the data of the safetensors file ``save_file(entries)`` writes
+    (8-byte header length + JSON header), and the entries in the order their data follows.
+
+    Raises:
+        ValueError: an entry this layout does not cover (a dtype bundles never use, a name
+            outside printable ASCII or holding a quote or backslash); use ``save_file``.
+    """
+    ordered = []
+    for name, tensor in entries.items():
+        code = _ST_CODES.get(tensor.dtype)
+        if code is None or not _PLAIN_NAME.match(name) or '"' in name or "\\" in name or name == "__metadata__":
+            raise ValueError(f"entry {name!r} ({tensor.dtype}) is not covered by the fast layout")
+        ordered.append((name, tensor.detach().contiguous()))
+    ordered.sort(key=lambda item: (-_ST_RANK[_ST_CODES[item[1].dtype]], item[0]))
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, tensor in ordered:
+        end = offset + tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _ST_CODES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, ordered
+
+
+def _save_tensors(entries: dict[str, torch.Tensor], file: Path) -> dict[str, Any]:
+    """Write ``entries`` with :func:`save_file`, fsynced, umask permissions; its I/O errors
+    (a full disk) raised as the OSError they are. Returns the file's sha256 and size."""
     try:
-        save_file({k: v.detach().contiguous() for k, v in entries.items()}, str(file))
+        described = save_file({k: v.detach().contiguous() for k, v in entries.items()}, str(file))
     except OSError:
         raise
     except Exception as exc:  # safetensors reports them as SafetensorError "... (os error 28)"
@@ -479,6 +565,38 @@ def _save_tensors(entries: dict[str, torch.Tensor], file: Path) -> None:
             raise
         raise OSError(int(code[1]), os.strerror(int(code[1])), str(file)) from None
     file.chmod(shared_mode())  # safetensors creates its files 0600, whatever the umask
+    if described is None:  # written by another writer: hash what it wrote
+        with file.open("rb") as fh:
+            os.fsync(fh.fileno())
+        described = {"sha256": file_sha256(file), "bytes": file.stat().st_size}
+    return described
+
+
+def save_file(tensors: dict[str, torch.Tensor], filename: str) -> dict[str, Any] | None:
+    """``safetensors.torch.save_file`` at disk speed: the same bytes, written straight from
+    the tensors' memory (no copies), hashed in a second thread as they are written, then
+    fsynced. Returns the file's sha256 and size (None: nothing to report)."""
+    file = Path(filename)
+    try:
+        prefix, ordered = safetensors_layout(tensors)
+    except ValueError:
+        _safetensors_save_file(tensors, filename)
+        return None
+    digest = hashlib.sha256()
+    size = len(prefix)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="file-hash") as hasher, file.open("wb") as fh:
+        pending: list[Future[None]] = [hasher.submit(digest.update, prefix)]
+        fh.write(prefix)
+        for _name, tensor in ordered:
+            data = sketches.tensor_bytes(tensor)
+            pending.append(hasher.submit(digest.update, data))  # one worker: updates stay in file order
+            fh.write(data)
+            size += data.nbytes
+        fh.flush()
+        os.fsync(fh.fileno())
+        for future in pending:
+            future.result()
+    return {"sha256": digest.hexdigest(), "bytes": size}
 
 
 def pack_bundle(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
@@ -569,6 +687,9 @@ class Bundle:
         self.limits = limits or BundleConfig()
         self.source = source or path
         self._cleanup = cleanup
+        self._maps: dict[str, _MappedFile] = {}
+        self._owners: dict[str, list[str]] | None = None
+        self._digests: dict[str, tuple[str, str | None]] = {}
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = True, limits: BundleConfig | None = None) -> Bundle:
@@ -623,18 +744,28 @@ class Bundle:
     def verify_files(self) -> list[str]:
         """Problems found comparing every data file with the sha256 and size in the manifest
         (every data file must be listed and present)."""
-        problems = []
+        with ThreadPoolExecutor(max_workers=_hash_threads(), thread_name_prefix="bundle-verify") as pool:
+            return self._verify_files(pool)
+
+    def _verify_files(self, pool: ThreadPoolExecutor) -> list[str]:
         table = self.manifest["files"]
+        found: dict[str, str | Future[str]] = {}  # a problem, or the sha256 being computed
         for name in DATA_FILES:
             info = table.get(name)
             file = self.path / name
             if info is None:
-                problems.append(f"{name} is not in the manifest's files table")
+                found[name] = f"{name} is not in the manifest's files table"
             elif not file.is_file():
-                problems.append(f"{name} is missing")
+                found[name] = f"{name} is missing"
             elif file.stat().st_size != info["bytes"]:
-                problems.append(f"{name} has {file.stat().st_size} bytes, manifest says {info['bytes']}")
-            elif file_sha256(file) != info["sha256"]:
+                found[name] = f"{name} has {file.stat().st_size} bytes, manifest says {info['bytes']}"
+            else:
+                found[name] = pool.submit(file_sha256, file)
+        problems = []
+        for name, result in found.items():
+            if isinstance(result, str):
+                problems.append(result)
+            elif result.result() != table[name]["sha256"]:
                 problems.append(f"{name} sha256 differs from the manifest")
         return problems
 
@@ -729,8 +860,16 @@ class Bundle:
         tables, every site's stored sketch matches its ``stored_sha256`` and decodes to its
         declared shape and dtype (``full`` sites: to their exact sha256), the cube matches its
         schema, every call is a JSON object, and the recorded verdict agrees with the
-        recorded output. Returns the problems found (empty: the bundle is consistent)."""
-        problems = self.verify_files()
+        recorded output. Returns the problems found (empty: the bundle is consistent).
+
+        One pass over the bytes: the files are mapped afresh, and every file's sha256 and
+        every site's digests are computed side by side in threads, straight from the maps."""
+        self._maps.clear()
+        self._owners = None
+        with ThreadPoolExecutor(max_workers=_hash_threads(), thread_name_prefix="bundle-verify") as pool:
+            sites = self._hash_sites(pool)
+            problems = self._verify_files(pool)
+            self._digests = {site: future.result() for site, future in sites.items()} if not problems else {}
         if problems:
             return problems
         for name, table in (("inputs.safetensors", "input"), ("outputs.safetensors", "output")):
@@ -756,13 +895,27 @@ class Bundle:
                 )
         return problems
 
+    def _hash_sites(self, pool: ThreadPoolExecutor) -> dict[str, Future[tuple[str, str | None]]]:
+        """Each site's digests (see :meth:`_MappedFile.site_digests`), hashing in ``pool``;
+        none when the activations file cannot be mapped (its check reports why)."""
+        try:
+            mapped, owners = self._mapped("activations.safetensors"), self._site_names()
+        except BundleError:
+            return {}
+        table = self.manifest["sites"]
+        return {
+            site: pool.submit(mapped.site_digests, site, owners[site], table[site]["sketch"] == "full")
+            for site in self.sites
+        }
+
     def _check_site(self, site: str) -> list[str]:
         info = self.manifest["sites"][site]
         entries = self._site_entries(site)
-        if "stored_sha256" in info and stored_sha256(entries) != info["stored_sha256"]:
+        stored, exact = self._digests.get(site) or (stored_sha256(entries), None)
+        if "stored_sha256" in info and stored != info["stored_sha256"]:
             return [f"site {_show(site)}: stored sketch sha256 differs from the manifest"]
         tensor = _decode(site, entries, info)
-        if info["sketch"] == "full" and sketches.tensor_sha256(tensor) != info["sha256"]:
+        if info["sketch"] == "full" and (exact or sketches.tensor_sha256(tensor)) != info["sha256"]:
             return [f"site {_show(site)}: tensor sha256 differs from the manifest"]
         return []
 
@@ -770,7 +923,8 @@ class Bundle:
         cube = self.cube()
         if not cube:
             return []
-        errors = list(jsonschema.validators.validator_for(load_schema("cube"))(load_schema("cube")).iter_errors(cube))
+        schema = load_schema("cube")
+        errors = list(jsonschema.validators.validator_for(schema)(schema).iter_errors(_without_number_lists(cube)))
         if errors:
             where = ".".join(str(p) for p in errors[0].absolute_path) or "(top level)"
             return [f"cube.json does not match the ActivityCube schema at {where}"]
@@ -809,16 +963,49 @@ class Bundle:
         return problems
 
     # -- internals -------------------------------------------------------------------------
+    def _mapped(self, name: str) -> _MappedFile:
+        """The checked, mapped safetensors file ``name`` (checked and mapped once)."""
+        if name not in self._maps:
+            self._maps[name] = _MappedFile(self.path / name)
+        return self._maps[name]
+
+    def _site_names(self) -> dict[str, list[str]]:
+        mapped = self._mapped("activations.safetensors")
+        if self._owners is None:
+            self._owners = entries_by_site(self.sites, mapped.layout.entries)
+        return self._owners
+
     def _site_entries(self, site: str) -> dict[str, torch.Tensor]:
-        file = self.path / "activations.safetensors"
-        header = _check_header(file)
-        names = site_entries(site, header)
-        return _load_entries(file, names)
+        names = self._site_names().get(site)
+        if names is None:
+            names = site_entries(site, self._mapped("activations.safetensors").layout.entries)
+        return self._mapped("activations.safetensors").tensors(names)
 
     def _read_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        file = self.path / name
-        header = _check_header(file)
-        return _load_entries(file, list(header))
+        mapped = self._mapped(name)
+        return mapped.tensors(list(mapped.layout.entries))
+
+
+def _without_number_lists(cube: dict[str, Any]) -> dict[str, Any]:
+    """The cube with every ``core_metrics`` list that holds only numbers emptied: the schema
+    accepts such a list exactly when it accepts an empty one, and jsonschema spends most of
+    its time on them (one check per token per metric per layer). Lists that hold anything
+    else stay, so the schema's message names the bad value."""
+    layers = cube.get("layers")
+    if not isinstance(layers, list):
+        return cube
+    slim = []
+    for layer in layers:
+        metrics = layer.get("core_metrics") if isinstance(layer, dict) else None
+        if isinstance(metrics, dict):
+            metrics = {k: [] if _numbers(v) else v for k, v in metrics.items()}
+            layer = {**layer, "core_metrics": metrics}
+        slim.append(layer)
+    return {**cube, "layers": slim}
+
+
+def _numbers(value: Any) -> bool:
+    return isinstance(value, list) and all(type(v) is float or type(v) is int for v in value)
 
 
 def _guard(check: Any) -> list[str]:
@@ -861,11 +1048,21 @@ def _check_entries(root: Path, src: Path) -> None:
             raise BundleError(f"bundle '{src}': {_show(entry.name)} is not a plain file; refusing it")
 
 
-def _check_header(file: Path) -> dict[str, tuple[str, list[int]]]:
-    """Parse and check a safetensors header before safetensors touches the file.
+@dataclass(frozen=True)
+class _Layout:
+    """A checked safetensors file: entry → (dtype name, shape, begin, end) within the data
+    area, which starts at byte ``data_start`` of a ``size``-byte file."""
+
+    entries: dict[str, tuple[str, list[int], int, int]]
+    data_start: int
+    size: int
+
+
+def _check_header(file: Path) -> _Layout:
+    """Parse and check a safetensors header before any tensor is read from the file.
 
     Returns:
-        {entry name: (dtype name, shape)}.
+        its layout (entry names, dtypes, shapes and byte ranges).
     Raises:
         BundleError: truncated, an oversized or malformed header, an unknown dtype, a shape
             whose size disagrees with its byte range, ranges that overlap, leave gaps or
@@ -895,7 +1092,7 @@ def _check_header(file: Path) -> dict[str, tuple[str, list[int]]]:
         raise BundleError(f"{file.name} header is not a JSON object; the file is corrupt or hostile")
     data_len = size - 8 - length
     spans = []
-    out: dict[str, tuple[str, list[int]]] = {}
+    out: dict[str, tuple[str, list[int], int, int]] = {}
     for name, entry in header.items():
         if name == "__metadata__":
             if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
@@ -913,7 +1110,7 @@ def _check_header(file: Path) -> dict[str, tuple[str, list[int]]]:
                 f"{end - begin}-byte range; the file is corrupt or hostile"
             )
         spans.append((begin, end))
-        out[name] = (dtype, shape)
+        out[name] = (dtype, shape, begin, end)
     position = 0
     for begin, end in sorted(spans):
         if begin != position:
@@ -921,7 +1118,53 @@ def _check_header(file: Path) -> dict[str, tuple[str, list[int]]]:
         position = end
     if position != data_len:
         raise BundleError(f"{file.name}: {data_len - position} bytes after the last entry; the file is corrupt")
-    return out
+    return _Layout(out, 8 + length, size)
+
+
+class _MappedFile:
+    """A checked safetensors file mapped copy-on-write: tensors are views of the map (no
+    copy; writing to one changes only this process's pages, never the file)."""
+
+    def __init__(self, file: Path):
+        self.name = file.name
+        self.layout = _check_header(file)
+        try:
+            with file.open("rb") as fh:
+                self.map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if self.layout.size else None
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"cannot read {file.name}: {exc}") from None
+        if (len(self.map) if self.map is not None else 0) != self.layout.size:
+            raise BundleError(f"{file.name} changed while it was read; open the bundle again")
+
+    def span(self, name: str) -> memoryview:
+        _dtype, _shape, begin, end = self.layout.entries[name]
+        start = self.layout.data_start
+        return memoryview(self.map)[start + begin : start + end] if self.map is not None else memoryview(b"")
+
+    def tensor(self, name: str) -> torch.Tensor:
+        dtype_name, shape, begin, end = self.layout.entries[name]
+        dtype = getattr(torch, dtype_name)
+        offset = self.layout.data_start + begin
+        if end == begin or self.map is None:
+            return torch.empty(shape, dtype=dtype)
+        itemsize = DTYPE_ITEMSIZE[dtype_name]
+        if offset % itemsize:  # only a hand-made file misaligns an entry: copy it
+            return torch.frombuffer(bytearray(self.span(name)), dtype=dtype).reshape(shape)
+        return torch.frombuffer(self.map, dtype=dtype, count=(end - begin) // itemsize, offset=offset).reshape(shape)
+
+    def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        return {name: self.tensor(name) for name in names}
+
+    def site_digests(self, site: str, names: list[str], full: bool) -> tuple[str, str | None]:
+        """(``stored_sha256`` of the site's entries, sha256 of its exact tensor when the
+        site is stored ``full``), hashed straight from the map."""
+        digest = hashlib.sha256()
+        for name in sorted(names):
+            dtype, shape, _begin, _end = self.layout.entries[name]
+            digest.update(_entry_prefix(name, dtype, shape))
+            digest.update(self.span(name))
+        exact = hashlib.sha256(self.span(site)).hexdigest() if full and site in names else None
+        return digest.hexdigest(), exact
 
 
 def _header_entry(file: str, name: str, entry: Any) -> tuple[str, list[int], tuple[int, int]]:
@@ -940,14 +1183,6 @@ def _header_entry(file: str, name: str, entry: Any) -> tuple[str, list[int], tup
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62
-
-
-def _load_entries(file: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(file), framework="pt") as fh:
-            return {k: fh.get_tensor(k) for k in names}
-    except Exception as exc:  # safetensors raises its own error types (Rust panics included)
-        raise BundleError(f"{file.name} cannot be read ({type(exc).__name__}); the file is corrupt") from None
 
 
 def _decode(site: str, entries: dict[str, torch.Tensor], info: dict[str, Any]) -> torch.Tensor:

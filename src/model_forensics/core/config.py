@@ -36,6 +36,7 @@ class ReplayConfig(_Strict):
     deterministic: bool = True
     max_batch_size: int = Field(default=64, ge=1)
     memory_budget_mb: float = Field(default=2048.0, gt=0.0)
+    threads: int | None = Field(default=None, ge=1)
     allow_network: bool = False
     allow_subprocess: bool = False
 
@@ -73,6 +74,7 @@ class CCAConfig(_Strict):
     search_strategy: Literal["greedy", "exhaustive"] = "greedy"
     early_stop_threshold: float = Field(default=0.8, gt=0.0, le=1.0)
     max_side_effect_kl: float = Field(default=0.05, ge=0.0)
+    max_accuracy_drop: float = Field(default=0.02, ge=0.0, le=1.0)
     guidance: Literal["attribution", "cf", "unguided"] = "attribution"
     neurons_per_site: int = Field(default=48, ge=1)
     search_variants: int = Field(default=12, ge=1)

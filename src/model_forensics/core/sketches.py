@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import Any
 
 import torch
 
@@ -21,8 +22,14 @@ SKETCHES = ("full", "fp16", "int8", "topk")
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """sha256 of the exact bytes of a tensor (contiguous, native dtype)."""
+    return hashlib.sha256(tensor_bytes(tensor)).hexdigest()
+
+
+def tensor_bytes(tensor: torch.Tensor) -> Any:
+    """The exact bytes of a CPU tensor (contiguous, native dtype) as a flat uint8 array that
+    shares the tensor's memory: hashed or written without a copy."""
     flat = tensor.detach().contiguous().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+    return flat.view(torch.uint8).numpy()
 
 
 def encoded_nbytes(shape: tuple[int, ...], dtype: torch.dtype, sketch: str, compression_ratio: float) -> int:

@@ -159,6 +159,16 @@ class AttributionCollector:
             self.moments[site][1].update(pooled[lab[keep] == 1])
             self.pooled[site].update(pooled, self.keys[idx], idx)
 
+    def merge(self, other: AttributionCollector) -> None:
+        """Fold in the moments and reservoir of other inputs (a shard of a distributed run)."""
+        for site, (passing, failing) in other.moments.items():
+            if site not in self.moments:
+                self.moments[site] = (Moments(passing.units), Moments(passing.units))
+                self.pooled[site] = Reservoir(self.capacity, passing.units)
+            self.moments[site][0].merge(passing)
+            self.moments[site][1].merge(failing)
+            self.pooled[site].merge(other.pooled[site])
+
 
 def cohens_d(passing: Moments, failing: Moments) -> np.ndarray:
     """(μ_fail − μ_pass) / s_pooled per unit, s²_pooled = (M2_pass + M2_fail) / (n_pass + n_fail − 2)."""

@@ -350,10 +350,10 @@ def patched(
     return hooks(adapter, sites={site: swap})
 
 
-def batches(n: int, size: int) -> Iterator[list[int]]:
-    """Index lists of consecutive micro-batches over ``n`` items."""
-    for start in range(0, n, size):
-        yield list(range(start, min(start + size, n)))
+def batches(n: int, size: int, start: int = 0) -> Iterator[list[int]]:
+    """Index lists of consecutive micro-batches over items ``start..n−1``."""
+    for first in range(start, n, size):
+        yield list(range(first, min(first + size, n)))
 
 
 def set_units(x: torch.Tensor, units: Sequence[int], values: torch.Tensor | float, token_layout: bool) -> torch.Tensor:

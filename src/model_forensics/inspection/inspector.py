@@ -34,6 +34,7 @@ from rich.console import Group
 from torch import nn
 
 from model_forensics.core.config import ForensicsConfig, InspectionConfig, load_config, validation_message
+from model_forensics.core.distributed import cluster_cpus, map_tasks, ray_session, shard_spans
 from model_forensics.core.errors import ConfigError, ForensicsError
 from model_forensics.core.metrics import kl_divergence
 from model_forensics.inspection._json import jsonable
@@ -108,6 +109,7 @@ class InspectionResult:
     skipped: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     state_bytes: int = 0  # memory held by the streaming summaries at the end
+    backend: str = "local"  # where the streaming pass ran: "local" or "ray (ADDRESS, N shards)"
 
     def results(self) -> dict[str, Any]:
         """The experiments that produced a result, by name."""
@@ -123,6 +125,7 @@ class InspectionResult:
                 "skipped": self.skipped,
                 "timings_s": self.timings,
                 "state_bytes": self.state_bytes,
+                "backend": self.backend,
                 **{name: r.to_json() for name, r in self.results().items()},
             }
         )
@@ -283,6 +286,7 @@ class ModelInspector:
         compare_tokenizer: Any = None,
         compare_name: str | None = None,
         progress: Progress | None = None,
+        ray: str | None = None,
     ) -> InspectionResult:
         """Run ``experiments`` (default: all) on ``inputs``.
 
@@ -293,16 +297,23 @@ class ModelInspector:
             compare_model: the candidate model for cross-model regression (the inspected
                 model is the baseline); ``compare_tokenizer`` if it has its own.
             progress: called as ``progress(stage, done, total)``.
+            ray: run the streaming passes (inputs and reference) as Ray tasks, one shard of
+                whole micro-batches per cluster CPU: ``"local"``, ``"auto"`` or a cluster
+                address (:mod:`~model_forensics.core.distributed`). The shards' summaries
+                merge into exactly what the local pass builds (reservoirs identical, moments
+                to float64 rounding); the bounded-subset stages then run here.
         Returns:
             :class:`InspectionResult`; experiments whose prerequisites are missing are
             skipped with a warning and a reason in ``result.skipped``.
         Raises:
             ConfigError: an unknown experiment name.
             ForensicsError: empty inputs, or tokenizers that disagree (regression).
+            RayUnavailable: ``ray`` given but Ray is missing or the address unreachable.
         """
         wanted = _experiments(experiments)
         samples = as_samples(inputs)
         ref_samples = as_samples(reference) if reference is not None else []
+        self._check_kind(samples + ref_samples)
         result = InspectionResult(self.name, len(samples), len(ref_samples), wanted)
         report = progress or (lambda stage, done, total: None)
         s = self.settings
@@ -327,14 +338,22 @@ class ModelInspector:
         sites = sorted(set(self.layer_sites) | set(self.neuron_sites), key=self.adapter.sites().index)
         recorder = recorder_for(self.adapter, sites)
 
+        need_reference = bool(ref_samples) and bool({"shift", "drift"} & set(wanted))
+        ref_summary = None
+        if ray is not None:  # before any hook is installed: the tasks get a clean copy of the model
+            with _stage(result, "stream"):
+                shared = _Shared(self, samples, ref_samples if need_reference else [], wanted, steps, candidate)
+                shared.keys, shared.heldout, shared.sites = keys, heldout, sites
+                ref_summary = self._stream_on_ray(ray, shared, collectors, result, report)
+
         with _eval_mode(self.model), _eval_mode(compare_model), contextlib.ExitStack() as hooks:
             hooks.enter_context(recorder.install_hooks(self.model, self.tokenizer))
-            with _stage(result, "stream"):
-                self._stream(samples, recorder, sites, collectors, hooks, report)
-            ref_summary = None
-            if ref_samples and {"shift", "drift"} & set(wanted):
-                with _stage(result, "reference"):
-                    ref_summary = self._reference(ref_samples, recorder, report)
+            if ray is None:
+                with _stage(result, "stream"):
+                    self._stream(samples, recorder, sites, collectors, hooks, report)
+                if need_reference:
+                    with _stage(result, "reference"):
+                        ref_summary = self._reference(ref_samples, recorder, report)
             with _stage(result, "statistics"):
                 self._statistics(result, wanted, collectors, ref_summary, steps)
             if "sensitivity" in wanted:
@@ -359,9 +378,11 @@ class ModelInspector:
             hooks.close()  # the remaining stages need outputs only: no recording
             if "robustness" in wanted:
                 with _stage(result, "robustness"):
+                    chosen = [samples[i] for i in _subset(keys, s.robustness_inputs)]
+                    images = _all_images(chosen)
                     result.robustness = robustness(
-                        [str(samples[i].text) for i in _subset(keys, s.robustness_inputs)],
-                        self._predict_texts,
+                        [x.tensor for x in chosen if x.tensor is not None] if images else [str(x.text) for x in chosen],
+                        self._predict_tensors if images else self._predict_texts,
                         per_family=s.robustness_variants,
                         tolerance=s.robustness_tolerance,
                         confidence=s.confidence,
@@ -377,6 +398,17 @@ class ModelInspector:
         return result
 
     # -- the stages ------------------------------------------------------------------------
+    def _check_kind(self, samples: list[Sample]) -> None:
+        """Text for a model without a tokenizer (an image model given prompts) is one clear error."""
+        if not isinstance(self.encoder, TensorAdapter):
+            return
+        text = sum(1 for x in samples if x.tensor is None)
+        if text:
+            raise ForensicsError(
+                f"'{self.name}' takes tensors (it has no tokenizer), but {text} of {len(samples)} inputs are text; "
+                "give an image model images ((C, H, W) tensors or Sample(tensor=…)), or a text model's tokenizer"
+            )
+
     def _missing(
         self,
         wanted: list[str],
@@ -403,8 +435,9 @@ class ModelInspector:
             if len(samples) // 5 >= min_heldout
             else f"needs ≥ {5 * min_heldout} inputs (a fifth is held out to verify, at least {min_heldout})",
             "robustness": None
-            if self.tokenizer is not None and all(x.text is not None for x in samples)
-            else "needs text inputs and a tokenizer (perturbation families edit text)",
+            if (self.tokenizer is not None and all(x.text is not None for x in samples)) or _all_images(samples)
+            else "needs text inputs and a tokenizer, or image tensors (C, H, W) (perturbation families edit text "
+            "or pixels)",
         }
         return {name: reason for name, reason in reasons.items() if name in wanted and reason is not None}
 
@@ -416,31 +449,70 @@ class ModelInspector:
         collectors: _Collectors,
         hooks: contextlib.ExitStack,
         report: Progress,
+        span: tuple[int, int] | None = None,
     ) -> None:
-        """The one pass over the inputs; the candidate model runs on the same micro-batches."""
+        """The one pass over the inputs (or the inputs ``span``, whole micro-batches of a
+        shard); the candidate model runs on the same micro-batches."""
         cand = collectors.candidate
         cand_recorder = None
         if cand is not None:
             cand_recorder = recorder_for(cand.adapter, cand.sites)
             hooks.enter_context(cand_recorder.install_hooks(cand.model, cand.tokenizer))
-        for idx in batches(len(samples), self.settings.batch_size):
+        start, stop = span or (0, len(samples))
+        for idx in batches(stop, self.settings.batch_size, start):
             batch = self.encoder.encode([samples[i] for i in idx])
             rec = forward(self.model, recorder, batch, sites, idx)
             other = forward(cand.model, cand_recorder, batch, cand.sites, idx) if cand and cand_recorder else None
             collectors.update(rec, other)
             report("inputs", idx[-1] + 1, len(samples))
 
-    def _reference(self, ref_samples: list[Sample], recorder: Any, report: Progress) -> ActivationSummary:
+    def _reference(
+        self, ref_samples: list[Sample], recorder: Any, report: Progress, span: tuple[int, int] | None = None
+    ) -> ActivationSummary:
         s = self.settings
         n = len(ref_samples)
-        summary = ActivationSummary(
-            s.token_capacity, s.pooled_capacity, item_keys(n, s.seed + 2), item_keys(n, s.seed + 3)
-        )
-        for idx in batches(n, s.batch_size):
+        summary = self._reference_summary(n)
+        start, stop = span or (0, n)
+        for idx in batches(stop, s.batch_size, start):
             batch = self.encoder.encode([ref_samples[i] for i in idx])
             summary.update(forward(self.model, recorder, batch, self.layer_sites, idx), idx, self.layer_sites)
             report("reference", idx[-1] + 1, n)
         return summary
+
+    def _reference_summary(self, n: int) -> ActivationSummary:
+        s = self.settings
+        return ActivationSummary(
+            s.token_capacity, s.pooled_capacity, item_keys(n, s.seed + 2), item_keys(n, s.seed + 3)
+        )
+
+    def _stream_on_ray(
+        self, address: str, shared: _Shared, collectors: _Collectors, result: InspectionResult, report: Progress
+    ) -> ActivationSummary | None:
+        """The streaming passes as Ray tasks (:func:`_run_shard`), merged in input order into
+        ``collectors`` (and the reference summary, returned)."""
+        size = self.settings.batch_size
+        with ray_session(address) as ray:
+            cpus = cluster_cpus(ray)
+            jobs = [("inputs", a, b) for a, b in shard_spans(len(shared.samples), cpus, size)]
+            jobs += [("reference", a, b) for a, b in shard_spans(len(shared.ref_samples), cpus, size)]
+            done = {"inputs": 0, "reference": 0}
+
+            def finished(i: int, _state: Any) -> None:
+                kind, a, b = jobs[i]
+                done[kind] += b - a
+                report(kind, done[kind], len(shared.samples if kind == "inputs" else shared.ref_samples))
+
+            states = map_tasks(_run_shard, jobs, address, shared=shared, on_done=finished)
+        started = time.perf_counter()
+        ref_summary = self._reference_summary(len(shared.ref_samples)) if shared.ref_samples else None
+        for (kind, _, _), state in zip(jobs, states, strict=True):
+            if kind == "inputs":
+                collectors.merge(state)
+            elif ref_summary is not None:
+                ref_summary.merge(state)
+        result.timings["merge"] = time.perf_counter() - started
+        result.backend = f"ray ({address}, {sum(kind == 'inputs' for kind, _, _ in jobs)} shards)"
+        return ref_summary
 
     def _statistics(
         self,
@@ -476,6 +548,12 @@ class ModelInspector:
         out = []
         for part in _chunks(list(range(len(texts))), self.settings.batch_size):
             out.append(self._predictions(self.encoder.encode([Sample(text=texts[i]) for i in part])))
+        return _cat_logits(out)
+
+    def _predict_tensors(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        out = []
+        for part in _chunks(list(range(len(tensors))), self.settings.batch_size):
+            out.append(self._predictions(self.encoder.encode([Sample(tensor=tensors[i]) for i in part])))
         return _cat_logits(out)
 
     def _readout(
@@ -584,6 +662,63 @@ def _merged(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class _Shared:
+    """What every Ray task of one run reads (stored once in the object store)."""
+
+    inspector: ModelInspector
+    samples: list[Sample]
+    ref_samples: list[Sample]
+    wanted: list[str]
+    steps: list[tuple[str, list[int]]] | None
+    candidate: _Candidate | None
+    keys: np.ndarray = field(default_factory=lambda: np.empty(0))
+    heldout: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
+    sites: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _ShardState:
+    """The accumulators one Ray task sends back (no models, no inputs)."""
+
+    current: ActivationSummary
+    sparsity: SparsityCollector | None
+    attribution: AttributionCollector | None
+    steps: list[ActivationSummary]
+    cand_summary: ActivationSummary | None
+    cand_outputs: OutputComparison | None
+
+
+def _run_shard(shared: _Shared, job: tuple[str, int, int]) -> _ShardState | ActivationSummary:
+    """One Ray task: the inputs ``start:stop`` of the stream (or of the reference), recorded
+    on this worker's copy of the model, as accumulators."""
+    kind, start, stop = job
+    insp = shared.inspector
+    recorder = recorder_for(insp.adapter, shared.sites)
+    cand = shared.candidate
+    with (
+        _eval_mode(insp.model),
+        _eval_mode(cand.model if cand else None),
+        contextlib.ExitStack() as hooks,
+    ):
+        hooks.enter_context(recorder.install_hooks(insp.model, insp.tokenizer))
+        if kind == "reference":
+            return insp._reference(shared.ref_samples, recorder, _silent, (start, stop))
+        c = _Collectors(insp, shared.samples, shared.wanted, shared.steps, cand, shared.keys, shared.heldout)
+        insp._stream(shared.samples, recorder, shared.sites, c, hooks, _silent, (start, stop))
+    outputs = None
+    if cand is not None:
+        outputs = OutputComparison([], None)
+        outputs.merge(cand.outputs)
+    return _ShardState(
+        c.current, c.sparsity, c.attribution, c.steps, cand.summary if cand is not None else None, outputs
+    )
+
+
+def _silent(stage: str, done: int, total: int) -> None:
+    return None
+
+
 class _Candidate:
     """The candidate model of a regression run and what is streamed about it."""
 
@@ -648,6 +783,19 @@ class _Collectors:
             self.candidate.summary.update(cand, idx, self.candidate.sites)
             self.candidate.outputs.update(rec, cand)
 
+    def merge(self, shard: _ShardState) -> None:
+        """Fold in a Ray task's accumulators (shards merged in input order)."""
+        self.current.merge(shard.current)
+        if self.sparsity is not None and shard.sparsity is not None:
+            self.sparsity.merge(shard.sparsity)
+        if self.attribution is not None and shard.attribution is not None:
+            self.attribution.merge(shard.attribution)
+        for mine, theirs in zip(self.steps, shard.steps, strict=True):
+            mine.merge(theirs)
+        if self.candidate is not None and shard.cand_summary is not None and shard.cand_outputs is not None:
+            self.candidate.summary.merge(shard.cand_summary)
+            self.candidate.outputs.merge(shard.cand_outputs)
+
     def nbytes(self) -> int:
         summaries = [self.current, *self.steps, *([self.candidate.summary] if self.candidate else [])]
         return sum(x.nbytes() for x in summaries)
@@ -704,6 +852,13 @@ def _experiments(experiments: Sequence[str] | None) -> list[str]:
     if not names:
         raise ConfigError(f"no experiments selected; choose from {', '.join(EXPERIMENTS)}")
     return list(dict.fromkeys(names))
+
+
+def _all_images(samples: Sequence[Sample]) -> bool:
+    """Every input is an image: a float tensor (C, H, W)."""
+    return bool(samples) and all(
+        x.tensor is not None and x.tensor.is_floating_point() and x.tensor.dim() == 3 for x in samples
+    )
 
 
 def _subset(keys: np.ndarray, k: int) -> list[int]:

@@ -169,6 +169,13 @@ class OutputComparison:
         self.cand_top += b.argmax(-1).tolist()
         self.kl += kl.tolist()
 
+    def merge(self, other: OutputComparison) -> None:
+        """Append the comparisons of the next shard of inputs (shards merged in input order)."""
+        self.index += other.index
+        self.base_top += other.base_top
+        self.cand_top += other.cand_top
+        self.kl += other.kl
+
 
 def regression(
     base: ActivationSummary,

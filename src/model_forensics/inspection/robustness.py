@@ -13,6 +13,14 @@ Families (deterministic given the seed; an input a family cannot change is not c
 * ``paraphrase`` — a neutral instruction prefix ("Consider the following: …"); prefixes
   keep the end of the text, where a causal model predicts.
 
+Image inputs (tensors (C, H, W), grey levels or colours in a fixed range) have their own
+families, drawn the same way (the image's own value range [lo, hi] bounds every result):
+
+* ``noise`` — Gaussian noise of std 0.05·(hi − lo) added to every pixel, clipped;
+* ``shift`` — the image moved by one pixel up, down, left or right, the vacated row or
+  column filled with lo (content at the opposite edge leaves the frame);
+* ``brightness`` — every pixel scaled by a factor in [0.7, 0.9] ∪ [1.1, 1.3], clipped.
+
 A variant is *invariant* when the top-1 prediction is unchanged and the total-variation
 distance ½‖p − p'‖₁ between the output distributions is at most ``tolerance``.
 """
@@ -111,6 +119,49 @@ FAMILIES: dict[str, Callable[[str, np.random.Generator], str | None]] = {
 }
 
 
+def _noise(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor | None:
+    lo, hi = float(image.min()), float(image.max())
+    noise = torch.from_numpy(rng.normal(0.0, 0.05 * max(hi - lo, 1e-6), size=tuple(image.shape)))
+    return (image + noise.to(image.dtype)).clamp(lo, hi)
+
+
+def _shift(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor | None:
+    if image.dim() < 2 or min(image.shape[-2:]) < 2:
+        return None
+    axis, step = (-2, -1)[int(rng.integers(2))], (-1, 1)[int(rng.integers(2))]
+    out = torch.roll(image, step, dims=axis)
+    edge = 0 if step == 1 else -1  # the row / column that wrapped around
+    out.select(axis, edge).fill_(float(image.min()))
+    return out
+
+
+def _brightness(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor | None:
+    factor = float(rng.uniform(0.7, 0.9) if rng.random() < 0.5 else rng.uniform(1.1, 1.3))
+    lo, hi = float(image.min()), float(image.max())
+    return (image * factor).clamp(min(lo, 0.0), hi if hi > 0 else None)
+
+
+IMAGE_FAMILIES: dict[str, Callable[[torch.Tensor, np.random.Generator], torch.Tensor | None]] = {
+    "noise": _noise,
+    "shift": _shift,
+    "brightness": _brightness,
+}
+
+
+def image_variants(image: torch.Tensor, family: str, count: int, seed: int, index: int) -> list[torch.Tensor]:
+    """Up to ``count`` distinct perturbed versions of ``image`` (C, H, W) (none equal to it)."""
+    out: list[torch.Tensor] = []
+    fam = list(IMAGE_FAMILIES).index(family)
+    for v in range(count * 3):
+        rng = np.random.default_rng([seed, index, 100 + fam, v])
+        new = IMAGE_FAMILIES[family](image, rng)
+        if new is not None and not torch.equal(new, image) and not any(torch.equal(new, o) for o in out):
+            out.append(new)
+        if len(out) == count:
+            break
+    return out
+
+
 def variants(text: str, family: str, count: int, seed: int, index: int) -> list[str]:
     """Up to ``count`` distinct perturbed versions of ``text`` (none that equal it)."""
     out: list[str] = []
@@ -192,24 +243,27 @@ def invariant(clean: torch.Tensor, perturbed: torch.Tensor, tolerance: float) ->
 
 
 def robustness(
-    texts: Sequence[str],
-    predict: Callable[[list[str]], torch.Tensor],
+    texts: Sequence[str] | Sequence[torch.Tensor],
+    predict: Callable[[list[Any]], torch.Tensor],
     *,
-    families: Sequence[str] = tuple(FAMILIES),
+    families: Sequence[str] | None = None,
     per_family: int = 2,
     tolerance: float = 0.1,
     confidence: float = 0.95,
     bootstrap: int = 1000,
     seed: int = 0,
 ) -> RobustnessResult:
-    """Score invariance of ``predict`` (texts → (n, V) prediction logits) under ``families``."""
+    """Score invariance of ``predict`` (inputs → (n, V) prediction logits) under ``families``
+    (default: the text families for strings, :data:`IMAGE_FAMILIES` for image tensors)."""
+    images = bool(texts) and isinstance(texts[0], torch.Tensor)
+    make: Callable[..., list[Any]] = image_variants if images else variants
     clean = predict(list(texts))
-    n, fam = len(texts), list(families)
+    n, fam = len(texts), list(families if families is not None else IMAGE_FAMILIES if images else FAMILIES)
     inv = np.zeros((n, len(fam)))
     tot = np.zeros((n, len(fam)))
     failures: dict[str, list[dict[str, Any]]] = {f: [] for f in fam}
     for j, family in enumerate(fam):
-        jobs = [(i, v) for i, t in enumerate(texts) for v in variants(t, family, per_family, seed, i)]
+        jobs = [(i, v) for i, t in enumerate(texts) for v in make(t, family, per_family, seed, i)]
         if not jobs:
             continue
         logits = predict([v for _, v in jobs])
@@ -221,8 +275,8 @@ def robustness(
                 failures[family].append(
                     {
                         "input": i,
-                        "text": texts[i],
-                        "variant": v,
+                        "text": None if images else texts[i],
+                        "variant": f"{family} variant of image {i}" if images else v,
                         "before": int(clean[i].argmax()),
                         "after": int(lg.argmax()),
                     }

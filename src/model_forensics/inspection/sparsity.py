@@ -131,6 +131,20 @@ class SparsityCollector:
             self.select_rows[site] += int(keep.sum())
             self.select_sum[site] += a[keep].sum(0)
 
+    def merge(self, other: SparsityCollector) -> None:
+        """Fold in the counts of other inputs (a shard of a distributed run): counts and sums add."""
+        for site, rows in other.rows.items():
+            if site not in self.rows:
+                self.rows[site], self.select_rows[site] = 0, 0
+                for acc in (self.zeros, self.near, self.abs_sum, self.select_sum):
+                    acc[site] = np.zeros_like(other.abs_sum[site])
+            self.rows[site] += rows
+            self.select_rows[site] += other.select_rows[site]
+            self.zeros[site] += other.zeros[site]
+            self.near[site] += other.near[site]
+            self.abs_sum[site] += other.abs_sum[site]
+            self.select_sum[site] += other.select_sum[site]
+
     def selection_mean_abs(self, site: str) -> np.ndarray:
         """Per-unit mean |a| over the non-held-out rows."""
         return self.select_sum[site] / max(1, self.select_rows[site])

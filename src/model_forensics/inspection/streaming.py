@@ -183,6 +183,15 @@ class Reservoir:
         order = np.argsort(all_ids, kind="stable")
         self.keys, self.ids, self.rows = all_keys[order], all_ids[order], all_rows[order]
 
+    def merge(self, other: Reservoir) -> None:
+        """Fold in a reservoir fed other items with keys from the same draw: the result
+        holds the ``capacity`` smallest keys of both, exactly what one reservoir fed every
+        item would hold (bottom-k sampling is order-free)."""
+        seen = self.seen + other.seen
+        if len(other):
+            self.update(other.rows, other.keys, other.ids)
+        self.seen = seen
+
     def __len__(self) -> int:
         return len(self.keys)
 

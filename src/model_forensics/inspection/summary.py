@@ -81,6 +81,20 @@ class ActivationSummary:
             self.tokens[site].update(random_rows(rows, mask, self.positions[idx]).numpy(), keys, idx)
             self.pooled[site].update(pooled_rows(rows, mask).numpy(), keys, idx)
 
+    def merge(self, other: ActivationSummary) -> None:
+        """Fold in the summary of other inputs (a shard of a distributed run, same keys):
+        moments by the pairwise formulas, reservoirs by bottom-k, so the result equals one
+        summary fed both sets (moments to float64 rounding, reservoirs exactly)."""
+        self.inputs += other.inputs
+        for site, moments in other.moments.items():
+            if site not in self.moments:
+                self.moments[site] = Moments(moments.units)
+                self.tokens[site] = Reservoir(self.token_capacity, moments.units)
+                self.pooled[site] = Reservoir(self.pooled_capacity, moments.units)
+            self.moments[site].merge(moments)
+            self.tokens[site].merge(other.tokens[site])
+            self.pooled[site].merge(other.pooled[site])
+
     @property
     def sites(self) -> list[str]:
         return list(self.moments)

@@ -12,6 +12,11 @@ Every load takes a ``dtype`` (``float32``, ``float16``, ``bfloat16``: the weight
 to it) and a ``device`` (``cpu``, ``cuda``, ``auto``: CUDA when it is available, else CPU;
 see :func:`resolve_device`).
 
+Models larger than memory: ``load(path, device_map="auto", offload_dir=DIR)`` places a
+model directory's layers with accelerate, on the GPUs, then the CPU (up to ``max_memory``),
+then on disk under ``DIR``; a layer on disk is read in just before it runs (docs/scaling.md).
+Without ``offload_dir`` a model that does not fit is refused, with the numbers.
+
 This module only dispatches: the model types live in :mod:`.reference`, the file loaders
 in :mod:`.local`, the zoo in :mod:`.zoo` and the probe in :mod:`.minilm_probe`, all of
 which sit below it.
@@ -19,11 +24,14 @@ which sit below it.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 
 from model_forensics.core.errors import ModelLoadError
 from model_forensics.models import zoo
-from model_forensics.models.local import cache_dir, load_directory, load_local
+from model_forensics.models.local import _has_tokenizer, cache_dir, load_directory, load_local
 from model_forensics.models.reference import LoadedModel, ModelRef, model_ref, tag_model, weights_sha256
 
 __all__ = [
@@ -34,6 +42,7 @@ __all__ = [
     "cache_dir",
     "load",
     "load_directory",
+    "load_offloaded",
     "model_ref",
     "parse_dtype",
     "resolve_device",
@@ -97,6 +106,9 @@ def load(
     dtype: str | torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    device_map: str | None = None,
+    offload_dir: str | Path | None = None,
+    max_memory: dict[str, str | int] | None = None,
 ) -> LoadedModel:
     """Load a model and its tokenizer from a reference (see the module docstring).
 
@@ -107,11 +119,22 @@ def load(
             directory or a ``.gguf`` file.
         dtype: the weights' dtype (a name from :data:`DTYPES` or a torch dtype).
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (see :func:`resolve_device`).
+        device_map / offload_dir / max_memory: place a model directory with accelerate
+            (see :func:`load_offloaded`); ``device`` is then ignored.
     Raises:
         ModelLoadError: the reference cannot be resolved, its files cannot be loaded, or
             the dtype or device is unknown or unavailable.
     """
     torch_dtype = parse_dtype(dtype)
+    if device_map is not None:
+        return load_offloaded(
+            reference,
+            device_map=device_map,
+            offload_dir=offload_dir,
+            max_memory=max_memory,
+            dtype=torch_dtype,
+            attn_implementation=attn_implementation,
+        )
     target = resolve_device(device)  # before any work: a missing GPU is a one-line error
     if reference.startswith("zoo:"):
         loaded = zoo.load(reference.removeprefix("zoo:"), attn_implementation=attn_implementation)
@@ -125,3 +148,70 @@ def load(
     # The zoo and the probe load in float32 on the CPU; cast once here (a no-op when they match).
     loaded.model.to(device=target, dtype=torch_dtype)
     return loaded
+
+
+GIB = 1024**3
+
+
+def load_offloaded(
+    reference: str | Path,
+    *,
+    device_map: str = "auto",
+    offload_dir: str | Path | None = None,
+    max_memory: dict[str, str | int] | None = None,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "eager",
+) -> LoadedModel:
+    """Load a Hugging Face model directory placed by accelerate: ``device_map="auto"`` puts
+    whole layers on the GPUs, then on the CPU (each up to ``max_memory``, default: what is
+    free), then on disk under ``offload_dir``, from where each is read in when it runs.
+
+    Args:
+        reference: a model directory (config.json + safetensors weights).
+        device_map: ``auto`` (or ``balanced``, ``sequential``: accelerate's strategies).
+        offload_dir: where layers that fit nowhere else are kept; None: such a model is refused.
+        max_memory: per device (``{"cpu": "4GiB", 0: "20GiB"}``), as accelerate reads it.
+    Raises:
+        ModelLoadError: not a model directory, an unknown strategy, or the model does not fit
+            the devices and no ``offload_dir`` was given (the message has the numbers).
+    """
+    import transformers
+    from accelerate import init_empty_weights
+    from accelerate.utils import compute_module_sizes, get_max_memory
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(reference)
+    if device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise ModelLoadError(f"device_map {device_map!r} is unknown; use auto, balanced or sequential")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"--device-map needs a Hugging Face model directory; '{path}' has no config.json")
+    config = AutoConfig.from_pretrained(path)
+    arch = (getattr(config, "architectures", None) or ["AutoModel"])[0]
+    cls: Any = getattr(transformers, arch, None) or transformers.AutoModel
+    with init_empty_weights():
+        skeleton = cls._from_config(config, dtype=dtype)  # no weights: sizes only
+    needed = compute_module_sizes(skeleton, dtype=dtype)[""]
+    budget = {str(k): int(v) for k, v in get_max_memory(max_memory).items()}
+    if offload_dir is None and needed > sum(budget.values()):
+        held = ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in budget.items())
+        raise ModelLoadError(
+            f"model '{path.name}' needs {needed / GIB:.2f} GiB of weights in {str(dtype).removeprefix('torch.')}, "
+            f"but the devices hold {sum(budget.values()) / GIB:.2f} GiB ({held}); "
+            "pass --offload-dir DIR to keep the rest on disk, or a smaller --dtype"
+        )
+    try:
+        model = cls.from_pretrained(
+            path,
+            device_map=device_map,
+            max_memory=max_memory,
+            offload_folder=None if offload_dir is None else str(offload_dir),
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model from '{path}' with device_map={device_map!r}: {exc}") from None
+    model.eval()
+    ref = ModelRef(name=path.name, source="local", reference=str(path))
+    tag_model(model, ref)
+    return LoadedModel(model, tokenizer, ref)

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from model_forensics.core.errors import ModelLoadError
+
 _TAG = "_forensics_ref"
 
 
@@ -59,10 +61,27 @@ def model_ref(model: nn.Module) -> ModelRef:
 
 
 def weights_sha256(model: nn.Module) -> str:
-    """sha256 over every parameter and buffer (name, dtype, shape, exact bytes)."""
+    """sha256 over every parameter and buffer (name, dtype, shape, exact bytes). Layers that
+    accelerate keeps on disk (``device_map`` with offload) are read from the offload, one
+    tensor at a time, so the digest is the one the same weights give loaded whole."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
+        t = (_offloaded(model, name) if tensor.is_meta else tensor).detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _offloaded(model: nn.Module, name: str) -> torch.Tensor:
+    """The tensor accelerate keeps on disk for the state-dict entry ``name``: looked up in the
+    weights map of the nearest module above it that holds one."""
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        module = model.get_submodule(".".join(parts[:depth]))
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or [hook]:
+            weights = getattr(h, "weights_map", None)
+            key = ".".join(parts[depth:])
+            if weights is not None and key in weights:
+                return torch.as_tensor(weights[key])
+    raise ModelLoadError(f"weight '{name}' is offloaded but accelerate's offload does not hold it")

@@ -150,7 +150,9 @@ class CausalCCA:
             ``sweep_neurons`` neurons alone, then pairs of the top ``sweep_pairs``
             (:mod:`~model_forensics.rca.smallest`); a smaller set reaching the threshold with
             no worse side effects wins (greedy search only).
-        max_fix_set_size / early_stop_threshold / max_side_effect_kl: as in the config.
+        max_fix_set_size / early_stop_threshold / max_side_effect_kl / max_accuracy_drop: as in
+            the config; the side-effect bound reads KL and accuracy together (a fix that keeps
+            one and breaks the other is out of bound, and the note names which).
     Raises:
         ConfigError: a value the config does not allow.
     """
@@ -173,6 +175,7 @@ class CausalCCA:
         max_fix_set_size: int | None = None,
         early_stop_threshold: float | None = None,
         max_side_effect_kl: float | None = None,
+        max_accuracy_drop: float | None = None,
     ):
         configured = load_config(config).modules.cca
         if search_strategy not in (None, "greedy", "exhaustive"):
@@ -200,6 +203,7 @@ class CausalCCA:
             max_fix_set_size=max_fix_set_size,
             early_stop_threshold=early_stop_threshold,
             max_side_effect_kl=max_side_effect_kl,
+            max_accuracy_drop=max_accuracy_drop,
         )
 
     # The knobs read as attributes too; the config is where they live.
@@ -272,10 +276,17 @@ class CausalCCA:
         done()
         phases.mark("implicated")
         bound = cfg.max_side_effect_kl
-        effects = measure(session, scored.interventions, bound, progress=progress) if benign else None
+        effects = (
+            measure(session, scored.interventions, bound, progress=progress, max_accuracy_drop=cfg.max_accuracy_drop)
+            if benign
+            else None
+        )
         phases.mark("side_effects")
-        if effects is not None and not effects.within_bound:
+        if effects is not None and "kl" in effects.out_of_bound:
             notes.append(Note("side_effects_exceed_bound", {"kl": effects.mean_kl, "bound": effects.bound}))
+        if effects is not None and "accuracy" in effects.out_of_bound:
+            drop = max(effects.accuracy_drop, effects.predicate_changed)
+            notes.append(Note("accuracy_exceeds_bound", {"drop": drop, "bound": effects.max_accuracy_drop}))
         return FixSet(
             members=scored.members,
             total_flip_rate=scored.flip_rate,

@@ -90,9 +90,7 @@ def conclusion(result: dict[str, Any]) -> str:
         n = int(effects["n_benign"])
         unchanged = round(float(effects.get("answers_unchanged", 1.0)) * n)
         text += f"; benign answers unchanged on {unchanged} of {n}"
-        text += (
-            "." if effects["within_bound"] else f", but they move by {effects['mean_kl']:.3g} nats (over the bound)."
-        )
+        text += "." if effects["within_bound"] else f", but {_over(effects)}."
     if not fix["reached_threshold"]:
         text += " This is below the search's threshold: treat it as a partial fix."
     return text
@@ -202,8 +200,7 @@ def _uncertain(result: dict[str, Any], anomalies_shown: bool) -> Section:
             "and analyse that bundle."
         )
     elif not fix["side_effects"]["within_bound"]:
-        se = fix["side_effects"]
-        items.append(f"The fix moves benign answers by {se['mean_kl']:.3g} nats, over the {se['bound']:g} bound.")
+        items.append(f"Out of the side-effect bound: {_over(fix['side_effects'])}.")
     if not fix["reached_threshold"]:
         items.append("The fix set does not reach the flip-rate threshold: other units carry the failure too.")
     others = [u["unit"] for u in fix.get("implicated", []) if u["unit"] not in {m["unit"] for m in fix["members"]}]
@@ -243,3 +240,16 @@ def _next(result: dict[str, Any], saved_to: str | None, report_to: str | None, a
 
 def _quote(text: Any) -> str:
     return f"“{text}”"
+
+
+def _over(effects: dict[str, Any]) -> str:
+    """Which side-effect bounds a fix breaks, in words (older analyses name no bound: KL)."""
+    over = effects.get("out_of_bound", ["kl"])
+    parts = []
+    if "kl" in over:
+        parts.append(f"benign answers move by {effects['mean_kl']:.3g} nats (over the {effects['bound']:g} KL bound)")
+    if "accuracy" in over:
+        drop = max(float(effects.get("accuracy_drop", 0.0)), float(effects.get("predicate_changed", 0.0)))
+        bound = float(effects.get("max_accuracy_drop", 0.02))
+        parts.append(f"benign accuracy changes by {drop:.0%} (over the {bound:.0%} accuracy bound)")
+    return " and ".join(parts) or "out of bound"

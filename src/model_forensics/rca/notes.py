@@ -48,6 +48,8 @@ TEMPLATES: dict[str, str] = {
     "narrowing_did_not_help": "narrowing to failure directions did not help (flip rate {flip_rate:.0%}, "
     "benign KL {kl:.3g} vs {whole_kl:.3g} nats for whole units); whole units kept",
     "side_effects_exceed_bound": "side effects exceed the bound: mean benign KL {kl:.3g} > {bound:g} nats",
+    "accuracy_exceeds_bound": "side effects exceed the bound: benign accuracy / predicate change {drop:.1%} > "
+    "max_accuracy_drop {bound:.1%}",
     # Compression Forensics' calibration
     "too_few_baselines": "{baselines} baseline runs: the smallest possible p-value is {min_p_value:.3f} > "
     "α = {alpha:.4f}, so nothing can be flagged; give at least {needed} benign runs",

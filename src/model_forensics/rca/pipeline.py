@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model_forensics.core.bundle import MANIFEST
+from model_forensics.core.distributed import map_tasks
 from model_forensics.core.errors import ForensicsError
 from model_forensics.core.files import write_text_atomic
 from model_forensics.core.records import fields_json
@@ -288,23 +289,13 @@ def _run(
 
 
 def _run_ray(jobs: list[Job], address: str, record: Callable[[Job, dict[str, Any]], None]) -> None:
-    try:
-        import ray
-    except ImportError:
-        raise ForensicsError("--ray needs the optional extra: pip install 'model-forensics[ray]'") from None
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False)
-    try:
-        remote = ray.remote(_work)
-        pending = {remote.remote(job): job for job in jobs}
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                record(pending.pop(ref), ray.get(ref))
-    finally:
-        if started:
-            ray.shutdown()
+    """One Ray task per bundle (:func:`~model_forensics.core.distributed.map_tasks`); every
+    task loads its own model, as a pool worker does."""
+    map_tasks(_ray_work, jobs, address, on_done=lambda i, result: record(jobs[i], result))
+
+
+def _ray_work(_shared: None, job: Job) -> dict[str, Any]:
+    return _work(job)
 
 
 def group_incidents(results: list[dict[str, Any]], top: int = 5, jaccard: float = 0.4) -> list[dict[str, Any]]:

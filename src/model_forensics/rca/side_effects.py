@@ -38,17 +38,32 @@ class SideEffects:
     bound: float
     first_step_kl: float | None = None  # generation incidents: KL at the first decoding step
     answers_unchanged: float = 1.0  # fraction of benign prompts whose answer (text and prediction) is the clean one
+    max_accuracy_drop: float = 0.02  # the bound on accuracy (or predicate) change, read with the KL bound
 
     @property
     def accuracy_drop(self) -> float:
         return self.accuracy_clean - self.accuracy_fixed
 
     @property
+    def out_of_bound(self) -> list[str]:
+        """Which bounds the fix breaks: "kl" (mean benign KL over ``bound``), "accuracy"
+        (benign accuracy falls, or the predicate changes on benign prompts, by more than
+        ``max_accuracy_drop``). One bound: a fix is within it only when it keeps both."""
+        over = []
+        if self.mean_kl > self.bound:
+            over.append("kl")
+        if max(self.accuracy_drop, self.predicate_changed) > self.max_accuracy_drop + 1e-12:
+            over.append("accuracy")
+        return over
+
+    @property
     def within_bound(self) -> bool:
-        return self.mean_kl <= self.bound
+        return not self.out_of_bound
 
     def to_json(self) -> dict[str, Any]:
-        return fields_json(self, accuracy_drop=self.accuracy_drop, within_bound=self.within_bound)
+        return fields_json(
+            self, accuracy_drop=self.accuracy_drop, within_bound=self.within_bound, out_of_bound=self.out_of_bound
+        )
 
 
 def benign_kls(session: Session, sets: Sequence[Sequence[Intervention]]) -> list[list[float]]:
@@ -69,6 +84,7 @@ def measure(
     bound: float,
     benign: Sequence[Any] | None = None,
     progress: Progress = silent,
+    max_accuracy_drop: float = 0.02,
 ) -> SideEffects:
     """Side effects of ``fix`` on the session's benign set, or on ``benign`` (entries as in a
     bundle's ``extras.benign``: a prompt, or ``{"prompt": …, "expected": …}``), e.g. prompts
@@ -99,6 +115,7 @@ def measure(
         bound=bound,
         first_step_kl=sum(first) / n if n and session.mode == "generate" else None,
         answers_unchanged=same / n if n else 1.0,
+        max_accuracy_drop=max_accuracy_drop,
     )
 
 

@@ -8,7 +8,8 @@
     env.counter.passes, env.counter.rows  # 1, inputs["input_ids"].shape[0]
 
 Entering it applies the recording's determinism settings (seed, threads, deterministic
-algorithms; the caller's settings are restored on exit, also on errors), serves recorded
+algorithms; ``replay.threads`` overrides the recorded thread count, which may cost
+bit-identity, see :func:`~model_forensics.replay.verification.verify`; the caller's settings are restored on exit, also on errors), serves recorded
 external calls from ``calls.jsonl`` in order, blocks network and process access unless
 the config allows them, and turns autograd off (``torch.enable_grad()`` inside turns it
 back on). One hook on the model's root module counts every forward call made inside it,
@@ -26,17 +27,32 @@ import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from model_forensics.core.bundle import Bundle
-from model_forensics.core.config import ReplayConfig
+from model_forensics.core.config import ForensicsConfig, ReplayConfig, load_config
 from model_forensics.models.adapters import Adapter
 from model_forensics.models.hooks import hooks
 from model_forensics.recorder.calls import CallServer, serving
 from model_forensics.replay.sandbox import sandboxed
+
+
+def clamp_threads(num_threads: int) -> int:
+    """A requested thread count, clamped to 1 … this machine's CPU count."""
+    return max(1, min(int(num_threads), os.cpu_count() or 1))
+
+
+def with_threads(config: str | Path | ForensicsConfig | None, threads: int | None) -> Any:
+    """``config`` with ``replay.threads`` set to ``threads`` (unchanged when None)."""
+    if threads is None:
+        return config
+    settings = load_config(config)
+    replay = settings.replay.model_copy(update={"threads": int(threads)})
+    return settings.model_copy(update={"replay": replay})
 
 
 @contextmanager
@@ -49,7 +65,7 @@ def deterministic(seed: int, num_threads: int | None, enabled: bool) -> Iterator
     try:
         torch.manual_seed(seed)
         if num_threads:
-            torch.set_num_threads(max(1, min(int(num_threads), os.cpu_count() or 1)))
+            torch.set_num_threads(clamp_threads(num_threads))
         if enabled:
             torch.use_deterministic_algorithms(True, warn_only=True)
         yield
@@ -95,12 +111,30 @@ class ReplayEnvironment:
         self.counter = PassCounter()
         self._depth = 0  # entries currently open; only the outermost one counts
 
+    @property
+    def recorded_threads(self) -> int | None:
+        """The thread count the incident was recorded with (None: not recorded)."""
+        det = self.bundle.manifest.get("determinism") or {}
+        threads = (det.get("torch") or {}).get("num_threads")
+        return int(threads) if threads else None
+
+    @property
+    def threads(self) -> int | None:
+        """The thread count replays run at: ``replay.threads`` when set, else the recorded one."""
+        return self.config.threads or self.recorded_threads
+
+    @property
+    def effective_threads(self) -> int:
+        """The count torch actually runs at inside :meth:`active` (clamped to the CPUs)."""
+        threads = self.threads
+        return clamp_threads(threads) if threads else torch.get_num_threads()
+
     @contextmanager
     def active(self) -> Iterator[CallServer]:
         """Run the block inside the environment; yields the server of recorded calls."""
         det = self.bundle.manifest.get("determinism") or {}
         seed = det.get("seed")
-        threads = (det.get("torch") or {}).get("num_threads")
+        threads = self.threads
         with ExitStack() as stack:
             stack.enter_context(
                 deterministic(self.config.seed if seed is None else int(seed), threads, self.config.deterministic)
@@ -118,6 +152,7 @@ class ReplayEnvironment:
 
     def _count(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
+        for key in ("inputs_embeds", "pixel_values"):  # embeddings, or an image model's batch
+            if ids is None:
+                ids = kwargs.get(key)
         self.counter.count(int(ids.shape[0]) if isinstance(ids, torch.Tensor) and ids.dim() else 1)

@@ -26,6 +26,7 @@ from model_forensics.core.errors import BundleError, ForensicsError, ModelLoadEr
 from model_forensics.core.manifest import attn_implementation, bundle_relative, strict_loads
 from model_forensics.models import loading as model_loading
 from model_forensics.models.loading import DTYPES, LoadedModel, model_ref
+from model_forensics.models.onnx_model import is_onnx_reference, load_onnx
 from model_forensics.replay.interventions import Intervention
 from model_forensics.replay.session import Session
 
@@ -134,7 +135,7 @@ def resolve_model(bundle: Bundle, override: str | nn.Module | LoadedModel | None
     # Loads go through the module attribute, so a test (or an embedding tool) that replaces
     # models.loading.load sees replay's loads too.
     if isinstance(override, str):
-        return model_loading.load(override, dtype=dtype, attn_implementation=attn, progress=False)
+        return _load(override, dtype, attn)
     reference = info.get("reference")
     if not reference:
         raise ModelLoadError(
@@ -149,11 +150,18 @@ def resolve_model(bundle: Bundle, override: str | nn.Module | LoadedModel | None
     if info.get("source") == "zoo" and not str(reference).startswith("zoo:"):
         reference = f"zoo:{reference}"
     try:
-        return model_loading.load(str(reference), dtype=dtype, attn_implementation=attn, progress=False)
+        return _load(str(reference), dtype, attn)
     except ModelLoadError as exc:
         raise ModelLoadError(
             f"cannot load the model bundle '{bundle.name}' was recorded with: {exc}; pass --model / model= to choose one"
         ) from None
+
+
+def _load(reference: str, dtype: torch.dtype, attn: str) -> LoadedModel:
+    """A reference loaded for replay: ``….onnx`` through onnxruntime (docs/onnx.md), the rest by ``models.loading``."""
+    if is_onnx_reference(reference):
+        return load_onnx(reference)
+    return model_loading.load(reference, dtype=dtype, attn_implementation=attn, progress=False)
 
 
 FIX_FILE_MAX_BYTES = 64 * 1024 * 1024

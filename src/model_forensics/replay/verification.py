@@ -4,6 +4,9 @@
 sites and compares, by sha256 of the exact tensors: every recorded site, the full logits
 of every forward call (one per generation step), the generated ids, and the manifest's
 recorded verdict (``output.text`` and ``predicate.holds``) against the replay's own.
+When ``replay.threads`` differs from the recorded thread count, the report's notes say so
+and whether bit-identity held at the chosen count (reductions split across threads may
+round differently; see docs/replay.md, "Threads").
 :func:`check_weights` compares the model's weights sha256 with the recording's first.
 """
 
@@ -93,8 +96,9 @@ def verify(session: Session) -> VerifyReport:
     sites = [_check_site(session.bundle, site, info, replayed.get(site)) for site, info in manifest["sites"].items()]
     outputs = _check_outputs(session.bundle, full_logits, sequences)
     verdict = _check_verdict(session, full_logits, sequences)
-    notes = _environment_notes(manifest, session.weight_mismatch)
     identical = all(c.identical for c in sites + outputs + verdict)
+    notes = _environment_notes(manifest, session.weight_mismatch)
+    notes += _thread_notes(session, identical)
     seconds = time.perf_counter() - start
     return VerifyReport(identical, sites, outputs, session.forward_passes - passes, seconds, notes, verdict)
 
@@ -167,6 +171,22 @@ def _check_verdict(
         note = f"replay: {replayed}, manifest: {holds}"
         checks.append(SiteCheck("predicate.holds", replayed == holds, None, None, note=note))
     return checks
+
+
+def thread_counts(session: Session) -> tuple[int | None, int]:
+    """(recorded, replayed) CPU thread counts of ``session``'s replays."""
+    env = session._environment
+    return env.recorded_threads, env.effective_threads
+
+
+def _thread_notes(session: Session, identical: bool) -> list[str]:
+    """Say at which thread count the replay ran and whether bit-identity held there."""
+    recorded, replayed = thread_counts(session)
+    if recorded is None or recorded == replayed:
+        return []
+    held = "holds" if identical else "does NOT hold"
+    hint = "" if identical else f"; replay at the recorded count (--threads {recorded}) for a faithful replay"
+    return [f"replayed at {replayed} threads (recorded at {recorded}): bit-identity {held} at this count{hint}"]
 
 
 def _environment_notes(manifest: dict[str, Any], weight_mismatch: bool) -> list[str]:

@@ -1,9 +1,12 @@
-"""The offline HTML report of one root-cause analysis (``analyze --report out.html``).
+"""The root-cause analysis in the report (``analyze --report out.html``).
 
-One self-contained file: inline CSS, figures as inline PNG (matplotlib, Agg), no scripts and
-no network. It renders the JSON that :func:`model_forensics.rca.pipeline.analyze_bundle`
-returns: CF anomalies, the attribution ranking, the fix set (members, gate or direction,
-necessity, sufficiency), side effects, implicated units, forward passes by phase and notes.
+``analyze --report`` writes the one-file interactive report (:mod:`model_forensics.report.html`)
+with the analysis included and opening on its RCA view (:func:`analysis_html`). :func:`analysis_body` renders the same
+JSON (:func:`model_forensics.rca.pipeline.analyze_bundle`'s) as static HTML: the plain-words
+explanation, CF anomalies, the attribution ranking, the fix set (members, gate or direction,
+necessity, sufficiency), side effects, implicated units, forward passes by phase and notes,
+with inline PNG figures (matplotlib, Agg). The report carries it in ``<noscript>``, so a reader
+without JavaScript still gets the analysis.
 """
 
 from __future__ import annotations
@@ -29,17 +32,31 @@ img { max-width: 100%; }
 """
 
 
-def write_analysis_report(result: dict[str, Any], path: str | Path) -> Path:
-    """Write the report of ``result`` (an ``Analysis.to_json()``) to ``path`` atomically:
-    a temporary file in the same directory, renamed into place, so a failure leaves no
+def write_analysis_report(result: dict[str, Any], path: str | Path, influence: bool = True) -> Path:
+    """Write the report of ``result`` (an ``Analysis.to_json()``) to ``path`` atomically: a
+    temporary file in the same directory, renamed into place, so a failure leaves no
     half-written report."""
     target = Path(path)
-    text = analysis_html(result, report_to=str(target))
-    return write_text_atomic(target, text)
+    return write_text_atomic(target, analysis_html(result, report_to=str(target), influence=influence))
 
 
-def analysis_html(result: dict[str, Any], report_to: str | None = None) -> str:
-    """The report as one HTML string: the plain-words explanation
+def analysis_html(result: dict[str, Any], report_to: str | None = None, influence: bool = True) -> str:
+    """The report as one HTML string: the interactive one-file report of ``result['bundle']``
+    with the analysis included (opening on its RCA view), and the static analysis
+    (:func:`analysis_body`) for readers without JavaScript.
+
+    Args:
+        influence: replay the bundle once to embed token influence.
+    """
+    from model_forensics.report.html import report_data, report_html
+
+    embedded = report_data(result["bundle"], analysis=result, influence=influence)
+    static = analysis_body(result, report_to=report_to)
+    return report_html(embedded, noscript=f"<style>{STYLE}</style>{static}")
+
+
+def analysis_body(result: dict[str, Any], report_to: str | None = None) -> str:
+    """The analysis as HTML: the plain-words explanation
     (:func:`~model_forensics.rca.explain.explain`: incident, conclusion, what was tried,
     what is uncertain, next commands) around the fix set, then the CF anomalies, the
     attribution ranking and the notes."""
@@ -60,12 +77,7 @@ def analysis_html(result: dict[str, Any], report_to: str | None = None) -> str:
     if notes:
         parts.append("<h2>Notes</h2>")
         parts += [f'<div class="note">{escape(n)}</div>' for n in notes]
-    body = "\n".join(parts)
-    return (
-        "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
-        f"<title>model-forensics: {escape(Path(result['bundle']).name)}</title><style>{STYLE}</style></head>"
-        f"<body>\n{body}\n</body></html>\n"
-    )
+    return "\n".join(parts)
 
 
 def _explained(sections: dict[str, Section], keys: tuple[str, ...], notes: bool = True) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 _FALLBACK = {
@@ -28,3 +29,10 @@ def demo_incident() -> dict[str, Any]:
     if not demo:
         return dict(_FALLBACK)
     return {"prompt": demo["prompt"], "target": demo["target"], "max_new_tokens": int(found.get("max_new_tokens", 12))}
+
+
+def write_demo_report(bundle: Path) -> Path:
+    """The demo's one-file offline report, written beside its bundle (``demo-bundle.html``)."""
+    from model_forensics.report.html import write_report
+
+    return write_report(bundle, bundle.with_name(bundle.name + ".html"))

@@ -1,0 +1,237 @@
+"""Bundle I/O on SmolLM2 (128 tokens, every site), side by side in one process.
+
+Per sketch (full, fp16, int8, topk), each round runs four conditions back to back (rounds
+interleaved, medians over rounds, CPU time beside wall time):
+
+  write  ours   ``RecorderHooks.create_bundle`` of the recorded run: sketch-encode, every
+                sha256 the format holds, safetensors files + cube + calls + manifest, fsync
+  write  peer   ``safetensors.torch.save_file`` of the very tensors the bundle stores
+                (inputs, outputs, encoded activations) + fsync of each file
+  read   ours   ``Bundle.open(verify=False).verify_contents()``: every file's sha256, every
+                site's stored sha256 (and exact sha256 for ``full``), decode of every site,
+                cube schema, calls, verdict
+  read   peer   a plain sha256 pass (1 MiB reads) over the same files
+
+MB/s counts the bundle's bytes on disk. Targets (issue 16): write ≥ 50% of the peer,
+read + full verification ≥ 50% of the plain sha256 pass. Also: peak RSS of a child
+process that loads SmolLM2 and records it at all granularity (default fp16 sketch).
+
+Run: .venv/bin/python benchmarks/bundle_io.py [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from _common import machine, markdown_table, median, write_results
+from model_forensics import Bundle, RecorderHooks
+from model_forensics.core import sketches
+from model_forensics.models import load
+
+SKETCHES = ("full", "fp16", "int8", "topk")
+FILES = ("inputs.safetensors", "outputs.safetensors", "activations.safetensors", "cube.json", "calls.jsonl")
+
+
+def _clock(fn: Any) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _stored_tensors(rec: RecorderHooks, bundle: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensors the bundle stores, per safetensors file, as ``create_bundle`` encodes them."""
+    opened = Bundle.open(bundle)
+    activations: dict[str, torch.Tensor] = {}
+    for site, tensor in rec.recorded().items():
+        activations.update(sketches.encode(site, tensor, rec.config.sketch, rec.config.compression_ratio))
+    return {"inputs": opened.inputs, "outputs": opened.outputs, "activations": activations}
+
+
+def _sha256_pass(folder: Path) -> None:
+    for name in FILES:
+        digest = hashlib.sha256()
+        with (folder / name).open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+        digest.hexdigest()
+
+
+def bench_sketch(model: Any, tok: Any, ids: torch.Tensor, sketch: str, repeats: int, root: Path) -> dict[str, Any]:
+    rec = RecorderHooks(granularity="all", sketch=sketch, max_bundle_size_mb=1e6).install_hooks(model, tok)
+    with torch.no_grad():
+        model(input_ids=ids)
+    ours, peer = root / f"{sketch}-ours", root / f"{sketch}-peer"
+    rec.create_bundle(ours)  # warm: the weights hash is computed once per recorder
+    stored = _stored_tensors(rec, ours)
+    mb = Bundle.open(ours).size_bytes() / 1e6
+
+    def write_ours() -> None:
+        rec.create_bundle(ours, overwrite=True)
+
+    def write_peer() -> None:
+        shutil.rmtree(peer, ignore_errors=True)
+        peer.mkdir()
+        for name, tensors in stored.items():
+            save_file(tensors, str(peer / f"{name}.safetensors"))
+            _fsync(peer / f"{name}.safetensors")
+
+    def read_ours() -> None:
+        problems = Bundle.open(ours, verify=False).verify_contents()
+        assert problems == [], problems
+
+    conditions = {
+        "write ours": write_ours,
+        "write peer": write_peer,
+        "read ours": read_ours,
+        "read peer": lambda: _sha256_pass(ours),
+    }
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in conditions}
+    for fn in conditions.values():
+        fn()  # warm-up round
+    for _ in range(repeats):
+        for name, fn in conditions.items():
+            times[name].append(_clock(fn))
+    rec.remove_hooks()
+    peer_mb = sum(f.stat().st_size for f in peer.iterdir()) / 1e6
+    out: dict[str, Any] = {"mb": mb, "peer_mb": peer_mb, "sites": len(rec.sites), "conditions": {}}
+    for name, ts in times.items():
+        walls, cpus = [t[0] for t in ts], [t[1] for t in ts]
+        size = peer_mb if name == "write peer" else mb
+        out["conditions"][name] = {
+            "median_s": median(walls),
+            "median_cpu_s": median(cpus),
+            "mb_per_s": size / median(walls),
+            "times_s": walls,
+        }
+    for kind in ("write", "read"):
+        ratios = [
+            (mb / o[0]) / ((peer_mb if kind == "write" else mb) / p[0])
+            for o, p in zip(times[f"{kind} ours"], times[f"{kind} peer"], strict=True)
+        ]
+        out[f"{kind}_ratio"] = median(ratios)
+    shutil.rmtree(ours, ignore_errors=True)
+    shutil.rmtree(peer, ignore_errors=True)
+    return out
+
+
+def record_rss(tokens: int) -> dict[str, float]:
+    """Peak RSS (MB) of a fresh process loading SmolLM2, then (peak reset) recording it at all granularity."""
+    code = (
+        "import resource, sys, tempfile, torch\n"
+        "from model_forensics.models import load\n"
+        "from model_forensics import RecorderHooks\n"
+        "loaded = load('smollm2', progress=False)\n"
+        "ids = loaded.tokenizer('The flight recorder captures every layer. ' * 40, return_tensors='pt')['input_ids']\n"
+        f"ids = ids[:, :{tokens}]\n"
+        "def hwm():\n"
+        "    line = [x for x in open('/proc/self/status') if x.startswith('VmHWM')][0]\n"
+        "    return int(line.split()[1]) / 1024\n"
+        "loaded_peak = hwm()\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak: what follows is the recording\n"
+        "if sys.argv[1] == 'record':\n"
+        "    rec = RecorderHooks(granularity='all', max_bundle_size_mb=1e6).install_hooks(loaded.model, loaded.tokenizer)\n"
+        "    with torch.no_grad():\n"
+        "        loaded.model(input_ids=ids)\n"
+        "    rec.create_bundle(tempfile.mkdtemp() + '/b')\n"
+        "print(loaded_peak, hwm())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, "record"], capture_output=True, text=True, check=True)
+    load_peak, record_peak = map(float, done.stdout.strip().splitlines()[-1].split())
+    return {"load": load_peak, "record": record_peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=128)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    loaded = load("smollm2", progress=False)
+    model, tok = loaded.model, loaded.tokenizer
+    text = "The flight recorder captures every layer of the model while it runs. " * 20
+    ids = tok(text, return_tensors="pt")["input_ids"][:, : args.tokens]
+    load_before = os.getloadavg()
+    root = Path(tempfile.mkdtemp(dir=Path(__file__).parent))  # the same disk as a user's bundles
+    try:
+        results = {s: bench_sketch(model, tok, ids, s, args.repeats, root) for s in SKETCHES}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    rss = record_rss(args.tokens)
+    load_after = os.getloadavg()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    rows = []
+    for s, r in results.items():
+        c = r["conditions"]
+        rows.append(
+            [
+                s,
+                r["sites"],
+                f"{r['mb']:.1f}",
+                f"{c['write ours']['mb_per_s']:.0f} ({c['write ours']['median_s']:.2f} s, cpu {c['write ours']['median_cpu_s']:.2f} s)",
+                f"{c['write peer']['mb_per_s']:.0f} ({c['write peer']['median_s']:.2f} s)",
+                f"{r['write_ratio']:.2f}",
+                f"{c['read ours']['mb_per_s']:.0f} ({c['read ours']['median_s']:.2f} s, cpu {c['read ours']['median_cpu_s']:.2f} s)",
+                f"{c['read peer']['mb_per_s']:.0f} ({c['read peer']['median_s']:.2f} s)",
+                f"{r['read_ratio']:.2f}",
+            ]
+        )
+    table = markdown_table(
+        [
+            "sketch",
+            "sites",
+            "bundle MB",
+            "write ours MB/s",
+            "save_file+fsync MB/s",
+            "write ratio (≥ 0.5)",
+            "read+full verify MB/s",
+            "plain sha256 MB/s",
+            "read ratio (≥ 0.5)",
+        ],
+        rows,
+    )
+    header = (
+        f"SmolLM2-135M, {ids.shape[1]} tokens, all sites, {args.repeats} interleaved rounds, {machine()['device']}, "
+        f"{torch.get_num_threads()} torch threads, load average {load_before[0]:.1f} → {load_after[0]:.1f} "
+        f"on {os.cpu_count()} cores; commit {commit} with uncommitted changes in the tree. Ratios: median of "
+        "per-round ratios.\n\n"
+    )
+    footer = (
+        f"\n\nPeak RSS of a fresh process (fp16 sketch, all sites): loading SmolLM2 peaks at {rss['load']:.0f} MB; "
+        f"with the peak reset after loading (/proc/self/clear_refs), recording + writing the bundle peaks at "
+        f"{rss['record']:.0f} MB.\n"
+    )
+    print(header + table + footer)
+    data = {
+        "machine": machine(),
+        "commit": commit,
+        "uncommitted_changes": True,
+        "tokens": int(ids.shape[1]),
+        "repeats": args.repeats,
+        "load_average": {"before": load_before, "after": load_after},
+        "sketches": results,
+        "peak_rss_mb": rss,
+        "self_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    write_results("bundle_io", data, header + table + footer)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""A model larger than memory, in miniature: Llama-2-7B's exact layer shapes (hidden 4096,
+32 heads, MLP 11008, vocab 32000), random weights (seeded), reduced to ``--layers`` blocks,
+written as safetensors and loaded back with accelerate ``device_map="auto"`` and disk
+offload (``--cpu-gib`` of CPU memory for weights, the rest on disk), then recorded at all
+granularity into a bundle, and re-run (the replay's forward pass) once.
+
+Reports peak RSS (this process), bundle bytes per token per layer, record and re-run time
+per layer; docs/scaling.md extrapolates them to 32 layers (7B) and to 70B.
+
+Run: .venv/bin/python benchmarks/large_model.py [--layers 2] [--tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from _common import machine, markdown_table, write_results
+from model_forensics import Bundle, RecorderHooks
+from model_forensics.models.loading import load
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--cpu-gib", type=float, default=1.0, help="CPU memory accelerate may fill with weights")
+    parser.add_argument("--build", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    config = LlamaConfig(
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        intermediate_size=11008,
+        vocab_size=32000,
+        num_hidden_layers=args.layers,
+        max_position_embeddings=4096,
+    )
+    if args.build is not None:
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(args.build)  # random init, seeded; safetensors
+        print(peak_rss_mb())
+        return
+    root = Path(tempfile.mkdtemp(dir=Path(__file__).parent))  # on disk, not tmpfs
+    try:
+        t0 = time.perf_counter()
+        with torch.device("meta"):
+            n_params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+        # Built in a child process, so that this one's peak RSS is the load and the recording.
+        build = subprocess.run(
+            [sys.executable, __file__, "--layers", str(args.layers), "--build", str(root / "model")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        build_s = time.perf_counter() - t0
+        rss_after_build = float(build.stdout.strip().splitlines()[-1])
+        t0 = time.perf_counter()
+        loaded = load(
+            str(root / "model"),
+            device_map="auto",
+            offload_dir=root / "offload",
+            max_memory={"cpu": int(args.cpu_gib * 1024**3)},
+        )
+        load_s = time.perf_counter() - t0
+        placement = sorted(set(loaded.model.hf_device_map.values()), key=str)
+        on_disk = sum(v == "disk" for v in loaded.model.hf_device_map.values())
+        ids = torch.randint(0, config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
+        rec = RecorderHooks(granularity="all", sketch="full", max_bundle_size_mb=1e6)
+        t0 = time.perf_counter()
+        with rec.install_hooks(loaded.model), torch.no_grad():
+            loaded.model(input_ids=ids)
+            path = rec.create_bundle(root / "bundle")
+        record_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            again = loaded.model(input_ids=ids).logits
+        rerun_s = time.perf_counter() - t0
+        bundle = Bundle.open(path)
+        assert bundle.verify_contents() == []
+        site_bytes = sum(int(info["nbytes"]) for info in bundle.manifest["sites"].values())
+        block_bytes = sum(int(i["nbytes"]) for s, i in bundle.manifest["sites"].items() if s.startswith("blocks.0."))
+        same = torch.equal(again[:, -1], bundle.outputs["logits"][:, -1])
+        result = {
+            "machine": machine(),
+            "commit": subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+            ).stdout.strip(),
+            "uncommitted_changes": True,
+            "layers": args.layers,
+            "tokens": args.tokens,
+            "parameters": n_params,
+            "weights_gib_fp32": n_params * 4 / 1024**3,
+            "placement": placement,
+            "modules_on_disk": on_disk,
+            "build_and_save_s": build_s,
+            "load_s": load_s,
+            "record_s": record_s,
+            "record_s_per_layer": record_s / args.layers,
+            "rerun_s": rerun_s,
+            "rerun_s_per_layer": rerun_s / args.layers,
+            "bundle_bytes": bundle.size_bytes(),
+            "site_bytes": site_bytes,
+            "block_bytes_per_token": block_bytes / args.tokens,
+            "rerun_logits_equal": same,
+            "peak_rss_mb_build_process": rss_after_build,
+            "peak_rss_mb": peak_rss_mb(),
+            "load_average": os.getloadavg(),
+        }
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    r = result
+    table = markdown_table(
+        ["quantity", "value"],
+        [
+            ["layers × tokens", f"{r['layers']} × {r['tokens']}"],
+            ["parameters (fp32 GiB)", f"{r['parameters'] / 1e6:.0f} M ({r['weights_gib_fp32']:.2f} GiB)"],
+            [
+                "placement (accelerate)",
+                f"{', '.join(map(str, r['placement']))}; {r['modules_on_disk']} modules on disk",
+            ],
+            ["load with offload", f"{r['load_s']:.1f} s"],
+            ["record (forward + bundle write), per layer", f"{r['record_s']:.1f} s, {r['record_s_per_layer']:.1f} s"],
+            ["re-run (replay forward), per layer", f"{r['rerun_s']:.1f} s, {r['rerun_s_per_layer']:.1f} s"],
+            ["re-run logits equal to the recorded ones", str(r["rerun_logits_equal"])],
+            ["bundle bytes (full sketch, all sites)", f"{r['bundle_bytes'] / 1e6:.1f} MB"],
+            ["bytes per token per layer (block 0 sites)", f"{r['block_bytes_per_token']:.0f}"],
+            ["peak RSS of the process that built the weights", f"{r['peak_rss_mb_build_process']:.0f} MB"],
+            ["peak RSS: load with offload + record + re-run", f"{r['peak_rss_mb']:.0f} MB"],
+        ],
+    )
+    header = (
+        f"Llama-2-7B layer shapes, random weights, {machine()['device']}, {torch.get_num_threads()} threads, "
+        f"load average {r['load_average'][0]:.1f}; commit {r['commit']} with uncommitted changes.\n\n"
+    )
+    print(header + table)
+    write_results("large_model", result, header + table)
+
+
+if __name__ == "__main__":
+    main()
