@@ -44,10 +44,6 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny) -> dict[str, Path]:
     return out
 
 
-def bundle_id(served: dict[str, Path], key: str) -> str:
-    return served[key].relative_to(served["root"]).as_posix()
-
-
 @pytest.fixture(scope="module")
 def client(served: dict[str, Path]) -> Iterator[object]:
     from fastapi.testclient import TestClient

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from served_ids import bundle_id
 
-from conftest import bundle_id
 from model_forensics import ActivityCube, Bundle, Intervention, SandboxReplayer
 from model_forensics.circuits import token_influence
 

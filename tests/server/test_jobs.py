@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 
-from conftest import bundle_id
+from served_ids import bundle_id
 
 
 def _wait(client, job_id: str, timeout_s: float = 120) -> dict:

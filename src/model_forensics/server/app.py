@@ -506,7 +506,8 @@ def serve(
     echo(url_of(host, sock.getsockname()[1]))
     if token:
         echo("API calls need the token: 'Authorization: Bearer TOKEN' or ?token=TOKEN")
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    # On Ctrl-C / SIGTERM, requests still running (an influence replay) get 5 s, not forever.
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     try:
         server.run(sockets=[sock])
