@@ -59,3 +59,30 @@ def write_results(name: str, data: dict[str, Any], table: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1))
     (RESULTS / f"{name}.md").write_text(table + "\n")
+
+
+SMOLLM2_TEXT = "The flight recorder captures every layer of the model while it runs. " * 20
+
+
+def smollm2_prompt(tokens: int) -> tuple[Any, torch.Tensor]:
+    """SmolLM2 (the real weights, seeded) and the first ``tokens`` ids of the shared benchmark text."""
+    from model_forensics.models.loading import load
+
+    torch.manual_seed(0)
+    loaded = load("smollm2", progress=False)
+    ids = loaded.tokenizer(SMOLLM2_TEXT, return_tensors="pt")["input_ids"][:, :tokens]
+    return loaded, ids
+
+
+def tl_zero_head(h: int, d_head: int) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """A TransformerLens ``hook_z`` hook zeroing query head ``h`` (z as (B, T, heads, d_head)
+    or flattened (B, T, heads·d_head), as TransformerBridge gives it)."""
+
+    def zero(z: torch.Tensor, hook: Any) -> torch.Tensor:
+        if z.dim() == 4:
+            z[:, :, h] = 0
+        else:
+            z[..., h * d_head : (h + 1) * d_head] = 0
+        return z
+
+    return zero

@@ -36,10 +36,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from _common import machine, markdown_table, median, write_results
+from _common import machine, markdown_table, median, smollm2_prompt, write_results
 from model_forensics import Bundle, RecorderHooks
 from model_forensics.core import sketches
-from model_forensics.models import load
 
 SKETCHES = ("full", "fp16", "int8", "topk")
 FILES = ("inputs.safetensors", "outputs.safetensors", "activations.safetensors", "cube.json", "calls.jsonl")
@@ -163,11 +162,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=128)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    loaded = load("smollm2", progress=False)
+    loaded, ids = smollm2_prompt(args.tokens)
     model, tok = loaded.model, loaded.tokenizer
-    text = "The flight recorder captures every layer of the model while it runs. " * 20
-    ids = tok(text, return_tensors="pt")["input_ids"][:, : args.tokens]
     load_before = os.getloadavg()
     root = Path(tempfile.mkdtemp(dir=Path(__file__).parent))  # the same disk as a user's bundles
     try:

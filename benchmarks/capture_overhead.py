@@ -25,9 +25,8 @@ from typing import Any
 
 import torch
 
-from _common import machine, markdown_table, median, write_results
+from _common import machine, markdown_table, median, smollm2_prompt, write_results
 from model_forensics import Bundle, RecorderHooks
-from model_forensics.models import load
 
 NO_PATTERN = [f"blocks.*.{k}" for k in ("resid_pre", "attn.q", "attn.k", "attn.v", "attn.z", "mlp.post")]
 
@@ -37,11 +36,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--tokens", type=int, default=128)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    loaded = load("smollm2", progress=False)
+    loaded, ids = smollm2_prompt(args.tokens)
     model, tok = loaded.model, loaded.tokenizer
-    text = "The flight recorder captures every layer of the model while it runs. " * 20
-    ids = tok(text, return_tensors="pt")["input_ids"][:, : args.tokens]
     layers = model.model.layers
 
     def plain() -> None:

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from _common import machine, markdown_table, write_results
+from _common import machine, markdown_table, tl_zero_head, write_results
 from model_forensics import RecorderHooks, SandboxReplayer, token_is
 from model_forensics.circuits import head_importance, token_influence
 from model_forensics.models import load
@@ -119,16 +119,10 @@ def _heads(
         def run(layer: int) -> list[float]:
             out = []
             for h in range(n_heads):
-
-                def zero(z: torch.Tensor, hook: Any, h: int = h) -> torch.Tensor:
-                    if z.dim() == 4:  # (B, T, heads, d_head)
-                        z[:, :, h] = 0
-                    else:  # (B, T, heads·d_head)
-                        z[..., h * d_head : (h + 1) * d_head] = 0
-                    return z
-
                 with torch.no_grad():
-                    logits = bridge.run_with_hooks(ids, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", zero)])
+                    logits = bridge.run_with_hooks(
+                        ids, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", tl_zero_head(h, d_head))]
+                    )
                 out.append(float(logits[0, -1, top]))
             return out
 

@@ -42,9 +42,8 @@ from typing import Any
 import psutil
 import torch
 
-from _common import machine, markdown_table, median, write_results
+from _common import machine, markdown_table, median, smollm2_prompt, write_results
 from model_forensics import RecorderHooks
-from model_forensics.models import load
 
 CHROMIUM = "/usr/bin/chromium"
 TOKENS = 128
@@ -128,10 +127,7 @@ def main() -> None:
 # -- setup -----------------------------------------------------------------------------------
 def record_smollm2(out: Path) -> Path:
     """A 128-token SmolLM2 bundle, one forward pass, head granularity (fp16 sketch)."""
-    torch.manual_seed(0)
-    loaded = load("smollm2", progress=False)
-    text = "The flight recorder captures every layer of the model while it runs. " * 20
-    ids = loaded.tokenizer(text, return_tensors="pt")["input_ids"][:, :TOKENS]
+    loaded, ids = smollm2_prompt(TOKENS)
     rec = RecorderHooks(granularity="head", sketch="fp16", max_bundle_size_mb=1e4)
     with rec.install_hooks(loaded.model, loaded.tokenizer), torch.no_grad():
         loaded.model(input_ids=ids)

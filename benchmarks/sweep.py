@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from _common import machine, markdown_table, write_results
+from _common import machine, markdown_table, tl_zero_head, write_results
 from model_forensics import Intervention, SandboxReplayer, token_is
 from model_forensics.models import load
 from model_forensics.recorder import RecorderHooks
@@ -126,17 +126,9 @@ def main() -> None:
         def run(layer: int) -> torch.Tensor:
             out = []
             for h in range(n_heads):
-
-                def zero(z: torch.Tensor, hook: Any, h: int = h) -> torch.Tensor:
-                    if z.dim() == 4:  # (B, T, heads, d_head)
-                        z[:, :, h] = 0
-                    else:  # (B, T, heads·d_head)
-                        z[..., h * d_head : (h + 1) * d_head] = 0
-                    return z
-
                 with torch.no_grad():
                     logits = bridge.run_with_hooks(
-                        batch["input_ids"], fwd_hooks=[(f"blocks.{layer}.attn.hook_z", zero)]
+                        batch["input_ids"], fwd_hooks=[(f"blocks.{layer}.attn.hook_z", tl_zero_head(h, d_head))]
                     )
                 out.append(logits[0, -1].detach().clone())
             return torch.stack(out)

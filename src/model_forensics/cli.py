@@ -1799,25 +1799,6 @@ CircuitsCorruptedOpt = Annotated[
 CircuitsEdgeMetricOpt = Annotated[str, typer.Option(help="logprob | logit | logit_diff of each prompt's target")]
 
 
-def _circuits_progress(bar: Any) -> Any:
-    """A ``progress(stage, done, total)`` callback drawing one rich task per stage."""
-    tasks: dict[str, Any] = {}
-
-    def update(stage: str, done: int, total: int) -> None:
-        if stage not in tasks:
-            tasks[stage] = bar.add_task(stage, total=total)
-        bar.update(tasks[stage], completed=done, total=total)
-
-    return update
-
-
-def _circuits_bar() -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    return Progress(*columns, console=err, transient=True)
-
-
 @circuits_app.command("graph")
 def circuits_graph(
     prompts: CircuitsPromptsOpt,
@@ -1836,7 +1817,7 @@ def circuits_graph(
 
     texts, twins, targets = prompt_pairs(prompts, corrupted)
     net, tok = _circuits_start(model, None, None, False, out, figure_format)
-    with _circuits_bar() as bar:
+    with _progress_callback() as progress:
         result = dependency_graph(
             net,
             tok,
@@ -1846,7 +1827,7 @@ def circuits_graph(
             targets=targets,
             mlps=mlps,
             confirm=confirm,
-            progress=_circuits_progress(bar),
+            progress=progress,
         )
     written = _circuits_output(out, "graph", result, figure_format, as_json)
     if written is None:
@@ -1893,7 +1874,7 @@ def circuits_discover(
     if held_out is not None:
         held, held_twins, _ = prompt_pairs(held_out, held_out_corrupted)
     net, tok = _circuits_start(model, None, None, False, out, figure_format)
-    with _circuits_bar() as bar:
+    with _progress_callback() as progress:
         result = discover(
             net,
             tok,
@@ -1906,7 +1887,7 @@ def circuits_discover(
             target_faithfulness=target_faithfulness,
             held_out=held,
             held_out_corrupted=held_twins,
-            progress=_circuits_progress(bar),
+            progress=progress,
         )
     written = _circuits_output(out, "circuit", result, figure_format, as_json)
     if written is None:

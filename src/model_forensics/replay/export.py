@@ -26,6 +26,7 @@ max(1, max |logit|) is refused.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -38,12 +39,12 @@ from torch import nn
 
 from model_forensics.core.errors import ForensicsError
 from model_forensics.core.files import write_text_atomic
-from model_forensics.core.manifest import strict_loads
+from model_forensics.models.adapters import HookPoint
 from model_forensics.models.hooks import logits_of
 from model_forensics.models.inputs import ModelInputs
 from model_forensics.replay import standalone_fix
 from model_forensics.replay.interventions import Intervention, Prepared
-from model_forensics.replay.loading import read_fix_file
+from model_forensics.replay.loading import fix_interventions, read_fix_json
 from model_forensics.replay.session import Session
 
 EXPORTABLE = standalone_fix.KINDS
@@ -201,24 +202,20 @@ def export_fix(
 def read_analysis(path: str | Path) -> tuple[list[Intervention], dict[str, Any], Path | None]:
     """The fix set of an analysis JSON (checked as hostile input), the analysis itself, and
     the bundle it names (None: it names none)."""
-    interventions = read_fix_file(path)  # size, strict JSON and every intervention checked
-    data = strict_loads(Path(path).read_text(encoding="utf-8"))
-    if isinstance(data, dict) and "fix_set" not in data:
+    data = read_fix_json(path)  # size-capped, strict JSON, read once
+    interventions = fix_interventions(data, f"fix file '{Path(path)}'")  # every intervention checked
+    if "fix_set" not in data:
         data = {"fix_set": data}
     bundle = data.get("bundle") if isinstance(data, dict) else None
     return interventions, data, Path(bundle) if isinstance(bundle, str) and bundle else None
 
 
 # -- the dependency-free form --------------------------------------------------------------------
-def _point(point: Any) -> dict[str, Any]:
-    return {
-        "module": point.module,
-        "io": point.io,
-        "index": point.index,
-        "span": None if point.span is None else list(point.span),
-        "heads": point.heads,
-        "channels": point.channels,
-    }
+def _point(point: HookPoint) -> dict[str, Any]:
+    """A hook point as fix.json holds it (the pattern flag is refused before this)."""
+    fields = dataclasses.asdict(point)
+    fields.pop("pattern")
+    return fields
 
 
 def _spec(session: Session, prepared: list[Prepared]) -> dict[str, Any]:

@@ -193,6 +193,13 @@ def read_fix_file(path: str | Path) -> list[Intervention]:
         ForensicsError: the file is missing, too large, not strict JSON, holds no fix set,
             or an intervention in it is malformed (the message names which and why).
     """
+    data = read_fix_json(path)
+    return fix_interventions(data, f"fix file '{Path(path)}'")
+
+
+def read_fix_json(path: str | Path) -> Any:
+    """A fix file's JSON (an analysis or a fix set), size-capped and strictly parsed; its
+    interventions are checked by :func:`fix_interventions`."""
     file = Path(path)
     what = f"fix file '{file}'"
     if not file.is_file():
@@ -204,7 +211,12 @@ def read_fix_file(path: str | Path) -> list[Intervention]:
         raw = file.read_bytes()
     except OSError as exc:
         raise ForensicsError(f"cannot read {what}: {exc.strerror or exc}") from None
-    data = _strict_json(raw, what)
+    return _strict_json(raw, what)
+
+
+def fix_interventions(data: Any, what: str) -> list[Intervention]:
+    """The interventions of parsed fix-file JSON (``fix_set.interventions`` of an analysis, or a
+    fix set's own ``interventions``), each checked as hostile input."""
     fix = data.get("fix_set", data) if isinstance(data, dict) else None
     if isinstance(data, dict) and "fix_set" in data and fix is None:
         raise ForensicsError(f"{what} holds no fix set (an analysis without a search); run `analyze` without triage")
