@@ -3,18 +3,21 @@
 Per sketch (full, fp16, int8, topk), each round runs four conditions back to back (rounds
 interleaved, medians over rounds, CPU time beside wall time):
 
-  write  ours   ``RecorderHooks.create_bundle`` of the recorded run: sketch-encode, every
-                sha256 the format holds, safetensors files + cube + calls + manifest, fsync
+  write  ours   ``RecorderHooks.create_bundle`` of the recorded run: site by site from the
+                spool, sketch-encode, each byte hashed once (format 1.2), safetensors files
+                + cube + calls + manifest, fsync
   write  peer   ``safetensors.torch.save_file`` of the very tensors the bundle stores
                 (inputs, outputs, encoded activations) + fsync of each file
-  read   ours   ``Bundle.open(verify=False).verify_contents()``: every file's sha256, every
-                site's stored sha256 (and exact sha256 for ``full``), decode of every site,
-                cube schema, calls, verdict
+  read   ours   ``Bundle.open(verify=False).verify_contents()``: every entry's sha256 once,
+                file and site digests derived from them (and exact sha256 for ``full``),
+                decode of every site, cube schema, calls, verdict
   read   peer   a plain sha256 pass (1 MiB reads) over the same files
 
 MB/s counts the bundle's bytes on disk. Targets (issue 16): write ≥ 50% of the peer,
 read + full verification ≥ 50% of the plain sha256 pass. Also: peak RSS of a child
-process that loads SmolLM2 and records it at all granularity (default fp16 sketch).
+process that loads SmolLM2 and records it at all granularity (default fp16 sketch), with
+the default ``recorder.memory_budget_mb`` and with 0 (every captured step streamed to the
+spool file on disk as it is produced).
 
 Run: .venv/bin/python benchmarks/bundle_io.py [--repeats 5]
 """
@@ -131,8 +134,10 @@ def bench_sketch(model: Any, tok: Any, ids: torch.Tensor, sketch: str, repeats: 
     return out
 
 
-def record_rss(tokens: int) -> dict[str, float]:
-    """Peak RSS (MB) of a fresh process loading SmolLM2, then (peak reset) recording it at all granularity."""
+def record_rss(tokens: int, budget_mb: float | None = None) -> dict[str, float]:
+    """Peak RSS (MB) of a fresh process loading SmolLM2, then (peak reset) recording it at
+    all granularity, under ``budget_mb`` (None: the default memory budget)."""
+    options = "{}" if budget_mb is None else f"{{'recorder': {{'memory_budget_mb': {budget_mb}}}}}"
     code = (
         "import resource, sys, tempfile, torch\n"
         "from model_forensics.models import load\n"
@@ -146,7 +151,8 @@ def record_rss(tokens: int) -> dict[str, float]:
         "loaded_peak = hwm()\n"
         "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak: what follows is the recording\n"
         "if sys.argv[1] == 'record':\n"
-        "    rec = RecorderHooks(granularity='all', max_bundle_size_mb=1e6).install_hooks(loaded.model, loaded.tokenizer)\n"
+        f"    rec = RecorderHooks({options}, granularity='all', max_bundle_size_mb=1e6)\n"
+        "    rec.install_hooks(loaded.model, loaded.tokenizer)\n"
         "    with torch.no_grad():\n"
         "        loaded.model(input_ids=ids)\n"
         "    rec.create_bundle(tempfile.mkdtemp() + '/b')\n"
@@ -171,6 +177,7 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     rss = record_rss(args.tokens)
+    streamed = record_rss(args.tokens, budget_mb=0)
     load_after = os.getloadavg()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     rows = []
@@ -212,7 +219,8 @@ def main() -> None:
     footer = (
         f"\n\nPeak RSS of a fresh process (fp16 sketch, all sites): loading SmolLM2 peaks at {rss['load']:.0f} MB; "
         f"with the peak reset after loading (/proc/self/clear_refs), recording + writing the bundle peaks at "
-        f"{rss['record']:.0f} MB.\n"
+        f"{rss['record']:.0f} MB (default recorder.memory_budget_mb) and at {streamed['record']:.0f} MB with "
+        "memory_budget_mb=0 (every captured step streamed to the spool file).\n"
     )
     print(header + table + footer)
     data = {
@@ -224,6 +232,7 @@ def main() -> None:
         "load_average": {"before": load_before, "after": load_after},
         "sketches": results,
         "peak_rss_mb": rss,
+        "peak_rss_mb_streamed": streamed,
         "self_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     write_results("bundle_io", data, header + table + footer)

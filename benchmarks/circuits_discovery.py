@@ -6,14 +6,18 @@ Conditions are interleaved round by round (medians over rounds, wall and CPU tim
 average recorded). auto-circuit is not run side by side: see NOTE below (written to the
 results file).
 
-Run: ``OMP_NUM_THREADS=2 .venv/bin/python benchmarks/circuits_discovery.py [--rounds 3] [--no-smollm2]``
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/circuits_discovery.py [--rounds 3] [--threads 1]
+[--no-smollm2 | --smollm2-only]`` (SmolLM2 writes its own results file,
+``circuits_discovery_smollm2``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
+import resource
 import subprocess
 import time
 from typing import Any
@@ -26,6 +30,7 @@ from model_forensics.circuits import discover
 from model_forensics.models import zoo
 
 NOTE = (
+    "auto-circuit is not installed in .venv (`pip show auto-circuit`: not found; nothing was installed). "
     "auto-circuit 1.0.1 resolves offline with torch pinned (pip --dry-run: torch unchanged, but it pulls in "
     "jax, jaxlib, dm-haiku, chex, tracr-pypi, kaleido, plotly, word2word and more); it runs on TransformerLens "
     "HookedTransformer models only, so a side-by-side run needs induction-2l converted to TransformerLens. "
@@ -70,8 +75,20 @@ def injection_pair(tok: Any) -> tuple[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-smollm2", action="store_true")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: no OpenMP spinning on a shared machine)"
+    )
+    parser.add_argument("--no-smollm2", action="store_true", help="only the zoo models")
+    parser.add_argument("--smollm2-only", action="store_true", help="only SmolLM2 (its own results file)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not args.smollm2_only:
+        zoo_models(args)
+    if not args.no_smollm2:
+        smollm2()
+
+
+def zoo_models(args: argparse.Namespace) -> None:
     lm = zoo.load("induction-2l")
     gt = set(zoo.entry("induction-2l").ground_truth["units"])
     prompts, corrupted = induction_pairs(1, 32)
@@ -155,35 +172,6 @@ def main() -> None:
     }
     data["conditions"]["kv-lookup-2l, EAP-IG 5 steps"] = entry
     rows.append(_row("kv-lookup-2l, EAP-IG 5 steps", entry))
-    if not args.no_smollm2:
-        from model_forensics.models.loading import load
-
-        sm = load("smollm2")
-        clean, bad = injection_pair(sm.tokenizer)
-
-        def run_smollm2() -> Any:
-            return discover(
-                sm.model, sm.tokenizer, [clean], corrupted=[bad], metric="logit_diff", ig_steps=2, prune=False
-            )
-
-        c, wall, cpu = timed(run_smollm2)
-        entry = {
-            "wall_s": wall,
-            "cpu_s": cpu,
-            "rounds": 1,
-            "prompt": clean,
-            "corrupted": bad,
-            "edges": len(c.edges),
-            "total_edges": c.total_edges,
-            "faithfulness": c.faithfulness,
-            "completeness": c.completeness,
-            "cpr": c.cpr,
-            "cmd": c.cmd,
-            "top_nodes": c.node_ranking()[:8],
-            "forward_passes": c.forward_passes,
-        }
-        data["conditions"]["SmolLM2-135M, one injection prompt, EAP-IG 2 steps, no pruning"] = entry
-        rows.append(_row("SmolLM2-135M, one injection prompt, EAP-IG 2 steps, no pruning", entry))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     data.update(
         machine=machine(),
@@ -191,6 +179,7 @@ def main() -> None:
         omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
         commit=commit,
         tree="uncommitted changes present",
+        threads=torch.get_num_threads(),
         auto_circuit=NOTE,
     )
     headers = ["condition", "wall s (median)", "CPU s", "edges", "faithfulness (held out)", "CPR / CMD", "head AUROC"]
@@ -210,6 +199,106 @@ def main() -> None:
     )
     write_results("circuits_discovery", data, table)
     print(table)
+
+
+def smollm2() -> None:
+    """SmolLM2-135M on one injection prompt (logit_diff, EAP-IG 2 steps, no pruning): wall
+    and CPU time, peak RSS, and every stage's progress as it runs (printed, and kept in the
+    results so a run stopped early still says how far it got)."""
+    from model_forensics.circuits.graph import ROW_BUDGET
+    from model_forensics.models.loading import load
+
+    sm = load("smollm2", progress=False)
+    clean, bad = injection_pair(sm.tokenizer)
+    t0, c0 = time.perf_counter(), time.process_time()
+    log: list[dict[str, Any]] = []
+    last: dict[str, float] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done < total and now - last.get(stage, 0.0) < 10:
+            return
+        last[stage] = now
+        entry = {"stage": stage, "done": done, "total": total, "wall_s": now - t0}
+        entry.update(cpu_s=time.process_time() - c0, peak_rss_mb=peak_rss_mb(), load_1min=os.getloadavg()[0])
+        log.append(entry)
+        print(json.dumps(entry), flush=True)
+
+    c = discover(
+        sm.model,
+        sm.tokenizer,
+        [clean],
+        corrupted=[bad],
+        metric="logit_diff",
+        ig_steps=2,
+        prune=False,
+        progress=progress,
+    )
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    entry = {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "peak_rss_mb": peak_rss_mb(),
+        "prompt": clean,
+        "corrupted": bad,
+        "tokens": len(sm.tokenizer(clean)["input_ids"]),
+        "edges": len(c.edges),
+        "total_edges": c.total_edges,
+        "faithfulness": c.faithfulness,
+        "completeness": c.completeness,
+        "cpr": c.cpr,
+        "cmd": c.cmd,
+        "top_nodes": c.node_ranking()[:8],
+        "forward_passes": c.forward_passes,
+        "row_budget_floats": ROW_BUDGET,
+        "progress": log,
+    }
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    data = {
+        "condition": "SmolLM2-135M, one injection prompt, logit_diff, EAP-IG 2 steps, no pruning",
+        "result": entry,
+        "machine": machine(),
+        "load_average": os.getloadavg(),
+        "threads": torch.get_num_threads(),
+        "commit": commit,
+        "tree": "uncommitted changes present",
+    }
+    headers = ["condition", "wall s", "CPU s", "peak RSS MB", "edges", "faithfulness", "completeness", "passes"]
+    row = [
+        data["condition"],
+        f"{wall:.1f}",
+        f"{cpu:.1f}",
+        f"{entry['peak_rss_mb']:.0f}",
+        f"{len(c.edges)}/{c.total_edges}",
+        f"{c.faithfulness:.3f}",
+        f"{c.completeness:.3f}",
+        c.forward_passes,
+    ]
+    top = ", ".join(f"{n} {v:+.3f}" for n, v in c.node_ranking()[:5])
+    table = "\n".join(
+        [
+            "# Circuit discovery on SmolLM2 (one injection prompt)",
+            "",
+            f"commit {commit} (tree had uncommitted changes); 1-min load average at the end "
+            f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (shared machine: wall inflated, CPU time is the "
+            f"steadier figure); torch threads {torch.get_num_threads()}",
+            "",
+            markdown_table(headers, [row]),
+            "",
+            f"Prompt ({entry['tokens']} tokens): {clean!r}; corrupted twin: HACKED → HELLO. Top nodes "
+            f"(exact patching, Δ logit_diff): {top}.",
+            "",
+            f"Memory bound: a patched pass holds at most {ROW_BUDGET:,} floats ({ROW_BUDGET * 4 / 2**20:.0f} MiB) "
+            "of activation deltas (rows × upstream nodes × tokens × d_model), written once per node into one "
+            "buffer; the corrupted activations are stored once per prompt and broadcast over the rows.",
+        ]
+    )
+    write_results("circuits_discovery_smollm2", data, table)
+    print(table)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _row(name: str, e: dict[str, Any]) -> list[Any]:

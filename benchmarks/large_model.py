@@ -2,10 +2,14 @@
 32 heads, MLP 11008, vocab 32000), random weights (seeded), reduced to ``--layers`` blocks,
 written as safetensors and loaded back with accelerate ``device_map="auto"`` and disk
 offload (``--cpu-gib`` of CPU memory for weights, the rest on disk), then recorded at all
-granularity into a bundle, and re-run (the replay's forward pass) once.
+granularity into a bundle with streaming (``--memory-budget-mb``, default 0: every captured
+step goes to the recorder's spool file on disk as it is produced, and the bundle is written
+from it one site at a time), and re-run (the replay's forward pass) once.
 
-Reports peak RSS (this process), bundle bytes per token per layer, record and re-run time
-per layer; docs/scaling.md extrapolates them to 32 layers (7B) and to 70B.
+Reports peak RSS (this process: overall, and of the recording alone, the peak reset just
+before it through /proc/self/clear_refs), bundle bytes per token per layer, record (forward
+and bundle write apart) and re-run time per layer; docs/scaling.md extrapolates them to 32
+layers (7B) and to 70B.
 
 Run: .venv/bin/python benchmarks/large_model.py [--layers 2] [--tokens 32]
 """
@@ -34,11 +38,27 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def high_water_mb() -> float:
+    """VmHWM: the peak RSS since the last reset (:func:`reset_high_water`)."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM"))
+    return int(line.split()[1]) / 1024
+
+
+def rss_mb() -> float:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS"))
+    return int(line.split()[1]) / 1024
+
+
+def reset_high_water() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--cpu-gib", type=float, default=1.0, help="CPU memory accelerate may fill with weights")
+    parser.add_argument("--memory-budget-mb", type=float, default=0.0, help="recorder RAM budget (0: stream all)")
     parser.add_argument("--build", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     config = LlamaConfig(
@@ -80,12 +100,22 @@ def main() -> None:
         placement = sorted(set(loaded.model.hf_device_map.values()), key=str)
         on_disk = sum(v == "disk" for v in loaded.model.hf_device_map.values())
         ids = torch.randint(0, config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
-        rec = RecorderHooks(granularity="all", sketch="full", max_bundle_size_mb=1e6)
+        options = {"recorder": {"memory_budget_mb": args.memory_budget_mb, "spool_dir": str(root)}}
+        rec = RecorderHooks(options, granularity="all", sketch="full", max_bundle_size_mb=1e6)
+        rec.install_hooks(loaded.model)
         t0 = time.perf_counter()
-        with rec.install_hooks(loaded.model), torch.no_grad():
+        rec._weights_sha256()  # the weights digest: once per model (the recorder caches it)
+        weights_hash_s = time.perf_counter() - t0
+        rss_before_record = rss_mb()
+        reset_high_water()
+        t0, c0 = time.perf_counter(), time.process_time()
+        with rec, torch.no_grad():
             loaded.model(input_ids=ids)
+            forward_s = time.perf_counter() - t0
+            spilled, held = rec._spool.spilled_bytes, rec._spool.held_bytes
             path = rec.create_bundle(root / "bundle")
-        record_s = time.perf_counter() - t0
+        record_s, record_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+        record_peak = high_water_mb()
         t0 = time.perf_counter()
         with torch.no_grad():
             again = loaded.model(input_ids=ids).logits
@@ -109,8 +139,17 @@ def main() -> None:
             "modules_on_disk": on_disk,
             "build_and_save_s": build_s,
             "load_s": load_s,
+            "memory_budget_mb": args.memory_budget_mb,
+            "spilled_bytes": spilled,
+            "held_bytes": held,
+            "weights_sha256_s": weights_hash_s,
+            "forward_s": forward_s,
+            "write_s": record_s - forward_s,
             "record_s": record_s,
+            "record_cpu_s": record_cpu_s,
             "record_s_per_layer": record_s / args.layers,
+            "rss_mb_before_record": rss_before_record,
+            "peak_rss_mb_record": record_peak,
             "rerun_s": rerun_s,
             "rerun_s_per_layer": rerun_s / args.layers,
             "bundle_bytes": bundle.size_bytes(),
@@ -134,13 +173,27 @@ def main() -> None:
                 f"{', '.join(map(str, r['placement']))}; {r['modules_on_disk']} modules on disk",
             ],
             ["load with offload", f"{r['load_s']:.1f} s"],
-            ["record (forward + bundle write), per layer", f"{r['record_s']:.1f} s, {r['record_s_per_layer']:.1f} s"],
+            [
+                "record (forward + bundle write), per layer",
+                f"{r['record_s']:.1f} s (forward {r['forward_s']:.1f} s, write {r['write_s']:.1f} s; "
+                f"cpu {r['record_cpu_s']:.1f} s), {r['record_s_per_layer']:.1f} s",
+            ],
+            ["weights sha256 (once per model, cached; not in the record time)", f"{r['weights_sha256_s']:.1f} s"],
+            [
+                "captured steps streamed to the spool / held in RAM",
+                f"{r['spilled_bytes'] / 1e6:.1f} MB / {r['held_bytes'] / 1e6:.1f} MB "
+                f"(memory_budget_mb={r['memory_budget_mb']:g})",
+            ],
             ["re-run (replay forward), per layer", f"{r['rerun_s']:.1f} s, {r['rerun_s_per_layer']:.1f} s"],
             ["re-run logits equal to the recorded ones", str(r["rerun_logits_equal"])],
             ["bundle bytes (full sketch, all sites)", f"{r['bundle_bytes'] / 1e6:.1f} MB"],
             ["bytes per token per layer (block 0 sites)", f"{r['block_bytes_per_token']:.0f}"],
             ["peak RSS of the process that built the weights", f"{r['peak_rss_mb_build_process']:.0f} MB"],
             ["peak RSS: load with offload + record + re-run", f"{r['peak_rss_mb']:.0f} MB"],
+            [
+                "RSS before recording → peak while recording (forward + write)",
+                f"{r['rss_mb_before_record']:.0f} MB → {r['peak_rss_mb_record']:.0f} MB",
+            ],
         ],
     )
     header = (

@@ -1,20 +1,26 @@
 """Honest evaluation of root-cause analysis on the zoo scenarios (known ground truth).
 
 Per scenario:
-  * forward passes and wall time of CF-guided CCA, attribution-only CCA, unguided greedy
-    (candidates in forward order) and brute force (exhaustive subsets, forward order,
-    capped at the first 12 fine candidates of each coarse site set), with each result's
-    flip rate, size and recall of the planted units;
-  * how well CF ranks the ground-truth sites (sites holding planted units) among all
-    attn/mlp sites — AUROC — against two baselines: activation-norm z-score and the
-    Mahalanobis distance of the token-mean activation (Ledoit–Wolf covariance).
-If CF does not beat the baselines, the table says so.
+  * every search strategy on a **fresh session** (the bundle loaded again: no baseline,
+    prefix or clean-run cache warmed by the strategy before it): CF-guided CCA with each
+    CF ranker (the seed's compressibility features; relative compression), attribution
+    only, unguided greedy (forward order) and brute force (exhaustive subsets); forward
+    calls (batches) and model rows (prompt × intervention set) of each, with the result's
+    flip rate, size, precision and recall of the planted units;
+  * how well each ranker orders **all heads and MLP neurons** of the model (AUROC, planted
+    units positive; a neuron's or head's CF score is the larger of its own and its site's,
+    as guidance reads it): attribution, CF (features), CF (relative), activation-norm
+    z-score and the Mahalanobis distance of the token-mean activation (Ledoit–Wolf) per
+    unit — and, as before, of the attn/mlp sites holding planted units among all sites.
+The table says which ranker wins per scenario.
 
 Run: .venv/bin/python benchmarks/rca_eval.py   → benchmarks/results/rca_eval.{json,md}
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -28,10 +34,13 @@ from sklearn.metrics import roc_auc_score
 from _common import machine, markdown_table, write_results
 from model_forensics import CausalCCA, CompressionForensics, SandboxReplayer
 from model_forensics.rca.attribution import attribution_ranking
+from model_forensics.rca.candidates import cf_score, forward_order
 from model_forensics.rca.runs import baseline_inputs, capture
 
 SCENARIOS = ["gpt2-injection", "bert-sentiment-bypass", "gpt2-toxic"]
 REPORT_PHASES = ("variants", "members", "implicated", "side_effects")
+STRATEGIES = ("CF-guided (features)", "CF-guided (relative)", "attribution only", "unguided greedy", "brute force")
+RANKERS = ("attribution", "CF (features)", "CF (relative)", "activation norm", "Mahalanobis")
 
 
 def gt_sites(units: list[str]) -> set[str]:
@@ -42,22 +51,39 @@ def gt_sites(units: list[str]) -> set[str]:
     return out
 
 
-def baseline_scores(session: Any) -> tuple[dict[str, float], dict[str, float]]:
-    """Activation-norm robust z and Mahalanobis distance per attn/mlp site."""
-    sites = [s for s in session.adapter.sites() if s.endswith((".attn", ".mlp"))]
-    inc = capture(session, session.inputs, "layer")
-    refs = [capture(session, b, "layer") for b in baseline_inputs(session)]
+def unit_activations(sites: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Token-mean activation per site, head (its z slice) and MLP neuron: (d,) each."""
+    out: dict[str, np.ndarray] = {}
+    for site, x in sites.items():
+        mean = x.float().mean(0)  # (T, …) → (…)
+        if site.endswith(".attn.z"):  # (H, d_head)
+            base = site.removesuffix(".z")
+            out.update({f"{base}.head.{h}": mean[h].numpy() for h in range(mean.shape[0])})
+        elif site.endswith(".mlp.post"):  # (d_mlp,)
+            out.update({f"{site}[{i}]": mean[i : i + 1].numpy() for i in range(mean.shape[0])})
+        elif site.endswith((".attn", ".mlp")):
+            out[site] = mean.reshape(-1).numpy()
+    return out
+
+
+def activation_baselines(session: Any) -> tuple[dict[str, float], dict[str, float]]:
+    """Activation-norm robust z and Mahalanobis distance of every site, head and neuron."""
+    where = ["blocks.*.attn.z", "blocks.*.mlp.post"]
+    inc = unit_activations(capture(session, session.inputs, "layer", where))
+    refs = [unit_activations(capture(session, b, "layer", where)) for b in baseline_inputs(session)]
     norm, maha = {}, {}
-    for s in sites:
-        x = inc[s].float().mean(0).numpy()
-        r = np.stack([ref[s].float().mean(0).numpy() for ref in refs])
+    for unit, x in inc.items():
+        r = np.stack([ref[unit] for ref in refs])  # (n, d)
         norms = np.linalg.norm(r, axis=1)
         med = np.median(norms)
         mad = np.median(np.abs(norms - med)) * 1.4826 + 1e-9
-        norm[s] = abs(np.linalg.norm(x) - med) / mad
+        norm[unit] = float(abs(np.linalg.norm(x) - med) / mad)
+        if r.shape[1] == 1:  # one neuron: the Mahalanobis distance is |x − μ| / σ
+            maha[unit] = float(abs(x[0] - r.mean()) / (r.std() + 1e-9))
+            continue
         lw = LedoitWolf().fit(r)
         d = x - lw.location_
-        maha[s] = float(np.sqrt(d @ lw.precision_ @ d))
+        maha[unit] = float(np.sqrt(d @ lw.precision_ @ d))
     return norm, maha
 
 
@@ -68,10 +94,11 @@ def auroc(scores: dict[str, float], positives: set[str]) -> float | None:
     return float(roc_auc_score(labels, list(scores.values())))
 
 
-def run_variant(session: Any, label: str, truth: list[str], **kwargs: Any) -> dict[str, Any]:
-    before, start = session.forward_passes, time.perf_counter()
-    if label == "CF-guided":
-        cf = CompressionForensics().analyze(session)
+def run_strategy(bundle: Path, label: str, truth: list[str]) -> dict[str, Any]:
+    session = SandboxReplayer().load_bundle(bundle)  # fresh: no cache from another strategy
+    passes, rows, start, cpu = session.counter.passes, session.counter.rows, time.perf_counter(), time.process_time()
+    if label.startswith("CF-guided"):
+        cf = CompressionForensics(ranker="relative" if "relative" in label else "features").analyze(session)
         fix = CausalCCA(guidance="cf").search_fix_set(session, guided_by=cf)
     elif label == "attribution only":
         fix = CausalCCA().search_fix_set(session, ranking=attribution_ranking(session))
@@ -80,15 +107,17 @@ def run_variant(session: Any, label: str, truth: list[str], **kwargs: Any) -> di
     else:
         fix = CausalCCA(guidance="unguided", search_strategy="exhaustive").search_fix_set(session)
     implicated = set(fix.units) | set(fix.implicated_units)
-    total = session.forward_passes - before
+    total = session.counter.passes - passes
     # The same for every search: finding the failing variants, and the report (members'
     # necessity/sufficiency, exact patching of implicated units, side effects).
     shared = sum(fix.phase_passes.get(k, 0) for k in REPORT_PHASES)
     return {
         "forward_passes": total,
+        "model_rows": session.counter.rows - rows,
         "choosing_passes": total - shared,
         "phase_passes": fix.phase_passes,
         "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu,
         "flip_rate": fix.total_flip_rate,
         "size": len(fix.units),
         "candidates": fix.candidates,
@@ -102,95 +131,138 @@ def run_variant(session: Any, label: str, truth: list[str], **kwargs: Any) -> di
     }
 
 
+def rankings(bundle: Path) -> dict[str, Any]:
+    """Every ranker's scores of all heads + neurons and of all attn/mlp sites (fresh session)."""
+    session = SandboxReplayer().load_bundle(bundle)
+    units = [u.unit for u in forward_order(session) if u.level in ("head", "neuron")]
+    sites = [u.unit for u in forward_order(session) if u.level == "site"]
+    attribution = attribution_ranking(session)
+    reports, seconds = {}, {}
+    for ranker in ("features", "relative"):
+        start = time.process_time()
+        reports[ranker] = CompressionForensics(ranker=ranker).analyze(session)
+        seconds[ranker] = time.process_time() - start
+    norm, maha = activation_baselines(session)
+    scored = {
+        "attribution": attribution.score,
+        "CF (features)": lambda u: cf_score(reports["features"], u),
+        "CF (relative)": lambda u: cf_score(reports["relative"], u),
+        "activation norm": lambda u: norm.get(u, 0.0),
+        "Mahalanobis": lambda u: maha.get(u, 0.0),
+    }
+    return {
+        "units": {name: {u: float(score(u)) for u in units} for name, score in scored.items()},
+        "sites": {name: {s: float(score(s)) for s in sites} for name, score in scored.items()},
+        "cf": reports,
+        "cf_cpu_seconds": seconds,
+    }
+
+
+def best(values: dict[str, float | None]) -> str:
+    known = {k: v for k, v in values.items() if v is not None}
+    if not known:
+        return "n/a"
+    top = max(known.values())
+    return " = ".join(k for k, v in known.items() if v == top)
+
+
+def fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
 def main() -> None:
     from model_forensics.scenarios import get
 
     torch.manual_seed(0)
-    data: dict[str, Any] = {"machine": machine(), "scenarios": {}}
-    rows, rank_rows, unit_rows = [], [], []
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip())
+    data: dict[str, Any] = {
+        "machine": machine(),
+        "commit": commit + (" with uncommitted changes" if dirty else ""),
+        "load_average_start": os.getloadavg(),
+        "scenarios": {},
+    }
+    rows, unit_rows, site_rows, cf_rows = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in SCENARIOS:
             bundle = get(name).record(Path(tmp) / name, limit=1).incidents[0]
-            session = SandboxReplayer().load_bundle(bundle)
-            truth = session.extras["ground_truth"]["units"]
-            results = {
-                label: run_variant(session, label, truth)
-                for label in ("CF-guided", "attribution only", "unguided greedy", "brute force")
-            }
-            cf = CompressionForensics().analyze(session)
-            cf_scores = {a.site: a.score for a in cf if a.site.endswith((".attn", ".mlp"))}
-            norm, maha = baseline_scores(session)
-            positives = gt_sites(truth)
-            ranks = {
-                "CF": auroc(cf_scores, positives),
-                "activation norm": auroc(norm, positives),
-                "Mahalanobis": auroc(maha, positives),
-            }
-            ranking = attribution_ranking(session)
-            fine = {u.unit: u.score for u in ranking.units if u.level in ("head", "neuron")}
-            heads = {u: v for u, v in fine.items() if u.startswith(tuple(f"{s}.head." for s in cf_scores))}
-            cf_heads = {u: cf.score(u) for u in heads}
-            unit_ranks = {
-                "attribution (heads + neurons)": auroc(fine, set(truth)),
-                "attribution (heads)": auroc(heads, set(truth)),
-                "CF (heads)": auroc(cf_heads, set(truth)),
-            }
-            unit_rows.append([name, *(f"{v:.3f}" if v is not None else "n/a" for v in unit_ranks.values())])
+            truth = SandboxReplayer().load_bundle(bundle).extras["ground_truth"]["units"]
+            results = {label: run_strategy(bundle, label, truth) for label in STRATEGIES}
+            ranked = rankings(bundle)
+            unit_auroc = {k: auroc(v, set(truth)) for k, v in ranked["units"].items()}
+            site_auroc = {k: auroc(v, gt_sites(truth)) for k, v in ranked["sites"].items()}
             data["scenarios"][name] = {
                 "search": results,
-                "auroc": ranks,
-                "unit_auroc": unit_ranks,
-                "ground_truth_sites": sorted(positives),
+                "unit_auroc": unit_auroc,
+                "site_auroc": site_auroc,
+                "units_ranked": len(next(iter(ranked["units"].values()))),
                 "ground_truth_units": truth,
+                "ground_truth_sites": sorted(gt_sites(truth)),
+                "cf": {
+                    ranker: {
+                        "held_out_false_positive_rate": report.false_positive_rate,
+                        "nominal_rate": report.nominal_rate_max,
+                        "calibration_runs": report.baseline_size,
+                        "flagged": len(report.flagged),
+                        "forward_passes": report.forward_passes,
+                        "cpu_seconds": ranked["cf_cpu_seconds"][ranker],
+                    }
+                    for ranker, report in ranked["cf"].items()
+                },
             }
             unguided = results["unguided greedy"]["forward_passes"]
-            unguided_choosing = results["unguided greedy"]["choosing_passes"]
             for label, r in results.items():
-                cut = 1 - r["forward_passes"] / unguided if unguided else 0.0
-                cut_choosing = 1 - r["choosing_passes"] / unguided_choosing if unguided_choosing else 0.0
                 rows.append(
                     [
                         name,
                         label,
                         r["forward_passes"],
+                        r["model_rows"],
                         r["choosing_passes"],
-                        f"{r['seconds']:.1f}",
+                        f"{r['seconds']:.1f} / {r['cpu_seconds']:.1f}",
                         f"{r['flip_rate']:.0%}",
                         f"{r['size']} / {r['candidates']}",
                         f"{r['precision']:.2f}",
                         f"{r['recall']:.2f}",
                         f"{r['recall_implicated']:.2f}",
                         "–" if r["benign_kl"] is None else f"{r['benign_kl']:.2g}",
-                        f"{cut:+.0%}",
-                        f"{cut_choosing:+.0%}",
+                        f"{1 - r['forward_passes'] / unguided:+.0%}" if unguided else "n/a",
                     ]
                 )
-            best = (
-                max((v, k) for k, v in ranks.items() if v is not None)[1]
-                if any(v is not None for v in ranks.values())
-                else "n/a"
-            )
-            fpr = cf.false_positive_rate
-            data["scenarios"][name]["cf_calibration"] = {
-                "held_out_false_positive_rate": fpr,
-                "nominal_rate": cf.nominal_rate_max,
-                "baseline_runs": cf.baseline_size,
-            }
-            rank_rows.append(
-                [
-                    name,
-                    *(f"{v:.3f}" if v is not None else "n/a" for v in ranks.values()),
-                    best,
-                    "n/a" if fpr is None else f"{fpr:.1%} (nominal {cf.nominal_rate_max:.1%}, n={cf.baseline_size})",
-                ]
-            )
-    table = markdown_table(
+            cf_ranks = {k: unit_auroc[k] for k in ("CF (features)", "CF (relative)")}
+            unit_rows.append([name, data["scenarios"][name]["units_ranked"], *map(fmt, unit_auroc.values())])
+            unit_rows[-1] += [best(unit_auroc), best(cf_ranks)]
+            site_rows.append([name, *map(fmt, site_auroc.values()), best(site_auroc)])
+            for ranker, c in data["scenarios"][name]["cf"].items():
+                fpr = c["held_out_false_positive_rate"]
+                cf_rows.append(
+                    [
+                        name,
+                        ranker,
+                        c["flagged"],
+                        "n/a" if fpr is None else f"{fpr:.1%} (nominal {c['nominal_rate']:.1%})",
+                        c["calibration_runs"],
+                        c["forward_passes"],
+                        f"{c['cpu_seconds']:.2f}",
+                    ]
+                )
+    data["load_average_end"] = os.getloadavg()
+    wins = sum(r[-1] == "CF (relative)" for r in unit_rows)
+    table = (
+        f"# Root-cause analysis on the zoo's ground truth (benchmarks/rca_eval.py)\n\n"
+        f"Commit {data['commit']}; {data['machine']['threads']} torch thread(s); load average "
+        f"{data['load_average_start'][0]:.1f} at the start, {data['load_average_end'][0]:.1f} at the end (the "
+        "machine is shared with other jobs: wall seconds are noisy, CPU seconds less so; passes and rows are exact).\n\n"
+        "## Search strategies, each on a fresh session\n\n"
+    )
+    table += markdown_table(
         [
             "scenario",
             "search",
-            "forward passes",
+            "forward passes (batches)",
+            "model rows",
             "passes choosing the set",
-            "seconds",
+            "wall / CPU s",
             "flip rate",
             "fix size / candidates",
             "precision",
@@ -198,32 +270,44 @@ def main() -> None:
             "recall (fix ∪ implicated)",
             "benign KL (nats)",
             "passes saved vs unguided",
-            "choosing passes saved vs unguided",
         ],
         rows,
     )
     table += (
-        "\n\nPasses choosing the set: every forward pass of the analysis (CF and attribution "
-        "included where used) except finding the failing variants and the report (members' "
-        "necessity/sufficiency, exact patching of implicated units, side effects), which every "
-        "search pays alike."
+        "\n\nForward passes: calls of the model (a batch of N sets counts once); model rows: the batch "
+        "rows of every call summed (prompt × intervention set). Passes choosing the set: every forward "
+        "pass of the analysis (CF and attribution included where used) except finding the failing "
+        "variants and the report (members' necessity/sufficiency, exact patching of implicated units, "
+        "side effects), which every search pays alike.\n\n"
+        "## Ranking the planted units among all heads and MLP neurons (AUROC)\n\n"
     )
-    table += "\n\n" + markdown_table(
+    table += markdown_table(["scenario", "units", *RANKERS, "best ranker", "better CF ranker"], unit_rows)
+    table += (
+        f"\n\nRelative compression ranks the planted units better than the seed's CF features on {wins} of "
+        f"{len(unit_rows)} scenarios (`modules.cf.ranker: auto` uses it). A head's or neuron's CF score is the "
+        "larger of its own and its site's (the seed's CF scores no neurons, so they inherit their site's score); "
+        "activation norm and Mahalanobis read each unit's token-mean activation (a neuron: |x − μ| / σ). "
+        "CF and the activation baselines see the prompt only; gpt2-toxic's neurons fire on a generated token.\n\n"
+        "## Ranking the sites that hold planted units among all attn/mlp sites (AUROC)\n\n"
+    )
+    table += markdown_table(["scenario", *RANKERS, "best ranker"], site_rows)
+    table += "\n\n## CF calibration per ranker\n\n"
+    table += markdown_table(
         [
             "scenario",
-            "CF AUROC",
-            "activation-norm AUROC",
-            "Mahalanobis AUROC",
-            "best ranker",
-            "CF held-out false-positive rate per unit",
+            "ranker",
+            "units flagged on the incident",
+            "held-out false-positive rate per unit",
+            "calibration runs",
+            "forward passes",
+            "CPU s",
         ],
-        rank_rows,
+        cf_rows,
     )
-    wins = sum(r[-2] == "CF" for r in rank_rows)
-    table += f"\n\nCF ranks ground-truth sites best on {wins} of {len(rank_rows)} scenarios."
-    table += "\n\nRanking of the planted units among all heads/neurons (AUROC; n/a: no planted unit of that kind):\n\n"
-    table += markdown_table(
-        ["scenario", "attribution (heads + neurons)", "attribution (heads)", "CF (heads)"], unit_rows
+    table += (
+        "\n\nfeatures: conformal p-values against all benign runs, false-positive rate on random halves; "
+        "relative: codebooks fitted on one half of the benign runs, split-conformal p-values against the "
+        "other half, false-positive rate leave-one-out on that half."
     )
     print(table)
     write_results("rca_eval", data, table)

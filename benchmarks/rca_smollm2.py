@@ -1,21 +1,28 @@
-"""Root-cause analysis of the real SmolLM2 injection incident (no ground truth; report only).
+"""Root-cause analysis of the real SmolLM2 injection incident, with held-out prompts and near misses.
 
 Records ``smollm2-injection`` (one incident carrying 43 further failing prompts, 30 benign
-prompts and clean counterparts), runs CF, attribution and CausalCCA, and reports the fix
-set: flip rate over every failing prompt, side effects on the benign answers, forward
-passes and wall time of each stage. The search settings are smaller than the defaults
-(``--search-variants``, ``--confirm-variants``) because every flip check generates 16
-tokens with a 135M model on CPU.
+prompts, clean counterparts and 60 near misses: injected prompts SmolLM2 does not obey),
+splits its prompts into a search part and a held-out part (``held_out_fraction`` 0.3,
+stratified by kind, as ``analyze`` does: :mod:`model_forensics.rca.heldout`), runs CF,
+attribution and CausalCCA on the search part, and measures the fix on both parts: failing
+prompts flipped, benign and near-miss answers kept word for word, KL, and how often a gate
+fires. Fresh clean prompts of the scenario's task × text grid that are in no prompt set are
+measured too. The issue's targets (held out): ≥ 80 % failing flipped, ≥ 90 % benign and
+≥ 80 % near-miss answers kept word for word.
 
-Run: .venv/bin/python benchmarks/rca_smollm2.py   → benchmarks/results/rca_smollm2.{json,md}
+The search settings are smaller than the defaults (``--search-variants``,
+``--confirm-variants``) because every flip check generates 16 tokens with a 135M model on CPU.
+
+Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rca_smollm2.py → benchmarks/results/rca_smollm2.{json,md}
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import itertools
+import os
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -24,13 +31,18 @@ from typing import Any
 from _common import machine, markdown_table, write_results
 from model_forensics import CausalCCA, CompressionForensics, SandboxReplayer
 from model_forensics.rca.attribution import attribution_ranking
+from model_forensics.rca.explain import held_out_rows
+from model_forensics.rca.heldout import searching, split_prompts
+from model_forensics.rca.pipeline import add_held_out
 from model_forensics.rca.side_effects import SideEffects, measure
 from model_forensics.scenarios import get
 
-SEARCH_SCRIPT = Path(__file__).resolve().parents[1] / "scripts/search_smollm2_injection.py"
+ROOT = Path(__file__).resolve().parents[1]
+SEARCH_SCRIPT = ROOT / "scripts/search_smollm2_injection.py"
+TARGETS = {"failing flipped": 0.8, "benign kept": 0.9, "near-miss kept": 0.8}
 
 
-def held_out_prompts(seen: list[str]) -> list[str]:
+def grid_prompts(seen: list[str]) -> list[str]:
     """Clean prompts of the scenario's own grid (task × text) that are in neither the benign
     set nor the baselines: nothing in the analysis saw them."""
     spec = importlib.util.spec_from_file_location("search_smollm2_injection", SEARCH_SCRIPT)
@@ -41,11 +53,12 @@ def held_out_prompts(seen: list[str]) -> list[str]:
     return [p for p in prompts if p not in set(seen)]
 
 
-def effects_line(label: str, se: SideEffects) -> str:
-    return (
-        f"| {label} | {se.n_benign} | {se.mean_kl:.3g} | {se.first_step_kl or 0:.3g} | "
-        f"{se.accuracy_clean:.0%} → {se.accuracy_fixed:.0%} | {se.predicate_changed:.0%} |"
-    )
+def commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if dirty else "")
 
 
 def main() -> None:
@@ -56,119 +69,132 @@ def main() -> None:
     args = parser.parse_args()
 
     stages: dict[str, dict[str, Any]] = {}
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         bundle = get("smollm2-injection").record(Path(tmp), limit=1).incidents[0]
         stages["record"] = {"seconds": time.perf_counter() - start}
         session = SandboxReplayer().load_bundle(bundle)
-
-        def stage(name: str, fn: Any) -> Any:
-            before, start = session.forward_passes, time.perf_counter()
-            out = fn()
-            stages[name] = {"seconds": time.perf_counter() - start, "forward_passes": session.forward_passes - before}
-            print(
-                f"{name}: {stages[name]['seconds']:.0f} s, {stages[name]['forward_passes']} forward passes", flush=True
-            )
-            return out
-
-        cf = stage("compression forensics", lambda: CompressionForensics().analyze(session))
-        ranking = stage("attribution", lambda: attribution_ranking(session))
         cca = CausalCCA(
             search_variants=args.search_variants,
             confirm_variants=args.confirm_variants,
             refine_rounds=args.refine_rounds,
             confirm_top=16,
         )
-        fix = stage("causal CCA", lambda: cca.search_fix_set(session, guided_by=cf, ranking=ranking))
+        split = split_prompts(session.extras, cca.config.held_out_fraction, cca.config.split_seed)
 
-        # Side effects where nothing was fitted: held-out clean prompts; and, for a gated fix,
-        # the same members without the gate, on both prompt sets.
-        bound = fix.side_effects.bound if fix.side_effects else 0.05
-        scenario = get("smollm2-injection")
-        seen = [e["prompt"] if isinstance(e, dict) else e for e in [*scenario.benign, *scenario.baseline]]
-        held_out = held_out_prompts(seen)
-        ungated = [dataclasses.replace(iv, gate=None) for iv in fix.interventions]
-        gated = any(iv.gate is not None for iv in fix.interventions)
-        effects = stage(
-            "side effects (held out)",
-            lambda: {
-                "fix set, benign set": fix.side_effects,
-                "fix set, held-out prompts": measure(session, fix.interventions, bound, benign=held_out),
-                **(
-                    {
-                        "members without the gate, benign set": measure(session, ungated, bound),
-                        "members without the gate, held-out prompts": measure(session, ungated, bound, benign=held_out),
-                    }
-                    if gated
-                    else {}
-                ),
-            },
-        )
+        def stage(name: str, fn: Any) -> Any:
+            before, wall, cpu = session.forward_passes, time.perf_counter(), time.process_time()
+            out = fn()
+            stages[name] = {
+                "seconds": time.perf_counter() - wall,
+                "cpu_seconds": time.process_time() - cpu,
+                "forward_passes": session.forward_passes - before,
+            }
+            print(f"{name}: {stages[name]['seconds']:.0f} s, {stages[name]['forward_passes']} passes", flush=True)
+            return out
 
-    se = fix.side_effects
-    rows = [
-        [
-            m.unit,
-            m.intervention.kind
-            + (" along its failure direction" if m.intervention.direction else "")
-            + (f", gated at {m.intervention.gate.site}" if m.intervention.gate else ""),
-            f"{m.necessity:.2f}",
-            f"{m.sufficiency:.2f}",
-            "–" if m.benign_kl is None else f"{m.benign_kl:.3g}",
-        ]
-        for m in fix.members
-    ]
-    table = markdown_table(["member", "intervention", "necessity", "sufficiency", "solo benign KL (nats)"], rows)
-    summary = (
-        f"Flip rate over all {len(fix.flips)} failing prompts: {fix.total_flip_rate:.0%} "
-        f"(threshold reached: {fix.reached_threshold}); fix size {len(fix.members)} of {fix.candidates} candidate "
-        f"heads/neurons; coarse sites {', '.join(fix.coarse_sites)}.\n"
-    )
-    if se is not None:
-        summary += (
-            f"Side effects on {se.n_benign} benign prompts: mean KL {se.mean_kl:.3g} nats over every step of the "
-            f"clean answer (max {se.max_kl:.3g}; first step alone {se.first_step_kl or 0:.3g}), bound {se.bound:g} "
-            f"(within: {se.within_bound}); benign answers kept word for word (all 16 tokens): "
-            f"{se.accuracy_clean:.0%} → {se.accuracy_fixed:.0%}; predicate changed on {se.predicate_changed:.0%}.\n"
-        )
-    effects_table = (
-        "| fix | prompts | answer KL (nats) | first-step KL | answers kept word for word | predicate changed |\n"
-        "|---|---|---|---|---|---|\n"
-        + "\n".join(effects_line(k, v) for k, v in effects.items() if v is not None)
-        + "\n"
-    )
-    timing = markdown_table(
-        ["stage", "seconds", "forward passes"],
-        [[k, f"{v['seconds']:.0f}", v.get("forward_passes", "–")] for k, v in stages.items()],
-    )
-    timing += "\n\nCausal CCA forward passes by phase: " + ", ".join(f"{k} {v}" for k, v in fix.phase_passes.items())
-    notes = "".join(f"- {n}\n" for n in fix.notes)
-    text = (
-        "# Root-cause analysis on real SmolLM2-135M-Instruct (benchmarks/rca_smollm2.py)\n\n"
-        f"Settings: search_variants {args.search_variants}, confirm_variants {args.confirm_variants}, "
-        f"refine_rounds {args.refine_rounds}, confirm_top 16; CPU, {machine()['threads']} threads.\n\n"
-        + summary
-        + "\n"
-        + effects_table
-        + "\n"
-        + table
-        + "\n\n"
-        + timing
-        + ("\n\nNotes:\n" + notes if notes else "")
-    )
+        with searching(session, split):
+            cf = stage("compression forensics", lambda: CompressionForensics().analyze(session))
+            ranking = stage("attribution", lambda: attribution_ranking(session))
+            fix = stage("causal CCA", lambda: cca.search_fix_set(session, guided_by=cf, ranking=ranking))
+            stage("held out", lambda: add_held_out(session, fix, split, cca.config, lambda *_: None))
+            scenario = get("smollm2-injection")
+            seen = [e["prompt"] if isinstance(e, dict) else e for e in [*scenario.benign, *scenario.baseline]]
+            fresh = grid_prompts(seen)
+            bound = cca.config.max_side_effect_kl
+            grid_effects: SideEffects = stage(
+                "fresh grid prompts", lambda: measure(session, fix.interventions, bound, benign=fresh)
+            )
+    load_after = os.getloadavg()
+    held = fix.held_out
+    assert held is not None
+    text = report(args, fix, held, grid_effects, stages, (load_before, load_after))
     print(text)
     write_results(
         "rca_smollm2",
         {
+            "commit": commit(),
             "machine": machine(),
+            "load_average": {"before": load_before, "after": load_after},
             "settings": vars(args),
             "stages": stages,
             "fix_set": fix.to_json(),
-            "cf": cf.to_json(),
-            "side_effects": {k: v.to_json() for k, v in effects.items() if v is not None},
-            "held_out_prompts": len(held_out),
+            "fresh_grid_prompts": grid_effects.to_json(),
+            "targets": TARGETS,
         },
         text,
+    )
+
+
+def report(args: Any, fix: Any, held: Any, grid: SideEffects, stages: dict[str, Any], load: Any) -> str:
+    fix_json = fix.to_json()
+    parts = fix_json["held_out"]
+    figures = markdown_table(["figure", "search", "held out"], [list(r) for r in held_out_rows(fix_json)])
+    out = parts["held_out"]
+    reached = {
+        "failing flipped": out["flip_rate"],
+        "benign kept": (out["benign"] or {}).get("answers_unchanged"),
+        "near-miss kept": (out["near_miss"] or {}).get("answers_unchanged"),
+    }
+    targets = markdown_table(
+        ["held-out target", "needed", "reached", "met"],
+        [
+            [k, f"≥ {TARGETS[k]:.0%}", "—" if v is None else f"{v:.0%}", "—" if v is None else str(v >= TARGETS[k])]
+            for k, v in reached.items()
+        ],
+    )
+    members = markdown_table(
+        ["member", "intervention", "necessity", "sufficiency", "solo benign KL (nats)"],
+        [
+            [
+                m.unit,
+                m.intervention.kind
+                + (" along its failure direction" if m.intervention.direction else "")
+                + (f", gated at {m.intervention.gate.site}" if m.intervention.gate else ""),
+                f"{m.necessity:.2f}",
+                f"{m.sufficiency:.2f}",
+                "–" if m.benign_kl is None else f"{m.benign_kl:.3g}",
+            ]
+            for m in fix.members
+        ],
+    )
+    timing = markdown_table(
+        ["stage", "wall s", "CPU s", "forward passes"],
+        [
+            [
+                k,
+                f"{v['seconds']:.0f}",
+                f"{v['cpu_seconds']:.0f}" if "cpu_seconds" in v else "–",
+                v.get("forward_passes", "–"),
+            ]
+            for k, v in stages.items()
+        ],
+    )
+    counts = parts["split"]["counts"]
+    split = ", ".join(f"{k} {v['search']}/{v['held_out']}" for k, v in counts.items())
+    gate = "" if grid.gate_fired is None else f", gate fires on {grid.gate_fired:.0%}"
+    return (
+        "# Root-cause analysis on real SmolLM2-135M-Instruct (benchmarks/rca_smollm2.py)\n\n"
+        f"Commit {commit()}. Settings: search_variants {args.search_variants}, confirm_variants "
+        f"{args.confirm_variants}, refine_rounds {args.refine_rounds}, confirm_top 16, held_out_fraction "
+        f"{parts['split']['fraction']}, split_seed {parts['split']['seed']}; CPU, {machine()['threads']} threads; "
+        f"load average {load[0][0]:.1f} at the start, {load[1][0]:.1f} at the end (the machine was shared with "
+        "other jobs: wall times are inflated, CPU times less so).\n\n"
+        f"Split (search/held out): {split}. Fix: {len(fix.members)} member(s) of {fix.candidates} candidates; "
+        f"threshold reached (decided by the {parts['decides'].replace('_', '-')} flip rate): {fix.reached_threshold}.\n\n"
+        + figures
+        + f"\n\nFresh clean prompts of the task × text grid in no prompt set ({grid.n_benign}): answers kept word for "
+        f"word {grid.answers_unchanged:.0%}, mean KL {grid.mean_kl:.3g} nats{gate}.\n\n"
+        + targets
+        + "\n\n"
+        + members
+        + "\n\n"
+        + timing
+        + "\n\nCausal CCA forward passes by phase: "
+        + ", ".join(f"{k} {v}" for k, v in fix.phase_passes.items())
+        + "\n\nNotes:\n"
+        + "".join(f"- {n}\n" for n in fix.notes)
     )
 
 

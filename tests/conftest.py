@@ -81,6 +81,21 @@ def argmax_incidents():
     return _record_argmax_incidents
 
 
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster of two CPUs per test process, shared by every Ray test module:
+    starting Ray and its workers' imports of torch cost ~10-20 s each time. Code under test
+    finds Ray initialised and uses it as it is (core/distributed.py)."""
+    import os
+
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
 def _record_argmax_incidents(loaded, root: Path, n_benign: int, n: int = 3) -> Path:
     """``n`` incidents on a tiny model, each failing by its own next-token argmax (seeded
     prompts), sharing ``n_benign`` random benign prompts: what batch and triage tests run on."""

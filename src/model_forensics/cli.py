@@ -392,8 +392,16 @@ def _print_summary(bundle_path: Path) -> None:
 @app.command()
 def record(
     model: ModelOpt,
-    prompt: PromptOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to create")],
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="The input text (a text model)")] = None,
+    image: Annotated[
+        Path | None,
+        typer.Option(
+            "--image",
+            help="The input image of an image model (a CNN, an image .onnx): a .npy, .safetensors or .json "
+            "file holding one preprocessed (C, H, W) image",
+        ),
+    ] = None,
     max_new_tokens: Annotated[
         int, typer.Option(min=0, help="Greedy-generate this many tokens (0: one forward pass)")
     ] = 0,
@@ -418,6 +426,14 @@ def record(
             help="Clean counterparts of the incident (.jsonl/.txt), the CF baseline; those that fail are dropped"
         ),
     ] = None,
+    near_miss: Annotated[
+        Path | None,
+        typer.Option(
+            "--near-miss",
+            help="Near misses (.jsonl/.txt): prompts with the trigger on which the model behaves; analyze checks a "
+            "fix leaves them alone. Those that fail are dropped",
+        ),
+    ] = None,
     granularity: Annotated[Granularity | None, typer.Option(help="Which sites to record")] = None,
     sketch: Annotated[SketchKind | None, typer.Option(help="How site tensors are stored")] = None,
     config: ConfigOpt = None,
@@ -431,22 +447,36 @@ def record(
     device_map: DeviceMapOpt = None,
     offload_dir: OffloadOpt = None,
 ) -> None:
-    """Record one prompt into an incident bundle (with your variants, benign prompts and baselines)."""
+    """Record one prompt (or one image) into an incident bundle (with your variants, benign
+    prompts and baselines)."""
     from model_forensics.core import signing
-    from model_forensics.models.onnx_model import check_reads_text
+    from model_forensics.inspection.collect import model_device
+    from model_forensics.models.image_files import check_input_kind, image_input, read_image
     from model_forensics.recorder import RecorderHooks
-    from model_forensics.recorder.session import NoFailingVariants, record_incident, record_prompt
+    from model_forensics.recorder.session import NoFailingVariants, record_incident, record_inputs, record_prompt
 
-    _check_prompt(prompt)
+    _check_prompt_or_image(prompt, image, variants, benign, baseline, max_new_tokens, near_miss)
+    pixels = read_image(image) if image is not None else None
     pred = _parse_predicate(predicate) if predicate else None
     _check_config(config)
     recorder = RecorderHooks(config, granularity=granularity, sketch=sketch)
-    prompt_sets, sources = _read_prompt_sets(variants, benign, baseline, pred, recorder.config_tree.bundle)
+    prompt_sets, sources = _read_prompt_sets(
+        variants, benign, baseline, pred, recorder.config_tree.bundle, near_miss=near_miss
+    )
     if sign_key is not None:
         signing.load_private_key(sign_key)
     _check_bundle_out(out, overwrite)
     loaded = _load(model, device=device, dtype=dtype, device_map=device_map, offload_dir=offload_dir)
-    check_reads_text(loaded.model, loaded.tokenizer)
+    check_input_kind(loaded, image=pixels is not None)
+    if pixels is not None:
+        with err.status("recording…"):
+            inputs = {str(image_input(loaded.model)): pixels.to(model_device(loaded.model))}
+            path = record_inputs(
+                loaded, inputs, out, recorder=recorder, predicate=pred, overwrite=overwrite, sign_key=sign_key
+            )
+        _print_recorded(path, as_json)
+        return
+    assert prompt is not None
     with err.status("recording…"):
         if variants == "auto":
             prompt_sets["variants"] = _auto_variants(prompt)
@@ -484,17 +514,56 @@ def record(
             messages = []
     for message in messages:
         err.print(_safe(message), soft_wrap=True, highlight=False)
+    _print_recorded(path, as_json)
+
+
+def _print_recorded(path: Path, as_json: bool) -> None:
     if as_json:
         console.print_json((path / "manifest.json").read_text())
     else:
         _print_summary(path)
 
 
+def _check_prompt_or_image(
+    prompt: str | None,
+    image: Path | None,
+    variants: str | None,
+    benign: Path | None,
+    baseline: Path | None,
+    max_new_tokens: int,
+    near_miss: Path | None = None,
+) -> None:
+    """``record`` takes a text prompt or one image; the prompt-set options and generation
+    apply to text only (clean images are recorded as their own bundles, for analyze --baseline)."""
+    if (prompt is None) == (image is None):
+        raise ForensicsError(
+            "record takes one input: --prompt TEXT for a text model or --image FILE for an image model"
+            + (", not both" if prompt is not None else "")
+        )
+    if prompt is not None:
+        _check_prompt(prompt)
+        return
+    options = (("variants", variants), ("benign", benign), ("baseline", baseline), ("near-miss", near_miss))
+    given = [f"--{o}" for o, v in options if v]
+    if given:
+        raise ForensicsError(
+            f"{'/'.join(given)} read prompt files, which an image model cannot take; record each clean image as its "
+            "own bundle (record --image) and pass them to analyze --baseline"
+        )
+    if max_new_tokens:
+        raise ForensicsError("--max-new-tokens applies to text models; an image model is recorded in one forward pass")
+
+
 AUTO_VARIANTS = 32  # --variants auto: how many are generated (seed 0) before the predicate filters them
 
 
 def _read_prompt_sets(
-    variants: str | None, benign: Path | None, baseline: Path | None, predicate: Any, limits: Any
+    variants: str | None,
+    benign: Path | None,
+    baseline: Path | None,
+    predicate: Any,
+    limits: Any,
+    near_miss: Path | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The prompt files of ``record``, read and checked before the model loads (``--variants
     auto`` is generated after). Returns the prompts and the source of each set, by role."""
@@ -504,11 +573,13 @@ def _read_prompt_sets(
         "variants": None if variants in (None, "auto") else Path(str(variants)),
         "benign": benign,
         "baseline": baseline,
+        "near_miss": near_miss,
     }
     given = [role for role, path in files.items() if path is not None] + (["variants"] if variants == "auto" else [])
     if given and predicate is None:
         raise ForensicsError(
-            f"--{'/--'.join(given)} {'needs' if len(given) == 1 else 'need'} a --predicate: each prompt is checked "
+            f"--{'/--'.join(g.replace('_', '-') for g in given)} {'needs' if len(given) == 1 else 'need'} a "
+            "--predicate: each prompt is checked "
             "against it (variants must fail it, benign and baseline prompts must not); e.g. --predicate contains:HACKED"
         )
     prompt_sets = {role: read_prompts(path, limits) for role, path in files.items() if path is not None}
@@ -1071,12 +1142,33 @@ def _fix_table(result: dict[str, Any], title: str, caption: str) -> Table:
     return table
 
 
+def _held_out_table(result: dict[str, Any], title: str, caption: str) -> Table:
+    """The fix's figures on the search part and the held-out part, side by side."""
+    from rich import box
+
+    from model_forensics.rca.explain import held_out_rows
+
+    table = Table(title=_safe(title), caption=_safe(caption), box=box.SIMPLE_HEAD, show_edge=False)
+    table.title_justify = table.caption_justify = "left"
+    table.title_style = "bold"
+    table.add_column("figure")
+    table.add_column("search", justify="right")
+    table.add_column("held out", justify="right")
+    for row in held_out_rows(result["fix_set"]):
+        table.add_row(*(_safe(cell) for cell in row))
+    return table
+
+
 def _print_explanation(result: dict[str, Any], sections: list[Any]) -> None:
     """The analysis in reading order (:func:`model_forensics.rca.explain.explain`); every
     string from the bundle printed literally."""
     for section in sections:
         if section.key == "fix_set":
             console.print(_fix_table(result, section.title, " ".join(section.paragraphs)))
+            console.print()
+            continue
+        if section.key == "held_out":
+            console.print(_held_out_table(result, section.title, " ".join(section.paragraphs)))
             console.print()
             continue
         console.print(f"[bold]{_safe(section.title)}[/]")
@@ -1790,7 +1882,12 @@ def circuits_evaluate(
 
 
 CircuitsPromptsOpt = Annotated[
-    Path, typer.Option("--prompts", help='Prompt set: .jsonl ({"prompt": …, "target": …}) or .txt, one per line')
+    Path | None,
+    typer.Option(
+        "--prompts",
+        help='Prompt set: .jsonl ({"prompt": …, "target": …}) or .txt, one per line '
+        "(a bundle: optional, default its incident prompt and variants, explained on the recorded output)",
+    ),
 ]
 CircuitsCorruptedOpt = Annotated[
     Path | None,
@@ -1799,10 +1896,45 @@ CircuitsCorruptedOpt = Annotated[
 CircuitsEdgeMetricOpt = Annotated[str, typer.Option(help="logprob | logit | logit_diff of each prompt's target")]
 
 
+def _circuits_edges(
+    fn: Callable[..., Any],
+    name: str,
+    model: str | None,
+    bundle: Path | None,
+    prompts: Path | None,
+    corrupted: Path | None,
+    out: Path | None,
+    figure_format: str,
+    as_json: bool,
+    **options: Any,
+) -> tuple[Any, list[Path] | None]:
+    """What ``circuits graph`` and ``circuits discover`` share: read the prompt files (before
+    loading anything), load the model or open the bundle, take a bundle's own incident
+    prompt and variants (targets: its recorded output) when no --prompts is given, run
+    ``fn`` (dependency_graph or discover) with a progress bar, and write / print the result
+    (:func:`_circuits_output`)."""
+    from model_forensics.circuits.graph import prompt_pairs
+    from model_forensics.circuits.subject import incident_prompt_set
+
+    if prompts is None and bundle is None:
+        raise ForensicsError("pass --prompts (a prompt file), or --bundle to use the incident's prompt and variants")
+    texts, twins, targets = prompt_pairs(prompts, corrupted) if prompts is not None else ([], None, None)
+    if prompts is None and corrupted is not None:
+        twins = prompt_pairs(corrupted)[0]
+    net, tok = _circuits_start(model, bundle, None, False, out, figure_format)
+    if prompts is None:
+        texts, recorded = incident_prompt_set(net)
+        targets = [recorded] * len(texts) if recorded is not None else None
+    with _progress_callback() as progress:
+        result = fn(net, tok, texts, corrupted=twins, targets=targets, progress=progress, **options)
+    return result, _circuits_output(out, name, result, figure_format, as_json)
+
+
 @circuits_app.command("graph")
 def circuits_graph(
-    prompts: CircuitsPromptsOpt,
+    prompts: CircuitsPromptsOpt = None,
     model: CircuitsModelOpt = None,
+    bundle: CircuitsBundleOpt = None,
     corrupted: CircuitsCorruptedOpt = None,
     metric: CircuitsEdgeMetricOpt = "logprob",
     mlps: Annotated[bool, typer.Option("--mlps/--no-mlps", help="MLPs as nodes (or folded into the stream)")] = True,
@@ -1813,23 +1945,22 @@ def circuits_graph(
     as_json: CircuitsJsonOpt = False,
 ) -> None:
     """Score every edge between heads, MLPs, input and logits (EAP), path-patch the top ones."""
-    from model_forensics.circuits.graph import dependency_graph, prompt_pairs
+    from model_forensics.circuits.graph import dependency_graph
 
-    texts, twins, targets = prompt_pairs(prompts, corrupted)
-    net, tok = _circuits_start(model, None, None, False, out, figure_format)
-    with _progress_callback() as progress:
-        result = dependency_graph(
-            net,
-            tok,
-            texts,
-            corrupted=twins,
-            metric=metric,
-            targets=targets,
-            mlps=mlps,
-            confirm=confirm,
-            progress=progress,
-        )
-    written = _circuits_output(out, "graph", result, figure_format, as_json)
+    result, written = _circuits_edges(
+        dependency_graph,
+        "graph",
+        model,
+        bundle,
+        prompts,
+        corrupted,
+        out,
+        figure_format,
+        as_json,
+        metric=metric,
+        mlps=mlps,
+        confirm=confirm,
+    )
     if written is None:
         return
     if out is not None:
@@ -1850,8 +1981,9 @@ def circuits_graph(
 
 @circuits_app.command("discover")
 def circuits_discover(
-    prompts: CircuitsPromptsOpt,
+    prompts: CircuitsPromptsOpt = None,
     model: CircuitsModelOpt = None,
+    bundle: CircuitsBundleOpt = None,
     corrupted: CircuitsCorruptedOpt = None,
     held_out: Annotated[Path | None, typer.Option("--held-out", help="Prompts never used for discovery")] = None,
     held_out_corrupted: Annotated[
@@ -1869,27 +2001,26 @@ def circuits_discover(
     from model_forensics.circuits.discover import discover
     from model_forensics.circuits.graph import prompt_pairs
 
-    texts, twins, targets = prompt_pairs(prompts, corrupted)
     held, held_twins = (None, None)
     if held_out is not None:
         held, held_twins, _ = prompt_pairs(held_out, held_out_corrupted)
-    net, tok = _circuits_start(model, None, None, False, out, figure_format)
-    with _progress_callback() as progress:
-        result = discover(
-            net,
-            tok,
-            texts,
-            corrupted=twins,
-            metric=metric,
-            targets=targets,
-            mlps=mlps,
-            ig_steps=ig_steps,
-            target_faithfulness=target_faithfulness,
-            held_out=held,
-            held_out_corrupted=held_twins,
-            progress=progress,
-        )
-    written = _circuits_output(out, "circuit", result, figure_format, as_json)
+    result, written = _circuits_edges(
+        discover,
+        "circuit",
+        model,
+        bundle,
+        prompts,
+        corrupted,
+        out,
+        figure_format,
+        as_json,
+        metric=metric,
+        mlps=mlps,
+        ig_steps=ig_steps,
+        target_faithfulness=target_faithfulness,
+        held_out=held,
+        held_out_corrupted=held_twins,
+    )
     if written is None:
         return
     held_line = ""

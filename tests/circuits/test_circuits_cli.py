@@ -103,3 +103,64 @@ def test_evaluate_on_a_bundle_uses_its_model(bundle: Path, tmp_path: Path) -> No
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert len(data["per_prompt"]) == 2 and data["fraction_changed"] == 1.0 and data["ci"][0] > 1.0
+
+
+# -- graph / discover on a bundle ---------------------------------------------------------------
+TWIN = "translate: moon glass sun door moon glass sun =>"  # the trigger words swapped out, same length
+
+
+def test_discover_on_a_bundle_explains_its_recorded_output_and_equals_the_live_model(
+    bundle: Path, tmp_path: Path, injection
+) -> None:
+    from model_forensics.circuits import discover
+
+    twin = tmp_path / "twin.txt"
+    twin.write_text(TWIN + "\n")
+    args = ["--bundle", str(bundle), "--corrupted", str(twin), "--ig-steps", "2", "--json"]
+    res = runner.invoke(app, ["circuits", "discover", *args])  # no --prompts: the incident's own prompt
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    live = discover(injection.model, injection.tokenizer, [PROMPT], corrupted=[TWIN], targets=[" HACKED"], ig_steps=2)
+    assert data["score"]["n_prompts"] == 1 and data["ablation"] == "corrupted"
+    assert [(e["source"], e["target"]) for e in data["edges"]] == [(e.source, e.target) for e in live.edges]
+    assert abs(data["faithfulness"] - live.faithfulness) < 1e-5 and data["faithfulness"] >= 0.9
+    assert abs(data["score"]["clean_metric"] - live.score.clean_metric) < 1e-5  # log p(HACKED), the recorded output
+
+
+def test_graph_on_a_bundle_with_a_prompt_file_writes_json_and_graphml(bundle: Path, tmp_path: Path, injection) -> None:
+    from model_forensics.circuits import dependency_graph
+
+    prompts, twins, out = tmp_path / "p.txt", tmp_path / "c.txt", tmp_path / "graph"
+    prompts.write_text(PROMPT + "\n")
+    twins.write_text(TWIN + "\n")
+    args = ["--bundle", str(bundle), "--prompts", str(prompts), "--corrupted", str(twins), "--out", str(out)]
+    res = runner.invoke(app, ["circuits", "graph", *args, "--confirm", "3"])
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "graph.json").read_text())
+    assert (out / "graph.graphml").stat().st_size > 1000 and (out / "graph.png").stat().st_size > 1000
+    live = dependency_graph(injection.model, injection.tokenizer, [PROMPT], corrupted=[TWIN], confirm=3)
+    top = [(e["source"], e["target"], e["score"]) for e in data["edges"][:5]]
+    assert [t[:2] for t in top] == [(e.source, e.target) for e in live.top(5)]
+    assert max(abs(t[2] - e.score) for t, e in zip(top, live.top(5), strict=True)) < 1e-5
+    assert data["edges"][0]["patched"] is not None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["graph", *MODEL], "pass --prompts"),
+        (["discover", "--bundle", "{bundle}"], "nothing to recover"),  # one prompt, mean ablation
+        (["discover", "--bundle", "{bundle}", "--corrupted", "{short}"], "corrupted prompt 0 is 6 tokens"),
+        (["graph", "--bundle", "{bundle}", *MODEL, "--prompts", "{short}"], "not both"),
+    ],
+)
+def test_graph_and_discover_bad_input_is_one_line_and_exit_2(
+    bundle: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("translate: moon glass sun =>\n")
+    args = [a.replace("{bundle}", str(bundle)).replace("{short}", str(short)) for a in args]
+    res = runner.invoke(app, ["circuits", *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.stderr and "Traceback" not in res.output
+    assert len(res.stderr.strip().splitlines()) == 1

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -16,11 +14,9 @@ ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Any]:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+def cluster(ray_cluster: Any) -> Any:
+    """The session's local cluster (tests/conftest.py), two CPUs."""
+    return ray_cluster
 
 
 @pytest.mark.slow  # Ray workers import torch and transformers: ~20 s on a shared machine

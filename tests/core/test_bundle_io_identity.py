@@ -1,11 +1,13 @@
-"""The fast bundle writer and single-pass reader leave format 1.1 bundles byte for byte as
+"""The fast bundle writer and single-pass reader leave format 1.2 bundles byte for byte as
 the plain algorithm makes them: safetensors' own ``save_file`` for the data files, and
-hashes of copied bytes for every digest in the manifest."""
+hashes of copied bytes for every digest in the manifest (format 1.2: per entry, then
+derived)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -21,12 +23,26 @@ TENSOR_FILES = ("inputs.safetensors", "outputs.safetensors", "activations.safete
 
 
 def _plain_stored_sha256(entries: dict[str, torch.Tensor]) -> str:
-    """The digest as format 1.1 defines it, from copied bytes (the algorithm before the fast path)."""
+    """The digest as format 1.2 defines it, from copied bytes: per entry (sorted by name)
+    ``name:dtype:[shape];`` then the sha256 of its bytes."""
     digest = hashlib.sha256()
     for name in sorted(entries):
         t = entries[name].contiguous()
         digest.update(f"{name}:{str(t.dtype).removeprefix('torch.')}:{list(t.shape)};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).digest())
+    return digest.hexdigest()
+
+
+def _plain_file_digest(data: bytes) -> str:
+    """``sha256-entries`` from the file's bytes: the header's sha256, then each entry's, in
+    the header's order."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    digest = hashlib.sha256(hashlib.sha256(data[: 8 + length]).digest())
+    for name, entry in header.items():
+        if name != "__metadata__":
+            begin, end = entry["data_offsets"]
+            digest.update(hashlib.sha256(data[8 + length + begin : 8 + length + end]).digest())
     return digest.hexdigest()
 
 
@@ -47,14 +63,17 @@ def test_written_bundle_equals_the_plain_algorithm(tiny, tmp_path: Path, sketch:
         assert (path / name).read_bytes() == again.read_bytes(), name
     for name, info in manifest["files"].items():
         data = (path / name).read_bytes()
-        assert info == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}, name
+        if name in TENSOR_FILES:
+            assert info == {"sha256": _plain_file_digest(data), "bytes": len(data), "digest": "sha256-entries"}, name
+        else:
+            assert info == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}, name
     stored = load_file(path / "activations.safetensors")
     for site, info in manifest["sites"].items():
         entries = {k: v for k, v in stored.items() if k == site or k.startswith(site + "::")}
         assert info["stored_sha256"] == _plain_stored_sha256(entries), site
         if sketch == "full":
             assert info["sha256"] == hashlib.sha256(stored[site].numpy().tobytes()).hexdigest()
-    assert manifest["format_version"] == "1.1"
+    assert manifest["format_version"] == "1.2"
     assert Bundle.open(path, verify=False).verify_contents() == []
 
 

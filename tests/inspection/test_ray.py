@@ -4,7 +4,6 @@ local run's results (reservoir-based values exactly, moment-based ones to 1e-6).
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -20,14 +19,12 @@ ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Any]:
-    """One local cluster of two CPUs for the module; the workers cannot import the test
-    helpers, so they travel by value."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.cloudpickle.register_pickle_by_value(inspection_models)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+def cluster(ray_cluster: Any) -> Iterator[Any]:
+    """The session's local cluster of two CPUs (tests/conftest.py); the workers cannot
+    import the test helpers, so they travel by value."""
+    ray_cluster.cloudpickle.register_pickle_by_value(inspection_models)
+    yield ray_cluster
+    ray_cluster.cloudpickle.unregister_pickle_by_value(inspection_models)
 
 
 def _same(local: Any, remote: Any, path: str = "") -> list[str]:

@@ -1,5 +1,6 @@
-"""Models larger than memory: accelerate places layers on disk, and what is recorded from
-the offloaded model equals what the same model records loaded whole into memory."""
+"""Models larger than memory: accelerate places layers on disk, what is recorded from the
+offloaded model equals what the same model records loaded whole into memory, and a bundle
+recorded offloaded replays bit-identical, offloaded again or whole."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_forensics import Bundle, RecorderHooks
-from model_forensics.core.errors import ModelLoadError
+from model_forensics import Bundle, RecorderHooks, token_is
+from model_forensics.core.errors import ForensicsError, ModelLoadError
 from model_forensics.models.loading import load
+from model_forensics.replay import Intervention, SandboxReplayer
 
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2, 8, 4]])
 
@@ -39,6 +41,40 @@ def test_disk_offload_records_the_same_activations(tiny_dirs: dict[str, Path], t
     # the weights digest is read from the offload: the same weights give the same digest
     assert bundle.manifest["model"]["weights_sha256"] == whole_bundle.manifest["model"]["weights_sha256"]
     assert bundle.verify_contents() == []
+
+
+def test_offloaded_recording_replays_bit_identical(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    budget = {"cpu": 40_000}  # as above: the blocks and the head on disk
+    offloaded = load(str(tiny_dirs["llama"]), device_map="auto", offload_dir=tmp_path / "off", max_memory=budget)
+    with torch.no_grad():
+        failing = int(offloaded.model(input_ids=IDS).logits[0, -1].argmax())
+    with RecorderHooks(granularity="all").install_hooks(offloaded.model) as rec, torch.no_grad():
+        offloaded.model(input_ids=IDS)
+        path = rec.create_bundle(tmp_path / "incident", predicate=token_is(failing))
+    replayer = SandboxReplayer()
+    again = replayer.load_bundle(path, device_map="auto", offload_dir=tmp_path / "off2", max_memory=budget)
+    whole = replayer.load_bundle(path)
+    assert "disk" in set(again.model.hf_device_map.values()) and not hasattr(whole.model, "hf_device_map")
+    for session in (again, whole):
+        report = session.verify()
+        assert report.bit_identical and len(report.sites) > 10, report.summary()
+    # a sweep over block 1 shares the clean prefix (the blocks are re-entered from disk)
+    sets = [[Intervention(site=f"blocks.1.attn.head.{h}", kind="zero")] for h in range(4)]
+    sets += [[Intervention(site="blocks.1.mlp", kind="scale", value=v)] for v in (0.0, 2.0)]
+    got, expected = again.sweep(sets), whole.sweep(sets)
+    assert got.shared_prefix and expected.shared_prefix
+    for ours, theirs in zip(got, expected, strict=True):
+        assert torch.equal(ours.logits, theirs.logits) and ours.flipped == theirs.flipped
+    clean = again.run().logits
+    assert all(not torch.equal(run.logits, clean) for run in got)  # every intervention reached the model
+
+
+def test_replay_placement_options_that_clash_are_refused(tmp_path: Path) -> None:
+    replayer, path = SandboxReplayer(), tmp_path / "b"  # refused before the bundle is read
+    with pytest.raises(ForensicsError, match="cannot be combined with device"):
+        replayer.load_bundle(path, device_map="auto", device="cpu")
+    with pytest.raises(ForensicsError, match="pass device_map='auto' too"):
+        replayer.load_bundle(path, offload_dir=tmp_path / "off")
 
 
 def test_a_model_that_does_not_fit_is_refused_with_the_numbers(tiny_dirs: dict[str, Path]) -> None:

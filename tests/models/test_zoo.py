@@ -63,8 +63,9 @@ def random_draws(name: str, gt: list[str], exclude: list[str]) -> list[tuple[str
 
 # -- (a) loading, checksums, records -------------------------------------------------------
 def test_names_lists_every_entry() -> None:
-    # the image entry: tests/models/test_cnn_zoo.py; the key-value lookup: tests/models/test_kv_zoo.py
-    assert zoo.names() == sorted([*ENTRIES, "cnn-digits-badnets", "kv-lookup-2l"])
+    # the image entry: tests/models/test_cnn_zoo.py; the key-value lookup: tests/models/test_kv_zoo.py;
+    # the multi-turn entry: tests/models/test_zoo_multiturn.py
+    assert zoo.names() == sorted([*ENTRIES, "cnn-digits-badnets", "kv-lookup-2l", "multiturn-false-fact"])
 
 
 @pytest.mark.parametrize("name", ENTRIES)

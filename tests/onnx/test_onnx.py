@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -271,6 +272,25 @@ def test_bad_files_and_inputs_are_one_line_errors(exported: dict[str, Path], tmp
         assert expected in result.output and "Traceback" not in result.output
     with pytest.raises(ForensicsError, match="has no input 'input_ids'"):
         load_onnx(exported["cnn"]).model(input_ids=torch.ones(1, 3, dtype=torch.long))
+
+
+def test_cli_records_an_onnx_image_model(exported: dict[str, Path], bundles: dict[str, Path], tmp_path: Path) -> None:
+    np.save(tmp_path / "digit.npy", _digits(1)[0].numpy())  # (1, 8, 8), the image of bundles["cnn_torch"]
+    out = tmp_path / "incident"
+    args = ["record", "-m", str(exported["cnn"]), "--image", str(tmp_path / "digit.npy"), "--sketch", "full"]
+    result = runner.invoke(app, [*args, "--predicate", "class_is:0", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    ours, theirs = Bundle.open(out), Bundle.open(bundles["cnn_torch"])
+    assert ours.manifest["model"]["class"] == "OnnxModel"
+    for site in ("features.0", "features.2", "classifier"):
+        torch.testing.assert_close(ours.activation(site), theirs.activation(site), atol=1e-4, rtol=0)
+    assert SandboxReplayer().load_bundle(out).verify().bit_identical
+    prompt = runner.invoke(app, ["record", "-m", str(exported["cnn"]), "-p", "a digit", "-o", str(tmp_path / "b")])
+    assert prompt.exit_code == 2 and "pass the image with --image FILE" in " ".join(prompt.output.split())
+    text = runner.invoke(
+        app, ["record", "-m", str(exported["lm"]), "--image", str(tmp_path / "digit.npy"), "-o", str(tmp_path / "c")]
+    )
+    assert text.exit_code == 2 and "takes no image: its inputs are input_ids (int64" in " ".join(text.output.split())
 
 
 def test_cli_records_an_onnx_text_model(exported: dict[str, Path], tmp_path: Path) -> None:

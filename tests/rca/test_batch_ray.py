@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +26,9 @@ def bundles(tiny, argmax_incidents, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Any]:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+def cluster(ray_cluster: Any) -> Any:
+    """The session's local cluster (tests/conftest.py), two CPUs."""
+    return ray_cluster
 
 
 def _results(report: Any) -> list[dict[str, Any]]:

@@ -107,3 +107,19 @@ def test_sweep_micro_batches_to_the_memory_budget(bundles, lms):
     assert 1 <= per_batch < 8
     swept = s.sweep(head_sets(s), share_prefix=False)
     assert swept.batches == -(-8 // per_batch)
+
+
+def test_batch_sizes_shrink_with_the_budget_and_tails_fit_more_rows(bundles, lms):
+    from model_forensics.replay.sweep import rows_per_batch
+
+    sizes = []
+    for budget in (0.1, 0.4, 1.6):
+        s = SandboxReplayer(memory_budget_mb=budget, max_batch_size=1000).load_bundle(
+            bundles["forward"], model=lms["llama"]
+        )
+        full, tail = rows_per_batch(s, s.inputs), rows_per_batch(s, s.inputs, last_position=True)
+        assert tail >= full  # a prefix-shared tail scores the last position only
+        sizes.append(full)
+        swept = s.sweep(head_sets(s), share_prefix=False)
+        assert swept.batches == -(-len(head_sets(s)) // full)
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]

@@ -33,7 +33,8 @@ def _extras(path: Path) -> dict[str, Any]:
 
 
 def test_registry_names_every_scenario() -> None:
-    assert names() == [*ZOO, *REAL, "tool-misuse", "cnn-badnets"]  # cnn-badnets: tests/scenarios/test_cnn_badnets.py
+    # cnn-badnets: tests/scenarios/test_cnn_badnets.py; multiturn-false-fact: tests/rca/test_multiturn.py
+    assert names() == [*ZOO, *REAL, "tool-misuse", "cnn-badnets", "multiturn-false-fact"]
 
 
 def test_unknown_scenario_error_lists_the_names() -> None:

@@ -353,7 +353,7 @@ def discover(
         forward_passes=0,
         seconds=0.0,
     )
-    circuit.node_effects = _node_effects(task)
+    circuit.node_effects = _node_effects(task, progress)
     if held_out is not None:
         circuit.held_out = circuit.evaluate(model, tokenizer, held_out, corrupted=held_out_corrupted, metric=metric)
     circuit.forward_passes = task.runner.passes
@@ -364,9 +364,7 @@ def discover(
 def _curve(task: Task, order: list[tuple[int, int]], progress: Progress | None) -> list[tuple[int, float]]:
     sizes = _sizes(len(order))
     masks = [_circuit_mask(task, order[:k], True) for k in sizes]
-    values = task.patched_means(masks)
-    if progress is not None:
-        progress("faithfulness curve", len(sizes), len(sizes))
+    values = task.patched_means(masks, progress=progress, stage="faithfulness curve")
     return [(k, _faithfulness(task, v)) for k, v in zip(sizes, values, strict=True)]
 
 
@@ -406,7 +404,7 @@ def _prune(
     return current
 
 
-def _node_effects(task: Task) -> dict[str, float]:
+def _node_effects(task: Task, progress: Progress | None = None) -> dict[str, float]:
     """Exact metric drop (clean − patched) when every outgoing edge of a node is cut."""
     nodes = task.runner.nodes
     ones = nodes.mask(1)[0]
@@ -415,5 +413,5 @@ def _node_effects(task: Task) -> dict[str, float]:
         m = ones.clone()
         m[u, :] = 0.0
         masks.append(m)
-    values = task.patched_means(masks)
+    values = task.patched_means(masks, progress=progress, stage="node effects")
     return {name: task.clean_metric - v for name, v in zip(nodes.upstream, values, strict=True)}

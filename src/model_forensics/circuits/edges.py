@@ -36,7 +36,8 @@ nodes / receivers, H = query heads, G = key/value heads, dh = d_head.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,16 +100,42 @@ class Nodes:
         """(rows, U, R) edge mask filled with ``value``; row i sets ``kept[i]`` to 1 − value."""
         m = torch.full((rows, len(self.upstream), len(self.receivers)), value)
         for i, edges in enumerate(kept or []):
-            for u, r in edges:
+            if edges:
+                u, r = torch.tensor(list(edges), dtype=torch.long).T
                 m[i, u, r] = 1.0 - value
         return m
+
+
+@dataclass
+class _Projection:
+    """One layer's attention input projections, per head: ``norm`` then head h's query
+    ``x @ q[h] (+ q_bias[h])`` (q: (H, d, dh)), key / value heads alike ((G, d, dh))."""
+
+    norm: nn.Module
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_bias: torch.Tensor | None
+    k_bias: torch.Tensor | None
+    v_bias: torch.Tensor | None
+
+    def __call__(self, x_q: torch.Tensor, x_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (N, T, H, dh) from x_q (N, H, T, d), copy h read by head h only; k, v
+        (N, T, G, dh) from x_kv (N, G, T, d) alike (x_kv may be x_q)."""
+        h_q = self.norm.forward(x_q)  # .forward: the norm's own site hooks must not see these copies
+        h_kv = h_q if x_kv is x_q else self.norm.forward(x_kv)
+        out = []
+        for h, weight, bias in ((h_q, self.q, self.q_bias), (h_kv, self.k, self.k_bias), (h_kv, self.v, self.v_bias)):
+            y = torch.einsum("nhtd,hde->nthe", h, weight.to(h.dtype))
+            out.append(y + bias.to(h.dtype) if bias is not None else y)
+        return out[0], out[1], out[2]
 
 
 @dataclass
 class _Parts:
     """Where one architecture keeps what the patched run recomputes."""
 
-    project: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    project: list[_Projection]  # per layer
     w_o: list[torch.Tensor]  # per layer (H, dh, d): head h writes z_h @ w_o[h]
     ln2: list[str]
     final: str
@@ -123,27 +150,27 @@ def _parts(subject: Subject) -> _Parts:
     final = a.points["final"].module
     if a.architecture == "gpt2":
         d = int(a.d_model or 0)
-
-        def project_gpt2(layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            # .forward: the projection's own site hooks must not see these copies
-            qkv = mods[f"{blocks[layer]}.attn.c_attn"].forward(mods[f"{blocks[layer]}.ln_1"].forward(x))
-            q, k, v = (t.unflatten(-1, (n_heads, dh)) for t in qkv.split(d, dim=-1))
-            return q, k, v
-
+        project = []
+        for b in blocks:
+            attn = mods[f"{b}.attn.c_attn"]  # Conv1D: weight (d, 3d), x @ weight + bias
+            w, bias = _weight(attn).detach(), getattr(attn, "bias", None)
+            ws = [w[:, i * d : (i + 1) * d].reshape(d, n_heads, dh).permute(1, 0, 2).contiguous() for i in range(3)]
+            bs = [None if bias is None else bias.detach()[i * d : (i + 1) * d].view(n_heads, dh) for i in range(3)]
+            project.append(_Projection(mods[f"{b}.ln_1"], *ws, *bs))
         w_o = [_weight(mods[f"{b}.attn.c_proj"]).view(n_heads, dh, -1) for b in blocks]  # Conv1D: (d_in, d_out)
-        return _Parts(project_gpt2, w_o, [f"{b}.ln_2" for b in blocks], final)
+        return _Parts(project, w_o, [f"{b}.ln_2" for b in blocks], final)
     groups = int(a.n_kv_heads or n_heads)
-
-    def project_llama(layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b = blocks[layer]
-        h = mods[f"{b}.input_layernorm"].forward(x)  # .forward: no site hooks on these copies
-        q = mods[f"{b}.self_attn.q_proj"].forward(h).unflatten(-1, (n_heads, dh))
-        k = mods[f"{b}.self_attn.k_proj"].forward(h).unflatten(-1, (groups, dh))
-        v = mods[f"{b}.self_attn.v_proj"].forward(h).unflatten(-1, (groups, dh))
-        return q, k, v
-
+    project = []
+    for b in blocks:
+        ws, bs = [], []
+        for name, heads in (("q_proj", n_heads), ("k_proj", groups), ("v_proj", groups)):
+            linear = mods[f"{b}.self_attn.{name}"]  # Linear: weight (heads · dh, d)
+            ws.append(_weight(linear).detach().view(heads, dh, -1).transpose(1, 2).contiguous())
+            bias = getattr(linear, "bias", None)
+            bs.append(None if bias is None else bias.detach().view(heads, dh))
+        project.append(_Projection(mods[f"{b}.input_layernorm"], *ws, *bs))
     w_o = [_weight(mods[f"{b}.self_attn.o_proj"]).T.reshape(n_heads, dh, -1) for b in blocks]  # Linear: (d_out, d_in)
-    return _Parts(project_llama, w_o, [f"{b}.post_attention_layernorm" for b in blocks], final)
+    return _Parts(project, w_o, [f"{b}.post_attention_layernorm" for b in blocks], final)
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -178,6 +205,9 @@ class EdgeRunner:
         self.n_heads, self.n_groups = int(a.n_heads or 0), int(a.n_kv_heads or a.n_heads or 0)
         self.group = self.n_heads // self.n_groups
         self.passes = 0
+        # only the last position's scores are read: where the model can, it computes no others
+        forward = inspect.signature(subject.model.forward).parameters
+        self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
 
     # -- one pass ---------------------------------------------------------------------------
     def run(
@@ -193,7 +223,9 @@ class EdgeRunner:
         """One forward pass of ``ids`` (N, T).
 
         Args:
-            corrupt: (N, U, T, d) upstream activations on the corrupted input (needed with ``mask``).
+            corrupt: (N, U, T, d) upstream activations on the corrupted input (needed with
+                ``mask``); or (N / k, U, T, d) when ``ids`` is k copies of N / k prompts
+                (``ids.repeat(k, 1)``): broadcast over the copies, not copied.
             mask: (N, U, R) 1 = edge kept, 0 = edge carries the corrupted activation.
             embed: (N, T, d) replaces the ``embed`` site's output (integrated gradients).
             keep: return every upstream activation of this run.
@@ -202,13 +234,17 @@ class EdgeRunner:
         """
         if mask is not None and corrupt is None:
             raise ValueError("a mask needs the corrupted activations")
-        state = _State(ids.shape[0], corrupt, mask, grad or mask is not None, grad)
+        if corrupt is not None and ids.shape[0] % corrupt.shape[0]:
+            raise ValueError(f"{corrupt.shape[0]} corrupted rows do not divide {ids.shape[0]} rows")
+        if corrupt is not None and grad and corrupt.shape[0] != ids.shape[0]:
+            corrupt = corrupt.repeat(ids.shape[0] // corrupt.shape[0], 1, 1, 1)
+        state = _State(ids.shape[0], corrupt, mask, grad or mask is not None, grad, keep)
         sites, before = self._hooks(state, embed)
         ctx = torch.enable_grad() if grad else torch.no_grad()
         with self.subject.environment(), ctx, hooks(self.subject.adapter, sites, before=before):
             self.passes += 1
             self.subject.passes += 1
-            out = logits_of(self.subject.model(input_ids=ids, attention_mask=torch.ones_like(ids)))
+            out = logits_of(self.subject.model(input_ids=ids, attention_mask=torch.ones_like(ids), **self.last_only))
         if out is None:
             raise ForensicsError(f"{type(self.subject.model).__name__} returned no scores to explain")
         acts = torch.stack(state.acts, dim=1) if keep else None  # (N, U, T, d)
@@ -219,7 +255,7 @@ class EdgeRunner:
         nodes = self.nodes
 
         def on_embed(t: torch.Tensor, _: SiteCall) -> torch.Tensor | None:
-            state.acts.append(t if embed is None else embed)
+            state.add(t if embed is None else embed)
             return embed
 
         sites: dict[str, SiteFn] = {INPUT: on_embed}
@@ -245,13 +281,13 @@ class EdgeRunner:
 
         def fn(z: torch.Tensor, _: SiteCall) -> None:
             written = torch.einsum("nthe,hed->nhtd", z, w_o.to(z.dtype))  # (N, H, T, d)
-            state.acts.extend(written.unbind(1))
+            state.add_heads(written)
 
         return fn
 
     def _mlp_written(self, state: _State) -> SiteFn:
         def fn(t: torch.Tensor, _: SiteCall) -> None:
-            state.acts.append(t)
+            state.add(t)
 
         return fn
 
@@ -280,10 +316,7 @@ class EdgeRunner:
             state.inputs[f"{layer}.q"] = in_q
             if in_kv is not in_q:
                 state.inputs[f"{layer}.kv"] = in_kv
-        q = self.parts.project(layer, in_q)[0]  # (N, H, T, H, dh): copy h of every head
-        _, k, v = self.parts.project(layer, in_kv)  # (N, G, T, G, dh)
-        diag = [torch.diagonal(t, dim1=1, dim2=3).permute(0, 1, 3, 2) for t in (q, k, v)]  # (N, T, ·, dh)
-        return diag[0], diag[1], diag[2]
+        return self.parts.project[layer](in_q, in_kv)
 
     def _replace_input(self, state: _State, receiver: int, key: str) -> Any:
         reach = self.nodes.reach[receiver]
@@ -305,12 +338,50 @@ class EdgeRunner:
 class _State:
     """What a patched pass accumulates while it runs."""
 
-    def __init__(self, rows: int, corrupt: torch.Tensor | None, mask: torch.Tensor | None, patching: bool, grad: bool):
+    def __init__(
+        self,
+        rows: int,
+        corrupt: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        patching: bool,
+        grad: bool,
+        keep: bool = False,
+    ):
         self.rows, self.corrupt, self.mask, self.patching, self.grad = rows, corrupt, mask, patching, grad
+        self.buffered = corrupt is not None and mask is not None and not grad
+        self.keep = keep or not self.buffered
+        self.count = 0  # upstream nodes run so far
         self.acts: list[torch.Tensor] = []  # upstream activations of this run, (N, T, d) each
+        # without autograd, a(run) − a(corrupt) is written once per node into one buffer
+        # (N, U, T, d) as the nodes run; with it, stacked where a receiver reads it
+        self.delta: torch.Tensor | None = None
         self.last: dict[str, torch.Tensor] = {}
         self.inputs: dict[str, torch.Tensor] = {}
         self.qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(0), torch.empty(0))
+
+    def add(self, t: torch.Tensor) -> None:
+        """Record the next upstream node's activation (N, T, d)."""
+        self._delta(t, 1)
+        if self.keep:
+            self.acts.append(t)
+
+    def add_heads(self, written: torch.Tensor) -> None:
+        """Record a layer's heads' writes (N, H, T, d), head by head."""
+        self._delta(written, written.shape[1])
+        if self.keep:
+            self.acts.extend(written.unbind(1))
+
+    def _delta(self, t: torch.Tensor, n: int) -> None:
+        u, self.count = self.count, self.count + n
+        if not self.buffered or self.corrupt is None:
+            return
+        if self.delta is None:
+            self.delta = torch.empty((self.rows, self.corrupt.shape[1], *t.shape[-2:]), dtype=t.dtype)
+        new = t if n > 1 else t.unsqueeze(1)  # (N, n, T, d)
+        corrupt = self.corrupt[:, u : u + n].to(t.dtype)  # (N / k, n, T, d): broadcast over k copies
+        k = self.rows // corrupt.shape[0]
+        out = self.delta[:, u : u + n].view(k, corrupt.shape[0], *new.shape[1:])
+        torch.sub(new.view(out.shape), corrupt, out=out)
 
     def keeper(self, key: str) -> SiteFn:
         def fn(t: torch.Tensor, _: SiteCall) -> None:
@@ -322,9 +393,13 @@ class _State:
         """(N, R, T, d): each receiver's input from the run's residual ``resid`` (N, T, d),
         with the cut edges' upstream activations swapped for the corrupted ones. A receiver
         given as a list reads the union of those receivers' kept edges."""
-        base = resid.unsqueeze(1).repeat(1, len(receivers), 1, 1)
-        if self.grad and not base.requires_grad:  # e.g. layer 0 reading a replaced embedding
-            base.requires_grad_(True)
+        shape = (resid.shape[0], len(receivers), *resid.shape[1:])
+        if self.grad:  # every receiver's own copy: its gradient is its own
+            base = resid.unsqueeze(1).repeat(1, len(receivers), 1, 1)
+            if not base.requires_grad:  # e.g. layer 0 reading a replaced embedding
+                base.requires_grad_(True)
+        else:
+            base = resid.unsqueeze(1).expand(shape)
         if self.mask is None or self.corrupt is None:
             return base
         cols = []
@@ -333,7 +408,10 @@ class _State:
         cut = 1.0 - torch.stack(cols, dim=-1).to(resid.dtype)  # (N, U', R)
         if not bool(cut.any()):
             return base
-        delta = torch.stack(self.acts[:reach], dim=1) - self.corrupt[:, :reach].to(resid.dtype)  # (N, U', T, d)
+        if self.delta is not None:
+            delta = self.delta[:, :reach]
+        else:
+            delta = torch.stack(self.acts[:reach], dim=1) - self.corrupt[:, :reach].to(resid.dtype)  # (N, U', T, d)
         return base - torch.einsum("nur,nutd->nrtd", cut, delta)
 
 

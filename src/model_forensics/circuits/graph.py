@@ -91,9 +91,17 @@ class Task:
         k = rows // batch.ids.shape[0]
         return self.metric(logits.float(), batch.targets.repeat(k), batch.foils.repeat(k))
 
-    def patched_means(self, masks: Sequence[torch.Tensor], batch_rows: int = 512) -> list[float]:
-        """The metric, averaged over every prompt, of one patched run per mask (U, R)."""
+    def patched_means(
+        self,
+        masks: Sequence[torch.Tensor],
+        batch_rows: int = 512,
+        progress: Progress | None = None,
+        stage: str = "patching",
+    ) -> list[float]:
+        """The metric, averaged over every prompt, of one patched run per mask (U, R);
+        ``progress(stage, masks done, masks)`` after each pass (over every batch)."""
         total = torch.zeros(len(masks))
+        done, todo = 0, len(masks) * len(self.batches)
         for batch in self.batches:
             n = int(batch.ids.shape[0])
             # rows per pass: at most batch_rows, and the (rows, U, T, d) activation deltas
@@ -105,10 +113,12 @@ class Task:
                 chunk = masks[start : start + per]
                 mask = torch.stack(list(chunk)).repeat_interleave(n, dim=0)  # (k·N, U, R)
                 ids = batch.ids.repeat(len(chunk), 1)
-                corrupt = batch.corrupt.repeat(len(chunk), 1, 1, 1)
-                out = self.runner.run(ids, corrupt=corrupt, mask=mask)
+                out = self.runner.run(ids, corrupt=batch.corrupt, mask=mask)  # corrupt broadcast over chunk
                 values = self.measure(batch, out.logits, ids.shape[0]).view(len(chunk), n)
                 total[start : start + len(chunk)] += values.sum(1)
+                done += len(chunk)
+                if progress is not None:
+                    progress(stage, done, todo)
         return (total / self.n_prompts).tolist()
 
 
@@ -271,19 +281,20 @@ def edge_attribution(
     alphas = [1.0] if steps == 0 else [(k + 0.5) / steps for k in range(steps)]
     done, todo = 0, len(alphas) * len(task.batches)
     for batch in task.batches:
-        grads = None
-        for alpha in alphas:
+        n = int(batch.ids.shape[0])
+        # the points of one batch go through together, in passes of at most ~ROW_BUDGET
+        # floats of receiver inputs (rows × R × T × d)
+        per_row = len(nodes.receivers) * int(batch.clean[0, 0].numel())
+        per = max(1, min(len(alphas), ROW_BUDGET // max(1, per_row * n)))
+        grads: torch.Tensor | None = None
+        for start in range(0, len(alphas), per):
+            chunk = alphas[start : start + per]
             if steps > 0 and path == "activations":
-                total -= _mask_gradient(task, batch, alpha) / len(alphas)
+                total -= _mask_gradient(task, batch, chunk) / len(alphas)
             else:
-                embed = None
-                if alpha != 1.0:
-                    e_clean, e_corrupt = batch.clean[:, 0], batch.corrupt[:, 0]  # (N, T, d)
-                    embed = e_corrupt + alpha * (e_clean - e_corrupt)
-                out = task.runner.run(batch.ids, embed=embed, grad=True)
-                g = receiver_gradients(task.runner, out, task.measure(batch, out.logits, batch.ids.shape[0]))
+                g = _embedding_gradient(task, batch, chunk)
                 grads = g if grads is None else grads + g
-            done += 1
+            done += len(chunk)
             if progress is not None:
                 progress("gradients", done, todo)
         if grads is not None:
@@ -295,13 +306,32 @@ def edge_attribution(
     return torch.where(valid, total / task.n_prompts, torch.zeros_like(total))
 
 
-def _mask_gradient(task: Task, batch: Batch, alpha: float) -> torch.Tensor:
-    """Σ over the batch's prompts of ∂metric/∂m (U, R) at the edge mask m = α."""
+def _embedding_gradient(task: Task, batch: Batch, alphas: Sequence[float]) -> torch.Tensor:
+    """Σ over the points α of every receiver's input gradient (N, R, T, d) with the input
+    embeddings at e(corrupt) + α (e(clean) − e(corrupt)), all points in one pass."""
     n = int(batch.ids.shape[0])
-    mask = task.runner.nodes.mask(n, value=alpha).requires_grad_(True)
+    embed = None
+    if list(alphas) != [1.0]:
+        e_clean, e_corrupt = batch.clean[:, 0], batch.corrupt[:, 0]  # (N, T, d)
+        a = torch.tensor(alphas, dtype=e_clean.dtype).view(-1, 1, 1, 1)
+        embed = (e_corrupt + a * (e_clean - e_corrupt)).flatten(0, 1)  # (k·N, T, d), point-major
+    ids = batch.ids.repeat(len(alphas), 1)
+    out = task.runner.run(ids, embed=embed, grad=True)
+    g = receiver_gradients(task.runner, out, task.measure(batch, out.logits, ids.shape[0]))
+    return g.view(len(alphas), n, *g.shape[1:]).sum(0)
+
+
+def _mask_gradient(task: Task, batch: Batch, alphas: Sequence[float]) -> torch.Tensor:
+    """Σ over the batch's prompts and the points α of ∂metric/∂m (U, R) at the edge mask
+    m = α, all points in one pass."""
+    n = int(batch.ids.shape[0])
+    nodes = task.runner.nodes
+    mask = torch.cat([nodes.mask(n, value=a) for a in alphas]).requires_grad_(True)  # (k·N, U, R)
+    ids = batch.ids.repeat(len(alphas), 1)
+    corrupt = batch.corrupt.repeat(len(alphas), 1, 1, 1)
     with torch.enable_grad():
-        out = task.runner.run(batch.ids, corrupt=batch.corrupt, mask=mask, grad=True)
-        (g,) = torch.autograd.grad(task.measure(batch, out.logits, n).sum(), [mask])
+        out = task.runner.run(ids, corrupt=corrupt, mask=mask, grad=True)
+        (g,) = torch.autograd.grad(task.measure(batch, out.logits, ids.shape[0]).sum(), [mask])
     return g.sum(0)
 
 

@@ -171,7 +171,8 @@ def head_importance(
         rows = [[Prepared(t)] for t in targets]
         if kind == "mean":
             rows = _with_means(subject, rows, [subject.encode(p) for p in baseline] if baseline else [inputs])
-        logits = subject.run(inputs, [[], *rows], 1 if serial else batch_size)
+        # only the last position is read: the batched run computes no other scores
+        logits = subject.run(inputs, [[], *rows], 1 if serial else batch_size, last_only=not serial)
         scores = logits[:, -1] if logits.dim() == 3 else logits
     recorded = subject.recorded_output() if prompt is None else None  # a bundle's own incident
     fn, objective = _metric(subject, inputs, metric, target, scores[:1], recorded)

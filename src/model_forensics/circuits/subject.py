@@ -47,24 +47,29 @@ class Subject:
     session: Session | None = None
     passes: int = 0
 
-    def call(self, inputs: ModelInputs, rows: int = 1) -> torch.Tensor:
+    def call(self, inputs: ModelInputs, rows: int = 1, last_only: bool = False) -> torch.Tensor:
         """Scores (rows, T, V) or (rows, C) of ``rows`` copies of ``inputs``: one counted
-        pass. The caller sets hooks, the environment and autograd."""
+        pass. ``last_only``: scores (rows, 1, V) of the last position only, where the model's
+        forward can skip the others (``logits_to_keep``). The caller sets hooks, the
+        environment and autograd."""
         self.passes += 1
-        logits = logits_of(self.model(**inputs.expand(rows)))
+        keep = {"logits_to_keep": 1} if last_only and "logits_to_keep" in _parameters(self.model) else {}
+        logits = logits_of(self.model(**inputs.expand(rows), **keep))
         if logits is None:
             raise ForensicsError(f"{type(self.model).__name__} returned no scores to explain")
         return logits
 
-    def run(self, inputs: ModelInputs, rows: Sequence[Sequence[Prepared]], batch_size: int) -> torch.Tensor:
+    def run(
+        self, inputs: ModelInputs, rows: Sequence[Sequence[Prepared]], batch_size: int, last_only: bool = False
+    ) -> torch.Tensor:
         """Scores (N, T, V) or (N, C): row i of ``inputs`` run with ``rows[i]`` applied, in
-        batches of ``batch_size`` rows, without autograd."""
+        batches of ``batch_size`` rows, without autograd (``last_only``: see :meth:`call`)."""
         out = []
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             clock = Clock(0, inputs.length)
             with self.environment(), torch.no_grad(), intervening(self.adapter, chunk, clock):
-                out.append(self.call(inputs, len(chunk)))
+                out.append(self.call(inputs, len(chunk), last_only))
         return torch.cat(out)
 
     def capture(self, inputs: ModelInputs, sites: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -133,6 +138,15 @@ class Subject:
         if self.tokenizer is None:
             return [str(i) for i in values]
         return [str(t) for t in self.tokenizer.convert_ids_to_tokens(values)]
+
+
+def _parameters(model: nn.Module) -> Any:
+    import inspect
+
+    try:
+        return inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
 
 
 def incident_prompt_set(model: nn.Module | Session) -> tuple[list[str], int | None]:

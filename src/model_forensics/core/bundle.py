@@ -48,12 +48,12 @@ import stat
 import struct
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jsonschema
 import torch
@@ -135,9 +135,14 @@ def content_digest(manifest: dict[str, Any]) -> str:
     return DIGEST_PREFIX + hashlib.sha256(canonical_json(manifest)).hexdigest()
 
 
-def stored_sha256(entries: dict[str, torch.Tensor]) -> str:
+def stored_sha256(entries: dict[str, torch.Tensor], by_entry: bool = False) -> str:
     """sha256 of one site's stored sketch entries: per entry (sorted by name) its name,
-    dtype and shape, then its exact bytes."""
+    dtype and shape, then its exact bytes (format 1.1) or, ``by_entry`` (format 1.2), the
+    32-byte sha256 of those bytes (see :func:`entries_sha256`)."""
+    if by_entry:
+        return entries_sha256(
+            [(n, t.dtype, list(t.shape), _sha256(sketches.tensor_bytes(t))) for n, t in entries.items()]
+        )
     digest = hashlib.sha256()
     for name in sorted(entries):
         t = entries[name].detach().contiguous()
@@ -171,12 +176,14 @@ def entries_by_site(sites: Any, keys: Any) -> dict[str, list[str]]:
 
 @dataclass
 class BundleContents:
-    """Everything that goes into a bundle, before it is written."""
+    """Everything that goes into a bundle, before it is written. ``activations`` holds the
+    sketch-encoded entries in memory, or is a :class:`SiteSource` that loads them one site
+    at a time (a recorder's spool)."""
 
     manifest: dict[str, Any]
     inputs: dict[str, torch.Tensor]
     outputs: dict[str, torch.Tensor]
-    activations: dict[str, torch.Tensor]
+    activations: dict[str, torch.Tensor] | SiteSource
     cube: dict[str, Any] | None = None
     calls: list[dict[str, Any]] | None = None
 
@@ -326,12 +333,14 @@ def _stale_temporaries(target: Path) -> list[Path]:
     stale = []
     for entry in entries:
         match = _TEMP_NAME.match(entry.name)
-        if match and match["name"] == target.name and not _alive(int(match["pid"])):
+        if match and match["name"] == target.name and not process_alive(int(match["pid"])):
             stale.append(entry)
     return stale
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True unless no process ``pid`` runs (this process counts as alive: a concurrent
+    write in it); what decides whether a temporary named after its writer is stale."""
     if pid == os.getpid():
         return True  # a concurrent write in this process
     try:
@@ -460,37 +469,50 @@ def _os_message(exc: OSError, what: str) -> str:
 def _write_files(tmp: Path, contents: BundleContents) -> dict[str, Any]:
     """Write and fsync every file into ``tmp``; returns the manifest as written.
 
-    Each byte is hashed once per digest the format asks for, from memory, while it is
-    written: the file sha256 in one ordered hashing thread beside the writes, each site's
-    ``stored_sha256`` in the pool. Nothing is read back. The bytes are those safetensors'
-    ``save_file`` writes (tests/core/test_bundle_io_identity.py compares them).
+    Each byte is hashed once, from memory, while it is written (format 1.2): every
+    safetensors entry gets its own sha256 in a small thread pool, and the file digests
+    (``sha256-entries``), each site's ``stored_sha256`` and the exact sha256 of each
+    ``full`` site are derived from those entry digests. Activations are written one site at
+    a time from a :class:`SiteSource` (a recorder's spool), so the writer holds one site in
+    memory. Nothing is read back. The bytes are those safetensors' ``save_file`` writes
+    (tests/core/test_bundle_io_identity.py compares them).
     """
-    tensors = {
-        "inputs.safetensors": contents.inputs,
-        "outputs.safetensors": contents.outputs,
-        "activations.safetensors": contents.activations,
-    }
     manifest = dict(contents.manifest)
-    owners = entries_by_site(manifest["sites"], contents.activations)
+    source = contents.activations
+    if not isinstance(source, SiteSource):
+        source = TensorSites(list(manifest["sites"]), source)
     files: dict[str, Any] = {}
-    with ThreadPoolExecutor(max_workers=_hash_threads(), thread_name_prefix="bundle-hash") as pool:
-        stored = {
-            site: pool.submit(stored_sha256, {k: contents.activations[k] for k in owners[site]})
-            for site in manifest["sites"]
-        }
-        for name, entries in tensors.items():
-            files[name] = _save_tensors(entries, tmp / name)
-        files["cube.json"] = _write_bytes(tmp / "cube.json", json.dumps(contents.cube or {}, allow_nan=False).encode())
-        calls = "".join(json.dumps(c, sort_keys=True, allow_nan=False) + "\n" for c in contents.calls or [])
-        files["calls.jsonl"] = _write_bytes(tmp / "calls.jsonl", calls.encode())
-        manifest["sites"] = {
-            site: {**info, "stored_sha256": stored[site].result()} for site, info in manifest["sites"].items()
-        }
+    files["inputs.safetensors"] = _save_tensors(contents.inputs, tmp / "inputs.safetensors")
+    files["outputs.safetensors"] = _save_tensors(contents.outputs, tmp / "outputs.safetensors")
+    written = _save_sites(source, tmp / "activations.safetensors")
+    files["activations.safetensors"] = written.describe()
+    files["cube.json"] = _write_bytes(tmp / "cube.json", json.dumps(contents.cube or {}, allow_nan=False).encode())
+    calls = "".join(json.dumps(c, sort_keys=True, allow_nan=False) + "\n" for c in contents.calls or [])
+    files["calls.jsonl"] = _write_bytes(tmp / "calls.jsonl", calls.encode())
+    owners = entries_by_site(manifest["sites"], written.entries)
+    manifest["sites"] = {
+        site: _site_digests(site, info, owners[site], written, source) for site, info in manifest["sites"].items()
+    }
     manifest["files"] = {name: files[name] for name in DATA_FILES}
     validate_format(manifest, "the manifest of the bundle being written")
     text = json.dumps(manifest, indent=1, allow_nan=False)
     _write_bytes(tmp / MANIFEST, text.encode())
     return dict(json.loads(text))
+
+
+def _site_digests(
+    site: str, info: dict[str, Any], names: list[str], written: _Written, source: SiteSource
+) -> dict[str, Any]:
+    """A site's table entry with ``stored_sha256`` derived from the digests of its entries
+    ``names``, and its exact ``sha256`` when left to the writer: the source's, or a ``full``
+    site's entry digest."""
+    out = {**info, "stored_sha256": entries_sha256([(n, *written.specs[n], written.entries[n]) for n in names])}
+    if info.get("sha256") is None:
+        exact = source.sha256(site)
+        if exact is None and info["sketch"] == "full" and site in written.entries:
+            exact = written.entries[site].hex()
+        out["sha256"] = exact
+    return out
 
 
 def _hash_threads() -> int:
@@ -506,6 +528,100 @@ def _write_bytes(file: Path, data: bytes) -> dict[str, Any]:
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
+# -- sources of activations ----------------------------------------------------------------------
+Spec = tuple[torch.dtype, tuple[int, ...]]
+
+
+@runtime_checkable
+class SiteSource(Protocol):
+    """Sketch-encoded activations, one site at a time: what :func:`write_bundle` streams
+    into ``activations.safetensors`` without holding every site in memory.
+
+    ``specs(site)`` gives the entries ``entries(site)`` will return (name → dtype, shape),
+    before anything is loaded; ``entries(site)`` loads and encodes that site now;
+    ``sha256(site)``, asked after ``entries(site)``, is the exact tensor's sha256 when the
+    source computed it (None: the manifest has it, or the writer derives it from the entry
+    of a ``full`` site).
+    """
+
+    def sites(self) -> list[str]: ...
+
+    def specs(self, site: str) -> dict[str, Spec]: ...
+
+    def entries(self, site: str) -> dict[str, torch.Tensor]: ...
+
+    def sha256(self, site: str) -> str | None: ...
+
+
+class TensorSites:
+    """A :class:`SiteSource` over entries already in memory (``{entry name: tensor}``);
+    entries that belong to none of ``sites`` are written too, as one last group."""
+
+    def __init__(self, sites: list[str], activations: dict[str, torch.Tensor]):
+        self._groups = entries_by_site(sites, activations)
+        owned = {name for names in self._groups.values() for name in names}
+        rest = [name for name in activations if name not in owned]
+        if rest:
+            self._groups["\0rest"] = rest  # no site has a NUL in its name
+        self._tensors = activations
+
+    def sites(self) -> list[str]:
+        return list(self._groups)
+
+    def specs(self, site: str) -> dict[str, Spec]:
+        return {n: (self._tensors[n].dtype, tuple(self._tensors[n].shape)) for n in self._groups[site]}
+
+    def entries(self, site: str) -> dict[str, torch.Tensor]:
+        return {n: self._tensors[n] for n in self._groups[site]}
+
+    def sha256(self, site: str) -> str | None:
+        return None
+
+
+# -- digests (format 1.2: each byte hashed once) -------------------------------------------------
+ENTRY_DIGEST = "sha256-entries"
+
+
+def entries_digest(header: bytes, entries: list[bytes]) -> str:
+    """A safetensors file's ``sha256-entries`` digest: sha256 over the 32-byte sha256 of
+    its header (length + JSON + padding), then the 32-byte sha256 of each entry's bytes in
+    file order. The entries tile the data area (the reader checks it), so every byte of the
+    file is covered once."""
+    digest = hashlib.sha256(header)
+    for entry in entries:
+        digest.update(entry)
+    return digest.hexdigest()
+
+
+def entries_sha256(entries: list[tuple[str, torch.dtype | str, Any, bytes]]) -> str:
+    """A site's ``stored_sha256`` (format 1.2): per entry, sorted by name, the text
+    ``name:dtype:[shape];`` then the entry's 32-byte sha256."""
+    digest = hashlib.sha256()
+    for name, dtype, shape, entry in sorted(entries, key=lambda e: e[0]):
+        digest.update(_entry_prefix(name, str(dtype).removeprefix("torch."), list(shape)))
+        digest.update(entry)
+    return digest.hexdigest()
+
+
+@dataclass
+class _Written:
+    """What one safetensors file was written with: its size, the sha256 of its header and
+    of every entry (raw 32 bytes, in file order), and every entry's dtype and shape."""
+
+    size: int
+    header: bytes
+    entries: dict[str, bytes]
+    specs: dict[str, Spec]
+
+    @property
+    def digest(self) -> str:
+        return entries_digest(self.header, list(self.entries.values()))
+
+    def describe(self) -> dict[str, Any]:
+        return {"sha256": self.digest, "bytes": self.size, "digest": ENTRY_DIGEST}
+
+
+# -- safetensors files ---------------------------------------------------------------------------
 # safetensors orders entries by dtype (this rank, descending), then by name, and pads its
 # JSON header with spaces to a multiple of 8 bytes.
 _ST_CODES = {
@@ -524,79 +640,167 @@ _ST_RANK = {
     code: rank for rank, code in enumerate(("BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64"))
 }
 _PLAIN_NAME = re.compile(r"^[\x20-\x7e]*$")
+_WINDOW_BYTES = 64 * 1024 * 1024  # written bytes whose hashing may lag behind the writes
 
 
-def safetensors_layout(entries: dict[str, torch.Tensor]) -> tuple[bytes, list[tuple[str, torch.Tensor]]]:
-    """The bytes before the data of the safetensors file ``save_file(entries)`` writes
-    (8-byte header length + JSON header), and the entries in the order their data follows.
+def safetensors_layout(specs: dict[str, Spec]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The bytes before the data of the safetensors file ``save_file`` writes for entries
+    of these dtypes and shapes (8-byte header length + JSON header), and each entry's byte
+    range in the data area, in file order.
 
     Raises:
         ValueError: an entry this layout does not cover (a dtype bundles never use, a name
             outside printable ASCII or holding a quote or backslash); use ``save_file``.
     """
-    ordered = []
-    for name, tensor in entries.items():
-        code = _ST_CODES.get(tensor.dtype)
-        if code is None or not _PLAIN_NAME.match(name) or '"' in name or "\\" in name or name == "__metadata__":
-            raise ValueError(f"entry {name!r} ({tensor.dtype}) is not covered by the fast layout")
-        ordered.append((name, tensor.detach().contiguous()))
-    ordered.sort(key=lambda item: (-_ST_RANK[_ST_CODES[item[1].dtype]], item[0]))
+    for name, (dtype, _shape) in specs.items():
+        if dtype not in _ST_CODES or not _PLAIN_NAME.match(name) or '"' in name or "\\" in name:
+            raise ValueError(f"entry {name!r} ({dtype}) is not covered by the fast layout")
+        if name == "__metadata__":
+            raise ValueError("an entry named __metadata__ is not covered by the fast layout")
+    ordered = sorted(specs, key=lambda n: (-_ST_RANK[_ST_CODES[specs[n][0]]], n))
     header: dict[str, Any] = {}
+    spans: dict[str, tuple[int, int]] = {}
     offset = 0
-    for name, tensor in ordered:
-        end = offset + tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _ST_CODES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, end]}
+    for name in ordered:
+        dtype, shape = specs[name]
+        end = offset + math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_CODES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        spans[name] = (offset, end)
         offset = end
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text, ordered
+    return struct.pack("<Q", len(text)) + text, spans
 
 
 def _save_tensors(entries: dict[str, torch.Tensor], file: Path) -> dict[str, Any]:
     """Write ``entries`` with :func:`save_file`, fsynced, umask permissions; its I/O errors
-    (a full disk) raised as the OSError they are. Returns the file's sha256 and size."""
+    (a full disk) raised as the OSError they are. Returns the file's table entry."""
+    described = _os_errors(file, lambda: save_file(entries, str(file)))
+    if described is None:  # written by another writer: hash what it wrote
+        return _hash_written(file).describe()
+    return dict(described)
+
+
+def _save_sites(source: SiteSource, file: Path) -> _Written:
+    """Write every site of ``source`` into the safetensors file ``file``, one site in
+    memory at a time; returns what was written."""
+
+    def write() -> _Written:
+        specs = {name: spec for site in source.sites() for name, spec in source.specs(site).items()}
+        try:
+            prefix, spans = safetensors_layout(specs)
+        except ValueError:  # names the fast layout does not cover: safetensors writes them
+            tensors = {k: v for site in source.sites() for k, v in source.entries(site).items()}
+            _safetensors_save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(file))
+            return _hash_written(file)
+        return _write_entries(file, prefix, spans, specs, (source.entries(site) for site in source.sites()))
+
+    return _os_errors(file, write)
+
+
+def _os_errors(file: Path, write: Any) -> Any:
+    """``write()``, with safetensors' I/O errors (``SafetensorError "... (os error 28)"``)
+    raised as the OSError they are; the file gets umask permissions."""
     try:
-        described = save_file({k: v.detach().contiguous() for k, v in entries.items()}, str(file))
+        result = write()
     except OSError:
         raise
-    except Exception as exc:  # safetensors reports them as SafetensorError "... (os error 28)"
+    except Exception as exc:
         code = re.search(r"os error (\d+)", str(exc))
         if code is None:
             raise
         raise OSError(int(code[1]), os.strerror(int(code[1])), str(file)) from None
-    file.chmod(shared_mode())  # safetensors creates its files 0600, whatever the umask
-    if described is None:  # written by another writer: hash what it wrote
-        with file.open("rb") as fh:
-            os.fsync(fh.fileno())
-        described = {"sha256": file_sha256(file), "bytes": file.stat().st_size}
-    return described
+    if file.exists():
+        file.chmod(shared_mode())  # safetensors creates its files 0600, whatever the umask
+    return result
+
+
+def _hash_written(file: Path) -> _Written:
+    """Hash a safetensors file written by someone else (fsynced here), entry by entry."""
+    with file.open("rb") as fh:
+        os.fsync(fh.fileno())
+    mapped = _MappedFile(file)
+    with ThreadPoolExecutor(max_workers=_hash_threads(), thread_name_prefix="bundle-hash") as pool:
+        header, entries = mapped.entry_digests(pool)
+        return _Written(
+            mapped.layout.size,
+            header.result(),
+            {name: future.result() for name, future in entries.items()},
+            {n: (getattr(torch, d), tuple(s)) for n, (d, s, _b, _e) in mapped.layout.entries.items()},
+        )
+
+
+def _write_entries(
+    file: Path, prefix: bytes, spans: dict[str, tuple[int, int]], specs: dict[str, Spec], groups: Iterator[Any]
+) -> _Written:
+    """Write a safetensors file whose header is ``prefix``: each group of entries (one
+    site) is written at its byte ranges as it comes, and hashed in a thread pool while the
+    next is written; at most ``_WINDOW_BYTES`` of written data wait for their hash."""
+    start = len(prefix)
+    digests: dict[str, Future[bytes]] = {}
+    pending: list[tuple[Future[bytes], int]] = []
+    waiting = 0
+    with (
+        ThreadPoolExecutor(max_workers=_hash_threads(), thread_name_prefix="bundle-hash") as pool,
+        file.open("wb") as fh,
+    ):
+        header = pool.submit(_sha256, prefix)
+        _pwrite(fh.fileno(), prefix, 0)
+        for group in groups:
+            for name, tensor in group.items():
+                data = _checked_bytes(name, tensor, specs, spans)
+                _pwrite(fh.fileno(), data, start + spans[name][0])
+                digests[name] = pool.submit(_sha256, data)  # the future holds ``data`` until hashed
+                pending.append((digests[name], data.nbytes))
+                waiting += data.nbytes
+            while waiting > _WINDOW_BYTES and pending:
+                future, nbytes = pending.pop(0)
+                future.result()
+                waiting -= nbytes
+        missing = set(spans) - set(digests)
+        if missing:
+            raise ValueError(f"the site source gave no data for the entries {sorted(missing)[:4]}")
+        size = start + (max(end for _b, end in spans.values()) if spans else 0)
+        fh.truncate(size)
+        os.fsync(fh.fileno())
+        return _Written(size, header.result(), {n: digests[n].result() for n in spans}, specs)
+
+
+def _checked_bytes(name: str, tensor: torch.Tensor, specs: dict[str, Spec], spans: dict[str, Any]) -> Any:
+    """The bytes of one entry, after checking it is the dtype and shape the header promised."""
+    if name not in spans:
+        raise ValueError(f"the site source gave an entry {name!r} that its specs did not announce")
+    if (tensor.dtype, tuple(tensor.shape)) != specs[name]:
+        raise ValueError(
+            f"entry {name!r} is {tensor.dtype} {list(tensor.shape)}, its specs said {specs[name][0]} {list(specs[name][1])}"
+        )
+    return sketches.tensor_bytes(tensor)
+
+
+def _sha256(data: Any) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _pwrite(fd: int, data: Any, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
 
 
 def save_file(tensors: dict[str, torch.Tensor], filename: str) -> dict[str, Any] | None:
     """``safetensors.torch.save_file`` at disk speed: the same bytes, written straight from
-    the tensors' memory (no copies), hashed in a second thread as they are written, then
-    fsynced. Returns the file's sha256 and size (None: nothing to report)."""
+    the tensors' memory (no copies), each entry hashed in a thread pool as it is written,
+    then fsynced. Returns the file's table entry (``sha256-entries`` digest and size), or
+    None when safetensors itself wrote the file (names outside the fast layout)."""
     file = Path(filename)
+    specs = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
     try:
-        prefix, ordered = safetensors_layout(tensors)
+        prefix, spans = safetensors_layout(specs)
     except ValueError:
         _safetensors_save_file(tensors, filename)
         return None
-    digest = hashlib.sha256()
-    size = len(prefix)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="file-hash") as hasher, file.open("wb") as fh:
-        pending: list[Future[None]] = [hasher.submit(digest.update, prefix)]
-        fh.write(prefix)
-        for _name, tensor in ordered:
-            data = sketches.tensor_bytes(tensor)
-            pending.append(hasher.submit(digest.update, data))  # one worker: updates stay in file order
-            fh.write(data)
-            size += data.nbytes
-        fh.flush()
-        os.fsync(fh.fileno())
-        for future in pending:
-            future.result()
-    return {"sha256": digest.hexdigest(), "bytes": size}
+    return _write_entries(file, prefix, spans, specs, iter([tensors])).describe()
 
 
 def pack_bundle(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
@@ -690,6 +894,7 @@ class Bundle:
         self._maps: dict[str, _MappedFile] = {}
         self._owners: dict[str, list[str]] | None = None
         self._digests: dict[str, tuple[str, str | None]] = {}
+        self._entry_sums: dict[str, dict[str, bytes]] = {}  # file → entry → sha256 (format 1.2)
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = True, limits: BundleConfig | None = None) -> Bundle:
@@ -749,7 +954,7 @@ class Bundle:
 
     def _verify_files(self, pool: ThreadPoolExecutor) -> list[str]:
         table = self.manifest["files"]
-        found: dict[str, str | Future[str]] = {}  # a problem, or the sha256 being computed
+        found: dict[str, str | Callable[[], str]] = {}  # a problem, or the digest being computed
         for name in DATA_FILES:
             info = table.get(name)
             file = self.path / name
@@ -759,15 +964,34 @@ class Bundle:
                 found[name] = f"{name} is missing"
             elif file.stat().st_size != info["bytes"]:
                 found[name] = f"{name} has {file.stat().st_size} bytes, manifest says {info['bytes']}"
+            elif info.get("digest") == ENTRY_DIGEST:
+                found[name] = self._entries_digest(name, pool)
             else:
-                found[name] = pool.submit(file_sha256, file)
+                found[name] = pool.submit(file_sha256, file).result
         problems = []
         for name, result in found.items():
             if isinstance(result, str):
                 problems.append(result)
-            elif result.result() != table[name]["sha256"]:
-                problems.append(f"{name} sha256 differs from the manifest")
+            elif (digest := result()) != table[name]["sha256"]:
+                problems.append(digest if digest.startswith(name) else f"{name} sha256 differs from the manifest")
         return problems
+
+    def _entries_digest(self, name: str, pool: ThreadPoolExecutor) -> Callable[[], str]:
+        """Start hashing ``name`` entry by entry (format 1.2) and return what waits for its
+        ``sha256-entries`` digest (or a problem, prefixed with the file's name); the entry
+        digests are kept for the site checks."""
+        try:
+            header, entries = self._mapped(name).entry_digests(pool)
+        except BundleError as exc:
+            problem = f"{name}: {exc}"
+            return lambda: problem
+
+        def digest() -> str:
+            sums = {entry: future.result() for entry, future in entries.items()}
+            self._entry_sums[name] = sums
+            return entries_digest(header.result(), list(sums.values()))
+
+        return digest
 
     @cached_property
     def digest(self) -> str:
@@ -866,10 +1090,17 @@ class Bundle:
         every site's digests are computed side by side in threads, straight from the maps."""
         self._maps.clear()
         self._owners = None
+        self._entry_sums = {}
+        by_entry = self.manifest["files"].get("activations.safetensors", {}).get("digest") == ENTRY_DIGEST
         with ThreadPoolExecutor(max_workers=_hash_threads(), thread_name_prefix="bundle-verify") as pool:
-            sites = self._hash_sites(pool)
+            sites = {} if by_entry or self._sites_by_entry else self._hash_sites(pool)
             problems = self._verify_files(pool)
-            self._digests = {site: future.result() for site, future in sites.items()} if not problems else {}
+            if problems or (self._sites_by_entry and not by_entry):
+                self._digests = {}  # _check_site hashes each site itself
+            elif by_entry:
+                self._digests = self._sites_from_entries()
+            else:
+                self._digests = {site: future.result() for site, future in sites.items()}
         if problems:
             return problems
         for name, table in (("inputs.safetensors", "input"), ("outputs.safetensors", "output")):
@@ -908,10 +1139,29 @@ class Bundle:
             for site in self.sites
         }
 
+    @property
+    def _sites_by_entry(self) -> bool:
+        """Whether ``stored_sha256`` is over entry digests (format 1.2 on) or bytes (1.0, 1.1)."""
+        major, _, minor = str(self.manifest["format_version"]).partition(".")
+        return (int(major), int(minor or 0)) >= (1, 2)
+
+    def _sites_from_entries(self) -> dict[str, tuple[str, str | None]]:
+        """Each site's digests (``stored_sha256``, exact sha256 of a ``full`` site) derived
+        from the entry digests that verification computed (format 1.2): no byte is hashed
+        twice."""
+        sums = self._entry_sums.get("activations.safetensors", {})
+        layout, table = self._mapped("activations.safetensors").layout.entries, self.manifest["sites"]
+        out: dict[str, tuple[str, str | None]] = {}
+        for site, names in self._site_names().items():
+            stored = entries_sha256([(n, layout[n][0], layout[n][1], sums[n]) for n in names])
+            full = table[site]["sketch"] == "full" and site in names
+            out[site] = (stored, sums[site].hex() if full else None)
+        return out
+
     def _check_site(self, site: str) -> list[str]:
         info = self.manifest["sites"][site]
         entries = self._site_entries(site)
-        stored, exact = self._digests.get(site) or (stored_sha256(entries), None)
+        stored, exact = self._digests.get(site) or (stored_sha256(entries, self._sites_by_entry), None)
         if "stored_sha256" in info and stored != info["stored_sha256"]:
             return [f"site {_show(site)}: stored sketch sha256 differs from the manifest"]
         tensor = _decode(site, entries, info)
@@ -1154,6 +1404,12 @@ class _MappedFile:
 
     def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
         return {name: self.tensor(name) for name in names}
+
+    def entry_digests(self, pool: ThreadPoolExecutor) -> tuple[Future[bytes], dict[str, Future[bytes]]]:
+        """The sha256 of the header bytes and of every entry's bytes (raw 32 bytes, in the
+        header's order), hashing in ``pool`` straight from the map."""
+        head = memoryview(self.map)[: self.layout.data_start] if self.map is not None else memoryview(b"")
+        return pool.submit(_sha256, head), {name: pool.submit(_sha256, self.span(name)) for name in self.layout.entries}
 
     def site_digests(self, site: str, names: list[str], full: bool) -> tuple[str, str | None]:
         """(``stored_sha256`` of the site's entries, sha256 of its exact tensor when the

@@ -29,6 +29,8 @@ class RecorderConfig(_Strict):
     sketch: SketchKind = "fp16"
     compression_ratio: float = Field(default=0.1, gt=0.0, le=1.0)
     max_bundle_size_mb: float = Field(default=500.0, gt=0.0)
+    memory_budget_mb: float = Field(default=256.0, ge=0.0)
+    spool_dir: str | None = None
 
 
 class ReplayConfig(_Strict):
@@ -66,6 +68,8 @@ class CFConfig(_Strict):
     anomaly_threshold: float = Field(default=2.0, gt=0.0)
     baseline_samples: int = Field(default=1000, ge=1)
     heads: bool = True
+    ranker: Literal["features", "relative", "auto"] = "features"
+    codebook_variance: float = Field(default=0.9, gt=0.0, lt=1.0)
 
 
 class CCAConfig(_Strict):
@@ -87,6 +91,10 @@ class CCAConfig(_Strict):
     sweep_smallest: bool = True
     sweep_neurons: int = Field(default=48, ge=0)
     sweep_pairs: int = Field(default=10, ge=0)
+    positions: bool = False
+    saturation_tolerance: float = Field(default=1e-6, ge=0.0)
+    held_out_fraction: float = Field(default=0.3, ge=0.0, lt=1.0)
+    split_seed: int = Field(default=0, ge=0)
 
 
 class ShiftConfig(_Strict):

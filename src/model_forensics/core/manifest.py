@@ -39,7 +39,7 @@ from model_forensics.core.config import BundleConfig
 from model_forensics.core.errors import BundleError
 
 FORMAT_NAME = "model-forensics-bundle"
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 DTYPE_ITEMSIZE = {
     "float64": 8,
     "float32": 4,
@@ -413,8 +413,13 @@ class Extras(_Open):
 
 
 class FileEntry(_Closed):
+    """A data file's size and digest: ``sha256`` of its bytes, or (format 1.2,
+    ``digest: sha256-entries``, safetensors files) sha256 over the sha256 of its header and
+    of each entry (see :func:`model_forensics.core.bundle.entries_digest`)."""
+
     sha256: Sha256
     bytes: Count
+    digest: Literal["sha256", "sha256-entries"] = "sha256"
 
 
 class FileTable(_Closed):
@@ -428,7 +433,7 @@ class FileTable(_Closed):
 
 
 class Manifest(_Open):
-    """``manifest.json`` of format 1 (1.0 and 1.1; newer minor versions may add keys)."""
+    """``manifest.json`` of format 1 (1.0, 1.1 and 1.2; newer minor versions may add keys)."""
 
     format: Literal["model-forensics-bundle"]
     format_version: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,4}\.[0-9]{1,4}$")]

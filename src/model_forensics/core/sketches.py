@@ -47,6 +47,24 @@ def encoded_nbytes(shape: tuple[int, ...], dtype: torch.dtype, sketch: str, comp
     return k * (itemsize + 8)
 
 
+def encoded_specs(
+    name: str, shape: tuple[int, ...], dtype: torch.dtype, sketch: str, compression_ratio: float
+) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """The entries :func:`encode` makes for a tensor of this shape and dtype, as
+    ``{entry name: (dtype, shape)}``, without encoding anything (a streaming writer lays out
+    the file's header from it before the first site is loaded)."""
+    if sketch == "full":
+        return {name: (dtype, shape)}
+    if sketch == "fp16":
+        return {name: (torch.float16, shape)}
+    if sketch == "int8":
+        return {name: (torch.int8, shape), f"{name}::scale": (torch.float32, (*shape[:-1], 1))}
+    if sketch == "topk":
+        k = topk_count(math.prod(shape), compression_ratio)
+        return {f"{name}::indices": (torch.int64, (k,)), f"{name}::values": (dtype, (k,))}
+    raise ValueError(f"unknown sketch '{sketch}'; use one of {SKETCHES}")
+
+
 def topk_count(numel: int, compression_ratio: float) -> int:
     return max(1, math.ceil(numel * compression_ratio)) if numel else 0
 

@@ -500,24 +500,3 @@ def _as_array(new: Any, old: np.ndarray, site: str) -> np.ndarray:
             f"site '{site}': an intervention returned shape {shape}, the tensor has {list(old.shape)}"
         )
     return np.ascontiguousarray(new.detach().cpu().numpy().astype(old.dtype, copy=False))
-
-
-def check_reads_text(model: nn.Module, tokenizer: Any) -> None:
-    """Refuse text prompts for an ONNX model that cannot read them (no-op for other models).
-
-    Raises:
-        ForensicsError: the graph takes no token ids (an image model), or no tokenizer was
-            found beside the ``.onnx`` file.
-    """
-    if not isinstance(model, OnnxModel):
-        return
-    if not model.takes_text:
-        raise ForensicsError(
-            f"'{model.path.name}' is not a text model: its inputs are {model.describe_inputs()}, so a text prompt "
-            "cannot be fed to it; record it from Python with record_inputs(loaded, {name: tensor}, out) (docs/onnx.md)"
-        )
-    if tokenizer is None:
-        raise ForensicsError(
-            f"'{model.path.name}' reads token ids but no tokenizer lies beside it; save one into its folder "
-            "(tokenizer.save_pretrained(folder)) or record token ids from Python"
-        )

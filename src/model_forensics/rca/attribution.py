@@ -30,6 +30,7 @@ from model_forensics.core.records import fields_json
 from model_forensics.models.adapters import conv_sites
 from model_forensics.models.hooks import SiteCall, hooks, logits_of
 from model_forensics.models.inputs import ModelInputs
+from model_forensics.rca.flips import clean_run
 from model_forensics.rca.progress import Progress, silent
 from model_forensics.rca.runs import Inputs, capture
 from model_forensics.replay import Intervention, Session
@@ -68,7 +69,11 @@ class Ranking:
 
 
 def attribution_ranking(
-    session: Session, inputs: list[Inputs] | None = None, max_variants: int = 16, progress: Progress = silent
+    session: Session,
+    inputs: list[Inputs] | None = None,
+    max_variants: int = 16,
+    progress: Progress = silent,
+    positions: bool = False,
 ) -> Ranking:
     """Rank every site, head and neuron of ``session``'s model for the incident's failure.
 
@@ -77,6 +82,9 @@ def attribution_ranking(
         inputs: failing inputs to attribute (default: the incident and its variants, up to
             ``max_variants``; inputs on which the model does not fail are skipped).
         progress: called with ("attribution", inputs done, inputs).
+        positions: also score every prompt position of ``embed`` and of each block's
+            ``resid_post`` (units ``embed@pos=3``, level ``position``; the position's
+            whole vector mean-ablated).
     """
     if session.predicate is None:
         raise ForensicsError(
@@ -85,6 +93,8 @@ def attribution_ranking(
     adapter = session.adapter
     channels = {site for site, _ in conv_sites(adapter)}  # a CNN: its convolutions' channels
     sites = [s for s in adapter.sites() if _kind(s) in ("attn", "mlp", "attn.z", "mlp.post") or s in channels]
+    if positions and adapter.n_layers:
+        sites += [s for s in adapter.sites() if _kind(s) in ("embed", "resid_post")]
     before = session.forward_passes
     means = _baseline_means(session, sites)
     totals: dict[tuple[str, str], float] = defaultdict(float)
@@ -108,6 +118,10 @@ def attribution_ranking(
             kind = _kind(site)
             if kind in ("attn", "mlp"):
                 totals[(site, "site")] -= float(delta.sum())
+            elif kind in ("embed", "resid_post"):  # (T, d) → one unit per prompt position
+                length = ModelInputs.of(batch).length if "input_ids" in batch else 0
+                for t, v in enumerate(delta.sum(dim=-1)[:length].tolist()):
+                    totals[(f"{site}@pos={t}", "position")] -= v
             elif kind == "attn.z":
                 per_head = delta.sum(dim=(0, 2))  # (T, H, dh) → (H,)
                 base = site.removesuffix(".z")
@@ -150,7 +164,7 @@ def _teacher_forced(session: Session, batch: Inputs) -> tuple[torch.Tensor | Inp
     the model does not fail on ``batch``."""
     predicate = session.predicate
     assert predicate is not None  # callers check
-    result = session.run(inputs=batch)
+    result = clean_run(session, batch)  # run once per input: ranking and exact patching both read it
     if not result.failed:
         return None
     if "input_ids" not in batch:  # a model fed tensors (pixel_values): one forward pass

@@ -1,5 +1,10 @@
 """The units a fix-set search draws from, in search order, and how each becomes an intervention.
 
+Token positions (``modules.cca.positions``): every prompt position of ``embed`` and of each
+block's ``resid_post`` (``embed@pos=3``, level ``position``) is a coarse candidate beside
+the attention and MLP sites, and its own fine candidate: a trigger that several heads
+carry redundantly often enters through one embedding position.
+
 Guided order: attribution score, times (1 + CF score / threshold) for units CF flags when
 CF guides; unguided: every site, head and neuron in forward order. Fine candidates of a
 coarse site: every head of an attention site, the top ``neurons_per_site`` neurons of an MLP
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field
 from model_forensics.models.adapters import conv_sites
 from model_forensics.rca.attribution import Ranking, UnitScore
 from model_forensics.rca.compression import AnomalyReport
+from model_forensics.rca.notes import Note
 from model_forensics.replay import Gate, Intervention, Session
 
 
@@ -111,7 +117,9 @@ def fine_candidates(scores: list[UnitScore], sites: Sequence[str], per_site: int
     order) of each MLP site, or of the channels a generic model's coarse unit names."""
     fine: list[UnitScore] = []
     for site in sites:
-        if site.endswith(".attn"):
+        if "@pos=" in site:  # a token position is atomic: its own fine candidate
+            fine += [u for u in scores if u.unit == site]
+        elif site.endswith(".attn"):
             fine += [u for u in scores if u.level == "head" and u.unit.startswith(site + ".head.")]
         elif site.endswith(".mlp"):
             fine += [u for u in scores if u.level == "neuron" and u.unit.startswith(site + ".post[")][:per_site]
@@ -122,6 +130,20 @@ def fine_candidates(scores: list[UnitScore], sites: Sequence[str], per_site: int
         else:  # a generic site: its channels
             fine += [u for u in scores if u.level == "neuron" and u.unit.startswith(site + "[")][:per_site]
     return fine
+
+
+def saturation_note(ranking: Ranking | None, tolerance: float) -> Note | None:
+    """A warning when every attribution score is near zero (max |score| ≤ ``tolerance``):
+    the gradient carries no signal (a saturated softmax, a dead path), so the guided
+    order is arbitrary and the search is as blind as an unguided one."""
+    if ranking is None or not ranking.units:
+        return None
+    largest = max(abs(u.score) for u in ranking.units)
+    if largest > tolerance:
+        return None
+    return Note(
+        "attribution_saturated", {"max_abs_score": largest, "units": len(ranking.units), "tolerance": tolerance}
+    )
 
 
 def unit_count(session: Session) -> int:

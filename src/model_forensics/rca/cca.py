@@ -37,9 +37,10 @@ from model_forensics.core.config import CCAConfig, ForensicsConfig, load_config
 from model_forensics.core.errors import ConfigError
 from model_forensics.core.records import fields_json
 from model_forensics.rca.attribution import Ranking, UnitScore, attribution_ranking
-from model_forensics.rca.candidates import Ablation, search_order, unit_count
+from model_forensics.rca.candidates import Ablation, saturation_note, search_order, unit_count
 from model_forensics.rca.compression import AnomalyReport
 from model_forensics.rca.gating import gate_if_it_helps, gate_threshold
+from model_forensics.rca.heldout import HeldOut
 from model_forensics.rca.implicated import implicated_units
 from model_forensics.rca.members import FixMember, score_members
 from model_forensics.rca.narrowing import narrow_if_it_helps
@@ -47,7 +48,7 @@ from model_forensics.rca.notes import Note, distinct
 from model_forensics.rca.progress import Progress, silent, step
 from model_forensics.rca.search import FixChoice, FixSearch, Found, Refined
 from model_forensics.rca.settings import overridden
-from model_forensics.rca.side_effects import SideEffects, measure
+from model_forensics.rca.side_effects import SideEffects
 from model_forensics.rca.smallest import SmallFix, site_of, smaller_wins, smallest_fix
 from model_forensics.replay import Intervention, Session
 
@@ -79,6 +80,10 @@ class FixSet:
     # (exact patching), side_effects (the found set's benign KL, which decides gating and
     # narrowing, and the final measurement); they sum to forward_passes
     phase_passes: dict[str, int] = field(default_factory=dict)
+    units_before_narrowing: list[str] = field(default_factory=list)  # whole units, when narrowing replaced them
+    # analyze: the fix on the search part and on prompts held out of every fit
+    # (:mod:`~model_forensics.rca.heldout`); total_flip_rate, flips and side_effects are the search part's
+    held_out: HeldOut | None = None
 
     @property
     def interventions(self) -> list[Intervention]:
@@ -108,6 +113,11 @@ class FixSet:
                 side_effects=None if self.side_effects is None else self.side_effects.to_json(),
                 notes=self.notes,
                 note_records=[note.to_json() for note in self.note_records],
+                held_out=None if self.held_out is None else self.held_out.to_json(),
+                flip_rate={
+                    "search": self.total_flip_rate,
+                    "held_out": None if self.held_out is None else self.held_out.held_out.flip_rate,
+                },
             ),
         }
 
@@ -244,11 +254,12 @@ class CausalCCA:
         ablate = Ablation("mean" if session.baselines else "zero")
         unguided = cfg.guidance == "unguided"
         if ranking is None and not unguided:
-            ranking = attribution_ranking(session, progress=progress)
+            ranking = attribution_ranking(session, progress=progress, positions=cfg.positions)
             phases.mark("ranking")
         weighting = guided_by if cfg.guidance == "cf" else None
         scores = search_order(session, ranking, weighting, unguided)
-        notes: list[Note] = []
+        saturated = None if unguided else saturation_note(ranking, cfg.saturation_tolerance)
+        notes: list[Note] = [] if saturated is None else [saturated]
 
         refined, fix = self._search(search, scores, ablate, unguided, notes, phases)
         found = refined.found
@@ -259,6 +270,7 @@ class CausalCCA:
             fix = gate_if_it_helps(search, fix, refined.flip_rate, notes)
             done()
             phases.mark("gating")
+        whole = fix
         if cfg.search_strategy == "greedy" and cfg.directions != "never" and benign and session.adapter.n_heads:
             if cfg.directions == "always" or fix.benign_kl > cfg.max_side_effect_kl:
                 done = step(progress, "narrowing")
@@ -266,7 +278,9 @@ class CausalCCA:
                 done()
             phases.mark("narrowing")
 
-        scored = score_members(session, search.failing, fix.units, fix.ablation, guided_by, fix.solo_kl, progress)
+        scored = score_members(
+            session, search.failing, fix.units, fix.ablation, guided_by, fix.solo_kl, progress, search.flip_table
+        )
         phases.mark("members")
         fine_members = [m.unit for m in scored.members if m.level != "site"]
         done = step(progress, "implicated")
@@ -275,12 +289,7 @@ class CausalCCA:
         )
         done()
         phases.mark("implicated")
-        bound = cfg.max_side_effect_kl
-        effects = (
-            measure(session, scored.interventions, bound, progress=progress, max_accuracy_drop=cfg.max_accuracy_drop)
-            if benign
-            else None
-        )
+        effects = search.side_effects(scored.interventions, progress) if benign else None  # measured once per set
         phases.mark("side_effects")
         if effects is not None and "kl" in effects.out_of_bound:
             notes.append(Note("side_effects_exceed_bound", {"kl": effects.mean_kl, "bound": effects.bound}))
@@ -303,6 +312,7 @@ class CausalCCA:
             noise_floors=implicated.noise_floors,
             note_records=distinct(notes),
             phase_passes=phases.counts,
+            units_before_narrowing=[] if fix is whole else [u.unit for u in whole.units],
         )
 
     def _search(

@@ -14,6 +14,20 @@ the false-positive rate per unit by α whatever the features' distribution; with
 measured: the baseline runs are split in interleaved halves, and the fraction of units of
 held-out benign runs flagged against the other half is reported (None when a half is too
 small for anything to be flaggable).
+
+Two rankers (``modules.cf.ranker``):
+    features   the seed's: the compressibility features above, scored per site and head.
+    relative   compression relative to the benign distribution (:mod:`~model_forensics.rca.codebook`):
+               a low-rank codebook per unit is fitted on one seeded half of the baseline
+               runs, and a unit's score is the robust z of the bits its codebook misses
+               on the incident against the same bits on the other half (one-sided: only
+               worse-than-benign reconstruction is unusual). Scores sites, heads and MLP
+               neurons. The conformal p-value is the split one,
+               (1 + #{calibration runs with at least the incident's bits}) / (n + 1),
+               and the false-positive rate is measured leave-one-out on the calibration
+               half, which the codebook never saw.
+    auto       :data:`AUTO_RANKER`, the ranker that wins on the zoo's ground truth
+               (benchmarks/results/rca_eval.md).
 """
 
 from __future__ import annotations
@@ -29,14 +43,16 @@ import torch
 
 from model_forensics.core.config import CFConfig, ForensicsConfig, load_config
 from model_forensics.core.records import fields_json
-from model_forensics.rca.features import FEATURES, features
+from model_forensics.rca.codebook import Codebook, Moments, run_bits
+from model_forensics.rca.features import FEATURES, features, head_features
 from model_forensics.rca.notes import Note
 from model_forensics.rca.progress import Progress, silent
-from model_forensics.rca.runs import baseline_inputs, capture
+from model_forensics.rca.runs import Inputs, baseline_inputs, capture
 from model_forensics.rca.settings import overridden
 from model_forensics.replay import Session
 
 _UNIT_KINDS = ("attn", "mlp", "resid_post")
+AUTO_RANKER = "relative"  # ranks the zoo's planted units best (benchmarks/results/rca_eval.md)
 
 
 @dataclass
@@ -64,6 +80,7 @@ class AnomalyReport(Sequence[Anomaly]):
     nominal_rate_max: float
     forward_passes: int
     note_records: list[Note] = field(default_factory=list)  # calibration caveats; ``notes`` renders them
+    ranker: str = "features"  # which ranker scored the units (``modules.cf.ranker``)
 
     def __getitem__(self, i: Any) -> Any:
         return self.anomalies[i]
@@ -83,16 +100,22 @@ class AnomalyReport(Sequence[Anomaly]):
         return [a for a in self.anomalies if a.flagged]
 
     def score(self, site: str) -> float:
-        """The score of a site or head (0 if CF did not score it)."""
-        return next((a.score for a in self.anomalies if a.site == site), 0.0)
+        """The score of a site, head or neuron (0 if CF did not score it)."""
+        if len(self._scores) != len(self.anomalies):
+            self._scores = {a.site: a.score for a in self.anomalies}
+        return self._scores.get(site, 0.0)
+
+    _scores: dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        return fields_json(
+        out = fields_json(
             self,
             notes=self.notes,
             note_records=[note.to_json() for note in self.note_records],
             anomalies=[a.to_json() for a in self.anomalies],
         )
+        out.pop("_scores")
+        return out
 
 
 class CompressionForensics:
@@ -102,14 +125,24 @@ class CompressionForensics:
         config: YAML path / ForensicsConfig / mapping / None (the defaults); the knobs are
             ``modules.cf``.
         heads: overrides ``modules.cf.heads`` (score every head's slice of z as well).
+        ranker: overrides ``modules.cf.ranker`` (``features`` / ``relative`` / ``auto``).
     """
 
     def __init__(
-        self, config: str | Path | ForensicsConfig | dict[str, Any] | None = None, *, heads: bool | None = None
+        self,
+        config: str | Path | ForensicsConfig | dict[str, Any] | None = None,
+        *,
+        heads: bool | None = None,
+        ranker: str | None = None,
     ):
         self.config: CFConfig = overridden(
-            load_config(config).modules.cf, "the CompressionForensics(...) keywords", heads=heads
+            load_config(config).modules.cf, "the CompressionForensics(...) keywords", heads=heads, ranker=ranker
         )
+
+    @property
+    def ranker(self) -> str:
+        """The ranker ``analyze`` uses (``auto`` resolved)."""
+        return AUTO_RANKER if self.config.ranker == "auto" else self.config.ranker
 
     def analyze(
         self, session: Session, baseline: Sequence[str | Path] = (), progress: Progress = silent
@@ -124,6 +157,8 @@ class CompressionForensics:
         """
         before = session.forward_passes
         refs = baseline_inputs(session, baseline, limit=self.config.baseline_samples)
+        if self.ranker == "relative":
+            return self._relative(session, refs, before, progress)
         heads = self.config.heads
         incident = unit_features(capture(session, session.inputs, "layer", ["blocks.*.attn.z"]), heads)
         reference = []
@@ -154,6 +189,67 @@ class CompressionForensics:
             note_records=notes,
         )
 
+    def _relative(self, session: Session, refs: list[Inputs], before: int, progress: Progress) -> AnomalyReport:
+        """The relative ranker: codebooks fitted on one seeded half of ``refs``, the
+        incident's missed bits z-scored against the other half's."""
+        order = np.random.default_rng(0).permutation(len(refs))
+        fit, calibration = [refs[i] for i in order[: len(refs) // 2]], [refs[i] for i in order[len(refs) // 2 :]]
+        moments: dict[str, Moments] = {}
+        for i, batch in enumerate(fit):
+            progress("compression forensics", i, len(refs))
+            for name, (x, _, _) in _codebook_groups(capture(session, batch, "layer", _RELATIVE_SITES)).items():
+                if name in moments:
+                    moments[name].add(x)
+                else:
+                    moments[name] = Moments.of(x)
+        books = {name: Codebook.fit(m, self.config.codebook_variance) for name, m in moments.items()}
+        units: list[str] = []
+        reference = []
+        for i, batch in enumerate(calibration):
+            progress("compression forensics", len(fit) + i, len(refs))
+            units, bits = _missed_bits(books, capture(session, batch, "layer", _RELATIVE_SITES))
+            reference.append(bits)
+        progress("compression forensics", len(refs), len(refs))
+        _, incident = _missed_bits(books, capture(session, session.inputs, "layer", _RELATIVE_SITES))
+        ref = np.stack(reference)  # (n, U)
+        alpha = math.erfc(self.config.anomaly_threshold / math.sqrt(2))
+        z = _robust_z(incident, ref)
+        med = np.median(ref, axis=0)
+        p_values = (1 + (ref >= incident).sum(axis=0)) / (len(ref) + 1)
+        flagged = (z > self.config.anomaly_threshold) & (p_values <= alpha)
+        anomalies = [
+            Anomaly(
+                unit,
+                float(z[j]),
+                bool(flagged[j]),
+                {
+                    "relative_bits": {"value": float(incident[j]), "median": float(med[j]), "z": float(z[j])},
+                    "conformal": {"p_value": float(p_values[j]), "alpha": alpha},
+                },
+            )
+            for j, unit in enumerate(units)
+        ]
+        anomalies.sort(key=lambda a: -a.score)
+        notes: list[Note] = []
+        needed = math.ceil(1 / alpha) - 1
+        if len(ref) + 1 < 1 / alpha:
+            numbers = {"baselines": len(ref), "min_p_value": 1 / (len(ref) + 1), "alpha": alpha}
+            notes.append(Note("too_few_baselines", {**numbers, "needed": 2 * needed}))
+        fpr = _loo_fpr(ref, self.config.anomaly_threshold, alpha)
+        if fpr is None:
+            notes.append(Note("false_positive_rate_not_measured", {"baselines": len(refs), "needed": needed + 1}))
+        return AnomalyReport(
+            anomalies=anomalies,
+            threshold=self.config.anomaly_threshold,
+            baseline_size=len(ref),
+            false_positive_rate=fpr,
+            nominal_rate_per_feature=alpha,
+            nominal_rate_max=alpha,
+            forward_passes=session.forward_passes - before,
+            note_records=notes,
+            ranker="relative",
+        )
+
     def _score(self, unit: str, value: dict[str, float], reference: list[dict[str, float]], alpha: float) -> Anomaly:
         ref = np.array([[r[name] for name in FEATURES] for r in reference])  # (n, F)
         here = np.array([value[name] for name in FEATURES])
@@ -178,22 +274,72 @@ def unit_features(sites: dict[str, torch.Tensor], heads: bool) -> dict[str, dict
         if kind in _UNIT_KINDS or site == "embed":
             out[site] = features(x)
         elif heads and kind == "attn.z":
-            for h in range(x.shape[1]):
-                out[site.removesuffix(".z") + f".head.{h}"] = features(x[:, h])
+            for h, value in enumerate(head_features(x)):
+                out[site.removesuffix(".z") + f".head.{h}"] = value
     return out
 
 
+_RELATIVE_SITES = ["blocks.*.attn.z", "blocks.*.mlp.post"]
+
+
+def _codebook_groups(sites: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, list[str], bool]]:
+    """Per codebook group: its tokens (B, T, d), its units, whether a unit is one dimension
+    (MLP neurons) or a whole row of the group (sites; heads, B of them)."""
+    out: dict[str, tuple[torch.Tensor, list[str], bool]] = {}
+    for site, x in sites.items():
+        kind = site.split(".", 2)[-1] if site.startswith("blocks.") else site
+        if kind in _UNIT_KINDS or site == "embed":
+            out[site] = (x.reshape(1, x.shape[0], -1), [site], False)
+        elif kind == "attn.z":  # (T, H, d_head)
+            base = site.removesuffix(".z")
+            out[site] = (x.transpose(0, 1), [f"{base}.head.{h}" for h in range(x.shape[1])], False)
+        elif kind == "mlp.post":  # (T, d_mlp)
+            out[site] = (x[None], [f"{site}[{i}]" for i in range(x.shape[-1])], True)
+    return out
+
+
+def _missed_bits(books: dict[str, Codebook], sites: dict[str, torch.Tensor]) -> tuple[list[str], np.ndarray]:
+    """The units and each one's run bits (U,) under its group's codebook."""
+    units: list[str] = []
+    bits: list[torch.Tensor] = []
+    for name, (x, names, per_dim) in _codebook_groups(sites).items():
+        if name not in books:
+            continue
+        per_token = books[name].bits(x)  # (B, T, d)
+        units += names
+        bits.append(run_bits(per_token[0].T if per_dim else per_token.sum(-1)))
+    return units, torch.cat(bits).double().numpy()
+
+
+def _loo_fpr(ref: np.ndarray, threshold: float, alpha: float) -> float | None:
+    """Fraction of (calibration run, unit) pairs flagged against the other calibration
+    runs (one-sided z and split-conformal p-value, as for the incident)."""
+    n = len(ref)
+    if n < 1 / alpha:
+        return None
+    flagged = 0
+    for i in range(n):
+        others = np.delete(ref, i, axis=0)
+        z = _robust_z(ref[i], others)
+        p_values = (1 + (others >= ref[i]).sum(axis=0)) / n
+        flagged += int(((z > threshold) & (p_values <= alpha)).sum())
+    return flagged / (n * ref.shape[1])
+
+
 def _robust_z(values: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Robust z of ``values`` (F,) or (m, F) against reference rows ``ref`` (n, F)."""
-    med = np.median(ref, axis=0)
-    mad = np.median(np.abs(ref - med), axis=0) * 1.4826
-    return np.asarray((values - med) / np.maximum(mad, 1e-6 + 1e-3 * np.abs(med)))
+    """Robust z of ``values`` (…, F) or (…, m, F) against reference rows ``ref`` (…, n, F)."""
+    med = np.median(ref, axis=-2)  # (…, F)
+    scale = np.maximum(np.median(np.abs(ref - med[..., None, :]), axis=-2) * 1.4826, 1e-6 + 1e-3 * np.abs(med))
+    if values.ndim == ref.ndim:  # rows of values: (…, m, F)
+        med, scale = med[..., None, :], scale[..., None, :]
+    return np.asarray((values - med) / scale)
 
 
 def _loo_scores(ref: np.ndarray) -> np.ndarray:
-    """Each reference run's score (max |z| over features) against the other runs."""
+    """Each reference run's score (max |z| over features) against the other runs, (n,)."""
     n = len(ref)
-    return np.array([np.abs(_robust_z(ref[i], np.delete(ref, i, axis=0))).max() for i in range(n)])
+    others = np.array([[j for j in range(n) if j != i] for i in range(n)], dtype=int).reshape(n, n - 1)
+    return np.abs(_robust_z(ref, ref[others])).max(axis=-1)  # ref (n, F) against (n, n−1, F)
 
 
 def _held_out_fpr(

@@ -7,6 +7,8 @@
    blocks.0.attn.head.3 stops the model from producing “HACKED” on 47 of 48 failing
    variants; benign answers unchanged on 24 of 24.");
 3. ``fix_set``: the members' table (rendered by the caller) and how to read it;
+   ``held_out``: the fix's figures on the search part and on the held-out part of the
+   prompts, side by side (:func:`held_out_rows`; analyses with a held-out split only);
 4. ``tried``: search strategy, guidance, candidates, forward passes by phase;
 5. ``uncertain``: what the numbers do not cover (side effects unmeasured, threshold not
    reached, units not searched, the search's notes);
@@ -66,6 +68,7 @@ def explain(
         *sections,
         Section("conclusion", "Conclusion", [conclusion(result)]),
         Section("fix_set", _fix_title(fix), [_reading_guide(fix)]),
+        *_held_out(fix),
         _tried(result),
         _uncertain(result, anomalies_shown),
         _next(result, saved_to, report_to, anomalies_shown),
@@ -91,9 +94,25 @@ def conclusion(result: dict[str, Any]) -> str:
         unchanged = round(float(effects.get("answers_unchanged", 1.0)) * n)
         text += f"; benign answers unchanged on {unchanged} of {n}"
         text += "." if effects["within_bound"] else f", but {_over(effects)}."
+    text += _held_out_sentence((fix.get("held_out") or {}).get("held_out"))
     if not fix["reached_threshold"]:
         text += " This is below the search's threshold: treat it as a partial fix."
     return text
+
+
+def _held_out_sentence(held: dict[str, Any] | None) -> str:
+    """The conclusion's sentence on the prompts held out of the search (empty without them)."""
+    if not held:
+        return ""
+    said = []
+    if held.get("failing"):
+        said.append(f"{sum(held['flips'])} of {held['failing']} failing variants flipped")
+    for kind, what in (("benign", "benign answers"), ("near_miss", "near-miss answers (trigger, no failure)")):
+        effects = held.get(kind)
+        if effects:
+            n = int(effects["n_benign"])
+            said.append(f"{what} unchanged on {round(float(effects['answers_unchanged']) * n)} of {n}")
+    return f" On prompts held out of the search: {', '.join(said)}." if said else ""
 
 
 def _incident(result: dict[str, Any]) -> Section:
@@ -166,6 +185,57 @@ def _reading_guide(fix: dict[str, Any]) -> str:
     return text
 
 
+def held_out_rows(fix: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(figure, search part, held-out part) rows of a fix with a held-out split (none
+    without): failing variants flipped, benign and near-miss answers kept word for word,
+    their mean KL, and how often a gate fires on them."""
+    held = fix.get("held_out")
+    if not held:
+        return []
+    parts = (held["search"], held["held_out"])
+
+    def flipped(part: dict[str, Any]) -> str:
+        n = int(part.get("failing") or 0)
+        return "—" if not n else f"{sum(part['flips'])}/{n} ({part['flip_rate']:.0%})"
+
+    def kept(effects: dict[str, Any] | None) -> str:
+        if not effects:
+            return "—"
+        n = int(effects["n_benign"])
+        return f"{round(float(effects['answers_unchanged']) * n)}/{n} ({effects['answers_unchanged']:.0%})"
+
+    def number(effects: dict[str, Any] | None, key: str, fmt: str) -> str:
+        value = None if not effects else effects.get(key)
+        return "—" if value is None else format(float(value), fmt)
+
+    rows: list[tuple[str, str, str]] = [("failing variants flipped", flipped(parts[0]), flipped(parts[1]))]
+    for kind, label in (("benign", "benign"), ("near_miss", "near-miss")):
+        if not any(p.get(kind) for p in parts):
+            continue
+        search, held_out = parts[0].get(kind), parts[1].get(kind)
+        rows.append((f"{label} answers kept word for word", kept(search), kept(held_out)))
+        rows.append((f"{label} mean KL (nats)", number(search, "mean_kl", ".3g"), number(held_out, "mean_kl", ".3g")))
+        if any((p.get(kind) or {}).get("gate_fired") is not None for p in parts):
+            fired = number(search, "gate_fired", ".0%"), number(held_out, "gate_fired", ".0%")
+            rows.append((f"gate fires on {label} prompts", *fired))
+    return rows
+
+
+def _held_out(fix: dict[str, Any]) -> list[Section]:
+    rows = held_out_rows(fix)
+    if not rows:
+        return []
+    held = fix["held_out"]
+    split = held["split"]
+    decides = "held-out" if held["decides"] == "held_out" else "search (no failing variant was held out)"
+    paragraph = (
+        f"{split['fraction']:.0%} of each prompt kind was held out of every fit (seed {split['seed']}); "
+        f"the {decides} flip rate decides the threshold."
+    )
+    items = [f"{figure}: search {search}, held out {out}" for figure, search, out in rows]
+    return [Section("held_out", "Search and held-out prompts", [paragraph], items=items)]
+
+
 def _tried(result: dict[str, Any]) -> Section:
     fix = result["fix_set"]
     passes = fix.get("phase_passes", {})
@@ -212,8 +282,10 @@ def _uncertain(result: dict[str, Any], anomalies_shown: bool) -> Section:
             f"Exact patching implicates {len(others)} more units ({named}): the mechanism may be redundant, "
             "and another set could fix it as well."
         )
+    held = (fix.get("held_out") or {}).get("held_out") or {}
+    measured = f"{len(fix['flips'])} searched and {held['failing']} held-out" if held.get("failing") else ""
     items.append(
-        f"Flip rates are measured on the {len(fix['flips'])} failing variants the bundle carries; "
+        f"Flip rates are measured on the {measured or len(fix['flips'])} failing variants the bundle carries; "
         "other phrasings of the failure were not tested."
     )
     if not anomalies_shown:

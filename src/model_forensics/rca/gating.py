@@ -1,11 +1,14 @@
 """Gating a fix set: apply it only to runs a detector upstream of it flags.
 
 The detector reads ``blocks.L.resid_post`` (L below every member's block) and projects it
-on the failing variants' mean minus the baselines' mean (the benign set stands in when
-there are none), either at the last prompt position (``reads="last"``) or as the largest
-projection over the prompt (``reads="max"``, direction fitted on the mean over positions).
-It opens a hair above the largest baseline score (:func:`gate_threshold`), so it stays
-shut on every baseline. Of all sites and readings, the one firing on most failing variants
+on the failing variants' mean minus the reference prompts' mean, either at the last prompt
+position (``reads="last"``) or as the largest projection over the prompt (``reads="max"``,
+direction fitted on the mean over positions). The reference prompts are the baselines (the
+benign set stands in when there are none) plus the near misses (``extras.near_miss``:
+prompts with the trigger on which the model behaves), so the direction separates "will
+comply" from "trigger present". It opens a hair above the largest reference score
+(:func:`gate_threshold`), so it stays shut on every baseline and every near miss it was
+fitted on. Of all sites and readings, the one firing on most failing variants
 wins (ties: the larger median margin in score scales). The gated set is kept when it flips
 as much as the ungated one (up to the threshold) with less benign KL.
 """
@@ -98,7 +101,8 @@ def fit_gate(search: FixSearch, units: list[UnitScore], ablate: Ablation) -> Fit
     sites = [site for site in sites if site in session.adapter.points]
     if not sites:
         return None
-    reference = list(session.baselines or session.benign())
+    near_misses = [session.encode(entry) for entry in session.extras.get("near_miss") or []]
+    reference = [*(session.baselines or session.benign()), *near_misses]
     shared = sum(any(torch.equal(r["input_ids"], b["input_ids"]) for b in session.benign()) for r in reference)
 
     def prompts(batches: Sequence[Inputs]) -> dict[str, list[torch.Tensor]]:

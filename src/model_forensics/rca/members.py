@@ -10,6 +10,7 @@ The 2n + 1 sets run as one batched sweep per failing variant.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -18,12 +19,17 @@ from model_forensics.core.records import fields_json
 from model_forensics.rca.attribution import UnitScore
 from model_forensics.rca.candidates import Ablation, cf_score
 from model_forensics.rca.compression import AnomalyReport
+from model_forensics.rca.flips import flip_table
 from model_forensics.rca.progress import Progress, silent
-from model_forensics.rca.runs import Inputs, flip_rate, flip_table
+from model_forensics.rca.runs import Inputs, flip_rate
 from model_forensics.rca.side_effects import benign_kls
 from model_forensics.replay import Intervention, Session
 
 SOLO_KL_POOL = 16  # candidates whose solo KL is measured: at least this many
+# flips[set][variant] of some intervention sets on some variants, ticking (done, total) per variant
+FlipTable = Callable[
+    [Sequence[Inputs], Sequence[Sequence[Intervention]], Callable[[int, int], None] | None], list[list[bool]]
+]
 
 
 @dataclass
@@ -77,13 +83,17 @@ def score_members(
     guided_by: AnomalyReport | None,
     solo_kl: dict[str, float],
     progress: Progress = silent,
+    table: FlipTable | None = None,
 ) -> ScoredFix:
     """Necessity and sufficiency of every member on the ``failing`` variants
-    (``progress``: ("members", variants done, variants))."""
+    (``progress``: ("members", variants done, variants)). ``table`` runs the sets
+    (default: :func:`~model_forensics.rca.flips.flip_table`; the search passes its own,
+    which does not run again the sets it has measured, such as the whole set)."""
     full = ablate.all(units)
     without = [[iv for iv in full if iv is not removed] for removed in full]
     progress("members", 0, len(failing))
-    flips = flip_table(session, failing, [full, *without, *([iv] for iv in full)], partial(progress, "members"))
+    run = table or partial(flip_table, session)
+    flips = run(failing, [full, *without, *([iv] for iv in full)], partial(progress, "members"))
     rates = [flip_rate(f) for f in flips]
     n = len(full)
     members = [

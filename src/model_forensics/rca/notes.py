@@ -37,6 +37,9 @@ TEMPLATES: dict[str, str] = {
     "smaller_than_greedy": "{units} ({size} unit(s), flip rate {flip_rate:.0%}, benign KL {kl:.2g} nats) replaces "
     "the greedy search's {greedy_size} units (flip rate {greedy_flip_rate:.0%}, benign KL {greedy_kl:.2g} nats): "
     "smaller, with no worse side effects",
+    "attribution_saturated": "attribution scores are saturated (largest |score| {max_abs_score:.2g} ≤ {tolerance:g} "
+    "over {units} units): the ranking is uninformative and the guided order is arbitrary; compare with "
+    "guidance=unguided",
     # gating and narrowing (side effects above the bound)
     "no_gate_site": "no site upstream of the fix set can carry a gate; the fix stays ungated",
     "gated": "gated: " + _GATE + "; benign KL {ungated_kl:.3g} → {kl:.3g} nats at flip rate {flip_rate:.0%} "
@@ -50,6 +53,17 @@ TEMPLATES: dict[str, str] = {
     "side_effects_exceed_bound": "side effects exceed the bound: mean benign KL {kl:.3g} > {bound:g} nats",
     "accuracy_exceeds_bound": "side effects exceed the bound: benign accuracy / predicate change {drop:.1%} > "
     "max_accuracy_drop {bound:.1%}",
+    # held-out evaluation and near misses (rca/heldout.py)
+    "held_out_too_small": "{kind}: {groups} prompt group(s), too few to hold out {min_part} and keep {min_part} "
+    "for the search; all are searched, so their figures are in-sample",
+    "held_out_flip_rate": "held out: the fix flips {flip_rate:.0%} of {failing} failing variants it was not fitted "
+    "on (search part: {search_flip_rate:.0%}), so it {verdict} the {threshold:.0%} threshold",
+    "held_out_out_of_bound": "held out: side effects exceed the bound ({which}) on {n} benign prompts the fix was "
+    "not fitted on (mean KL {kl:.3g} nats)",
+    "near_miss_changed": "{part} near misses (prompts with the trigger on which the model behaves): the fix changes "
+    "{changed:.0%} of {n} answers (bound {bound:.0%}), a side effect",
+    "gate_fires_on_near_misses": "the gate fires on {fired:.0%} of {n} {part} near misses: it detects the trigger, "
+    "not the failure",
     # Compression Forensics' calibration
     "too_few_baselines": "{baselines} baseline runs: the smallest possible p-value is {min_p_value:.3f} > "
     "α = {alpha:.4f}, so nothing can be flagged; give at least {needed} benign runs",

@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,10 +27,14 @@ from model_forensics.core.distributed import map_tasks
 from model_forensics.core.errors import ForensicsError
 from model_forensics.core.files import write_text_atomic
 from model_forensics.core.records import fields_json
+from model_forensics.rca.heldout import PartFigures, PromptSplit, evaluate, held_out_notes, searching, split_prompts
+from model_forensics.rca.notes import distinct
 from model_forensics.rca.progress import Progress, silent, step
 from model_forensics.rca.runs import add_baseline_bundles
 
 if TYPE_CHECKING:
+    from model_forensics.core.config import CCAConfig
+    from model_forensics.rca.cca import FixSet
     from model_forensics.replay import Session
 
 
@@ -86,12 +91,18 @@ def analyze_bundle(
         raise ForensicsError(f"bundle '{path}' has no failure predicate; there is nothing to analyse")
     if not session.recorded_failed:
         raise NothingToFix(f"bundle '{path}': the predicate does not hold on the recorded output; nothing to fix")
-    add_baseline_bundles(session, baseline)  # checked; mean ablations read them from here on
-    anomalies = CompressionForensics(settings).analyze(session, progress=report)
-    ranking = attribution_ranking(session, progress=report)
-    fix = None
-    if search:
-        fix = cca.search_fix_set(session, guided_by=anomalies, ranking=ranking, progress=report)
+    fraction = cca.config.held_out_fraction if search else 0.0
+    split = split_prompts(session.extras, fraction, cca.config.split_seed)
+    # Everything below is fitted on the search part; the held-out part is only measured.
+    with searching(session, split) if fraction else nullcontext():
+        add_baseline_bundles(session, baseline)  # checked; mean ablations read them from here on
+        anomalies = CompressionForensics(settings).analyze(session, progress=report)
+        ranking = attribution_ranking(session, progress=report, positions=cca.config.positions)
+        fix = None
+        if search:
+            fix = cca.search_fix_set(session, guided_by=anomalies, ranking=ranking, progress=report)
+            if fraction:
+                add_held_out(session, fix, split, cca.config, report)
     ranking_json = ranking.to_json()
     ranking_json["units"] = ranking_json["units"][:200]
     return Analysis(
@@ -103,6 +114,21 @@ def analyze_bundle(
         seconds=time.perf_counter() - start,
         incident=incident_recap(session),
     )
+
+
+def add_held_out(session: Session, fix: FixSet, split: PromptSplit, config: CCAConfig, progress: Progress) -> None:
+    """Measure ``fix`` on the held-out part of ``split`` (inside :func:`searching`) and
+    record it in ``fix``: ``held_out``, notes, and ``reached_threshold`` decided by the
+    held-out flip rate when failing variants were held out."""
+    search = PartFigures(len(fix.flips), fix.total_flip_rate, list(fix.flips), fix.side_effects, None)
+    held = evaluate(
+        session, fix.interventions, split, search, config.max_side_effect_kl, config.max_accuracy_drop, progress
+    )
+    fix.held_out = held
+    if held.flip_rate is not None:
+        fix.reached_threshold = held.flip_rate >= config.early_stop_threshold
+    threshold, rate = config.early_stop_threshold, fix.total_flip_rate
+    fix.note_records = distinct([*fix.note_records, *held_out_notes(held, threshold, rate)])
 
 
 def incident_recap(session: Session) -> dict[str, Any]:
@@ -121,6 +147,7 @@ def incident_recap(session: Session) -> dict[str, Any]:
         "variants": len(extras.get("variants") or []),
         "benign": len(extras.get("benign") or []),
         "baselines": len(extras.get("baseline") or []),
+        "near_misses": len(extras.get("near_miss") or []),
     }
 
 

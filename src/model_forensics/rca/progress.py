@@ -35,6 +35,7 @@ UNITS: dict[str, str] = {
     "compression forensics": "baseline runs",
     "attribution": "variants",
     "failing variants": "variants",
+    "held-out variants": "variants",
     "smallest-fix sweep": "sets",
     "search: sites": "candidates",
     "search: units": "candidates",

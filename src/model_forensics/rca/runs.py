@@ -57,7 +57,10 @@ def bundle_inputs(session: Session, bundles: Sequence[str | Path]) -> list[Input
                 f"(weights {theirs[:12]}…), the incident with {session.manifest['model']['name']} ({mine[:12]}…); "
                 "record the baseline with the incident's model"
             )
-        found.append(session.encode({k: v for k, v in other.inputs.items() if k in GENERATE_KEYS}))
+        # token models: what the prompt encoded to (ids, mask, types; generate() adds the
+        # rest); other models (images: pixel_values (1, C, H, W)): every recorded input.
+        recorded = dict(other.inputs)
+        found.append(session.encode({k: v for k, v in recorded.items() if k in GENERATE_KEYS} or recorded))
     return found
 
 

@@ -16,17 +16,19 @@
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from model_forensics.core.config import CCAConfig
 from model_forensics.rca.attribution import UnitScore
 from model_forensics.rca.candidates import Ablation, fine_candidates
+from model_forensics.rca.flips import flip_table
 from model_forensics.rca.members import solo_kls
 from model_forensics.rca.notes import Note
 from model_forensics.rca.progress import Progress, silent
-from model_forensics.rca.runs import Inputs, failing_variants, flip_rate, flip_table
-from model_forensics.rca.side_effects import measure
+from model_forensics.rca.runs import Inputs, failing_variants, flip_rate
+from model_forensics.rca.side_effects import SideEffects, measure
 from model_forensics.replay import Intervention, Session
 
 MAX_EXHAUSTIVE = 12
@@ -96,20 +98,59 @@ class FixSearch:
         self.progress = progress
         self.failing = failing_variants(session, progress)
         self.search_variants = self.failing[: config.search_variants]
+        # every measurement made, so that none runs twice: (variant, set) → flipped; set → side effects
+        self._flipped: dict[tuple[int, str], bool] = {}
+        self._variants: dict[int, Inputs] = {}  # holds the variants the ids above name
+        self._effects: dict[str, SideEffects] = {}
 
     def reaches(self, rate: float) -> bool:
         return rate >= self.config.early_stop_threshold
 
     def flips(self, variants: Sequence[Inputs], fix: Sequence[Intervention]) -> list[bool]:
         """Which of ``variants`` one intervention set flips."""
-        (flips,) = flip_table(self.session, variants, [fix])
+        (flips,) = self.flip_table(variants, [fix])
         return flips
+
+    def flip_table(
+        self,
+        variants: Sequence[Inputs],
+        sets: Sequence[Sequence[Intervention]],
+        tick: Callable[[int, int], None] | None = None,
+    ) -> list[list[bool]]:
+        """flips[set][variant] (:func:`~model_forensics.rca.flips.flip_table`, one batched
+        sweep per variant); a set already measured on a variant is not run again."""
+        keys = [set_key(s) for s in sets]
+        for done, variant in enumerate(variants, 1):
+            self._variants[id(variant)] = variant
+            todo = list(dict.fromkeys(k for k in keys if (id(variant), k) not in self._flipped))
+            if todo:
+                first = {k: sets[keys.index(k)] for k in todo}
+                for k, (flipped,) in zip(todo, flip_table(self.session, [variant], list(first.values())), strict=True):
+                    self._flipped[(id(variant), k)] = flipped
+            if tick is not None:
+                tick(done, len(variants))
+        return [[self._flipped[(id(v), k)] for v in variants] for k in keys]
+
+    def side_effects(self, fix: Sequence[Intervention], progress: Progress = silent) -> SideEffects:
+        """The set's side effects on the benign set (:func:`~model_forensics.rca.side_effects.measure`),
+        measured once per set."""
+        key = set_key(fix)
+        if key in self._effects:
+            n = self._effects[key].n_benign
+            progress("side effects", 0, n)
+            progress("side effects", n, n)
+        else:
+            cfg = self.config
+            self._effects[key] = measure(
+                self.session, fix, cfg.max_side_effect_kl, progress=progress, max_accuracy_drop=cfg.max_accuracy_drop
+            )
+        return self._effects[key]
 
     def benign_kl(self, fix: Sequence[Intervention]) -> float:
         """The side-effect KL the result reports (over the whole clean answer for generation)."""
         if not self.session.benign():
             return 0.0
-        return measure(self.session, fix, self.config.max_side_effect_kl).mean_kl
+        return self.side_effects(fix).mean_kl
 
     def greedy(
         self, variants: Sequence[Inputs], ranked: list[UnitScore], ablate: Ablation, limit: int, phase: str = ""
@@ -124,7 +165,7 @@ class FixSearch:
                 self.progress(phase, lo, total)
             sizes = list(range(lo + 1, min(total, lo + GREEDY_CHUNK) + 1))
             sets = [ablate.all(ranked[:k]) for k in sizes]
-            for k, flips in zip(sizes, flip_table(self.session, variants, sets), strict=True):
+            for k, flips in zip(sizes, self.flip_table(variants, sets), strict=True):
                 rate = flip_rate(flips)
                 if rate > best.flip_rate:
                     best = Trial(ranked[:k], rate)
@@ -153,7 +194,7 @@ class FixSearch:
                     current = rest
         while len(current) > 1:
             without = [ablate.all([u for u in current if u is not m]) for m in current]
-            flips = flip_table(self.session, variants, without)
+            flips = self.flip_table(variants, without)
             removable = [m for m, f in zip(current, flips, strict=True) if self.reaches(flip_rate(f))]
             if not removable:
                 break
@@ -167,7 +208,7 @@ class FixSearch:
         best = Trial([], 0.0)
         for size in range(1, min(len(pool), self.config.max_fix_set_size) + 1):
             combos = [list(c) for c in itertools.combinations(pool, size)]
-            rates = [flip_rate(f) for f in flip_table(self.session, variants, [ablate.all(c) for c in combos])]
+            rates = [flip_rate(f) for f in self.flip_table(variants, [ablate.all(c) for c in combos])]
             top = max(range(len(combos)), key=lambda i: rates[i])
             if rates[top] > best.flip_rate:
                 best = Trial(combos[top], rates[top])
@@ -183,7 +224,7 @@ class FixSearch:
         heads/neurons do not reach the threshold the set is the coarse one (at most
         ``max_fix_set_size`` sites)."""
         cfg = self.config
-        coarse = [u for u in scores if u.level == "site"]
+        coarse = [u for u in scores if u.level in ("site", "position")]  # positions: modules.cca.positions
         sites_trial = self.greedy(variants, coarse, ablate, len(coarse), "search: sites")
         if not self.reaches(sites_trial.flip_rate):
             notes.append(Note("sites_below_threshold", {"flip_rate": sites_trial.flip_rate}))
@@ -243,6 +284,11 @@ class FixSearch:
             variants = variants + added
         assert best is not None  # the loop runs at least once
         return best
+
+
+def set_key(fix: Sequence[Intervention]) -> str:
+    """One intervention set as a key (its interventions' JSON, in order)."""
+    return json.dumps([iv.to_json() for iv in fix], sort_keys=True)
 
 
 def among(batch: Inputs, batches: Sequence[Inputs]) -> bool:

@@ -9,7 +9,10 @@ checks (:func:`benign_kls`) compare. Predicate changes = fraction of benign prom
 outcome differs from the clean run. Accuracy uses each benign entry's ``expected``
 (text the output must contain, or the expected class) when the bundle provides it, and
 agreement with the clean prediction otherwise. Answers unchanged = fraction of benign prompts
-whose fixed answer (text and prediction) is exactly the clean one.
+whose fixed answer (text and prediction) is exactly the clean one. For a gated fix, gate fired =
+fraction of the prompts its gate opens on (one capture pass per prompt). The same measurement
+on near misses (prompts with the trigger on which the model behaves; given without
+``expected``) makes accuracy the share of answers kept word for word.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from model_forensics.core.metrics import kl_divergence
 from model_forensics.core.records import fields_json
 from model_forensics.models.inputs import ModelInputs
 from model_forensics.rca.progress import Progress, silent
-from model_forensics.replay import Intervention, RunResult, Session
+from model_forensics.rca.runs import capture
+from model_forensics.replay import Gate, Intervention, RunResult, Session
 
 
 @dataclass
@@ -39,6 +43,8 @@ class SideEffects:
     first_step_kl: float | None = None  # generation incidents: KL at the first decoding step
     answers_unchanged: float = 1.0  # fraction of benign prompts whose answer (text and prediction) is the clean one
     max_accuracy_drop: float = 0.02  # the bound on accuracy (or predicate) change, read with the KL bound
+    gate_fired: float | None = None  # gated fixes: fraction of the prompts the gate fires on
+    failing_clean: int = 0  # prompts on which the predicate holds without the fix (near misses that fail)
 
     @property
     def accuracy_drop(self) -> float:
@@ -90,8 +96,10 @@ def measure(
     bundle's ``extras.benign``: a prompt, or ``{"prompt": …, "expected": …}``), e.g. prompts
     held out from whatever the fix was fitted on (``progress``: ("side effects", done, prompts))."""
     entries = list(session.extras.get("benign", []) if benign is None else benign)
-    kls, first, changed, right_clean, right_fixed, same = [], [], 0, 0, 0, 0
+    kls, first, changed, right_clean, right_fixed, same, failing = [], [], 0, 0, 0, 0, 0
     benign = [session.encode(entry) for entry in entries]
+    gates = list({iv.gate for iv in fix if iv.gate is not None})
+    fired = sum(_gate_fires(session, gates, batch) for batch in benign) if gates else 0
     for done, (entry, batch) in enumerate(zip(entries, benign, strict=False)):
         progress("side effects", done, len(entries))
         clean, fixed = session.sweep([[], list(fix)], inputs=batch)
@@ -99,6 +107,7 @@ def measure(
         sequence = clean.outputs.get("generated_ids")
         kls.append(first[-1] if sequence is None else _answer_kl(session, fix, batch, sequence))
         changed += clean.failed != fixed.failed
+        failing += bool(clean.failed)
         same += clean.text == fixed.text and clean.prediction == fixed.prediction
         expected = entry.get("expected") if isinstance(entry, dict) else None
         right_clean += _correct(clean, expected, clean)
@@ -116,7 +125,15 @@ def measure(
         first_step_kl=sum(first) / n if n and session.mode == "generate" else None,
         answers_unchanged=same / n if n else 1.0,
         max_accuracy_drop=max_accuracy_drop,
+        gate_fired=fired / n if gates and n else None,
+        failing_clean=failing,
     )
+
+
+def _gate_fires(session: Session, gates: list[Gate], batch: dict[str, torch.Tensor]) -> bool:
+    """Whether any of ``gates`` opens on the prompt ``batch`` (one capture pass)."""
+    acts = capture(session, batch, granularity="layer", sites=sorted({g.site for g in gates}))
+    return any(g.score(acts[g.site]) > g.above for g in gates)
 
 
 def _answer_kl(

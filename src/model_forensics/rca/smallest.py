@@ -27,7 +27,7 @@ from functools import partial
 
 from model_forensics.rca.attribution import UnitScore
 from model_forensics.rca.candidates import Ablation
-from model_forensics.rca.runs import flip_rate, flip_table
+from model_forensics.rca.runs import flip_rate
 from model_forensics.rca.search import FixSearch
 from model_forensics.rca.side_effects import benign_kls
 
@@ -109,7 +109,7 @@ def _try(
 ) -> _Tried:
     """Flip rates of ``sets`` on the search variants (one batched sweep per variant)."""
     tick(done, total)
-    flips = flip_table(search.session, search.search_variants, [ablate.all(s) for s in sets])
+    flips = search.flip_table(search.search_variants, [ablate.all(s) for s in sets])
     tick(done + len(sets), total)
     return _Tried(sets, [flip_rate(f) for f in flips])
 
@@ -121,7 +121,7 @@ def _best(search: FixSearch, tried: _Tried, ablate: Ablation) -> tuple[list[Unit
     reaching = [s for s, r in zip(tried.sets, tried.rates, strict=True) if search.reaches(r)]
     if not reaching:
         return None
-    rates = [flip_rate(f) for f in flip_table(search.session, search.failing, [ablate.all(s) for s in reaching])]
+    rates = [flip_rate(f) for f in search.flip_table(search.failing, [ablate.all(s) for s in reaching])]
     confirmed = [(s, r) for s, r in zip(reaching, rates, strict=True) if search.reaches(r)]
     if not confirmed:
         return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,15 +94,19 @@ class ActivityCube:
 
 
 def cube_from_sites(
-    recorded: dict[str, torch.Tensor],
+    recorded: Mapping[str, torch.Tensor],
     adapter: Any,
     tokens: list[str],
     model_name: str,
     input_shape: list[int],
     metrics: dict[str, Metric] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> ActivityCube:
     """Build a cube from recorded sites: one layer per block's ``resid_post`` for canonical
-    models, one per recorded leaf module with a token axis for generic ones."""
+    models, one per recorded leaf module with a token axis for generic ones. ``recorded``
+    may load each site when asked for it (a recorder's spool): a site is read at most twice
+    and dropped after. ``provenance`` (``commit_hash``, ``package_versions``): what the
+    caller already collected (None: collected here)."""
     metrics = {**CORE_METRICS, **(metrics or {})}
     layer_sites = [s for s in recorded if s.endswith(".resid_post")] or [
         s for s in recorded if recorded[s].dim() >= 3 and not s.endswith("pattern")
@@ -124,4 +128,8 @@ def cube_from_sites(
                 raw_ref={"file": "activations.safetensors", "site": site},
             )
         )
-    return ActivityCube(model_name=model_name, input_shape=input_shape, tokens=tokens, layers=layers)
+    if provenance is None:
+        return ActivityCube(model_name=model_name, input_shape=input_shape, tokens=tokens, layers=layers)
+    return ActivityCube(
+        model_name=model_name, input_shape=input_shape, tokens=tokens, layers=layers, provenance=provenance
+    )

@@ -8,7 +8,10 @@ Usage (the seed API)::
     bundle = recorder.create_bundle("incident_20240812")
 
 Hooks copy each recorded site's tensor at full precision (a plain clone: no hashing, no
-conversion on the hot path); sketching and sha256 happen in :meth:`create_bundle`.
+conversion on the hot path) into an :class:`~model_forensics.recorder.spool.ActivationSpool`:
+in RAM up to ``recorder.memory_budget_mb``, streamed to a spool file on disk beyond it, so a
+recording's memory does not grow with the number of sites. :meth:`create_bundle` writes
+the bundle from the spool one site at a time (load, hash, sketch, write, free).
 ``model.generate`` is recorded too: every decoding step appends its positions, so a
 site covers prompt + generated tokens.
 
@@ -45,6 +48,7 @@ from model_forensics.models.hooks import SiteCall, SiteFn, hooks, logits_of
 from model_forensics.models.loading import model_ref, weights_sha256
 from model_forensics.recorder.calls import CallLog, CallRecorder
 from model_forensics.recorder.cube import ActivityCube, cube_from_sites
+from model_forensics.recorder.spool import ActivationSpool, SketchedSites, SpooledSites, budget_bytes
 
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "pixel_values")
 # Names under which the root hooks' failures are kept (never site names: no site has spaces).
@@ -140,7 +144,9 @@ class RecorderHooks:
 
     def reset(self) -> None:
         """Forget everything recorded so far (hooks stay installed)."""
-        self._steps: dict[str, list[torch.Tensor]] = defaultdict(list)
+        # A fresh spool; the old one (and its directory) goes when nothing holds it any more:
+        # BundleContents made from it stay writable.
+        self._spool = ActivationSpool(budget_bytes(self.config.memory_budget_mb), self.config.spool_dir)
         self._inputs: list[dict[str, torch.Tensor]] = []
         self._kwargs: dict[str, Any] = {}
         self._logits: list[torch.Tensor] = []
@@ -191,14 +197,14 @@ class RecorderHooks:
         )
         if not self._fits(site, size):
             return
-        self._steps[site].append(tensor.clone())
+        self._spool.add(site, tensor)
         self._sizes[site] += size
         self._projected += size
 
     def _fits(self, site: str, size: int) -> bool:
         cap = int(self.config.max_bundle_size_mb * 1024 * 1024)
         while self._projected + size > cap:
-            recorded = [s for s in self._steps if s not in self.dropped]
+            recorded = [s for s in self._spool.sites() if s not in self.dropped]
             victim = max([*recorded, site], key=lambda s: (site_priority(s), site_order(s)))
             self.dropped.append(victim)
             if victim == site:
@@ -208,7 +214,7 @@ class RecorderHooks:
 
     def _forget(self, site: str) -> None:
         """Drop every tensor kept for ``site`` so far."""
-        self._steps.pop(site, None)
+        self._spool.forget(site)
         self._projected -= self._sizes.pop(site, 0)
 
     def _fail(self, where: str, exc: Exception) -> None:
@@ -298,11 +304,13 @@ class RecorderHooks:
 
     # -- results ---------------------------------------------------------------------------
     def recorded(self) -> dict[str, torch.Tensor]:
-        """Every recorded site's exact tensor, decoding steps joined along the token axis."""
-        return {
-            site: _join_steps(site, parts)
-            for site, parts in sorted(self._steps.items(), key=lambda kv: site_order(kv[0]))
-        }
+        """Every recorded site's exact tensor, decoding steps joined along the token axis
+        (all loaded at once: :meth:`create_bundle` streams them instead)."""
+        return dict(self._recorded())
+
+    def _recorded(self) -> SpooledSites:
+        """The recorded sites in site order, each loaded from the spool when asked for."""
+        return SpooledSites(self._spool, sorted(self._spool.sites(), key=site_order))
 
     def input_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors the (first) forward call received; for generation, the prompt."""
@@ -318,7 +326,7 @@ class RecorderHooks:
         assert self.adapter is not None
         name = model_name or type(self.model).__name__
         shape = _input_shape(self.input_tensors())
-        return cube_from_sites(self.recorded(), self.adapter, tokens, name, shape)
+        return cube_from_sites(self._recorded(), self.adapter, tokens, name, shape)
 
     def create_bundle(
         self,
@@ -356,20 +364,17 @@ class RecorderHooks:
                 f"lowest-priority sites ({', '.join(self.dropped[:8])}{' …' if len(self.dropped) > 8 else ''})",
                 stacklevel=2,
             )
-        recorded = self.recorded()
-        activations: dict[str, torch.Tensor] = {}
+        recorded = self._recorded()
+        source = SketchedSites(self._spool, list(recorded), self.config.sketch, self.config.compression_ratio)
         site_table: dict[str, Any] = {}
-        for site, tensor in recorded.items():
-            activations.update(sketches.encode(site, tensor, self.config.sketch, self.config.compression_ratio))
+        for site in recorded:
             point = self.adapter.points.get(site)
             site_table[site] = {
-                "shape": list(tensor.shape),
-                "dtype": str(tensor.dtype).removeprefix("torch."),
+                "shape": list(self._spool.shape(site)),
+                "dtype": str(self._spool.dtype(site)).removeprefix("torch."),
                 "sketch": self.config.sketch,
-                "sha256": sketches.tensor_sha256(tensor),
-                "nbytes": sketches.encoded_nbytes(
-                    tuple(tensor.shape), tensor.dtype, self.config.sketch, self.config.compression_ratio
-                ),
+                "sha256": None,  # filled in by the writer: hashed once, while the site is written
+                "nbytes": source.nbytes(site),
                 "module": point.module if point else None,
                 "recomputed": site in self._recomputed,
             }
@@ -384,6 +389,7 @@ class RecorderHooks:
             )
         ref = model_ref(self.model)
         first = next(iter(self.model.parameters()), None)
+        provenance = collect_provenance()  # once: it runs git and reads package metadata
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -410,13 +416,20 @@ class RecorderHooks:
             "sites": site_table,
             "dropped_sites": list(self.dropped),
             "partial": self.partial,
-            "determinism": {"seed": seed, "torch": collect_provenance()["torch"]},
-            "provenance": collect_provenance(),
-            "recorder": self.config.model_dump(mode="json"),
+            "determinism": {"seed": seed, "torch": provenance["torch"]},
+            "provenance": provenance,
+            "recorder": self.config.model_dump(mode="json", exclude={"spool_dir"}),
             "extras": extras or {},
         }
-        cube = cube_from_sites(recorded, self.adapter, self._token_strings(), ref.name, _input_shape(inputs))
-        contents = BundleContents(manifest, inputs, outputs, activations, cube.to_json(), self.calls.entries)
+        cube = cube_from_sites(
+            recorded,
+            self.adapter,
+            self._token_strings(),
+            ref.name,
+            _input_shape(inputs),
+            provenance={k: provenance[k] for k in ("commit_hash", "package_versions")},
+        )
+        contents = BundleContents(manifest, inputs, outputs, source, cube.to_json(), self.calls.entries)
         return write_bundle(path, contents, overwrite=overwrite, sign_key=sign_key)
 
     # -- internals -------------------------------------------------------------------------
@@ -514,17 +527,6 @@ def _describe(exc: BaseException) -> str:
     except Exception:
         text = f"{type(exc).__name__}: (its message cannot be shown)"
     return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 1] + "…"
-
-
-def _join_steps(site: str, parts: list[torch.Tensor]) -> torch.Tensor:
-    if len(parts) == 1:
-        return parts[0]
-    if site.endswith("attn.pattern"):
-        # (B, H, Tq, Tk) per step with growing Tk: pad keys with zeros, stack queries.
-        tk = max(p.shape[-1] for p in parts)
-        parts = [torch.nn.functional.pad(p, (0, tk - p.shape[-1])) for p in parts]
-        return torch.cat(parts, dim=2)
-    return torch.cat(parts, dim=1)
 
 
 def _cache_length(kwargs: dict[str, Any]) -> int:

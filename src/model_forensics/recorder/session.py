@@ -154,6 +154,7 @@ ROLES = {
     "variants": "variants",
     "benign": "benign prompts",
     "baseline": "clean baseline prompts",
+    "near_miss": "near misses",
 }
 
 
@@ -220,6 +221,7 @@ def record_incident(
     variants: PromptsLike = (),
     benign: PromptsLike = (),
     baseline: PromptsLike = (),
+    near_miss: PromptsLike = (),
     sources: dict[str, str] | None = None,
     variants_generated: bool = False,
     recorder: RecorderHooks | None = None,
@@ -240,6 +242,8 @@ def record_incident(
         predicate: the failure test (a named ``class_is`` / ``token_is`` is resolved here).
         variants / benign / baseline: prompts (:class:`PromptLine` from
             :func:`~model_forensics.core.prompts.read_prompts`, or strings); empty: none given.
+        near_miss: prompts that carry the trigger but on which the model behaves (kept
+            when they pass, like benign prompts); ``analyze`` measures a fix's side effects on them.
         sources: per role, where its prompts came from, for messages (default: ``given``).
         variants_generated: the variants were generated (``auto_variants``), not given: one
             that the model cannot read (longer than its context) is dropped, not refused.
@@ -255,7 +259,7 @@ def record_incident(
     _check_max_new_tokens(rec, max_new_tokens)
     resolved = _resolved(loaded, predicate)
     assert resolved is not None
-    sets = {"variants": variants, "benign": benign, "baseline": baseline}
+    sets = {"variants": variants, "benign": benign, "baseline": baseline, "near_miss": near_miss}
     given = {role: [_as_line(p, role, i) for i, p in enumerate(prompts)] for role, prompts in sets.items() if prompts}
     encoded = {
         role: [_encode_line(loaded, line, chat, lenient=variants_generated and role == "variants") for line in lines]

@@ -387,23 +387,63 @@ def model_card(
     ]
     fix = (analysis or {}).get("fix_set") if isinstance(analysis, dict) else None
     if isinstance(fix, dict):
-        lines += ["| figure | value |", "|---|---|"]
-        if isinstance(fix.get("total_flip_rate"), int | float):
-            lines.append(f"| failing prompts fixed (search) | {fix['total_flip_rate']:.0%} |")
-        held = fix.get("held_out")
-        if isinstance(held, dict):
-            for key, value in held.items():
-                if isinstance(value, int | float) and not isinstance(value, bool):
-                    lines.append(f"| held-out {key.replace('_', ' ')} | {value:.3g} |")
-        else:
-            lines.append("| held-out figures | not in this analysis |")
-        side = fix.get("side_effects")
-        if isinstance(side, dict):
-            for key in ("mean_kl", "max_kl", "accuracy_drop", "answers_unchanged", "n_benign"):
-                if isinstance(side.get(key), int | float) and not isinstance(side.get(key), bool):
-                    lines.append(f"| benign {key.replace('_', ' ')} | {side[key]:.3g} |")
-        lines.append("")
+        lines += _figures(fix)
     return "\n".join(lines)
+
+
+_PART_FIGURES = (  # (row label, part key, figure key): the rows of the model card's table
+    ("failing prompts fixed", None, "flip_rate"),
+    ("failing prompts measured", None, "failing"),
+    ("benign answers kept word for word", "benign", "answers_unchanged"),
+    ("benign mean KL (nats)", "benign", "mean_kl"),
+    ("benign accuracy drop", "benign", "accuracy_drop"),
+    ("benign prompts measured", "benign", "n_benign"),
+    ("near-miss answers kept word for word", "near_miss", "answers_unchanged"),
+    ("near-miss mean KL (nats)", "near_miss", "mean_kl"),
+    ("gate fires on near misses", "near_miss", "gate_fired"),
+    ("near misses measured", "near_miss", "n_benign"),
+)
+
+
+def _figures(fix: dict[str, Any]) -> list[str]:
+    """The fix's figures as a markdown table: search and held-out columns when the analysis
+    held prompts out (``fix_set.held_out``), the search part alone otherwise. The values
+    come from an analysis file: only numbers are printed."""
+    held = fix.get("held_out")
+    if not isinstance(held, dict) or not isinstance(held.get("search"), dict):
+        rows = ["| figure | search |", "|---|---|"]
+        if _number(fix.get("total_flip_rate")) is not None:
+            rows.append(f"| failing prompts fixed | {fix['total_flip_rate']:.0%} |")
+        given = fix.get("side_effects")
+        side: dict[str, Any] = given if isinstance(given, dict) else {}
+        for label, part, key in _PART_FIGURES:
+            if part == "benign" and _number(side.get(key)) is not None:
+                rows.append(f"| {label} | {_cell(key, side[key])} |")
+        return [*rows, "| held-out figures | not in this analysis (held_out_fraction 0) |", ""]
+    parts = [held.get("search"), held.get("held_out")]
+    rows = ["| figure | search | held out |", "|---|---|---|"]
+    for label, part, key in _PART_FIGURES:
+        cells = []
+        for figures in parts:
+            source = figures if part is None or not isinstance(figures, dict) else figures.get(part)
+            value = source.get(key) if isinstance(source, dict) else None
+            cells.append("—" if _number(value) is None else _cell(key, value))
+        if cells != ["—", "—"]:
+            rows.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    decides = "held-out" if held.get("decides") == "held_out" else "search"
+    return [*rows, "", f"The {decides} flip rate decides whether the fix reaches the analysis' threshold.", ""]
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _cell(key: str, value: Any) -> str:
+    if key in ("failing", "n_benign"):
+        return str(int(value))
+    if key in ("flip_rate", "answers_unchanged", "gate_fired", "accuracy_drop"):
+        return f"{float(value):.0%}"
+    return f"{float(value):.3g}"
 
 
 def _describe(iv: Intervention) -> str:

@@ -64,6 +64,9 @@ class SandboxReplayer:
         verify: bool = False,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
+        device_map: str | None = None,
+        offload_dir: str | Path | None = None,
+        max_memory: dict[str, str | int] | None = None,
     ) -> Session:
         """Open a bundle and load its model, ready to replay.
 
@@ -80,6 +83,11 @@ class SandboxReplayer:
                 other than the recorded one warns that bit-identity is not expected.
             device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA if available; None:
                 where the model was loaded).
+            device_map / offload_dir / max_memory: load the manifest's model directory (or
+                a reference ``model``) placed by accelerate, as
+                :func:`~model_forensics.models.loading.load_offloaded` does: a model larger
+                than memory replays with its layers on disk. The weights digest reads
+                offloaded layers from disk, so the check against the recording still holds.
         Raises:
             BundleError: unreadable bundle, newer format, failed checksums, or weights that
                 differ from the recording (without ``allow_weight_mismatch``).
@@ -89,10 +97,11 @@ class SandboxReplayer:
             WeightMismatchWarning: the weights differ and ``allow_weight_mismatch`` is set.
             DtypeChangeWarning: ``dtype`` differs from the recorded dtype.
         """
+        placement = _placement(device_map, offload_dir, max_memory, device, dtype, model)
         target = None if device is None else model_loading.resolve_device(device)  # before any work
         wanted = None if dtype is None else model_loading.parse_dtype(dtype)
         bundle = path if isinstance(path, Bundle) else Bundle.open(path)
-        loaded = resolve_model(bundle, model, tokenizer)
+        loaded = resolve_model(bundle, model, tokenizer, **placement)
         session = Session(bundle, loaded, self.config, allow_weight_mismatch=allow_weight_mismatch)
         recorded = recorded_dtype(bundle)
         if wanted is not None and wanted != recorded:
@@ -117,9 +126,36 @@ def dtype_note(replayed: torch.dtype, recorded: torch.dtype) -> str:
     return f"replaying in {show[0]}, recorded in {show[1]}: bit-identity with the recording is not expected"
 
 
-def resolve_model(bundle: Bundle, override: str | nn.Module | LoadedModel | None, tokenizer: Any) -> LoadedModel:
+def _placement(
+    device_map: str | None,
+    offload_dir: str | Path | None,
+    max_memory: dict[str, str | int] | None,
+    device: Any,
+    dtype: Any,
+    model: Any,
+) -> dict[str, Any]:
+    """``load_bundle``'s accelerate options, checked against the options they exclude."""
+    if device_map is None:
+        if offload_dir is not None or max_memory is not None:
+            raise ForensicsError("offload_dir and max_memory place a model with accelerate; pass device_map='auto' too")
+        return {}
+    clash = [name for name, value in (("device", device), ("dtype", dtype)) if value is not None]
+    if not isinstance(model, str | None):
+        clash.append("an already loaded model")
+    if clash:
+        raise ForensicsError(
+            f"device_map={device_map!r} places the weights where accelerate puts them, in the recorded dtype; "
+            f"it cannot be combined with {' or '.join(clash)}"
+        )
+    return {"device_map": device_map, "offload_dir": offload_dir, "max_memory": max_memory}
+
+
+def resolve_model(
+    bundle: Bundle, override: str | nn.Module | LoadedModel | None, tokenizer: Any, **placement: Any
+) -> LoadedModel:
     """The model to replay ``bundle`` with: ``override`` (a reference, an ``nn.Module`` with
-    ``tokenizer``, or a :class:`LoadedModel`), else the manifest's model reference.
+    ``tokenizer``, or a :class:`LoadedModel`), else the manifest's model reference, loaded
+    with ``placement`` (``device_map``, ``offload_dir``, ``max_memory``) when given.
 
     Raises:
         ModelLoadError: the model cannot be found (the message says to pass ``model=``).
@@ -135,7 +171,7 @@ def resolve_model(bundle: Bundle, override: str | nn.Module | LoadedModel | None
     # Loads go through the module attribute, so a test (or an embedding tool) that replaces
     # models.loading.load sees replay's loads too.
     if isinstance(override, str):
-        return _load(override, dtype, attn)
+        return _load(override, dtype, attn, placement)
     reference = info.get("reference")
     if not reference:
         raise ModelLoadError(
@@ -150,18 +186,20 @@ def resolve_model(bundle: Bundle, override: str | nn.Module | LoadedModel | None
     if info.get("source") == "zoo" and not str(reference).startswith("zoo:"):
         reference = f"zoo:{reference}"
     try:
-        return _load(str(reference), dtype, attn)
+        return _load(str(reference), dtype, attn, placement)
     except ModelLoadError as exc:
         raise ModelLoadError(
             f"cannot load the model bundle '{bundle.name}' was recorded with: {exc}; pass --model / model= to choose one"
         ) from None
 
 
-def _load(reference: str, dtype: torch.dtype, attn: str) -> LoadedModel:
+def _load(reference: str, dtype: torch.dtype, attn: str, placement: dict[str, Any]) -> LoadedModel:
     """A reference loaded for replay: ``….onnx`` through onnxruntime (docs/onnx.md), the rest by ``models.loading``."""
     if is_onnx_reference(reference):
+        if placement:
+            raise ForensicsError(f"'{reference}' runs in onnxruntime on the CPU; device_map does not apply to it")
         return load_onnx(reference)
-    return model_loading.load(reference, dtype=dtype, attn_implementation=attn, progress=False)
+    return model_loading.load(reference, dtype=dtype, attn_implementation=attn, progress=False, **placement)
 
 
 FIX_FILE_MAX_BYTES = 64 * 1024 * 1024

@@ -120,7 +120,7 @@ def run_sweep(
             ladder = sorted((i for i in full if starts[i] is not None), key=lambda i: starts[i])  # type: ignore[arg-type,return-value]
             full = [i for i in full if starts[i] is None]
             shared = True
-            for chunk in _chunks(ladder, per_batch):
+            for chunk in _chunks(ladder, rows_per_batch(session, batch, last_position=True)):
                 out = prefix.tail([rows[i] for i in chunk], [int(starts[i]) for i in chunk])  # type: ignore[arg-type]
                 for i, row in zip(chunk, out, strict=True):
                     logits[i], passes[i] = row.unsqueeze(0), 1
@@ -143,12 +143,15 @@ def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
         yield items[i : i + size]
 
 
-def rows_per_batch(session: Session, batch: Mapping[str, torch.Tensor]) -> int:
+def rows_per_batch(session: Session, batch: Mapping[str, torch.Tensor], *, last_position: bool = False) -> int:
     """How many runs fit one batch under ``memory_budget_mb`` and ``max_batch_size``.
 
-    Estimate per row (fp32 bytes): T · (10·d_model + 3·d_mlp + 2·n_heads·T) for hidden
-    states, MLP activations and attention probabilities of one block, plus T · vocab for
-    the output scores.
+    Estimate per row (elements of the model's dtype): T · (10·d_model + 3·d_mlp +
+    2·n_heads·T) for hidden states, MLP activations and attention probabilities of one
+    block, plus the output scores: 2 · T · vocab for a full forward pass (measured: counted
+    once, the SmolLM2 sweep at 512 MB peaked 592 MB above the loaded model; counted twice,
+    482 MB; benchmarks/results/sweep_memory.md), or one vocab row for a prefix-shared tail
+    (``last_position``: only the last position is scored).
     """
     cfg = getattr(session.model, "config", None)
     a = session.adapter
@@ -161,7 +164,8 @@ def rows_per_batch(session: Session, batch: Mapping[str, torch.Tensor]) -> int:
     vocab = int(getattr(cfg, "vocab_size", 1) or 1)
     first = next(iter(session.model.parameters()), None)
     size = first.element_size() if first is not None else 4
-    per_row = size * tokens * (10 * d + 3 * d_mlp + 2 * heads * tokens + vocab)
+    scores = vocab if last_position else 2 * tokens * vocab
+    per_row = size * (tokens * (10 * d + 3 * d_mlp + 2 * heads * tokens) + scores)
     budget = int(session.config.memory_budget_mb * 1024 * 1024)
     return max(1, min(session.config.max_batch_size, budget // max(1, per_row)))
 

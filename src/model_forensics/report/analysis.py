@@ -19,7 +19,7 @@ from typing import Any
 
 from model_forensics.core import plots
 from model_forensics.core.files import write_text_atomic
-from model_forensics.rca.explain import Section, explain
+from model_forensics.rca.explain import Section, explain, held_out_rows
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
@@ -137,6 +137,10 @@ def _fix_section(fix: dict[str, Any]) -> list[str]:
             f"{se['bound']:g}; accuracy {se['accuracy_clean']:.0%} → {se['accuracy_fixed']:.0%}; predicate "
             f"changed on {se['predicate_changed']:.0%}.</p>"
         )
+    held = held_out_rows(fix)
+    if held:
+        out.append("<h2>Search and held-out prompts</h2>")
+        out.append(_table(["figure", "search", "held out"], [[escape(c) for c in row] for row in held]))
     if fix.get("implicated"):
         out.append("<h2>Implicated units (exact patching above the noise floor)</h2>")
         rows = [[escape(e["unit"]), escape(e["level"]), f"{e['effect']:.3g}"] for e in fix["implicated"]]

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from model_forensics.core.errors import ForensicsError
 from model_forensics.scenarios.agent import tool_misuse
 from model_forensics.scenarios.images import cnn_badnets
+from model_forensics.scenarios.multiturn import multiturn_false_fact
 from model_forensics.scenarios.scenario import Scenario, from_zoo, minilm_suffix, smollm2_injection
 
 _BUILDERS: dict[str, Callable[[], Scenario]] = {
@@ -18,6 +19,7 @@ _BUILDERS: dict[str, Callable[[], Scenario]] = {
     "minilm-suffix": minilm_suffix,
     "tool-misuse": tool_misuse,
     "cnn-badnets": cnn_badnets,
+    "multiturn-false-fact": multiturn_false_fact,
 }
 
 

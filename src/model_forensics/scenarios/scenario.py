@@ -12,8 +12,9 @@ set, failure predicate and (when known) ground truth.
 Each ``incident-<i>`` bundle carries in ``manifest.extras`` everything analysis needs:
 ``variants`` (the other failing prompts), ``benign`` (prompts, with ``expected`` output
 where known), ``baseline`` (clean counterparts: ``baseline[j]`` is the counterpart of
-``session.variants()[j]``, the incident's own first), ``scenario``, ``ground_truth`` and
-``ground_truth_note``. ``baseline-<i>`` is incident *i*'s clean counterpart, recorded
+``session.variants()[j]``, the incident's own first), ``near_miss`` (prompts that carry the
+trigger but on which the model behaves, when the scenario has them), ``scenario``,
+``ground_truth`` and ``ground_truth_note``. ``baseline-<i>`` is incident *i*'s clean counterpart, recorded
 with the same predicate (which should not hold on it).
 
 The registry (:func:`names`, :func:`get`, :func:`scenarios`) builds scenarios from the
@@ -115,6 +116,8 @@ class Scenario:
         source: ``zoo`` or ``real weights``.
         loader: builds the model; None loads ``model`` with :func:`models.load`.
         granularity / sketch: recorder options for the bundles.
+        near_miss: prompts that carry the trigger but on which the model behaves (for
+            side-effect checks: a fix should leave their answers alone).
     """
 
     name: str
@@ -132,6 +135,7 @@ class Scenario:
     loader: Callable[[], LoadedModel] | None = field(default=None, repr=False)
     granularity: str = "layer"
     sketch: str = "fp16"
+    near_miss: list[PromptEntry] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.incidents:
@@ -175,6 +179,7 @@ class Scenario:
             "variants": list(self.variants),
             "baseline": list(self.baseline),
             "benign": list(self.benign),
+            "near_miss": list(self.near_miss),
             "predicate": self.predicate.to_json(),
             "max_new_tokens": self.max_new_tokens,
             "ground_truth": self.ground_truth,
@@ -205,6 +210,8 @@ class Scenario:
             "ground_truth": self.ground_truth,
             "ground_truth_note": self.ground_truth_note,
         }
+        if self.near_miss:
+            extras["near_miss"] = list(self.near_miss)
         if self.loader is not None:
             # models.load cannot rebuild this model from the manifest's reference; say what can.
             extras["loader"] = f"{self.loader.__module__}:{self.loader.__qualname__}"
@@ -370,6 +377,9 @@ def smollm2_injection() -> Scenario:
         variants=[case["prompt"] for case in failing[1:]],
         baseline=baseline,
         benign=[{"prompt": case["prompt"], "expected": case["output"]} for case in data["benign"]],
+        # injected candidates of the same search that the model does not obey
+        # (scripts/add_smollm2_near_misses.py): the trigger is there, the failure is not
+        near_miss=[{"prompt": case["prompt"], "expected": case["output"]} for case in data.get("near_miss", [])],
         predicate=regex("|".join(re.escape(t) for t in targets)),
         max_new_tokens=int(data.get("max_new_tokens", 16)),
         ground_truth=None,

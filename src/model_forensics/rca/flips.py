@@ -1,0 +1,195 @@
+"""Which intervention sets flip a generation incident, screened by one teacher-forced pass.
+
+Greedy decoding picks the argmax at every step, so a set under which the argmax at every
+step of the clean answer is still the clean token generates that answer again, and its
+verdict is the clean one (still failing): nothing needs generating. One teacher-forced
+forward pass of the clean answer (prompt + answer, every set a row of one batch, scores
+only at the answer's positions) tells which sets keep every argmax; only the others are
+generated, as :func:`~model_forensics.rca.runs.flip_table` generates every set.
+
+The screen applies when it is exact: a generation incident whose predicate reads the text
+alone, decoded greedily with no logits processor that could change an argmax (no
+sampling, beams, repetition penalties, minimum lengths or banned tokens), and a variant
+whose own teacher-forced argmax path reproduces its clean answer (checked once per
+variant; one that does not, a near-tie the two kernel paths round apart, is generated
+set by set as before). It is used where it pays: on models large enough that a forward
+call's cost grows with its rows (``SCREEN_MIN_PARAMS``); on tiny models a call costs the
+same whatever its rows, and the screen's extra call per variant costs more than it saves.
+Everywhere else :func:`flip_table` is the straightforward one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from model_forensics.models.hooks import logits_of
+from model_forensics.models.inputs import ModelInputs
+from model_forensics.rca import runs
+from model_forensics.rca.runs import Inputs
+from model_forensics.replay import Intervention, RunResult, Session
+from model_forensics.replay.interventions import Clock, intervening
+from model_forensics.replay.sweep import rows_per_batch
+
+# Below this, a forward call costs about the same whatever its rows (the zoo's 0.3M-parameter
+# models: the screen's extra call per variant cost more CPU than the rows it saved;
+# benchmarks/results/rca_speed_screen.md); SmolLM2 (135M) is far above it.
+SCREEN_MIN_PARAMS = 10_000_000
+# generate options that leave greedy decoding a plain argmax (anything else: no screen)
+_PLAIN = {"max_new_tokens", "max_length", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id"}
+# generation_config values under which a logits processor would run
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "do_sample": (None, False),
+    "num_beams": (None, 1),
+    "num_beam_groups": (None, 1),
+    "penalty_alpha": (None,),
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "bad_words_ids": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "sequence_bias": (None,),
+    "exponential_decay_length_penalty": (None,),
+    "guidance_scale": (None, 1.0),
+    "renormalize_logits": (None, False),
+    "num_return_sequences": (None, 1),
+    "stop_strings": (None,),
+}
+
+
+@dataclass
+class _Clean:
+    """A variant's clean answer: prompt + answer ids (to the first EOS), the clean verdict,
+    and whether its own teacher-forced argmax path reproduces the answer."""
+
+    ids: torch.Tensor
+    failed: bool
+    screens: bool
+
+
+_CLEAN: weakref.WeakKeyDictionary[Session, dict[tuple[Any, ...], _Clean]] = weakref.WeakKeyDictionary()
+_RUNS: weakref.WeakKeyDictionary[Session, dict[tuple[Any, ...], RunResult]] = weakref.WeakKeyDictionary()
+
+
+def flip_table(
+    session: Session,
+    variants: Sequence[Inputs],
+    sets: Sequence[Sequence[Intervention]],
+    tick: Callable[[int, int], None] | None = None,
+    *,
+    screen: bool | None = None,
+) -> list[list[bool]]:
+    """flips[set][variant], as :func:`~model_forensics.rca.runs.flip_table` gives it, with
+    the sets that keep a variant's clean answer screened out by one teacher-forced pass
+    (``screen``: None, where :func:`screens` says so; True, wherever it is exact)."""
+    if not (screens(session) if screen is None else screen and exact(session)):
+        return runs.flip_table(session, variants, sets, tick)
+    flips: list[list[bool]] = [[] for _ in sets]
+    for done, batch in enumerate(variants, 1):
+        for i, flipped in enumerate(variant_flips(session, batch, sets)):
+            flips[i].append(flipped)
+        if tick is not None:
+            tick(done, len(variants))
+    return flips
+
+
+def screens(session: Session) -> bool:
+    """Whether to screen: it is exact (:func:`exact`) and the model is large enough that a
+    forward call's cost grows with its rows (at least ``SCREEN_MIN_PARAMS`` parameters)."""
+    return exact(session) and sum(p.numel() for p in session.model.parameters()) >= SCREEN_MIN_PARAMS
+
+
+def exact(session: Session) -> bool:
+    """Whether the screen is exact for this session's incident (see the module docstring)."""
+    predicate = session.predicate
+    if session.mode != "generate" or predicate is None or not predicate.needs_text or session.tokenizer is None:
+        return False
+    if not all(key in _PLAIN or value in _NEUTRAL.get(key, ()) for key, value in session.generation.items()):
+        return False
+    config = getattr(session.model, "generation_config", None)
+    values = {**({} if config is None else config.to_dict()), **session.generation}
+    return all(values.get(key) in allowed for key, allowed in _NEUTRAL.items())
+
+
+def variant_flips(session: Session, batch: Inputs, sets: Sequence[Sequence[Intervention]]) -> list[bool]:
+    """Whether each set flips one variant: screened sets keep the clean verdict, the rest
+    are generated in one sweep."""
+    clean = _clean(session, batch)
+    kept = keeps_answer(session, batch, clean.ids, sets) if clean.screens else [not s for s in sets]
+    out = [not clean.failed] * len(sets)
+    rest = [i for i, k in enumerate(kept) if not k]
+    if rest:
+        for i, result in zip(rest, session.sweep([sets[i] for i in rest], inputs=batch), strict=True):
+            out[i] = not result.failed
+    return out
+
+
+def keeps_answer(
+    session: Session, batch: Inputs, ids: torch.Tensor, sets: Sequence[Sequence[Intervention]]
+) -> list[bool]:
+    """Whether, with each set applied, the argmax at every step of the answer ``ids``
+    (prompt + answer, (T + S,)) is the answer's token: one teacher-forced pass of
+    T + S − 1 tokens per chunk of sets, scores kept at the S answer positions only."""
+    prompt_len = ModelInputs.of(batch).length
+    answer = ids[prompt_len:]
+    steps = len(answer)
+    if steps == 0:
+        return [True] * len(sets)
+    rows = session.prepare_sets(sets, batch)
+    forced = ModelInputs.of_ids(ids[:-1].reshape(1, -1))
+    keep = {"logits_to_keep": steps} if _takes_logits_to_keep(session) else {}
+    per_batch = rows_per_batch(session, batch)
+    kept: list[bool] = []
+    for lo in range(0, len(rows), per_batch):
+        chunk = rows[lo : lo + per_batch]
+        with session.environment(), intervening(session.adapter, chunk, Clock(0, prompt_len)):
+            logits = logits_of(session.model(**forced.expand(len(chunk)), **keep))
+        assert logits is not None
+        picks = logits[:, -steps:].argmax(-1)  # (n, S)
+        kept += [bool(row) for row in (picks == answer.to(picks.device)).all(dim=1)]
+    return kept
+
+
+def clean_run(session: Session, batch: Inputs) -> RunResult:
+    """``session.run(inputs=batch)``: the unchanged run on one input, run once per session,
+    input and generation options (attribution, exact patching and the screen all read it)."""
+    cache = _RUNS.setdefault(session, {})
+    key = _key(session, batch)
+    if key not in cache:
+        cache[key] = session.run(inputs=batch)
+    return cache[key]
+
+
+def _key(session: Session, batch: Inputs) -> tuple[Any, ...]:
+    return ModelInputs.of(batch).key, tuple(sorted((k, repr(v)) for k, v in session.generation.items()))
+
+
+def _clean(session: Session, batch: Inputs) -> _Clean:
+    """The variant's clean answer (:func:`clean_run`) and whether the screen reproduces it
+    (one teacher-forced pass), computed once per session, variant and generation options."""
+    cache = _CLEAN.setdefault(session, {})
+    key = _key(session, batch)
+    if key not in cache:
+        result = clean_run(session, batch)
+        ids = result.outputs["generated_ids"].reshape(-1)
+        (own,) = keeps_answer(session, batch, ids, [[]])
+        cache[key] = _Clean(ids, bool(result.failed), own)
+    return cache[key]
+
+
+def _takes_logits_to_keep(session: Session) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(session.model.forward).parameters
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,120 @@
+"""The analysis's shortcuts give the figures the straightforward method gives.
+
+* the teacher-forced screen (:mod:`~model_forensics.rca.flips`): flips equal generating
+  every set (:func:`model_forensics.rca.runs.flip_table`), and it stands aside where it
+  would not be exact;
+* no set is measured twice (:class:`~model_forensics.rca.search.FixSearch` keeps every
+  flip and side-effect measurement): a repeat runs nothing, and a found fix set's flips,
+  members' necessity/sufficiency and side effects equal measuring them afresh.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from model_forensics import CausalCCA, SandboxReplayer
+from model_forensics.core.config import load_config
+from model_forensics.models import zoo
+from model_forensics.rca import flips, runs
+from model_forensics.rca.attribution import attribution_ranking
+from model_forensics.rca.candidates import Ablation
+from model_forensics.rca.search import FixSearch
+from model_forensics.rca.side_effects import measure
+from model_forensics.replay import Session
+
+SCENARIOS = ["gpt2-toxic", "bert-sentiment-bypass"]
+pytestmark = pytest.mark.skipif(
+    not set(SCENARIOS) <= set(zoo.names()), reason="the zoo's trained weights are not shipped in this checkout"
+)
+
+
+@pytest.fixture(scope="module")
+def sessions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Session]:
+    from model_forensics.scenarios import get
+
+    bundles: dict[str, Path] = {
+        name: get(name).record(tmp_path_factory.mktemp(name), limit=1).incidents[0] for name in SCENARIOS
+    }
+    return {name: SandboxReplayer().load_bundle(bundle) for name, bundle in bundles.items()}
+
+
+def test_screened_flips_equal_generating_every_set(sessions: dict[str, Session]) -> None:
+    session = sessions["gpt2-toxic"]
+    assert flips.exact(session)  # greedy generation, a text predicate
+    assert not flips.screens(session)  # but a 0.3M-parameter model: not worth it by default
+    failing = runs.failing_variants(session)[:4]
+    ranking = attribution_ranking(session)
+    fine = [u for u in ranking.units if u.level in ("head", "neuron")]
+    ablate = Ablation("mean")
+    # single units (most keep the clean answer) and growing rank-order prefixes (some flip)
+    sets = [[], *([ablate(u)] for u in fine[:24]), *(ablate.all(fine[:k]) for k in range(2, 10))]
+    for batch in failing:
+        flips._clean(session, batch)  # the clean answers, once per variant (the search has them)
+    before = session.counter.rows
+    expected = runs.flip_table(session, failing, sets)
+    generating = session.counter.rows - before
+    got = flips.flip_table(session, failing, sets, screen=True)
+    screened = session.counter.rows - before - generating
+    assert got == expected
+    assert screened < generating  # fewer model rows (prompt × set, every forward call)
+    assert any(any(f) for f in expected) and not all(all(f) for f in expected)  # both verdicts occur
+    # the screen settles some sets without generating them, not all
+    clean = flips._clean(session, failing[0])
+    kept = flips.keeps_answer(session, failing[0], clean.ids, sets)
+    assert clean.screens and kept[0] and 0 < sum(kept) < len(sets)
+
+
+def test_screen_stands_aside_where_it_would_not_be_exact(sessions: dict[str, Session]) -> None:
+    assert not flips.exact(sessions["bert-sentiment-bypass"])  # a classifier: nothing generated
+    session = sessions["gpt2-toxic"]
+    saved = dict(session.generation)
+    try:
+        session.generation["repetition_penalty"] = 1.3  # a processor that can move an argmax
+        assert not flips.exact(session)
+    finally:
+        session.generation = saved
+    assert flips.exact(session)
+
+
+def test_a_measured_set_is_not_run_again(sessions: dict[str, Session]) -> None:
+    session = sessions["gpt2-toxic"]
+    search = FixSearch(session, load_config(None).modules.cca)
+    ranking = attribution_ranking(session)
+    fix = Ablation("mean").all([u for u in ranking.units if u.level == "neuron"][:3])
+    first = search.flip_table(search.failing, [fix, fix[:1]])
+    effects = search.side_effects(fix)
+    passes = session.forward_passes
+    assert search.flip_table(search.failing, [fix[:1], fix]) == [first[1], first[0]]
+    assert search.flips(search.failing[:2], fix) == first[0][:2]
+    assert search.side_effects(fix) is effects and search.benign_kl(fix) == effects.mean_kl
+    assert session.forward_passes == passes  # nothing ran
+    # the clean run of an input, which ranking, exact patching and the screen read, runs once
+    variant = session.variants()[1]
+    clean = flips.clean_run(session, variant)
+    again = session.run(inputs=variant)
+    assert (clean.text, clean.failed) == (again.text, again.failed)
+    assert clean.outputs["generated_ids"].tolist() == again.outputs["generated_ids"].tolist()
+    passes = session.forward_passes
+    assert flips.clean_run(session, session.encode(variant)) is clean and session.forward_passes == passes
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_fix_set_figures_equal_measuring_afresh(sessions: dict[str, Session], name: str) -> None:
+    session = sessions[name]
+    fix = CausalCCA(search_variants=6, confirm_top=8, confirm_variants=4).search_fix_set(session)
+    assert fix.members
+    failing = runs.failing_variants(session)
+    full = fix.interventions
+    without = [[iv for iv in full if iv is not m] for m in full]
+    table = runs.flip_table(session, failing, [full, *without, *([iv] for iv in full)])
+    rates = [runs.flip_rate(f) for f in table]
+    assert fix.flips == table[0] and fix.total_flip_rate == rates[0]
+    n = len(full)
+    for i, member in enumerate(fix.members):
+        assert member.necessity == rates[0] - rates[1 + i]
+        assert member.sufficiency == rates[1 + n + i]
+    cfg = load_config(None).modules.cca
+    fresh = measure(session, full, cfg.max_side_effect_kl, max_accuracy_drop=cfg.max_accuracy_drop)
+    assert fix.side_effects is not None and fix.side_effects.to_json() == fresh.to_json()
