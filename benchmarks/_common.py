@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,17 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def commit() -> str:
+    """The short commit the run measures, and whether the tree had changes beyond result files."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    changed = [line for line in status.stdout.splitlines() if "benchmarks/results/" not in line]
+    return head.stdout.strip() + (" with uncommitted changes in the tree" if changed else "")
 
 
 def timed(fn: Callable[[], Any]) -> float:

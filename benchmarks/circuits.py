@@ -34,7 +34,6 @@ import argparse
 import copy
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 import traceback
@@ -45,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from _common import machine, markdown_table, tl_zero_head, write_results
+from _common import commit, machine, markdown_table, tl_zero_head, write_results
 from model_forensics import RecorderHooks, SandboxReplayer, token_is
 from model_forensics.circuits import head_importance, token_influence
 from model_forensics.models import load
@@ -288,9 +287,9 @@ def _write(heads: dict[str, Any], ig: dict[str, Any], n_tokens: int, n_heads: in
     ]
     ig_table = markdown_table(["integrated gradients", "wall (s, median)", "CPU (s, median)", "rounds (s)"], ig_rows)
     info = machine()
-    commit = _commit()
+    commit_label = commit()
     context = (
-        f"Commit {commit}, with uncommitted changes in the working tree. SmolLM2-135M-Instruct (fp32, eager "
+        f"Commit {commit_label}. SmolLM2-135M-Instruct (fp32, eager "
         f"attention), a {n_tokens}-token prompt, {n_heads} heads zeroed one at a time, effect = drop in the logit "
         f"of the clean top token {heads['target_token']!r} at the last position (top heads: "
         f"{', '.join(heads['top_heads'])}). CPU, {info['threads']} torch thread(s) for every condition, torch "
@@ -311,17 +310,9 @@ def _write(heads: dict[str, Any], ig: dict[str, Any], n_tokens: int, n_heads: in
     print(text)
     write_results(
         "circuits",
-        {"commit": commit, "dirty": True, "machine": info, "args": vars(args), "heads": heads, "ig": ig},
+        {"commit": commit_label, "machine": info, "args": vars(args), "heads": heads, "ig": ig},
         text,
     )
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

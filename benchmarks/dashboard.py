@@ -42,7 +42,7 @@ from typing import Any
 import psutil
 import torch
 
-from _common import machine, markdown_table, median, smollm2_prompt, write_results
+from _common import commit, machine, markdown_table, median, smollm2_prompt, write_results
 from model_forensics import RecorderHooks
 
 CHROMIUM = "/usr/bin/chromium"
@@ -177,14 +177,6 @@ def serve(root: Path, log: Path) -> Iterator[tuple[str, psutil.Process]]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=15)
-
-
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        return head.stdout.strip() + " (tree had uncommitted changes)"
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 # -- cube endpoint under load ----------------------------------------------------------------
