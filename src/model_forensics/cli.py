@@ -820,6 +820,8 @@ def _open_session(
     device: str | None = None,
     dtype: str | None = None,
     threads: int | None = None,
+    device_map: str | None = None,
+    offload_dir: Path | None = None,
     **sandbox: bool,
 ) -> Any:
     import warnings
@@ -835,8 +837,15 @@ def _open_session(
         if threads is not None:
             options["threads"] = threads
         replayer = SandboxReplayer(None, **options)
+        # accelerate places the weights itself: replay's default --device cpu would clash with it
+        placement = {"device_map": device_map, "offload_dir": offload_dir} if device_map is not None else {}
         session = replayer.load_bundle(
-            path, model=model, allow_weight_mismatch=allow_weight_mismatch, device=device, dtype=dtype
+            path,
+            model=model,
+            allow_weight_mismatch=allow_weight_mismatch,
+            device=None if device_map is not None and device == "cpu" else device,
+            dtype=dtype,
+            **placement,
         )
     for w in caught:
         if issubclass(w.category, WeightMismatchWarning):
@@ -888,9 +897,15 @@ def replay(
     device: DeviceOpt = "cpu",
     dtype: ReplayDtypeOpt = None,
     threads: ThreadsOpt = None,
+    device_map: DeviceMapOpt = None,
+    offload_dir: OffloadOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON")] = False,
 ) -> None:
-    """Replay an incident bundle in the sandbox, optionally with interventions or a fix set."""
+    """Replay an incident bundle in the sandbox, optionally with interventions or a fix set.
+
+    A model larger than memory: ``--device-map auto --offload-dir DIR`` loads the bundle's model
+    directory with accelerate, as ``record`` does, and replays it from there.
+    """
     from model_forensics.replay import Intervention
     from model_forensics.replay.loading import read_fix_file, recorded_dtype
     from model_forensics.scenarios.agent import replayed_call
@@ -908,6 +923,8 @@ def replay(
         device=device,
         dtype=dtype,
         threads=threads,
+        device_map=device_map,
+        offload_dir=offload_dir,
         allow_network=allow_network,
         allow_subprocess=allow_subprocess,
     )

@@ -4,6 +4,7 @@ recorded offloaded replays bit-identical, offloaded again or whole."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,21 @@ def test_cli_record_refuses_an_unknown_device_map_with_exit_2(tiny_dirs: dict[st
     assert result.exit_code == 2, result.output
     assert "device_map 'everywhere' is unknown" in result.output
     assert "Traceback" not in result.output
+
+
+def test_cli_replay_places_the_model_with_accelerate(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from model_forensics.cli import app
+    from model_forensics.models import zoo
+
+    bundle = tmp_path / "b"
+    directory = str(zoo.ZOO_DIR / "gpt2-injection")  # a model directory with a tokenizer
+    record = ["record", "--model", directory, "--prompt", "translate : hello =>", "--out", str(bundle)]
+    assert CliRunner().invoke(app, record).exit_code == 0
+    placed = ["replay", str(bundle), "--device-map", "auto", "--offload-dir", str(tmp_path / "off"), "--json"]
+    result = CliRunner().invoke(app, placed)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["verify"]["bit_identical"] is True
+    clash = CliRunner().invoke(app, [*placed[:-1], "--dtype", "float16"])
+    assert clash.exit_code == 2 and "cannot be combined with dtype" in clash.output, clash.output
