@@ -118,3 +118,21 @@ def test_cli_replay_places_the_model_with_accelerate(tmp_path: Path) -> None:
     assert json.loads(result.stdout)["verify"]["bit_identical"] is True
     clash = CliRunner().invoke(app, [*placed[:-1], "--dtype", "float16"])
     assert clash.exit_code == 2 and "cannot be combined with dtype" in clash.output, clash.output
+
+
+def test_offloaded_weights_are_hashed_once_per_recorder(
+    tiny_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from model_forensics.recorder import hooks
+
+    offloaded = load(
+        str(tiny_dirs["llama"]), device_map="auto", offload_dir=tmp_path / "off", max_memory={"cpu": 40_000}
+    )
+    calls: list[int] = []
+    real = hooks.weights_sha256
+    monkeypatch.setattr(hooks, "weights_sha256", lambda model: calls.append(1) or real(model))
+    with RecorderHooks(granularity="layer").install_hooks(offloaded.model) as rec, torch.no_grad():
+        before = rec._weights_sha256()
+        offloaded.model(input_ids=IDS)  # accelerate swaps every offloaded weight in and out again
+        path = rec.create_bundle(tmp_path / "b")
+    assert len(calls) == 1 and Bundle.open(path).manifest["model"]["weights_sha256"] == before

@@ -445,8 +445,14 @@ class RecorderHooks:
     def _weights_sha256(self) -> str:
         # Hashing 135M parameters takes ~0.5 s; reuse the hash while no parameter has been
         # replaced or modified in place (torch bumps a tensor's _version on every in-place op).
+        # A weight offloaded by accelerate is a meta tensor between forwards, swapped in (a new
+        # tensor) from the offload folder for each one; its bytes live in that folder, so only
+        # its name and shape key it (else every offloaded forward would cost a full re-hash).
         assert self.model is not None
-        key = tuple((n, t.data_ptr(), t._version) for n, t in self.model.state_dict(keep_vars=True).items())
+        key = tuple(
+            (n, tuple(t.shape)) if t.is_meta else (n, t.data_ptr(), t._version)
+            for n, t in self.model.state_dict(keep_vars=True).items()
+        )
         if self._weights_hash is None or self._weights_hash[0] != key:
             self._weights_hash = (key, weights_sha256(self.model))
         return self._weights_hash[1]
