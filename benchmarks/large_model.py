@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from _common import machine, markdown_table, write_results
+from _common import commit, machine, markdown_table, write_results
 from model_forensics import Bundle, RecorderHooks
 from model_forensics.models.loading import load
 
@@ -127,10 +127,7 @@ def main() -> None:
         same = torch.equal(again[:, -1], bundle.outputs["logits"][:, -1])
         result = {
             "machine": machine(),
-            "commit": subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-            ).stdout.strip(),
-            "uncommitted_changes": True,
+            "commit": commit(),
             "layers": args.layers,
             "tokens": args.tokens,
             "parameters": n_params,
@@ -198,7 +195,7 @@ def main() -> None:
     )
     header = (
         f"Llama-2-7B layer shapes, random weights, {machine()['device']}, {torch.get_num_threads()} threads, "
-        f"load average {r['load_average'][0]:.1f}; commit {r['commit']} with uncommitted changes.\n\n"
+        f"load average {r['load_average'][0]:.1f}; commit {r['commit']}.\n\n"
     )
     print(header + table)
     write_results("large_model", result, header + table)
