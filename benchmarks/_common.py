@@ -19,8 +19,11 @@ RESULTS = Path(__file__).parent / "results"
 def commit() -> str:
     """The short commit the run measures, and whether the tree had changes beyond result files."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True)
+        here = Path(__file__).parent
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=here
+        )
+        status = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True, cwd=here)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     changed = [line for line in status.stdout.splitlines() if "benchmarks/results/" not in line]

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from _common import machine, markdown_table, median, smollm2_prompt, write_results
+from _common import commit, machine, markdown_table, median, smollm2_prompt, write_results
 from model_forensics import Bundle, RecorderHooks
 from model_forensics.core import sketches
 
@@ -179,7 +179,7 @@ def main() -> None:
     rss = record_rss(args.tokens)
     streamed = record_rss(args.tokens, budget_mb=0)
     load_after = os.getloadavg()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    label = commit()
     rows = []
     for s, r in results.items():
         c = r["conditions"]
@@ -213,7 +213,7 @@ def main() -> None:
     header = (
         f"SmolLM2-135M, {ids.shape[1]} tokens, all sites, {args.repeats} interleaved rounds, {machine()['device']}, "
         f"{torch.get_num_threads()} torch threads, load average {load_before[0]:.1f} → {load_after[0]:.1f} "
-        f"on {os.cpu_count()} cores; commit {commit} with uncommitted changes in the tree. Ratios: median of "
+        f"on {os.cpu_count()} cores; commit {label}. Ratios: median of "
         "per-round ratios.\n\n"
     )
     footer = (
@@ -225,8 +225,7 @@ def main() -> None:
     print(header + table + footer)
     data = {
         "machine": machine(),
-        "commit": commit,
-        "uncommitted_changes": True,
+        "commit": label,
         "tokens": int(ids.shape[1]),
         "repeats": args.repeats,
         "load_average": {"before": load_before, "after": load_after},

@@ -17,7 +17,6 @@ import argparse
 import copy
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 
 import torch
 
-from _common import machine, markdown_table, median, smollm2_prompt, write_results
+from _common import commit, machine, markdown_table, median, smollm2_prompt, write_results
 from model_forensics import Bundle, RecorderHooks
 
 NO_PATTERN = [f"blocks.*.{k}" for k in ("resid_pre", "attn.q", "attn.k", "attn.v", "attn.z", "mlp.post")]
@@ -95,8 +94,7 @@ def main() -> None:
     rows: list[list[Any]] = []
     data: dict[str, Any] = {
         "machine": machine(),
-        "commit": _commit(),
-        "tree": "uncommitted changes present (other helpers editing the checkout)",
+        "commit": commit(),
         "load_average_before": load_before,
         "load_average_after": load_after,
         "tokens": int(ids.shape[1]),
@@ -158,8 +156,8 @@ def main() -> None:
     )
     header = (
         f"SmolLM2-135M, {ids.shape[1]} tokens, {args.repeats} interleaved rounds, {machine()['device']}, "
-        f"{torch.get_num_threads()} threads; every condition on the same weight tensors. Commit {data['commit']} "
-        f"with uncommitted changes. Load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (a "
+        f"{torch.get_num_threads()} threads; every condition on the same weight tensors. Commit {data['commit']}. "
+        f"Load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (a "
         "2-core machine shared with other jobs: wall ratios are noisy, CPU time is the steadier figure).\n\n"
     )
     print(header + table)
@@ -188,14 +186,6 @@ def _interleaved(conditions: dict[str, Any], repeats: int, warmup: int = 2) -> t
             wall[name].append(time.perf_counter() - w)
             cpu[name].append(time.process_time() - c)
     return wall, cpu
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def _nnsight(model: Any, tok: Any, ids: torch.Tensor, notes: dict[str, str]) -> Any:

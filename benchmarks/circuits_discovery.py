@@ -18,14 +18,13 @@ import json
 import os
 import random
 import resource
-import subprocess
 import time
 from typing import Any
 
 import torch
 from sklearn.metrics import roc_auc_score
 
-from _common import machine, markdown_table, median, write_results
+from _common import commit, machine, markdown_table, median, write_results
 from model_forensics.circuits import discover
 from model_forensics.models import zoo
 
@@ -172,13 +171,12 @@ def zoo_models(args: argparse.Namespace) -> None:
     }
     data["conditions"]["kv-lookup-2l, EAP-IG 5 steps"] = entry
     rows.append(_row("kv-lookup-2l, EAP-IG 5 steps", entry))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    label = commit()
     data.update(
         machine=machine(),
         load_average=os.getloadavg(),
         omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
-        commit=commit,
-        tree="uncommitted changes present",
+        commit=label,
         threads=torch.get_num_threads(),
         auto_circuit=NOTE,
     )
@@ -187,8 +185,7 @@ def zoo_models(args: argparse.Namespace) -> None:
         [
             "# Circuit discovery",
             "",
-            f"commit {commit} (tree had uncommitted changes); load average {os.getloadavg()[0]:.2f}; "
-            f"torch threads {torch.get_num_threads()}",
+            f"commit {label}; load average {os.getloadavg()[0]:.2f}; torch threads {torch.get_num_threads()}",
             "",
             markdown_table(headers, rows),
             "",
@@ -253,15 +250,14 @@ def smollm2() -> None:
         "row_budget_floats": ROW_BUDGET,
         "progress": log,
     }
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    label = commit()
     data = {
         "condition": "SmolLM2-135M, one injection prompt, logit_diff, EAP-IG 2 steps, no pruning",
         "result": entry,
         "machine": machine(),
         "load_average": os.getloadavg(),
         "threads": torch.get_num_threads(),
-        "commit": commit,
-        "tree": "uncommitted changes present",
+        "commit": label,
     }
     headers = ["condition", "wall s", "CPU s", "peak RSS MB", "edges", "faithfulness", "completeness", "passes"]
     row = [
@@ -279,7 +275,7 @@ def smollm2() -> None:
         [
             "# Circuit discovery on SmolLM2 (one injection prompt)",
             "",
-            f"commit {commit} (tree had uncommitted changes); 1-min load average at the end "
+            f"commit {label}; 1-min load average at the end "
             f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (shared machine: wall inflated, CPU time is the "
             f"steadier figure); torch threads {torch.get_num_threads()}",
             "",

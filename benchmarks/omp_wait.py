@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from _common import markdown_table, write_results
+from _common import commit, markdown_table, write_results
 
 CHILD = """
 import json, sys, time, torch
@@ -83,14 +83,14 @@ def main() -> None:
     table = markdown_table(
         ["model", "threads", "OMP_WAIT_POLICY", "median wall ms/pass", "median CPU ms/pass", "wall per round"], rows
     )
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    label = commit()
     caption = (
         f"# OpenMP wait policy (benchmarks/omp_wait.py)\n\nOne child process per cell and round, {args.rounds} "
         f"interleaved rounds; 1-min load average {min(loads):.1f}–{max(loads):.1f} on {os.cpu_count()} CPUs "
-        f"(shared with other jobs). Commit {commit} with uncommitted changes; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."
+        f"(shared with other jobs). Commit {label}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."
     )
     print(table)
-    write_results("omp_wait", {"conditions": data, "loadavg_1min": loads, "commit": commit}, caption + "\n\n" + table)
+    write_results("omp_wait", {"conditions": data, "loadavg_1min": loads, "commit": label}, caption + "\n\n" + table)
 
 
 if __name__ == "__main__":

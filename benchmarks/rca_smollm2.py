@@ -22,13 +22,12 @@ import argparse
 import importlib.util
 import itertools
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import machine, markdown_table, write_results
+from _common import commit, machine, markdown_table, write_results
 from model_forensics import CausalCCA, CompressionForensics, SandboxReplayer
 from model_forensics.rca.attribution import attribution_ranking
 from model_forensics.rca.explain import held_out_rows
@@ -51,14 +50,6 @@ def grid_prompts(seen: list[str]) -> list[str]:
     spec.loader.exec_module(grid)
     prompts = [grid.build_prompt(task, text) for task, text in itertools.product(grid.TASKS, grid.TEXTS)]
     return [p for p in prompts if p not in set(seen)]
-
-
-def commit() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    return git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if dirty else "")
 
 
 def main() -> None:

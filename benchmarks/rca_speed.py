@@ -22,7 +22,6 @@ import cProfile
 import os
 import pstats
 import resource
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 
 import torch
 
-from _common import machine, markdown_table, median, write_results
+from _common import commit, machine, markdown_table, median, write_results
 from model_forensics import SandboxReplayer
 from model_forensics.rca.pipeline import analyze_bundle
 from model_forensics.scenarios import get, names
@@ -122,13 +121,6 @@ def analyse_bundle(bundle: Path) -> dict[str, Any]:
         "notes": fix.get("notes"),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-
-
-def commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
-    return sha.strip() + (" with uncommitted changes" if dirty.strip() else "")
 
 
 def render(data: dict[str, Any]) -> str:

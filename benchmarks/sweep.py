@@ -28,7 +28,6 @@ import copy
 import os
 import resource
 import statistics
-import subprocess
 import tempfile
 import time
 import traceback
@@ -38,7 +37,7 @@ from typing import Any
 
 import torch
 
-from _common import machine, markdown_table, tl_zero_head, write_results
+from _common import commit, machine, markdown_table, tl_zero_head, write_results
 from model_forensics import Intervention, SandboxReplayer, token_is
 from model_forensics.models import load
 from model_forensics.recorder import RecorderHooks
@@ -377,7 +376,7 @@ def _report(state: dict[str, Any]) -> None:
         f"{min(loads):.1f}–{max(loads):.1f} on {os.cpu_count()} CPUs (the machine is shared with other jobs); CPU "
         "time (process time, both threads) is less sensitive to other jobs than wall time. Peak RSS of the "
         f"process (all conditions): {state['peak_rss_mb']:.0f} MB. "
-        f"Commit {_commit()} with uncommitted changes."
+        f"Commit {commit()}."
     )
     serial_rate = 2 * work["serial_fair"] / fastest_cpu
     bound = work["serial_fair"] / work["exact_minimum"]
@@ -420,19 +419,10 @@ def _report(state: dict[str, Any]) -> None:
             "work_gmac": work,
             "exact_work_bound": bound,
             "gemm_peak_gflops": peak,
-            "commit": _commit(),
-            "tree": "uncommitted changes present (other helpers editing the checkout)",
+            "commit": commit(),
         },
         "# All-heads ablation sweep (benchmarks/sweep.py)\n\n" + context + "\n\n" + table,
     )
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def _record(loaded: Any, tmp: str, batch: dict[str, torch.Tensor], predicted: int) -> Path:
