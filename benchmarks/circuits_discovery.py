@@ -29,11 +29,11 @@ from model_forensics.circuits import discover
 from model_forensics.models import zoo
 
 NOTE = (
-    "auto-circuit is not installed in .venv (`pip show auto-circuit`: not found; nothing was installed). "
-    "auto-circuit 1.0.1 resolves offline with torch pinned (pip --dry-run: torch unchanged, but it pulls in "
-    "jax, jaxlib, dm-haiku, chex, tracr-pypi, kaleido, plotly, word2word and more); it runs on TransformerLens "
-    "HookedTransformer models only, so a side-by-side run needs induction-2l converted to TransformerLens. "
-    "That port was not built in this slice, so no auto-circuit time or AUROC is reported."
+    "auto-circuit runs side by side in benchmarks/circuits_autocircuit.py (results: "
+    "benchmarks/results/circuits_autocircuit.md). It needs its own venv: auto-circuit 1.0.1 imports "
+    "TransformerLens' HookedTransformer, which the project's pinned transformer-lens 4.3.0 removed, and "
+    "transformer-lens 3.9.0 needs beartype < 0.15 (the project pins 0.23.1); the script's docstring has the "
+    "install steps."
 )
 
 
