@@ -838,14 +838,14 @@ def _open_session(
             options["threads"] = threads
         replayer = SandboxReplayer(None, **options)
         # accelerate places the weights itself: replay's default --device cpu would clash with it
-        placement = {"device_map": device_map, "offload_dir": offload_dir} if device_map is not None else {}
         session = replayer.load_bundle(
             path,
             model=model,
             allow_weight_mismatch=allow_weight_mismatch,
             device=None if device_map is not None and device == "cpu" else device,
             dtype=dtype,
-            **placement,
+            device_map=device_map,
+            offload_dir=offload_dir,
         )
     for w in caught:
         if issubclass(w.category, WeightMismatchWarning):
