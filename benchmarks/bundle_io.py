@@ -3,9 +3,12 @@
 Per sketch (full, fp16, int8, topk), each round runs four conditions back to back (rounds
 interleaved, medians over rounds, CPU time beside wall time):
 
-  write  ours   ``RecorderHooks.create_bundle`` of the recorded run: site by site from the
-                spool, sketch-encode, each byte hashed once (format 1.2), safetensors files
-                + cube + calls + manifest, fsync
+  write  ours   ``RecorderHooks.create_bundle`` of the recorded run: the recorder's part (site
+                table, output logits and their sha256, provenance, ActivityCube), then
+                ``write_bundle`` (timed apart too): site by site from the spool,
+                sketch-encode, each byte hashed once (format 1.2) — the stored entries and,
+                for fp16/int8/topk, the exact tensor each site's ``sha256`` names —,
+                safetensors files + cube + calls + manifest, fsync, atomic rename
   write  peer   ``safetensors.torch.save_file`` of the very tensors the bundle stores
                 (inputs, outputs, encoded activations) + fsync of each file
   read   ours   ``Bundle.open(verify=False).verify_contents()``: every entry's sha256 once,
@@ -14,7 +17,9 @@ interleaved, medians over rounds, CPU time beside wall time):
   read   peer   a plain sha256 pass (1 MiB reads) over the same files
 
 MB/s counts the bundle's bytes on disk. Targets (issue 16): write ≥ 50% of the peer,
-read + full verification ≥ 50% of the plain sha256 pass. Also: peak RSS of a child
+read + full verification ≥ 50% of the plain sha256 pass. Ratios are the median of the
+per-round ratios of wall times (throughput ours / peer), and beside them of CPU times
+(process CPU, all threads), which a loaded machine distorts less. Also: peak RSS of a child
 process that loads SmolLM2 and records it at all granularity (default fp16 sketch), with
 the default ``recorder.memory_budget_mb`` and with 0 (every captured step streamed to the
 spool file on disk as it is produced).
@@ -42,6 +47,7 @@ from safetensors.torch import save_file
 from _common import commit, machine, markdown_table, median, smollm2_prompt, write_results
 from model_forensics import Bundle, RecorderHooks
 from model_forensics.core import sketches
+from model_forensics.recorder import hooks
 
 SKETCHES = ("full", "fp16", "int8", "topk")
 FILES = ("inputs.safetensors", "outputs.safetensors", "activations.safetensors", "cube.json", "calls.jsonl")
@@ -51,6 +57,20 @@ def _clock(fn: Any) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - wall, time.process_time() - cpu
+
+
+class _TimedWriter:
+    """``write_bundle`` as the recorder calls it, with the (wall, cpu) seconds of each call kept."""
+
+    def __init__(self) -> None:
+        self.real, self.times = hooks.write_bundle, []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Path:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            return self.real(*args, **kwargs)
+        finally:
+            self.times.append((time.perf_counter() - wall, time.process_time() - cpu))
 
 
 def _fsync(path: Path) -> None:
@@ -85,8 +105,14 @@ def bench_sketch(model: Any, tok: Any, ids: torch.Tensor, sketch: str, repeats: 
     stored = _stored_tensors(rec, ours)
     mb = Bundle.open(ours).size_bytes() / 1e6
 
+    writer = _TimedWriter()
+
     def write_ours() -> None:
-        rec.create_bundle(ours, overwrite=True)
+        hooks.write_bundle = writer  # type: ignore[assignment]
+        try:
+            rec.create_bundle(ours, overwrite=True)
+        finally:
+            hooks.write_bundle = writer.real
 
     def write_peer() -> None:
         shutil.rmtree(peer, ignore_errors=True)
@@ -108,9 +134,11 @@ def bench_sketch(model: Any, tok: Any, ids: torch.Tensor, sketch: str, repeats: 
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in conditions}
     for fn in conditions.values():
         fn()  # warm-up round
+    writer.times.clear()
     for _ in range(repeats):
         for name, fn in conditions.items():
             times[name].append(_clock(fn))
+    times["write_bundle"] = writer.times
     rec.remove_hooks()
     peer_mb = sum(f.stat().st_size for f in peer.iterdir()) / 1e6
     out: dict[str, Any] = {"mb": mb, "peer_mb": peer_mb, "sites": len(rec.sites), "conditions": {}}
@@ -122,13 +150,13 @@ def bench_sketch(model: Any, tok: Any, ids: torch.Tensor, sketch: str, repeats: 
             "median_cpu_s": median(cpus),
             "mb_per_s": size / median(walls),
             "times_s": walls,
+            "cpu_s": cpus,
         }
-    for kind in ("write", "read"):
-        ratios = [
-            (mb / o[0]) / ((peer_mb if kind == "write" else mb) / p[0])
-            for o, p in zip(times[f"{kind} ours"], times[f"{kind} peer"], strict=True)
-        ]
-        out[f"{kind}_ratio"] = median(ratios)
+    for kind, ours_name in (("write", "write ours"), ("write_bundle", "write_bundle"), ("read", "read ours")):
+        peer_name, peer_size = ("read peer", mb) if kind == "read" else ("write peer", peer_mb)
+        pairs = list(zip(times[ours_name], times[peer_name], strict=True))
+        for index, suffix in ((0, "ratio"), (1, "cpu_ratio")):
+            out[f"{kind}_{suffix}"] = median([(mb / o[index]) / (peer_size / p[index]) for o, p in pairs])
     shutil.rmtree(ours, ignore_errors=True)
     shutil.rmtree(peer, ignore_errors=True)
     return out
@@ -180,6 +208,10 @@ def main() -> None:
     streamed = record_rss(args.tokens, budget_mb=0)
     load_after = os.getloadavg()
     label = commit()
+
+    def cell(c: dict[str, Any]) -> str:
+        return f"{c['mb_per_s']:.0f} ({c['median_s']:.3f} s, cpu {c['median_cpu_s']:.3f} s)"
+
     rows = []
     for s, r in results.items():
         c = r["conditions"]
@@ -188,12 +220,14 @@ def main() -> None:
                 s,
                 r["sites"],
                 f"{r['mb']:.1f}",
-                f"{c['write ours']['mb_per_s']:.0f} ({c['write ours']['median_s']:.2f} s, cpu {c['write ours']['median_cpu_s']:.2f} s)",
-                f"{c['write peer']['mb_per_s']:.0f} ({c['write peer']['median_s']:.2f} s)",
-                f"{r['write_ratio']:.2f}",
-                f"{c['read ours']['mb_per_s']:.0f} ({c['read ours']['median_s']:.2f} s, cpu {c['read ours']['median_cpu_s']:.2f} s)",
-                f"{c['read peer']['mb_per_s']:.0f} ({c['read peer']['median_s']:.2f} s)",
-                f"{r['read_ratio']:.2f}",
+                cell(c["write ours"]),
+                cell(c["write_bundle"]),
+                cell(c["write peer"]),
+                f"{r['write_ratio']:.2f} / {r['write_cpu_ratio']:.2f}",
+                f"{r['write_bundle_ratio']:.2f} / {r['write_bundle_cpu_ratio']:.2f}",
+                cell(c["read ours"]),
+                cell(c["read peer"]),
+                f"{r['read_ratio']:.2f} / {r['read_cpu_ratio']:.2f}",
             ]
         )
     table = markdown_table(
@@ -201,20 +235,22 @@ def main() -> None:
             "sketch",
             "sites",
             "bundle MB",
-            "write ours MB/s",
+            "write ours (create_bundle) MB/s",
+            "of which write_bundle",
             "save_file+fsync MB/s",
-            "write ratio (≥ 0.5)",
+            "write ratio wall / cpu (≥ 0.5)",
+            "write_bundle ratio wall / cpu",
             "read+full verify MB/s",
             "plain sha256 MB/s",
-            "read ratio (≥ 0.5)",
+            "read ratio wall / cpu (≥ 0.5)",
         ],
         rows,
     )
     header = (
         f"SmolLM2-135M, {ids.shape[1]} tokens, all sites, {args.repeats} interleaved rounds, {machine()['device']}, "
         f"{torch.get_num_threads()} torch threads, load average {load_before[0]:.1f} → {load_after[0]:.1f} "
-        f"on {os.cpu_count()} cores; commit {label}. Ratios: median of "
-        "per-round ratios.\n\n"
+        f"on {os.cpu_count()} cores (the machine was shared with other work: see the load); commit {label}. "
+        "Ratios: median of per-round ratios, of wall and of CPU time (process CPU, all threads).\n\n"
     )
     footer = (
         f"\n\nPeak RSS of a fresh process (fp16 sketch, all sites): loading SmolLM2 peaks at {rss['load']:.0f} MB; "

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from _common import machine, markdown_table, write_results
+from _common import commit, machine, markdown_table, write_results
 from model_forensics import CompressionForensics, SandboxReplayer
 from model_forensics.rca import compression
 from model_forensics.rca.features import compressed_ratio, topk_energy
@@ -97,8 +96,6 @@ def main() -> None:
     from model_forensics.scenarios import get
 
     torch.manual_seed(0)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip())
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         bundle = get("smollm2-injection").record(Path(tmp), limit=1).incidents[0]
@@ -142,7 +139,7 @@ def main() -> None:
     units = len(feats["current"][0])
     data = {
         "machine": machine(),
-        "commit": commit + (" with uncommitted changes" if dirty else ""),
+        "commit": commit(),
         "load_average": [load_start, os.getloadavg()],
         "runs": len(runs),
         "units_per_run": units,

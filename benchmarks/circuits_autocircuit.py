@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 import types
@@ -67,7 +66,7 @@ from circuits_discovery import head_auroc, induction_pairs  # noqa: E402
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights  # noqa: E402
 
-from _common import machine, markdown_table, median, write_results  # noqa: E402
+from _common import commit, machine, markdown_table, median, write_results  # noqa: E402
 from model_forensics.circuits import discover  # noqa: E402
 from model_forensics.circuits.edges import OUTPUT, Nodes  # noqa: E402
 from model_forensics.circuits.graph import edge_attribution, prepare_task  # noqa: E402
@@ -226,13 +225,12 @@ def main() -> None:
             pairs.append((float(ours_eap[u, out_r]), float(ac_eap[e.dest.module_name][e.patch_idx])))
     scale = max(abs(a) for a, _ in pairs)
     output_edge_gap = max(abs(abs(a) - abs(b)) for a, b in pairs) / scale
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    label = commit()
     versions = {
         p: version(p) for p in ("auto-circuit", "transformer-lens", "transformers", "torch", "numpy", "beartype")
     }
     data.update(
-        commit=commit,
-        tree="uncommitted changes present",
+        commit=label,
         load_average=os.getloadavg(),
         omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
         threads=torch.get_num_threads(),
@@ -252,7 +250,7 @@ def main() -> None:
         [
             "# auto-circuit beside our discovery on induction-2l",
             "",
-            f"commit {commit} (tree had uncommitted changes); load average "
+            f"commit {label}; load average "
             f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs shared with another "
             f"benchmark (CPU time is the steadier figure); torch threads {torch.get_num_threads()}; medians of "
             f"{args.rounds} interleaved rounds after one warm-up round; "

@@ -20,7 +20,6 @@ Run: .venv/bin/python benchmarks/rca_eval.py   → benchmarks/results/rca_eval.{
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
 
-from _common import machine, markdown_table, write_results
+from _common import commit, machine, markdown_table, write_results
 from model_forensics import CausalCCA, CompressionForensics, SandboxReplayer
 from model_forensics.rca.attribution import attribution_ranking
 from model_forensics.rca.candidates import cf_score, forward_order
@@ -174,11 +173,9 @@ def main() -> None:
     from model_forensics.scenarios import get
 
     torch.manual_seed(0)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip())
     data: dict[str, Any] = {
         "machine": machine(),
-        "commit": commit + (" with uncommitted changes" if dirty else ""),
+        "commit": commit(),
         "load_average_start": os.getloadavg(),
         "scenarios": {},
     }

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import tempfile
 import time
 import warnings
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from _common import machine, markdown_table, median, write_results
+from _common import commit, machine, markdown_table, median, write_results
 
 
 def _prompts(n: int) -> list[str]:
@@ -123,15 +122,15 @@ def main() -> None:
                  " ".join(f"{x:.1f}" for x in run["load_average"])]
             )  # fmt: skip
         ray.shutdown()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    data.update({"commit": commit, "uncommitted_changes": True, "rounds": args.rounds})
+    label = commit()
+    data.update({"commit": label, "rounds": args.rounds})
     table = markdown_table(
         ["workload", "Ray workers", "items", "local items/s", "Ray items/s", "Ray items/s per worker",
          "Ray / local wall", "merge", "CPU s local / Ray driver", "load average"],
         rows,
     )  # fmt: skip
     header = (
-        f"# Many machines on one: local vs Ray (commit {commit}, tree with uncommitted changes)\n\n"
+        f"# Many machines on one: local vs Ray (commit {label})\n\n"
         f"Medians of {args.rounds} interleaved rounds after one warm-up per cluster; `inspect` streams "
         f"{len(prompts)} prompts (sparsity + stats) on zoo:gpt2-injection, `triage` analyses {len(paths)} "
         "bundles. Items are prompts (inspect) or bundles (triage).\n\n"

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import markdown_table, write_results
+from _common import commit, markdown_table, write_results
 
 BUDGETS = (512, 2048)
 
@@ -113,17 +113,16 @@ def main() -> None:
         "CPU s",
     ]
     table = markdown_table(headers, rows)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    label = commit()
     caption = (
         "# Sweep memory (benchmarks/sweep_memory.py)\n\nSmolLM2-135M-Instruct fp32, 64 prompt tokens, 270 "
         "single-head zero ablations, 1 thread, one child process per row; growth = peak RSS during the sweep "
         "(VmHWM after resetting it) − RSS before it (model, tokenizer and session loaded). 1-min load average "
-        f"{min(loads):.1f}–{max(loads):.1f} on {os.cpu_count()} CPUs (shared with other jobs). Commit {commit} with "
-        "uncommitted changes."
+        f"{min(loads):.1f}–{max(loads):.1f} on {os.cpu_count()} CPUs (shared with other jobs). Commit {label}."
     )
     print(table)
     write_results(
-        "sweep_memory", {"conditions": data, "loadavg_1min": loads, "commit": commit}, caption + "\n\n" + table
+        "sweep_memory", {"conditions": data, "loadavg_1min": loads, "commit": label}, caption + "\n\n" + table
     )
 
 

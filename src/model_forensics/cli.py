@@ -434,6 +434,14 @@ def record(
             "fix leaves them alone. Those that fail are dropped",
         ),
     ] = None,
+    turns: Annotated[
+        Path | None,
+        typer.Option(
+            "--turns",
+            help="Record a conversation instead of one prompt: the user's messages, one a turn (.txt: one per line; "
+            ".jsonl: one JSON string per line); each reply is greedy, --max-new-tokens long at most",
+        ),
+    ] = None,
     granularity: Annotated[Granularity | None, typer.Option(help="Which sites to record")] = None,
     sketch: Annotated[SketchKind | None, typer.Option(help="How site tensors are stored")] = None,
     config: ConfigOpt = None,
@@ -448,14 +456,17 @@ def record(
     offload_dir: OffloadOpt = None,
 ) -> None:
     """Record one prompt (or one image) into an incident bundle (with your variants, benign
-    prompts and baselines)."""
+    prompts and baselines), or a whole conversation turn by turn (--turns FILE)."""
     from model_forensics.core import signing
     from model_forensics.inspection.collect import model_device
     from model_forensics.models.image_files import check_input_kind, image_input, read_image
     from model_forensics.recorder import RecorderHooks
     from model_forensics.recorder.session import NoFailingVariants, record_incident, record_inputs, record_prompt
 
-    _check_prompt_or_image(prompt, image, variants, benign, baseline, max_new_tokens, near_miss)
+    if turns is not None:
+        _check_turns_options(prompt, image, variants, benign, baseline, near_miss, max_new_tokens)
+    else:
+        _check_prompt_or_image(prompt, image, variants, benign, baseline, max_new_tokens, near_miss)
     pixels = read_image(image) if image is not None else None
     pred = _parse_predicate(predicate) if predicate else None
     _check_config(config)
@@ -463,11 +474,28 @@ def record(
     prompt_sets, sources = _read_prompt_sets(
         variants, benign, baseline, pred, recorder.config_tree.bundle, near_miss=near_miss
     )
+    conversation = None if turns is None else _read_turns(turns, recorder.config_tree.bundle)
     if sign_key is not None:
         signing.load_private_key(sign_key)
     _check_bundle_out(out, overwrite)
     loaded = _load(model, device=device, dtype=dtype, device_map=device_map, offload_dir=offload_dir)
     check_input_kind(loaded, image=pixels is not None)
+    if conversation is not None:
+        from model_forensics.recorder.conversation import record_conversation
+
+        with err.status(f"recording {len(conversation)} turns…"):
+            path = record_conversation(
+                loaded,
+                conversation,
+                out,
+                recorder=recorder,
+                max_new_tokens=max_new_tokens,
+                predicate=pred,
+                overwrite=overwrite,
+                sign_key=sign_key,
+            )
+        _print_recorded(path, as_json)
+        return
     if pixels is not None:
         with err.status("recording…"):
             inputs = {str(image_input(loaded.model)): pixels.to(model_device(loaded.model))}
@@ -522,6 +550,40 @@ def _print_recorded(path: Path, as_json: bool) -> None:
         console.print_json((path / "manifest.json").read_text())
     else:
         _print_summary(path)
+
+
+def _check_turns_options(
+    prompt: str | None,
+    image: Path | None,
+    variants: str | None,
+    benign: Path | None,
+    baseline: Path | None,
+    near_miss: Path | None,
+    max_new_tokens: int,
+) -> None:
+    """``record --turns`` records a conversation: no other input, no prompt sets, and a
+    reply of at least one token per turn."""
+    given = [o for o, v in (("--prompt", prompt), ("--image", image)) if v is not None]
+    given += [f"--{o}" for o, v in (("variants", variants), ("benign", benign), ("baseline", baseline)) if v]
+    given += ["--near-miss"] if near_miss else []
+    if given:
+        raise ForensicsError(
+            f"--turns records a conversation from its messages alone; drop {'/'.join(given)} (a conversation "
+            "bundle carries no prompt sets: record its clean counterpart with --turns and pass it to analyze --baseline)"
+        )
+    if max_new_tokens < 1:
+        raise ForensicsError("--turns needs --max-new-tokens N (N ≥ 1): the longest reply of each turn, e.g. 8")
+
+
+def _read_turns(path: Path, limits: Any) -> list[str]:
+    """The messages of ``record --turns``: a prompt file (.txt, .jsonl), one message a turn."""
+    from model_forensics.core.prompts import read_prompts
+
+    lines = read_prompts(path, limits)
+    objects = [line.where for line in lines if line.fields]
+    if objects:
+        raise ForensicsError(f"{objects[0]}: a turn is one message, not an object; write one JSON string per line")
+    return [line.text for line in lines]
 
 
 def _check_prompt_or_image(
@@ -869,6 +931,13 @@ def _replay_verify(path: Path, model: str | None, allow_weight_mismatch: bool, t
             console.print(f"[red]✗[/] {_safe(check.site)}: {_safe(diff)}", soft_wrap=True)
         raise ReplayDivergence(f"replay of '{path}' is {report.summary()}")
     console.print(f"[green]✓[/] replay {_safe(report.summary())} ({report.seconds:.1f} s)", soft_wrap=True)
+    turns = _replay_turns(session, [])
+    if turns is not None:
+        _print_turns(turns, changed=False)
+        if not turns.bit_identical:
+            differ = [str(t.index) for t in turns.turns if not t.bit_identical]
+            raise ReplayDivergence(f"replay of '{path}': turn {', '.join(differ)} differs from the recording")
+        console.print(f"[green]✓[/] all {len(turns.turns)} turns replay bit-identically", soft_wrap=True)
     return report
 
 
@@ -904,7 +973,8 @@ def replay(
     """Replay an incident bundle in the sandbox, optionally with interventions or a fix set.
 
     A model larger than memory: ``--device-map auto --offload-dir DIR`` loads the bundle's model
-    directory with accelerate, as ``record`` does, and replays it from there.
+    directory with accelerate, as ``record`` does, and replays it from there. A conversation
+    bundle (``record --turns``) is also replayed turn by turn, each turn beside its recording.
     """
     from model_forensics.replay import Intervention
     from model_forensics.replay.loading import read_fix_file, recorded_dtype
@@ -935,17 +1005,44 @@ def replay(
             report = session.verify()
     with err.status("replaying…"):
         result = session.run(interventions)
+        turns = _replay_turns(session, interventions)
     call = replayed_call(session, result)  # an agent step: the tool call it would issue (not run)
     if as_json:
         payload = {"verify": report.to_json() if report else None, "recorded_failed": session.recorded_failed}
         extra = {"fix": None if fix is None else str(fix), "agent_call": None if call is None else call.to_json()}
-        console.print_json(json.dumps({**payload, **extra, "run": result.to_json()}))
+        conversation = {} if turns is None else {"turns": turns.to_json()}
+        console.print_json(json.dumps({**payload, **extra, "run": result.to_json(), **conversation}))
         return
     console.print(_replay_table(path, session, result, report, interventions, fix))
+    if turns is not None:
+        _print_turns(turns, changed=bool(interventions))
     if call is not None:
         colour = "bold red" if call.destructive else "green"
         who = "with the fix the agent would issue" if fix is not None else "the replayed agent would issue"
         console.print(f"{who}: [{colour}]{_safe(call)}[/] (replayed, not executed)", soft_wrap=True)
+
+
+def _replay_turns(session: Any, interventions: list[Any]) -> Any:
+    """A conversation bundle's turn-by-turn replay (replay/turns.py); None for one prompt."""
+    from model_forensics.core.conversation import check_conversation
+    from model_forensics.replay.turns import replay_turns
+
+    if check_conversation(session.manifest) is None:
+        return None
+    return replay_turns(session, interventions=interventions)
+
+
+def _print_turns(turns: Any, changed: bool) -> None:
+    """One line a turn: bit-identical to the recording (or what the interventions changed)."""
+    for turn in turns.turns:
+        if turn.bit_identical:
+            verdict = "[green]bit-identical[/] to the recording"
+        else:
+            verdict = "[yellow]changed[/]" if changed else "[red]differs from the recording[/]"
+        line = f"turn {turn.index}: {verdict}: reply “{_clip(turn.reply, 80)}”"
+        if not turn.same_reply:
+            line += f" (recorded “{_clip(turn.recorded.reply, 80)}”)"
+        console.print(line, soft_wrap=True)
 
 
 def _replay_table(
@@ -1916,6 +2013,7 @@ CircuitsEdgeMetricOpt = Annotated[str, typer.Option(help="logprob | logit | logi
 def _circuits_edges(
     fn: Callable[..., Any],
     name: str,
+    *,
     model: str | None,
     bundle: Path | None,
     prompts: Path | None,
@@ -1967,13 +2065,13 @@ def circuits_graph(
     result, written = _circuits_edges(
         dependency_graph,
         "graph",
-        model,
-        bundle,
-        prompts,
-        corrupted,
-        out,
-        figure_format,
-        as_json,
+        model=model,
+        bundle=bundle,
+        prompts=prompts,
+        corrupted=corrupted,
+        out=out,
+        figure_format=figure_format,
+        as_json=as_json,
         metric=metric,
         mlps=mlps,
         confirm=confirm,
@@ -2024,13 +2122,13 @@ def circuits_discover(
     result, written = _circuits_edges(
         discover,
         "circuit",
-        model,
-        bundle,
-        prompts,
-        corrupted,
-        out,
-        figure_format,
-        as_json,
+        model=model,
+        bundle=bundle,
+        prompts=prompts,
+        corrupted=corrupted,
+        out=out,
+        figure_format=figure_format,
+        as_json=as_json,
         metric=metric,
         mlps=mlps,
         ig_steps=ig_steps,
@@ -2068,10 +2166,20 @@ def fix_export(
         Path | None, typer.Option(help="The incident bundle (default: the one the analysis names)")
     ] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model to load instead of the bundle's")] = None,
+    baseline: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--baseline",
+            "-b",
+            help="The baseline bundles analyze was given (default: those the analysis names); mean ablations are "
+            "taken over them and the search part of the analysis' held-out split, as analyze fitted them",
+        ),
+    ] = None,
     full: Annotated[bool, typer.Option("--full", help="Also write the whole edited model (save_pretrained)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the export report as JSON")] = False,
 ) -> None:
     """Write the fix as edited weights where it folds exactly, else as apply_fix.py; plus a model card."""
+    from model_forensics.rca.fitted import fitted_on
     from model_forensics.replay.export import export_fix, read_analysis
 
     interventions, data, named = read_analysis(analysis)
@@ -2080,7 +2188,7 @@ def fix_export(
         raise ForensicsError(f"'{analysis}' names no bundle; pass --bundle DIR")
     _check_exists(path, "bundle", "pass the incident bundle with --bundle")
     session = _open_session(path, model, False)
-    with err.status("exporting and checking the fix against replay…"):
+    with err.status("exporting and checking the fix against replay…"), fitted_on(session, data, baseline):
         result = export_fix(session, interventions, out, analysis=data, full_model=full)
     if as_json:
         console.print_json(json.dumps(result.to_json()))

@@ -15,28 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_forensics import CompressionForensics, RecorderHooks, SandboxReplayer, token_is
+from model_forensics import CompressionForensics, SandboxReplayer
 from model_forensics.rca.compression import AnomalyReport
 
 PERTURBED = "blocks.1.mlp"
 # Sites whose activations do not depend on blocks.1.mlp (they run before it).
 UPSTREAM = ("embed", "blocks.0.", "blocks.1.attn")
-
-
-def _prompts(n: int, seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 50, (1, 8), generator=g) for _ in range(n)]
-
-
-def _record(loaded, ids: torch.Tensor, path: Path, benign: list[torch.Tensor]) -> Path:
-    with torch.no_grad():
-        pred = int(loaded.model(input_ids=ids).logits[0, -1].argmax())
-    with RecorderHooks().install_hooks(loaded.model) as rec, torch.no_grad():
-        loaded.model(input_ids=ids)
-        rec.create_bundle(
-            path, predicate=token_is(pred), extras={"benign": [{"input_ids": b.tolist()} for b in benign]}
-        )
-    return path
 
 
 @contextmanager
@@ -71,25 +55,27 @@ def _outlier_on_incident(session, site: str, strength: float = 20.0) -> Iterator
 
 
 @pytest.fixture(scope="module")
-def reference() -> list[torch.Tensor]:
+def reference(prompts) -> list[torch.Tensor]:
     """30 benign prompts: enough runs for a conformal p-value below α = 4.55 % (≥ 21)."""
-    return _prompts(30, seed=11)
+    return prompts(30, seed=11)
 
 
 @pytest.fixture(scope="module")
-def held_out_reports(tiny, reference, tmp_path_factory: pytest.TempPathFactory) -> list[AnomalyReport]:
+def held_out_reports(
+    tiny, reference, prompts, record_incident, tmp_path_factory: pytest.TempPathFactory
+) -> list[AnomalyReport]:
     """CF on 12 fresh random prompts recorded as incidents, each against the same reference."""
     root = tmp_path_factory.mktemp("cf-held-out")
     reports = []
-    for i, ids in enumerate(_prompts(12, seed=12)):
-        path = _record(tiny["gpt2"], ids, root / f"incident-{i}", reference)
+    for i, ids in enumerate(prompts(12, seed=12)):
+        path = record_incident(tiny["gpt2"], ids, root / f"incident-{i}", reference)
         reports.append(CompressionForensics().analyze(SandboxReplayer().load_bundle(path)))
     return reports
 
 
 @pytest.fixture(scope="module")
-def incident(tiny, reference, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _record(tiny["gpt2"], _prompts(1, seed=13)[0], tmp_path_factory.mktemp("cf") / "incident", reference)
+def incident(tiny, reference, prompts, record_incident, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return record_incident(tiny["gpt2"], prompts(1, seed=13)[0], tmp_path_factory.mktemp("cf") / "incident", reference)
 
 
 def test_benign_held_out_units_are_flagged_at_most_at_the_nominal_rate(held_out_reports) -> None:
@@ -134,8 +120,8 @@ def test_site_with_an_outlier_unit_is_flagged_and_outscores_untouched_sites(inci
         assert a.score == pytest.approx(clean.score(a.site))
 
 
-def test_too_few_baseline_runs_flag_nothing_and_say_so(tiny, tmp_path: Path) -> None:
-    path = _record(tiny["gpt2"], _prompts(1, seed=13)[0], tmp_path / "incident", _prompts(6, seed=11))
+def test_too_few_baseline_runs_flag_nothing_and_say_so(tiny, prompts, record_incident, tmp_path: Path) -> None:
+    path = record_incident(tiny["gpt2"], prompts(1, seed=13)[0], tmp_path / "incident", prompts(6, seed=11))
     session = SandboxReplayer().load_bundle(path)
     with _outlier_on_incident(session, PERTURBED):
         report = CompressionForensics().analyze(session)
@@ -147,9 +133,11 @@ def test_too_few_baseline_runs_flag_nothing_and_say_so(tiny, tmp_path: Path) -> 
     assert any("false-positive rate not measured" in n for n in report.notes)
 
 
-def test_report_measures_its_false_positive_rate_on_held_out_benign_runs(tiny, tmp_path: Path) -> None:
+def test_report_measures_its_false_positive_rate_on_held_out_benign_runs(
+    tiny, prompts, record_incident, tmp_path: Path
+) -> None:
     # 48 runs: each half (24) is large enough to flag at α, so the measurement can see false positives.
-    path = _record(tiny["gpt2"], _prompts(1, seed=13)[0], tmp_path / "incident", _prompts(48, seed=14))
+    path = record_incident(tiny["gpt2"], prompts(1, seed=13)[0], tmp_path / "incident", prompts(48, seed=14))
     report = CompressionForensics().analyze(SandboxReplayer().load_bundle(path))
     assert report.baseline_size == 48
     assert report.false_positive_rate is not None
@@ -157,22 +145,24 @@ def test_report_measures_its_false_positive_rate_on_held_out_benign_runs(tiny, t
     assert report.false_positive_rate <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / n)
 
 
-def test_false_positive_rate_is_not_reported_when_the_measurement_cannot_flag(tiny, tmp_path: Path) -> None:
+def test_false_positive_rate_is_not_reported_when_the_measurement_cannot_flag(
+    tiny, prompts, record_incident, tmp_path: Path
+) -> None:
     # 30 runs: the incident can be flagged (31 ≥ 1/α) but the held-out halves (15) cannot.
-    path = _record(tiny["gpt2"], _prompts(1, seed=13)[0], tmp_path / "incident", _prompts(30, seed=11))
+    path = record_incident(tiny["gpt2"], prompts(1, seed=13)[0], tmp_path / "incident", prompts(30, seed=11))
     report = CompressionForensics().analyze(SandboxReplayer().load_bundle(path))
     half = report.baseline_size // 2
     assert (half + 1) * report.nominal_rate_max < 1  # no held-out p-value can reach α
     assert report.false_positive_rate is None or any("false-positive" in n for n in report.notes)
 
 
-def test_false_positive_rate_is_measured_on_random_halves(tiny, tmp_path: Path) -> None:
+def test_false_positive_rate_is_measured_on_random_halves(tiny, prompts, record_incident, tmp_path: Path) -> None:
     # Benign runs that alternate two kinds (4-token and 16-token prompts): a fixed interleaved
     # split would hold one kind out against the other and flag most units; random halves
     # keep the runs exchangeable, so the measured rate stays near the nominal rate.
     g = torch.Generator().manual_seed(21)
     runs = [torch.randint(0, 50, (1, 4 if i % 2 == 0 else 16), generator=g) for i in range(48)]
-    path = _record(tiny["gpt2"], _prompts(1, seed=13)[0], tmp_path / "incident", runs)
+    path = record_incident(tiny["gpt2"], prompts(1, seed=13)[0], tmp_path / "incident", runs)
     report = CompressionForensics().analyze(SandboxReplayer().load_bundle(path))
     alpha, n = report.nominal_rate_max, 5 * 24 * len(report)  # 5 random halvings × 24 held-out runs × units
     assert report.false_positive_rate is not None

@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from model_forensics import CompressionForensics, RecorderHooks, SandboxReplayer, token_is
+from model_forensics import CompressionForensics, SandboxReplayer
 from model_forensics.core.errors import ConfigError
 from model_forensics.models import zoo
 from model_forensics.rca.candidates import cf_score, forward_order
@@ -43,33 +43,17 @@ def test_planted_units_rank_above_the_other_heads_and_neurons(injection: Path) -
     assert {a.site for a in report.flagged} & truth
 
 
-def _prompts(n: int, seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 50, (1, 8), generator=g) for _ in range(n)]
-
-
-def _record(loaded, ids: torch.Tensor, path: Path, benign: list[torch.Tensor]) -> Path:
-    with torch.no_grad():
-        pred = int(loaded.model(input_ids=ids).logits[0, -1].argmax())
-    with RecorderHooks().install_hooks(loaded.model) as rec, torch.no_grad():
-        loaded.model(input_ids=ids)
-        rec.create_bundle(
-            path, predicate=token_is(pred), extras={"benign": [{"input_ids": b.tolist()} for b in benign]}
-        )
-    return path
-
-
 @pytest.fixture(scope="module")
-def benign_reports(tiny, tmp_path_factory: pytest.TempPathFactory) -> list[AnomalyReport]:
+def benign_reports(tiny, prompts, record_incident, tmp_path_factory: pytest.TempPathFactory) -> list[AnomalyReport]:
     """The relative ranker on 4 random prompts recorded as incidents (exchangeable with the
     48 benign runs, so every flag is a false positive)."""
     root = tmp_path_factory.mktemp("relative-benign")
-    reference = _prompts(48, seed=21)
+    reference = prompts(48, seed=21)
     return [
         CompressionForensics(ranker="relative").analyze(
-            SandboxReplayer().load_bundle(_record(tiny["gpt2"], ids, root / f"incident-{i}", reference))
+            SandboxReplayer().load_bundle(record_incident(tiny["gpt2"], ids, root / f"incident-{i}", reference))
         )
-        for i, ids in enumerate(_prompts(4, seed=22))
+        for i, ids in enumerate(prompts(4, seed=22))
     ]
 
 

@@ -1,3 +1,4 @@
+import copy
 import json
 
 import jsonschema
@@ -10,7 +11,9 @@ IDS = torch.tensor([[1, 5, 9, 3, 7, 2]])
 
 
 def test_cube_metrics_are_per_token_norms_means_stds(tiny, tmp_path) -> None:
-    model = tiny["gpt2"].model
+    # a copy: output_hidden_states=True makes transformers install its capture hooks on the
+    # model for good, which must not leak into the session fixture other tests share
+    model = copy.deepcopy(tiny["gpt2"].model)
     with add_hooks_all(model) as tracer, torch.no_grad():
         out = model(input_ids=IDS, output_hidden_states=True)
         cube = tracer.cube("tiny-gpt2")

@@ -1,3 +1,4 @@
+import copy
 import warnings
 
 import pytest
@@ -19,7 +20,7 @@ def test_layer_granularity_records_resid_attn_mlp_per_block(tiny) -> None:
 
 
 def test_resid_post_equals_hidden_states(tiny) -> None:
-    model = tiny["llama"].model
+    model = copy.deepcopy(tiny["llama"].model)  # output_hidden_states hooks it for good (see _hooks)
     with RecorderHooks(granularity="layer").install_hooks(model) as rec, torch.no_grad():
         out = model(input_ids=IDS, output_hidden_states=True)
     got = rec.recorded()
@@ -28,7 +29,7 @@ def test_resid_post_equals_hidden_states(tiny) -> None:
 
 
 def test_gqa_shapes_and_pattern_is_eager_attention(tiny) -> None:
-    model = tiny["llama"].model  # 4 query heads, 2 KV heads, d_head 8
+    model = copy.deepcopy(tiny["llama"].model)  # 4 query heads, 2 KV heads, d_head 8; a copy (see _hooks)
     with RecorderHooks(granularity="all").install_hooks(model) as rec, torch.no_grad():
         out = model(input_ids=IDS, output_attentions=True)
     got = rec.recorded()
@@ -39,20 +40,40 @@ def test_gqa_shapes_and_pattern_is_eager_attention(tiny) -> None:
     assert torch.equal(got["blocks.1.attn.pattern"], out.attentions[1])
 
 
+def _hooks(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every forward (pre-)hook handle on the model, by module. A recording must leave exactly
+    the hooks it found: a model may carry hooks of its own, e.g. the inert output-capture hooks
+    transformers installs for good the first time a model is called with output_hidden_states."""
+    return {name: (*m._forward_hooks, *m._forward_pre_hooks) for name, m in model.named_modules()}
+
+
 def test_hooks_are_removed_and_model_untouched(tiny) -> None:
     model = tiny["gpt2"].model
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with RecorderHooks(granularity="all").install_hooks(model), torch.no_grad():
+    hooks = _hooks(model)
+    with RecorderHooks(granularity="all").install_hooks(model) as rec, torch.no_grad():
         model(input_ids=IDS)
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+        assert _hooks(model) != hooks  # the recording's own hooks are on
+    assert rec.recorded()
+    assert _hooks(model) == hooks
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_hooks_removed_even_on_exception(tiny) -> None:
     model = tiny["gpt2"].model
+    hooks = _hooks(model)
     with pytest.raises(RuntimeError), RecorderHooks().install_hooks(model):
         raise RuntimeError("boom")
-    assert all(not m._forward_hooks for m in model.modules())
+    assert _hooks(model) == hooks
+
+
+def test_recording_leaves_a_fresh_model_without_hooks(tiny_dirs) -> None:
+    from model_forensics.models.loading import load
+
+    model = load(str(tiny_dirs["gpt2"])).model  # not the shared one: other tests may have hooked it
+    with RecorderHooks(granularity="all").install_hooks(model), torch.no_grad():
+        model(input_ids=IDS)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
 def test_site_selectors_add_sites(tiny) -> None:
@@ -93,7 +114,7 @@ def test_generation_covers_prompt_and_generated_positions(tiny) -> None:
     assert got["blocks.0.resid_post"].shape[1] == n
     assert got["blocks.1.attn.pattern"].shape[-2:] == (n, n)
     with torch.no_grad():
-        full = loaded.model(input_ids=seq[:, :-1], output_hidden_states=True)
+        full = copy.deepcopy(loaded.model)(input_ids=seq[:, :-1], output_hidden_states=True)  # a copy (see _hooks)
     torch.testing.assert_close(got["blocks.0.resid_post"], full.hidden_states[1], atol=1e-5, rtol=1e-5)
 
 
@@ -139,8 +160,6 @@ def test_record_call_logs_and_serves(tmp_path) -> None:
 
 
 def test_weights_hash_follows_in_place_updates(tiny, tmp_path) -> None:
-    import copy
-
     from model_forensics import Bundle
 
     model = copy.deepcopy(tiny["gpt2"].model)  # the session fixture must stay untouched
@@ -167,3 +186,41 @@ def test_calls_logged_before_generate_are_kept(tiny, tmp_path) -> None:
     calls = Bundle.open(rec.create_bundle(tmp_path / "b")).calls()
     rec.remove_hooks()
     assert [c["name"] for c in calls] == ["read_document"]
+
+
+def test_logits_are_kept_without_a_copy_and_match_the_bundle(tiny, tmp_path) -> None:
+    from model_forensics import Bundle
+    from model_forensics.core.sketches import tensor_sha256
+
+    model = tiny["gpt2"].model
+    with RecorderHooks(granularity="layer").install_hooks(model) as rec, torch.no_grad():
+        out = model(input_ids=IDS)
+        assert rec._logits[0].data_ptr() == out.logits.data_ptr()  # the model's own tensor, no clone
+        kept = out.logits.clone()
+        out.logits.clone().mul_(2)  # changing a copy is fine
+        manifest = Bundle.open(rec.create_bundle(tmp_path / "b")).manifest
+    assert manifest["output"]["logits_sha256"] == tensor_sha256(kept)
+
+
+def test_logits_changed_in_place_after_the_forward_are_refused(tiny, tmp_path) -> None:
+    model = tiny["gpt2"].model
+    with RecorderHooks(granularity="layer").install_hooks(model) as rec, torch.no_grad():
+        out = model(input_ids=IDS)
+        out.logits[..., 0] = -1e9  # e.g. banning a token on the model's own output
+        with pytest.raises(ForensicsError, match="changed in place after the recorder kept them"):
+            rec.create_bundle(tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def test_inference_mode_logits_are_copied(tiny, tmp_path) -> None:
+    from model_forensics import Bundle
+    from model_forensics.core.sketches import tensor_sha256
+
+    model = tiny["gpt2"].model
+    with RecorderHooks(granularity="layer").install_hooks(model) as rec:
+        with torch.inference_mode():
+            out = model(input_ids=IDS)  # inference tensors have no version counter to check
+            kept = out.logits.clone()
+            out.logits.mul_(2)
+        manifest = Bundle.open(rec.create_bundle(tmp_path / "b")).manifest
+    assert manifest["output"]["logits_sha256"] == tensor_sha256(kept)

@@ -1,4 +1,4 @@
-"""Incident bundles, format 1.1: a directory (or the same files zipped, ``*.mfb.zip``).
+"""Incident bundles, format 1.2: a directory (or the same files zipped, ``*.mfb.zip``).
 
 ::
 
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import hashlib
 import json
@@ -47,19 +48,22 @@ import shutil
 import stat
 import struct
 import tempfile
+import weakref
 import zipfile
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import jsonschema
+import numpy as np
 import torch
 from safetensors.torch import save_file as _safetensors_save_file
 
-from model_forensics.core import keys, sketches
+from model_forensics.core import conversation, keys, sketches
 from model_forensics.core.config import BundleConfig
 from model_forensics.core.errors import BundleError, SandboxViolation
 from model_forensics.core.files import shared_mode
@@ -115,13 +119,14 @@ __all__ = [
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, hashed from a read-only map in one call (hashlib releases
-    the GIL for it, so several files hash in parallel threads)."""
-    with path.open("rb") as fh:
-        if os.fstat(fh.fileno()).st_size == 0:
-            return hashlib.sha256().hexdigest()
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return hashlib.sha256(mapped).hexdigest()
+    """sha256 of a file's bytes, read in 1 MiB pieces into one buffer (hashlib and the
+    reads release the GIL, so several files hash in parallel threads)."""
+    digest = hashlib.sha256()
+    view = memoryview(bytearray(1024 * 1024))
+    with path.open("rb", buffering=0) as fh:
+        while done := fh.readinto(view):
+            digest.update(view[:done])
+    return digest.hexdigest()
 
 
 def canonical_json(value: Any) -> bytes:
@@ -476,42 +481,55 @@ def _write_files(tmp: Path, contents: BundleContents) -> dict[str, Any]:
     a time from a :class:`SiteSource` (a recorder's spool), so the writer holds one site in
     memory. Nothing is read back. The bytes are those safetensors' ``save_file`` writes
     (tests/core/test_bundle_io_identity.py compares them).
+
+    The disk waits overlap instead of adding up: inputs and outputs are written (and
+    fsynced) in background threads while the activations are written, and each later file
+    is fsynced in the background as soon as it is written. Every fsync has returned before
+    this returns, so the staging directory is as durable as when each file was fsynced in
+    turn before the next was written.
     """
     manifest = dict(contents.manifest)
     source = contents.activations
     if not isinstance(source, SiteSource):
         source = TensorSites(list(manifest["sites"]), source)
-    files: dict[str, Any] = {}
-    files["inputs.safetensors"] = _save_tensors(contents.inputs, tmp / "inputs.safetensors")
-    files["outputs.safetensors"] = _save_tensors(contents.outputs, tmp / "outputs.safetensors")
-    written = _save_sites(source, tmp / "activations.safetensors")
-    files["activations.safetensors"] = written.describe()
-    files["cube.json"] = _write_bytes(tmp / "cube.json", json.dumps(contents.cube or {}, allow_nan=False).encode())
-    calls = "".join(json.dumps(c, sort_keys=True, allow_nan=False) + "\n" for c in contents.calls or [])
-    files["calls.jsonl"] = _write_bytes(tmp / "calls.jsonl", calls.encode())
-    owners = entries_by_site(manifest["sites"], written.entries)
-    manifest["sites"] = {
-        site: _site_digests(site, info, owners[site], written, source) for site, info in manifest["sites"].items()
-    }
-    manifest["files"] = {name: files[name] for name in DATA_FILES}
-    validate_format(manifest, "the manifest of the bundle being written")
-    text = json.dumps(manifest, indent=1, allow_nan=False)
-    _write_bytes(tmp / MANIFEST, text.encode())
+    with ThreadPoolExecutor(max_workers=len(DATA_FILES) + 1, thread_name_prefix="bundle-fsync") as background:
+        inputs = background.submit(_save_tensors, contents.inputs, tmp / "inputs.safetensors")
+        outputs = background.submit(_save_tensors, contents.outputs, tmp / "outputs.safetensors")
+        syncs = []
+        written = _save_sites(source, tmp / "activations.safetensors")
+        syncs.append(background.submit(_fsync_file, tmp / "activations.safetensors"))
+        files = {"activations.safetensors": written.describe()}
+        cube = json.dumps(contents.cube or {}, allow_nan=False).encode()
+        files["cube.json"] = _write_bytes(tmp / "cube.json", cube, sync=False)
+        syncs.append(background.submit(_fsync_file, tmp / "cube.json"))
+        calls = "".join(json.dumps(c, sort_keys=True, allow_nan=False) + "\n" for c in contents.calls or [])
+        files["calls.jsonl"] = _write_bytes(tmp / "calls.jsonl", calls.encode(), sync=False)
+        syncs.append(background.submit(_fsync_file, tmp / "calls.jsonl"))
+        files["inputs.safetensors"], files["outputs.safetensors"] = inputs.result(), outputs.result()
+        owners = entries_by_site(manifest["sites"], written.entries)
+        manifest["sites"] = {
+            site: _site_digests(site, info, owners[site], written) for site, info in manifest["sites"].items()
+        }
+        manifest["files"] = {name: files[name] for name in DATA_FILES}
+        validate_format(manifest, "the manifest of the bundle being written")
+        text = json.dumps(manifest, indent=1, allow_nan=False)
+        _write_bytes(tmp / MANIFEST, text.encode(), sync=False)
+        syncs.append(background.submit(_fsync_file, tmp / MANIFEST))
+        for sync in syncs:
+            sync.result()  # raises the OSError of a failed fsync (a full disk)
     return dict(json.loads(text))
 
 
-def _site_digests(
-    site: str, info: dict[str, Any], names: list[str], written: _Written, source: SiteSource
-) -> dict[str, Any]:
+def _site_digests(site: str, info: dict[str, Any], names: list[str], written: _Written) -> dict[str, Any]:
     """A site's table entry with ``stored_sha256`` derived from the digests of its entries
-    ``names``, and its exact ``sha256`` when left to the writer: the source's, or a ``full``
-    site's entry digest."""
+    ``names``, and its exact ``sha256`` when left to the writer: the digest of the exact
+    tensor the source handed over, or a ``full`` site's entry digest."""
     out = {**info, "stored_sha256": entries_sha256([(n, *written.specs[n], written.entries[n]) for n in names])}
     if info.get("sha256") is None:
-        exact = source.sha256(site)
+        exact = written.exact.get(site)
         if exact is None and info["sketch"] == "full" and site in written.entries:
-            exact = written.entries[site].hex()
-        out["sha256"] = exact
+            exact = written.entries[site]
+        out["sha256"] = exact.hex() if exact is not None else None
     return out
 
 
@@ -519,13 +537,22 @@ def _hash_threads() -> int:
     return max(2, min(4, os.cpu_count() or 2))
 
 
-def _write_bytes(file: Path, data: bytes) -> dict[str, Any]:
-    """Write, fsync and describe (sha256 + size) one small file."""
+def _write_bytes(file: Path, data: bytes, sync: bool = True) -> dict[str, Any]:
+    """Write, fsync (unless the caller does, ``sync=False``) and describe (sha256 + size)
+    one small file."""
     with file.open("wb") as fh:
         fh.write(data)
         fh.flush()
-        os.fsync(fh.fileno())
+        if sync:
+            os.fsync(fh.fileno())
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def _fsync_file(file: Path) -> None:
+    """fsync a file written and closed by this process (Linux reports a writeback error
+    that nobody has seen to the next fsync of the file, whichever descriptor it uses)."""
+    with file.open("rb") as fh:
+        os.fsync(fh.fileno())
 
 
 # -- sources of activations ----------------------------------------------------------------------
@@ -537,20 +564,18 @@ class SiteSource(Protocol):
     """Sketch-encoded activations, one site at a time: what :func:`write_bundle` streams
     into ``activations.safetensors`` without holding every site in memory.
 
-    ``specs(site)`` gives the entries ``entries(site)`` will return (name → dtype, shape),
-    before anything is loaded; ``entries(site)`` loads and encodes that site now;
-    ``sha256(site)``, asked after ``entries(site)``, is the exact tensor's sha256 when the
-    source computed it (None: the manifest has it, or the writer derives it from the entry
-    of a ``full`` site).
+    ``specs(site)`` gives the entries ``load(site)`` will return (name → dtype, shape),
+    before anything is loaded; ``load(site)`` loads and encodes that site now and returns
+    its entries and its exact tensor when the writer is to hash that for the manifest's
+    ``sha256`` (None: the manifest has it, or it is a ``full`` site, whose entry digest is
+    that sha256). The writer calls ``load`` from its thread pool, a few sites at once.
     """
 
     def sites(self) -> list[str]: ...
 
     def specs(self, site: str) -> dict[str, Spec]: ...
 
-    def entries(self, site: str) -> dict[str, torch.Tensor]: ...
-
-    def sha256(self, site: str) -> str | None: ...
+    def load(self, site: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]: ...
 
 
 class TensorSites:
@@ -571,11 +596,8 @@ class TensorSites:
     def specs(self, site: str) -> dict[str, Spec]:
         return {n: (self._tensors[n].dtype, tuple(self._tensors[n].shape)) for n in self._groups[site]}
 
-    def entries(self, site: str) -> dict[str, torch.Tensor]:
-        return {n: self._tensors[n] for n in self._groups[site]}
-
-    def sha256(self, site: str) -> str | None:
-        return None
+    def load(self, site: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        return {n: self._tensors[n] for n in self._groups[site]}, None
 
 
 # -- digests (format 1.2: each byte hashed once) -------------------------------------------------
@@ -606,12 +628,14 @@ def entries_sha256(entries: list[tuple[str, torch.dtype | str, Any, bytes]]) -> 
 @dataclass
 class _Written:
     """What one safetensors file was written with: its size, the sha256 of its header and
-    of every entry (raw 32 bytes, in file order), and every entry's dtype and shape."""
+    of every entry (raw 32 bytes, in file order), every entry's dtype and shape, and the
+    sha256 of the exact tensor of each site whose source handed one over."""
 
     size: int
     header: bytes
     entries: dict[str, bytes]
     specs: dict[str, Spec]
+    exact: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def digest(self) -> str:
@@ -640,7 +664,7 @@ _ST_RANK = {
     code: rank for rank, code in enumerate(("BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64"))
 }
 _PLAIN_NAME = re.compile(r"^[\x20-\x7e]*$")
-_WINDOW_BYTES = 64 * 1024 * 1024  # written bytes whose hashing may lag behind the writes
+_WINDOW_BYTES = 64 * 1024 * 1024  # encoded sites (bytes) that may wait to be written
 
 
 def safetensors_layout(specs: dict[str, Spec]) -> tuple[bytes, dict[str, tuple[int, int]]]:
@@ -686,14 +710,22 @@ def _save_sites(source: SiteSource, file: Path) -> _Written:
     memory at a time; returns what was written."""
 
     def write() -> _Written:
-        specs = {name: spec for site in source.sites() for name, spec in source.specs(site).items()}
+        by_site = {site: source.specs(site) for site in source.sites()}
+        specs = {name: spec for entries in by_site.values() for name, spec in entries.items()}
         try:
             prefix, spans = safetensors_layout(specs)
         except ValueError:  # names the fast layout does not cover: safetensors writes them
-            tensors = {k: v for site in source.sites() for k, v in source.entries(site).items()}
+            tensors: dict[str, torch.Tensor] = {}
+            exact: dict[str, bytes] = {}
+            for site in source.sites():
+                entries, tensor = source.load(site)
+                if tensor is not None:
+                    exact[site] = _sha256(sketches.tensor_bytes(tensor))
+                tensors.update(entries)
             _safetensors_save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(file))
-            return _hash_written(file)
-        return _write_entries(file, prefix, spans, specs, (source.entries(site) for site in source.sites()))
+            return dataclasses.replace(_hash_written(file), exact=exact)
+        sites = ((site, partial(source.load, site), _nbytes(by_site[site])) for site in by_site)
+        return _write_entries(file, prefix, spans, specs, sites, sync=False)
 
     return _os_errors(file, write)
 
@@ -725,45 +757,91 @@ def _hash_written(file: Path) -> _Written:
         return _Written(
             mapped.layout.size,
             header.result(),
-            {name: future.result() for name, future in entries.items()},
+            entries(),
             {n: (getattr(torch, d), tuple(s)) for n, (d, s, _b, _e) in mapped.layout.entries.items()},
         )
 
 
+Load = Callable[[], tuple[dict[str, torch.Tensor], torch.Tensor | None]]
+"""What loads and encodes one site for :func:`_write_entries`: its entries, and its exact
+tensor to hash (None: none to hash)."""
+
+
+@dataclass
+class _Prepared:
+    """One site, encoded and hashed, waiting to be written: each entry's bytes and sha256,
+    and the sha256 of the exact tensor (None: none was handed over)."""
+
+    data: dict[str, Any]
+    sums: dict[str, bytes]
+    exact: bytes | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(chunk.nbytes for chunk in self.data.values())
+
+
 def _write_entries(
-    file: Path, prefix: bytes, spans: dict[str, tuple[int, int]], specs: dict[str, Spec], groups: Iterator[Any]
+    file: Path,
+    prefix: bytes,
+    spans: dict[str, tuple[int, int]],
+    specs: dict[str, Spec],
+    sites: Iterator[tuple[str, Load, int]],
+    sync: bool = True,
 ) -> _Written:
-    """Write a safetensors file whose header is ``prefix``: each group of entries (one
-    site) is written at its byte ranges as it comes, and hashed in a thread pool while the
-    next is written; at most ``_WINDOW_BYTES`` of written data wait for their hash."""
+    """Write a safetensors file whose header is ``prefix``, site by site in order (each
+    ``sites`` item: the site, what loads it, the bytes of its entries). Each site is loaded, encoded and hashed (its entries and its exact tensor) in one task of a
+    thread pool, a few sites ahead of the one being written: one thread reads a site's
+    bytes while they are in its cache, and the sites spread over the cores. At most about
+    ``_WINDOW_BYTES`` of encoded sites wait to be written. fsynced unless the caller does it
+    (``sync=False``)."""
     start = len(prefix)
-    digests: dict[str, Future[bytes]] = {}
-    pending: list[tuple[Future[bytes], int]] = []
-    waiting = 0
+    entry_sums: dict[str, bytes] = {}
+    exact: dict[str, bytes] = {}  # site → sha256 of its exact tensor
+
+    def prepare(load: Load) -> _Prepared:
+        entries, tensor = load()
+        data = {name: _checked_bytes(name, t, specs, spans) for name, t in entries.items()}
+        sums = {name: _sha256(chunk) for name, chunk in data.items()}
+        return _Prepared(data, sums, None if tensor is None else _sha256(sketches.tensor_bytes(tensor)))
+
+    def write(site: str, prepared: _Prepared) -> None:
+        for name, chunk in prepared.data.items():
+            _pwrite(fh.fileno(), chunk, start + spans[name][0])
+        entry_sums.update(prepared.sums)
+        if prepared.exact is not None:
+            exact[site] = prepared.exact
+
     with (
-        ThreadPoolExecutor(max_workers=_hash_threads(), thread_name_prefix="bundle-hash") as pool,
+        ThreadPoolExecutor(max_workers=_hash_threads(), thread_name_prefix="bundle-encode") as pool,
         file.open("wb") as fh,
     ):
         header = pool.submit(_sha256, prefix)
         _pwrite(fh.fileno(), prefix, 0)
-        for group in groups:
-            for name, tensor in group.items():
-                data = _checked_bytes(name, tensor, specs, spans)
-                _pwrite(fh.fileno(), data, start + spans[name][0])
-                digests[name] = pool.submit(_sha256, data)  # the future holds ``data`` until hashed
-                pending.append((digests[name], data.nbytes))
-                waiting += data.nbytes
-            while waiting > _WINDOW_BYTES and pending:
-                future, nbytes = pending.pop(0)
-                future.result()
-                waiting -= nbytes
-        missing = set(spans) - set(digests)
+        ahead: deque[tuple[str, Future[_Prepared], int]] = deque()  # (site, its task, its bytes)
+        waiting = 0
+        for site, load, nbytes in sites:
+            while ahead and (len(ahead) > _hash_threads() or waiting + nbytes > _WINDOW_BYTES):
+                done, future, size = ahead.popleft()
+                write(done, future.result())
+                waiting -= size
+            ahead.append((site, pool.submit(prepare, load), nbytes))
+            waiting += nbytes
+        while ahead:
+            done, future, _size = ahead.popleft()
+            write(done, future.result())
+        missing = set(spans) - set(entry_sums)
         if missing:
             raise ValueError(f"the site source gave no data for the entries {sorted(missing)[:4]}")
         size = start + (max(end for _b, end in spans.values()) if spans else 0)
         fh.truncate(size)
-        os.fsync(fh.fileno())
-        return _Written(size, header.result(), {n: digests[n].result() for n in spans}, specs)
+        if sync:
+            os.fsync(fh.fileno())
+        return _Written(size, header.result(), {n: entry_sums[n] for n in spans}, specs, exact)
+
+
+def _nbytes(specs: dict[str, Spec]) -> int:
+    return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for dtype, shape in specs.values())
 
 
 def _checked_bytes(name: str, tensor: torch.Tensor, specs: dict[str, Spec], spans: dict[str, Any]) -> Any:
@@ -779,6 +857,16 @@ def _checked_bytes(name: str, tensor: torch.Tensor, specs: dict[str, Spec], span
 
 def _sha256(data: Any) -> bytes:
     return hashlib.sha256(data).digest()
+
+
+def _sha256_each(chunks: list[Any]) -> list[bytes]:
+    """The sha256 of each buffer, in one task (small entries would cost more as a task
+    each than their hashing)."""
+    return [_sha256(chunk) for chunk in chunks]
+
+
+_BATCH_BYTES = 4 * 1024 * 1024  # a verifying hash task takes consecutive entries up to this many bytes
+_READ_BYTES = 8 * 1024 * 1024  # entries up to this size are read into a buffer to be hashed
 
 
 def _pwrite(fd: int, data: Any, offset: int) -> None:
@@ -800,7 +888,7 @@ def save_file(tensors: dict[str, torch.Tensor], filename: str) -> dict[str, Any]
     except ValueError:
         _safetensors_save_file(tensors, filename)
         return None
-    return _write_entries(file, prefix, spans, specs, iter([tensors])).describe()
+    return _write_entries(file, prefix, spans, specs, iter([("", lambda: (tensors, None), 0)])).describe()
 
 
 def pack_bundle(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
@@ -933,6 +1021,7 @@ class Bundle:
             manifest = check_manifest(
                 parse_json(_read_capped(root / MANIFEST, limits.max_manifest_mb, src), MANIFEST, limits), limits
             )
+            conversation.check_conversation(manifest)  # extras.conversation: typed, on the input's token axis
         except BaseException:
             if cleanup is not None:
                 cleanup.cleanup()
@@ -953,6 +1042,10 @@ class Bundle:
             return self._verify_files(pool)
 
     def _verify_files(self, pool: ThreadPoolExecutor) -> list[str]:
+        return self._start_verify_files(pool)()
+
+    def _start_verify_files(self, pool: ThreadPoolExecutor) -> Callable[[], list[str]]:
+        """Start hashing every data file in ``pool``; returns what waits for the problems."""
         table = self.manifest["files"]
         found: dict[str, str | Callable[[], str]] = {}  # a problem, or the digest being computed
         for name in DATA_FILES:
@@ -968,12 +1061,16 @@ class Bundle:
                 found[name] = self._entries_digest(name, pool)
             else:
                 found[name] = pool.submit(file_sha256, file).result
-        problems = []
-        for name, result in found.items():
-            if isinstance(result, str):
-                problems.append(result)
-            elif (digest := result()) != table[name]["sha256"]:
-                problems.append(digest if digest.startswith(name) else f"{name} sha256 differs from the manifest")
+
+        def problems() -> list[str]:
+            out = []
+            for name, result in found.items():
+                if isinstance(result, str):
+                    out.append(result)
+                elif (digest := result()) != table[name]["sha256"]:
+                    out.append(digest if digest.startswith(name) else f"{name} sha256 differs from the manifest")
+            return out
+
         return problems
 
     def _entries_digest(self, name: str, pool: ThreadPoolExecutor) -> Callable[[], str]:
@@ -987,7 +1084,7 @@ class Bundle:
             return lambda: problem
 
         def digest() -> str:
-            sums = {entry: future.result() for entry, future in entries.items()}
+            sums = entries()
             self._entry_sums[name] = sums
             return entries_digest(header.result(), list(sums.values()))
 
@@ -1087,14 +1184,22 @@ class Bundle:
         recorded output. Returns the problems found (empty: the bundle is consistent).
 
         One pass over the bytes: the files are mapped afresh, and every file's sha256 and
-        every site's digests are computed side by side in threads, straight from the maps."""
+        every site's digests are computed side by side in threads. Meanwhile the checks that
+        need no digest (tables, cube, calls, verdict) run here; what they find is reported
+        only if every file matches the manifest (otherwise the checksum problems alone are)."""
         self._maps.clear()
         self._owners = None
         self._entry_sums = {}
         by_entry = self.manifest["files"].get("activations.safetensors", {}).get("digest") == ENTRY_DIGEST
         with ThreadPoolExecutor(max_workers=_hash_threads(), thread_name_prefix="bundle-verify") as pool:
             sites = {} if by_entry or self._sites_by_entry else self._hash_sites(pool)
-            problems = self._verify_files(pool)
+            hashed = self._start_verify_files(pool)
+            tables = [
+                _checked_now(partial(self._check_table, name, table))
+                for name, table in (("inputs.safetensors", "input"), ("outputs.safetensors", "output"))
+            ]
+            rest = [_checked_now(check) for check in (self._check_cube, self._check_calls, self._check_verdict)]
+            problems = hashed()
             if problems or (self._sites_by_entry and not by_entry):
                 self._digests = {}  # _check_site hashes each site itself
             elif by_entry:
@@ -1103,13 +1208,12 @@ class Bundle:
                 self._digests = {site: future.result() for site, future in sites.items()}
         if problems:
             return problems
-        for name, table in (("inputs.safetensors", "input"), ("outputs.safetensors", "output")):
-            problems += _guard(lambda n=name, t=table: self._check_table(n, t))
+        for found in tables:
+            problems += found()
         for site in self.sites:
             problems += _guard(lambda s=site: self._check_site(s))
-        problems += _guard(self._check_cube)
-        problems += _guard(self._check_calls)
-        problems += _guard(self._check_verdict)
+        for found in rest:
+            problems += found()
         return problems
 
     def _check_table(self, name: str, table: str) -> list[str]:
@@ -1164,8 +1268,8 @@ class Bundle:
         stored, exact = self._digests.get(site) or (stored_sha256(entries, self._sites_by_entry), None)
         if "stored_sha256" in info and stored != info["stored_sha256"]:
             return [f"site {_show(site)}: stored sketch sha256 differs from the manifest"]
-        tensor = _decode(site, entries, info)
-        if info["sketch"] == "full" and (exact or sketches.tensor_sha256(tensor)) != info["sha256"]:
+        _check_decodable(site, entries, info, self._mapped("activations.safetensors").int64_ranges)
+        if info["sketch"] == "full" and (exact or sketches.tensor_sha256(entries[site])) != info["sha256"]:
             return [f"site {_show(site)}: tensor sha256 differs from the manifest"]
         return []
 
@@ -1263,6 +1367,21 @@ def _guard(check: Any) -> list[str]:
         return list(check())
     except BundleError as exc:
         return [str(exc)]
+
+
+def _checked_now(check: Callable[[], list[str]]) -> Callable[[], list[str]]:
+    """Run ``check`` now (its BundleError a problem, see :func:`_guard`) and return what
+    gives its problems later; anything else it raised is raised then, not now."""
+    try:
+        found = _guard(check)
+    except Exception as exc:  # a bug, not a problem of the bundle: raised when asked for
+        error = exc
+
+        def again() -> list[str]:
+            raise error
+
+        return again
+    return lambda: found
 
 
 def _read_capped(file: Path, cap_mb: float, src: Path) -> bytes:
@@ -1373,7 +1492,9 @@ def _check_header(file: Path) -> _Layout:
 
 class _MappedFile:
     """A checked safetensors file mapped copy-on-write: tensors are views of the map (no
-    copy; writing to one changes only this process's pages, never the file)."""
+    copy; writing to one changes only this process's pages, never the file). The file
+    stays open while the map lives: entries are hashed from it with ``pread`` (see
+    :meth:`entry_digests`)."""
 
     def __init__(self, file: Path):
         self.name = file.name
@@ -1381,8 +1502,11 @@ class _MappedFile:
         try:
             with file.open("rb") as fh:
                 self.map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if self.layout.size else None
+                self._fd = os.dup(fh.fileno())
         except (OSError, ValueError) as exc:
             raise BundleError(f"cannot read {file.name}: {exc}") from None
+        weakref.finalize(self, os.close, self._fd)
+        self.int64_ranges: dict[str, tuple[int, int]] = {}  # filled while hashing (see _hash_entries)
         if (len(self.map) if self.map is not None else 0) != self.layout.size:
             raise BundleError(f"{file.name} changed while it was read; open the bundle again")
 
@@ -1405,11 +1529,58 @@ class _MappedFile:
     def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
         return {name: self.tensor(name) for name in names}
 
-    def entry_digests(self, pool: ThreadPoolExecutor) -> tuple[Future[bytes], dict[str, Future[bytes]]]:
-        """The sha256 of the header bytes and of every entry's bytes (raw 32 bytes, in the
-        header's order), hashing in ``pool`` straight from the map."""
+    def entry_digests(self, pool: ThreadPoolExecutor) -> tuple[Future[bytes], Callable[[], dict[str, bytes]]]:
+        """Start hashing the header bytes and every entry's bytes in ``pool``: entries in
+        file order, batched into tasks of about ``_BATCH_BYTES`` (see :meth:`_hash_entries`).
+        Returns the header's future and what waits for the entry digests (raw 32 bytes
+        each, in the header's order)."""
         head = memoryview(self.map)[: self.layout.data_start] if self.map is not None else memoryview(b"")
-        return pool.submit(_sha256, head), {name: pool.submit(_sha256, self.span(name)) for name in self.layout.entries}
+        header = pool.submit(_sha256, head)
+        entries = self.layout.entries
+        batches: list[tuple[list[str], Future[list[bytes]]]] = []
+        batch: list[str] = []
+        size = 0
+        for name in sorted(entries, key=lambda n: entries[n][2]):
+            batch.append(name)
+            size += entries[name][3] - entries[name][2]
+            if size >= _BATCH_BYTES:
+                batches.append((batch, pool.submit(self._hash_entries, batch)))
+                batch, size = [], 0
+        if batch:
+            batches.append((batch, pool.submit(self._hash_entries, batch)))
+
+        def digests() -> dict[str, bytes]:
+            sums = {n: d for names, future in batches for n, d in zip(names, future.result(), strict=True)}
+            return {name: sums[name] for name in entries}
+
+        return header, digests
+
+    def _hash_entries(self, names: list[str]) -> list[bytes]:
+        """The sha256 of each entry, read with ``pread`` into one buffer (a few MiB at most,
+        reused) and hashed there: faster than hashing the map, whose pages the CPU walks one
+        by one, where the kernel copies from the page cache through its own large pages.
+        An entry over ``_READ_BYTES`` is hashed from the map. A file cut short since it was
+        opened hashes what is left, so its digest differs from the manifest's. The range
+        (min, max) of each int64 entry read is kept in ``int64_ranges`` while its bytes are in
+        the cache (top-k indices are range-checked from it, not read again)."""
+        spans = [self.layout.entries[name][2:] for name in names]
+        largest = max((end - begin for begin, end in spans), default=0)
+        view = memoryview(bytearray(min(largest, _READ_BYTES)))
+        out = []
+        for name, (begin, end) in zip(names, spans, strict=True):
+            if end - begin > len(view):
+                out.append(_sha256(self.span(name)))
+                continue
+            piece, got = view[: end - begin], 0
+            while got < piece.nbytes and (
+                done := os.preadv(self._fd, [piece[got:]], self.layout.data_start + begin + got)
+            ):
+                got += done
+            out.append(_sha256(piece[:got]))
+            if self.layout.entries[name][0] == "int64" and got == piece.nbytes and got:
+                values = np.frombuffer(piece, dtype=np.int64)
+                self.int64_ranges[name] = (int(values.min()), int(values.max()))
+        return out
 
     def site_digests(self, site: str, names: list[str], full: bool) -> tuple[str, str | None]:
         """(``stored_sha256`` of the site's entries, sha256 of its exact tensor when the
@@ -1443,6 +1614,22 @@ def _is_count(value: Any) -> bool:
 
 def _decode(site: str, entries: dict[str, torch.Tensor], info: dict[str, Any]) -> torch.Tensor:
     """Decode one site, checking the stored parts against the declared shape first."""
+    _check_decodable(site, entries, info)
+    return sketches.decode(site, entries, info["sketch"], tuple(info["shape"]), getattr(torch, info["dtype"]))
+
+
+def _check_decodable(
+    site: str, entries: dict[str, torch.Tensor], info: dict[str, Any], ranges: dict[str, tuple[int, int]] | None = None
+) -> None:
+    """Check that one site's stored parts decode to its declared shape and dtype: the
+    entries each sketch needs, no others, with their dtypes and shapes, and top-k indices
+    inside the shape (from ``ranges``, the (min, max) of int64 entries seen while hashing,
+    where it has them). :func:`sketches.decode` of entries that pass cannot fail and gives a
+    tensor of exactly that shape and dtype, so verification checks without decoding.
+
+    Raises:
+        BundleError: saying what does not match.
+    """
     shape, dtype, sketch = tuple(info["shape"]), getattr(torch, info["dtype"]), info["sketch"]
     numel = math.prod(shape)
     bad = f"site {_show(site)}: the stored {sketch} sketch does not match the declared shape {list(shape)[:8]}"
@@ -1463,9 +1650,13 @@ def _decode(site: str, entries: dict[str, torch.Tensor], info: dict[str, Any]) -
             raise BundleError(bad)
         if values.shape != idx.shape or values.dtype != dtype:
             raise BundleError(bad)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
-            raise BundleError(f"site {_show(site)}: top-k indices fall outside the declared shape {list(shape)[:8]}")
-    return sketches.decode(site, entries, sketch, shape, dtype)
+        if idx.numel():
+            known = (ranges or {}).get(f"{site}::indices")
+            low, high = known if known is not None else map(int, torch.aminmax(idx))  # one pass
+            if low < 0 or high >= numel:
+                raise BundleError(
+                    f"site {_show(site)}: top-k indices fall outside the declared shape {list(shape)[:8]}"
+                )
 
 
 def _safe_extract(archive: Path, dest: Path, limits: BundleConfig) -> None:

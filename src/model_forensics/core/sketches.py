@@ -15,6 +15,7 @@ import hashlib
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 SKETCHES = ("full", "fp16", "int8", "topk")
@@ -79,14 +80,35 @@ def encode(name: str, tensor: torch.Tensor, sketch: str, compression_ratio: floa
     if sketch == "int8":
         x = t.float()
         scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # (..., 1)
-        q = torch.round(x / scale * 127).to(torch.int8)
-        return {name: q, f"{name}::scale": scale.contiguous()}
+        q = x / scale  # round(x / s · 127), in place: the same operations, one temporary
+        q.mul_(127).round_()
+        return {name: q.to(torch.int8), f"{name}::scale": scale.contiguous()}
     if sketch == "topk":
         flat = t.reshape(-1)
         k = topk_count(flat.numel(), compression_ratio)
-        indices = flat.abs().float().topk(k).indices.sort().values
+        indices = largest_indices(flat.abs().float(), k)
         return {f"{name}::indices": indices.to(torch.int64), f"{name}::values": flat[indices].contiguous()}
     raise ValueError(f"unknown sketch '{sketch}'; use one of {SKETCHES}")
+
+
+def largest_indices(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """The flat indices (int64, ascending) of the ``k`` largest entries of a 1-D float
+    tensor: exactly ``magnitude.topk(k).indices.sort().values``.
+
+    One O(n) selection (numpy's introselect) finds the k-th largest value v; when exactly
+    k entries are ≥ v and none is NaN, they are the set topk picks, and their indices come
+    out ascending. Otherwise (ties straddle v, a NaN, a tensor off the CPU) topk itself
+    decides which of the equal entries it keeps, as before."""
+    n = magnitude.numel()
+    if 0 < k <= n and magnitude.device.type == "cpu":
+        values = magnitude.numpy()
+        top = np.partition(values, n - k)[n - k :]  # the k largest, NaN last, v first
+        threshold = top[0]
+        if not np.isnan(top).any():
+            chosen = np.flatnonzero(values >= threshold)
+            if chosen.size == k:
+                return torch.from_numpy(chosen.astype(np.int64, copy=False))
+    return magnitude.topk(k).indices.sort().values
 
 
 def decode(

@@ -169,24 +169,15 @@ class CompressionForensics:
         units = [u for u in incident if all(u in r for r in reference)]
         alpha = math.erfc(self.config.anomaly_threshold / math.sqrt(2))
         anomalies = [self._score(u, incident[u], [r[u] for r in reference], alpha) for u in units]
-        anomalies.sort(key=lambda a: -a.score)
-        notes: list[Note] = []
         needed = math.ceil(1 / alpha) - 1
-        if len(reference) + 1 < 1 / alpha:
-            numbers = {"baselines": len(reference), "min_p_value": 1 / (len(reference) + 1), "alpha": alpha}
-            notes.append(Note("too_few_baselines", {**numbers, "needed": needed}))
-        fpr = _held_out_fpr(reference, units, self.config.anomaly_threshold, alpha)
-        if fpr is None:
-            notes.append(Note("false_positive_rate_not_measured", {"baselines": len(reference), "needed": needed}))
-        return AnomalyReport(
-            anomalies=anomalies,
-            threshold=self.config.anomaly_threshold,
-            baseline_size=len(reference),
-            false_positive_rate=fpr,
-            nominal_rate_per_feature=alpha,
-            nominal_rate_max=alpha,
-            forward_passes=session.forward_passes - before,
-            note_records=notes,
+        return self._report(
+            anomalies,
+            len(reference),
+            _held_out_fpr(reference, units, self.config.anomaly_threshold, alpha),
+            session.forward_passes - before,
+            needed=needed,
+            fpr_runs=len(reference),
+            fpr_needed=needed,
         )
 
     def _relative(self, session: Session, refs: list[Inputs], before: int, progress: Progress) -> AnomalyReport:
@@ -229,25 +220,57 @@ class CompressionForensics:
             )
             for j, unit in enumerate(units)
         ]
+        needed = math.ceil(1 / alpha) - 1
+        # half the benign runs fit the codebooks, so flagging needs twice the calibration runs
+        return self._report(
+            anomalies,
+            len(ref),
+            _loo_fpr(ref, self.config.anomaly_threshold, alpha),
+            session.forward_passes - before,
+            needed=2 * needed,
+            fpr_runs=len(refs),
+            fpr_needed=needed + 1,
+            ranker="relative",
+        )
+
+    def _report(
+        self,
+        anomalies: list[Anomaly],
+        baseline_size: int,
+        fpr: float | None,
+        forward_passes: int,
+        *,
+        needed: int,
+        fpr_runs: int,
+        fpr_needed: int,
+        ranker: str = "features",
+    ) -> AnomalyReport:
+        """The report of either ranker: ``anomalies`` ranked, with the calibration notes.
+
+        Args:
+            baseline_size: the benign runs the incident's p-values are computed against.
+            fpr: the held-out false-positive rate (None: not measurable).
+            needed: benign runs a p-value at α needs (said when ``baseline_size`` is short of it).
+            fpr_runs / fpr_needed: benign runs there are / needed to measure ``fpr`` (said when it is None).
+        """
+        alpha = math.erfc(self.config.anomaly_threshold / math.sqrt(2))
         anomalies.sort(key=lambda a: -a.score)
         notes: list[Note] = []
-        needed = math.ceil(1 / alpha) - 1
-        if len(ref) + 1 < 1 / alpha:
-            numbers = {"baselines": len(ref), "min_p_value": 1 / (len(ref) + 1), "alpha": alpha}
-            notes.append(Note("too_few_baselines", {**numbers, "needed": 2 * needed}))
-        fpr = _loo_fpr(ref, self.config.anomaly_threshold, alpha)
+        if baseline_size + 1 < 1 / alpha:
+            numbers = {"baselines": baseline_size, "min_p_value": 1 / (baseline_size + 1), "alpha": alpha}
+            notes.append(Note("too_few_baselines", {**numbers, "needed": needed}))
         if fpr is None:
-            notes.append(Note("false_positive_rate_not_measured", {"baselines": len(refs), "needed": needed + 1}))
+            notes.append(Note("false_positive_rate_not_measured", {"baselines": fpr_runs, "needed": fpr_needed}))
         return AnomalyReport(
             anomalies=anomalies,
             threshold=self.config.anomaly_threshold,
-            baseline_size=len(ref),
+            baseline_size=baseline_size,
             false_positive_rate=fpr,
             nominal_rate_per_feature=alpha,
             nominal_rate_max=alpha,
-            forward_passes=session.forward_passes - before,
+            forward_passes=forward_passes,
             note_records=notes,
-            ranker="relative",
+            ranker=ranker,
         )
 
     def _score(self, unit: str, value: dict[str, float], reference: list[dict[str, float]], alpha: float) -> Anomaly:

@@ -9,7 +9,10 @@
 3. ``fix_set``: the members' table (rendered by the caller) and how to read it;
    ``held_out``: the fix's figures on the search part and on the held-out part of the
    prompts, side by side (:func:`held_out_rows`; analyses with a held-out split only);
-4. ``tried``: search strategy, guidance, candidates, forward passes by phase;
+   ``conversation``: for a conversation bundle, the turn whose reply fails, the turns the
+   fix acts in, and the turns of the top attributed positions (:func:`conversation_rows`);
+4. ``tried``: search strategy, guidance, candidates, forward passes by phase, the whole-unit
+   set found before narrowing (beside the narrowed one), and which CF ranker ran and why;
 5. ``uncertain``: what the numbers do not cover (side effects unmeasured, threshold not
    reached, units not searched, the search's notes);
 6. ``next``: the commands to run next (replay with the fix, save it, the HTML report).
@@ -67,6 +70,7 @@ def explain(
     return [
         *sections,
         Section("conclusion", "Conclusion", [conclusion(result)]),
+        *_conversation(result),
         Section("fix_set", _fix_title(fix), [_reading_guide(fix)]),
         *_held_out(fix),
         _tried(result),
@@ -95,6 +99,7 @@ def conclusion(result: dict[str, Any]) -> str:
         text += f"; benign answers unchanged on {unchanged} of {n}"
         text += "." if effects["within_bound"] else f", but {_over(effects)}."
     text += _held_out_sentence((fix.get("held_out") or {}).get("held_out"))
+    text += _turn_sentence(result.get("conversation"))
     if not fix["reached_threshold"]:
         text += " This is below the search's threshold: treat it as a partial fix."
     return text
@@ -113,6 +118,74 @@ def _held_out_sentence(held: dict[str, Any] | None) -> str:
             n = int(effects["n_benign"])
             said.append(f"{what} unchanged on {round(float(effects['answers_unchanged']) * n)} of {n}")
     return f" On prompts held out of the search: {', '.join(said)}." if said else ""
+
+
+def _turn_sentence(found: dict[str, Any] | None) -> str:
+    """The conclusion's sentence on a conversation's turns (empty for one prompt)."""
+    if not found:
+        return ""
+    text = f" The failing output is the reply of turn {found['failing_turn']} (of {found['turns']})"
+    if found.get("fix_turns"):
+        turns = found["fix_turns"]
+        text += f"; the fix restricted to turn{'s' if len(turns) > 1 else ''} {_turns(turns)} alone flips it"
+    if found.get("source_turns"):
+        text += f"; it comes from turn {_turns(found['source_turns'])} (patched from the clean counterpart, it passes)"
+    top = found.get("top_positions") or []
+    if top:
+        text += f"; the top attributed position is {_token(top[0])} in turn {top[0]['turn']}"
+    return text + "."
+
+
+def conversation_rows(found: dict[str, Any]) -> list[str]:
+    """What a conversation analysis says by turn, one line each: the failing turn, what the
+    fix does restricted to each turn, the top attributed positions and each turn's share."""
+    rows = [f"failing output: the reply of turn {found['failing_turn']}, the last of {found['turns']} turns"]
+    source = found.get("source_turns")
+    if source is not None:
+        rows.append(
+            "where it comes from: "
+            + (
+                f"turn {_turns(source)} (its embeddings patched from the clean counterpart alone remove the failure)"
+                if source
+                else "no single turn (patching one turn's embeddings from the clean counterpart never removes it)"
+            )
+        )
+    for effect in found.get("fix_effects") or []:
+        verdict = "flips the failure" if effect.get("flipped") else "leaves the failure"
+        rows.append(
+            f"fix restricted to turn {effect['index']}'s positions: {verdict} (reply {_quote(effect['reply'])})"
+        )
+    for top in found.get("top_positions") or []:
+        rows.append(
+            f"attributed position {top['position']} {_token(top)} ({top['unit']}): turn {top['turn']}, "
+            f"score {float(top['score']):.3g}"
+        )
+    shares = found.get("turn_shares") or {}
+    if shares:
+        rows.append(
+            "share of the embedding attribution by turn: "
+            + ", ".join(f"turn {t} {float(v):.0%}" for t, v in shares.items())
+        )
+    return rows
+
+
+def _conversation(result: dict[str, Any]) -> list[Section]:
+    found = result.get("conversation")
+    if not found:
+        return []
+    paragraph = (
+        "Each turn's positions tried alone: the fix restricted to one turn at a time, and the prompt "
+        "positions whose ablation attribution ranks highest, with the turn that holds them."
+    )
+    return [Section("conversation", "Conversation turns", [paragraph], items=conversation_rows(found))]
+
+
+def _turns(turns: list[int]) -> str:
+    return " and ".join(str(t) for t in turns)
+
+
+def _token(top: dict[str, Any]) -> str:
+    return _quote(top["token"]) if top.get("token") is not None else f"at {top['position']}"
 
 
 def _incident(result: dict[str, Any]) -> Section:
@@ -256,8 +329,50 @@ def _tried(result: dict[str, Any]) -> Section:
         f"variants. {result['forward_passes']} forward passes in {result['seconds']:.1f} s"
         + (f" (by phase: {phases})." if phases else ".")
     )
+    paragraphs = [paragraph, *_before_narrowing(fix), *_ranker_paragraph(result)]
     # what the search did, as it recorded it
-    return Section("tried", "What was tried", [paragraph], items=[str(n) for n in fix.get("notes", [])])
+    return Section("tried", "What was tried", paragraphs, items=[str(n) for n in fix.get("notes", [])])
+
+
+def _before_narrowing(fix: dict[str, Any]) -> list[str]:
+    """The whole-unit set the search found before narrowing, beside the narrowed one."""
+    whole = fix.get("units_before_narrowing") or []
+    if not whole:
+        return []
+    narrowed = ", ".join(m["unit"] for m in fix["members"]) or "(none)"
+    return [
+        f"Before narrowing, the search's fix was {len(whole)} whole unit{'s' if len(whole) != 1 else ''} "
+        f"({', '.join(whole)}); narrowing replaced {'them' if len(whole) != 1 else 'it'} by {narrowed}, "
+        "which flips as much (up to the threshold) with less benign KL."
+    ]
+
+
+# modules.cf.ranker: auto picks the relative ranker on this evidence (benchmarks/results/rca_eval.md)
+AUTO_EVIDENCE = (
+    "on the zoo it ranks the planted units better than the seed's compressibility features on 3 of 3 "
+    "scenarios (AUROC 1.000, 0.513, 0.825 vs 0.622, 0.014, 0.746)"
+)
+
+
+def ranker_choice(used: str, configured: str) -> str:
+    """Why CF ran with the ranker ``used``: set in the config, or picked by ``auto``."""
+    if configured == "auto":
+        return f"modules.cf.ranker is auto, which picks {used}: {AUTO_EVIDENCE}"
+    if used == "features":
+        return (
+            "modules.cf.ranker is features (the seed's compressibility features), as configured; "
+            f"relative would rank better: {AUTO_EVIDENCE}"
+        )
+    return f"modules.cf.ranker is {configured}, as configured"
+
+
+def _ranker_paragraph(result: dict[str, Any]) -> list[str]:
+    ranker = result.get("cf_ranker") or {}
+    used = ranker.get("used") or (result.get("anomalies") or {}).get("ranker")
+    if not used:
+        return []
+    why = ranker.get("why") or ranker_choice(str(used), str(ranker.get("configured") or used))
+    return [f"CF ranked units with the {used} ranker ({why})."]
 
 
 def _uncertain(result: dict[str, Any], anomalies_shown: bool) -> Section:
@@ -289,11 +404,21 @@ def _uncertain(result: dict[str, Any], anomalies_shown: bool) -> Section:
         "other phrasings of the failure were not tested."
     )
     if not anomalies_shown:
-        items.append(
-            "CF anomaly table hidden: on the zoo, CF ranks the planted sites worse than activation norm "
-            "(AUROC 0.33-0.38 vs 0.67-1.0); show it with --anomalies."
-        )
+        items.append(_anomalies_hidden((result.get("anomalies") or {}).get("ranker")))
     return Section("uncertain", "What is uncertain", items=items)
+
+
+def _anomalies_hidden(ranker: str | None) -> str:
+    """Why the CF table is hidden, with the figures of the ranker that ran (rca_eval.md)."""
+    if ranker == "relative":
+        return (
+            "CF anomaly table hidden: the fix search follows attribution, which ranks the zoo's planted units "
+            "at AUROC 0.92-1.0 (CF relative 0.51-1.0); show it with --anomalies."
+        )
+    return (
+        "CF anomaly table hidden: on the zoo, CF ranks the planted sites worse than activation norm "
+        "(AUROC 0.33-0.38 vs 0.67-1.0); show it with --anomalies."
+    )
 
 
 def _next(result: dict[str, Any], saved_to: str | None, report_to: str | None, anomalies_shown: bool) -> Section:

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,20 +157,11 @@ def _part_entries(sets: dict[str, list[Any]], side: set[tuple[str, int]]) -> dic
     }
 
 
-@contextmanager
-def searching(session: Session, split: PromptSplit) -> Iterator[None]:
+def searching(session: Session, split: PromptSplit) -> AbstractContextManager[None]:
     """Inside the block, ``session`` sees the search part only: ``session.extras`` holds the
     search part's prompt sets and the baseline set is the search part's counterparts. Both
     are restored on leaving (also on an exception)."""
-    manifest, baselines = session.manifest, list(session.baselines)
-    extras = dict(manifest.get("extras") or {})
-    session.manifest = {**manifest, "extras": {**extras, **split.search}}
-    session.set_baseline(split.search["baseline"])
-    try:
-        yield
-    finally:
-        session.manifest = manifest
-        session.set_baseline(baselines)
+    return session.restricted(split.search)
 
 
 @dataclass

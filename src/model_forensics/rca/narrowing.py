@@ -3,9 +3,19 @@
 A head's failure direction (rank 1 of d_head) is its mean output z at the last prompt
 position over the failing variants minus the same over the baselines (the benign set when
 there are none). Benign inputs sit near the baseline along that direction, so ablating only
-that component barely moves them. The greedy search runs again over the top
-``direction_pool`` heads, each ablated along its direction; the narrowed set is kept when
-it flips as much as the whole-unit set (up to the threshold) with less benign KL.
+that component barely moves them. A narrowed set is kept when it flips as much as the
+whole-unit set (up to the threshold) with less benign KL. Cheapest first:
+
+1. the fix's own heads, each ablated along its direction (one set; when every member is a
+   head): kept when it helps, and nothing else runs;
+2. then the largest set the search could return (the top ``max_fix_set_size`` heads of the
+   pool, along their directions) on every failing variant: when even that set flips less
+   than the whole-unit set (up to the threshold), no search runs and the note gives step
+   1's figures (a heuristic: flip rates need not grow with the set, but a search whose
+   largest candidate falls short rarely ends above it);
+3. otherwise (or when the fix holds more than heads) the greedy search runs again over the
+   top ``direction_pool`` heads, each ablated along its direction (step 2's set is its
+   largest prefix: measured once).
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ from model_forensics.rca.attribution import UnitScore
 from model_forensics.rca.candidates import Ablation
 from model_forensics.rca.members import solo_kls
 from model_forensics.rca.notes import Note
-from model_forensics.rca.runs import Inputs, capture
+from model_forensics.rca.runs import Inputs, capture, flip_rate
 from model_forensics.rca.search import FixChoice, FixSearch, Found
 from model_forensics.replay import Session
 
@@ -28,15 +38,32 @@ DIRECTION_VARIANTS = 16  # failing variants (and baselines) a direction averages
 def narrow_if_it_helps(
     search: FixSearch, scores: list[UnitScore], fix: FixChoice, whole_flip_rate: float, notes: list[Note]
 ) -> FixChoice:
-    """The heads search along failure directions; kept over ``fix`` (whole units, flipping
-    ``whole_flip_rate`` of the failing variants) when it flips at least min(whole_flip_rate,
-    threshold) with less benign KL."""
-    pool = [u for u in scores if u.level == "head"][: search.config.direction_pool]
-    narrowed = Ablation(fix.ablation.kind, failure_directions(search.session, search.failing, [u.unit for u in pool]))
-    solo_kl = solo_kls(search.session, pool, narrowed, search.config.max_fix_set_size)
+    """The fix's own heads along their failure directions, then (when promising) the heads
+    search along failure directions (see the module docstring); kept over ``fix`` (whole
+    units, flipping ``whole_flip_rate`` of the failing variants) when it flips at least
+    min(whole_flip_rate, threshold) with less benign KL."""
+    cfg = search.config
+    pool = [u for u in scores if u.level == "head"][: cfg.direction_pool]
+    heads = [u.unit for u in pool] + [u.unit for u in fix.units if u.level == "head"]
+    narrowed = Ablation(
+        fix.ablation.kind, failure_directions(search.session, search.failing, list(dict.fromkeys(heads)))
+    )
+    target = min(whole_flip_rate, cfg.early_stop_threshold)
+    if fix.units and all(u.unit in narrowed.directions for u in fix.units):
+        own_rate = flip_rate(search.flips(search.failing, narrowed.all(fix.units)))
+        own_kl = search.benign_kl(narrowed.all(fix.units))
+        own = {"flip_rate": own_rate, "kl": own_kl, "whole_flip_rate": whole_flip_rate, "whole_kl": fix.benign_kl}
+        if own_rate >= target and own_kl < fix.benign_kl:
+            notes.append(Note("narrowed", own))
+            return FixChoice(fix.units, narrowed, own_kl, solo_kls(search.session, fix.units, narrowed, len(fix.units)))
+        largest = [u for u in pool if u.unit in narrowed.directions][: cfg.max_fix_set_size]
+        if flip_rate(search.flips(search.failing, narrowed.all(largest))) < target:
+            notes.append(Note("narrowing_did_not_help", own))
+            return fix
+    solo_kl = solo_kls(search.session, pool, narrowed, cfg.max_fix_set_size)
 
     def heads_search(variants: list[Inputs]) -> Found:
-        trial = search.greedy(variants, pool, narrowed, search.config.max_fix_set_size)
+        trial = search.greedy(variants, pool, narrowed, cfg.max_fix_set_size)
         chosen = (
             search.minimise(variants, trial.units, narrowed, solo_kl)
             if search.reaches(trial.flip_rate)
@@ -47,7 +74,7 @@ def narrow_if_it_helps(
     refined = search.refine(heads_search, narrowed, notes)
     kl = search.benign_kl(narrowed.all(refined.found.units))
     numbers = {"flip_rate": refined.flip_rate, "kl": kl, "whole_flip_rate": whole_flip_rate, "whole_kl": fix.benign_kl}
-    if refined.flip_rate >= min(whole_flip_rate, search.config.early_stop_threshold) and kl < fix.benign_kl:
+    if refined.flip_rate >= target and kl < fix.benign_kl:
         notes.append(Note("narrowed", numbers))
         return FixChoice(refined.found.units, narrowed, kl, refined.found.solo_kl)
     notes.append(Note("narrowing_did_not_help", numbers))

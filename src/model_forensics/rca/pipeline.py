@@ -27,6 +27,9 @@ from model_forensics.core.distributed import map_tasks
 from model_forensics.core.errors import ForensicsError
 from model_forensics.core.files import write_text_atomic
 from model_forensics.core.records import fields_json
+from model_forensics.core.workers import worker_environment
+from model_forensics.rca.conversation import conversation_findings
+from model_forensics.rca.explain import ranker_choice
 from model_forensics.rca.heldout import PartFigures, PromptSplit, evaluate, held_out_notes, searching, split_prompts
 from model_forensics.rca.notes import distinct
 from model_forensics.rca.progress import Progress, silent, step
@@ -48,6 +51,12 @@ class Analysis:
     seconds: float
     # what happened: prompt, output, predicate, model, variants and benign prompts carried
     incident: dict[str, Any] = field(default_factory=dict)
+    # a conversation bundle: which turn the failure and the fix belong to (rca/conversation.py)
+    conversation: dict[str, Any] | None = None
+    # the CF ranker used (modules.cf.ranker, ``auto`` resolved) and the configured value
+    cf_ranker: dict[str, str] = field(default_factory=dict)
+    # the --baseline bundles added to the search part's baselines (what mean ablations were fitted on)
+    baseline_bundles: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return fields_json(self)
@@ -103,6 +112,7 @@ def analyze_bundle(
             fix = cca.search_fix_set(session, guided_by=anomalies, ranking=ranking, progress=report)
             if fraction:
                 add_held_out(session, fix, split, cca.config, report)
+        findings = conversation_findings(session, [] if fix is None else fix.interventions, report)
     ranking_json = ranking.to_json()
     ranking_json["units"] = ranking_json["units"][:200]
     return Analysis(
@@ -113,7 +123,15 @@ def analyze_bundle(
         forward_passes=session.forward_passes,
         seconds=time.perf_counter() - start,
         incident=incident_recap(session),
+        conversation=findings,
+        cf_ranker=cf_ranker(anomalies.ranker, settings.modules.cf.ranker),
+        baseline_bundles=[str(b) for b in baseline],
     )
+
+
+def cf_ranker(used: str, configured: str) -> dict[str, str]:
+    """The CF ranker of an analysis: the one used, the configured value, and why."""
+    return {"used": used, "configured": configured, "why": ranker_choice(used, configured)}
 
 
 def add_held_out(session: Session, fix: FixSet, split: PromptSplit, config: CCAConfig, progress: Progress) -> None:
@@ -306,7 +324,8 @@ def _run(
     if workers > 1 and len(jobs) > 1:
         ctx = multiprocessing.get_context("spawn")
         with cf_futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = {pool.submit(_work, job): job for job in jobs}
+            with worker_environment():  # a spawn pool starts its workers on submit
+                futures = {pool.submit(_work, job): job for job in jobs}
             for future in cf_futures.as_completed(futures):
                 record(futures[future], future.result())
         return results, f"process pool ({workers} workers)"

@@ -102,6 +102,8 @@ class FixSearch:
         self._flipped: dict[tuple[int, str], bool] = {}
         self._variants: dict[int, Inputs] = {}  # holds the variants the ids above name
         self._effects: dict[str, SideEffects] = {}
+        # how often a measurement was asked for again and not run (benchmarks report it)
+        self.memo = {"flip_checks": 0, "flip_checks_reused": 0, "side_effects": 0, "side_effects_reused": 0}
 
     def reaches(self, rate: float) -> bool:
         return rate >= self.config.early_stop_threshold
@@ -123,6 +125,8 @@ class FixSearch:
         for done, variant in enumerate(variants, 1):
             self._variants[id(variant)] = variant
             todo = list(dict.fromkeys(k for k in keys if (id(variant), k) not in self._flipped))
+            self.memo["flip_checks"] += len(keys)
+            self.memo["flip_checks_reused"] += len(keys) - len(todo)
             if todo:
                 first = {k: sets[keys.index(k)] for k in todo}
                 for k, (flipped,) in zip(todo, flip_table(self.session, [variant], list(first.values())), strict=True):
@@ -135,7 +139,9 @@ class FixSearch:
         """The set's side effects on the benign set (:func:`~model_forensics.rca.side_effects.measure`),
         measured once per set."""
         key = set_key(fix)
+        self.memo["side_effects"] += 1
         if key in self._effects:
+            self.memo["side_effects_reused"] += 1
             n = self._effects[key].n_benign
             progress("side effects", 0, n)
             progress("side effects", n, n)
@@ -184,8 +190,10 @@ class FixSearch:
 
         Each round replays every one-member-removed set and drops the removable member with
         the largest solo KL. Sets larger than ``SEQUENTIAL_FROM`` first get one sequential
-        pass in that order (one set per check, so the pass costs O(n) runs, not O(n²)); the
-        rounds then confirm 1-minimality."""
+        pass in that order (one set per check, so the pass costs O(n) runs, not O(n²); run
+        speculatively, several removals per batched sweep, it took fewer forward calls but
+        more model rows and no less CPU on SmolLM2: benchmarks/results/rca_speed_smollm2.md);
+        the rounds then confirm 1-minimality."""
         current = list(chosen)
         if len(current) > SEQUENTIAL_FROM:
             for member in sorted(current, key=lambda m: (-solo_kl.get(m.unit, 0.0), m.score)):
@@ -287,8 +295,9 @@ class FixSearch:
 
 
 def set_key(fix: Sequence[Intervention]) -> str:
-    """One intervention set as a key (its interventions' JSON, in order)."""
-    return json.dumps([iv.to_json() for iv in fix], sort_keys=True)
+    """One intervention set as a key: its interventions' JSON, sorted (the sets searched
+    ablate distinct units, and the order they are listed in changes no replay)."""
+    return json.dumps(sorted(json.dumps(iv.to_json(), sort_keys=True) for iv in fix))
 
 
 def among(batch: Inputs, batches: Sequence[Inputs]) -> bool:

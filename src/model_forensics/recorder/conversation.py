@@ -18,150 +18,34 @@ places every turn on that token axis::
 Spans are ``[start, end)`` token positions; turn 0's span starts at 0 and holds the
 tokenizer's leading special tokens. Each turn keeps the sha256 of its reply's step logits
 (S, V), the scores at the last position of each decoding step, as replay computes them
-(:mod:`model_forensics.replay.turns` verifies turn by turn against them).
+(:mod:`model_forensics.replay.turns` verifies turn by turn against them). The record's
+types and checks live in :mod:`model_forensics.core.conversation` (re-exported here).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from model_forensics.core.bundle import check_writable_target
-from model_forensics.core.errors import BundleError, ForensicsError
+from model_forensics.core.conversation import ConversationRecord, TurnRecord, conversation_of
+from model_forensics.core.errors import ForensicsError
 from model_forensics.core.predicates import Predicate
 from model_forensics.core.sketches import tensor_sha256
 from model_forensics.models.adapters import adapter_for
 from model_forensics.models.hooks import hooks, logits_of
 from model_forensics.models.loading import LoadedModel
 from model_forensics.recorder.hooks import RecorderHooks
-from model_forensics.recorder.session import _check_max_new_tokens, _checked, _resolved, _tokenizer
+from model_forensics.recorder.session import check_max_new_tokens, checked_encoding, resolved_predicate, tokenizer_of
+
+__all__ = ["Between", "ConversationRecord", "TurnRecord", "conversation_of", "record_conversation"]
 
 # After turn k's reply: between(k, reply_text, recorder) may log calls and return text
 # that opens message k + 1 (None: nothing).
 Between = Callable[[int, str, RecorderHooks], "str | None"]
-
-
-@dataclass(frozen=True)
-class TurnRecord:
-    """One recorded turn.
-
-    Attributes:
-        index: 0-based turn number.
-        message: the text the model read in this turn (with any text ``between`` added).
-        span: [start, end) of the message's tokens on the conversation's token axis.
-        reply_span: [start, end) of the reply's tokens (directly after ``span``).
-        reply: the decoded reply; reply_ids its token ids (end-of-sequence included).
-        logits_sha256: sha256 of the reply's step logits (S, V).
-        calls: ``order`` of the external calls logged after this turn's reply.
-    """
-
-    index: int
-    message: str
-    span: tuple[int, int]
-    reply_span: tuple[int, int]
-    reply: str
-    reply_ids: tuple[int, ...]
-    logits_sha256: str
-    calls: tuple[int, ...] = ()
-
-    @property
-    def positions(self) -> tuple[int, ...]:
-        """Every token position of the turn: its message and its reply."""
-        return tuple(range(self.span[0], self.reply_span[1]))
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "message": self.message,
-            "span": list(self.span),
-            "reply_span": list(self.reply_span),
-            "reply": self.reply,
-            "reply_ids": list(self.reply_ids),
-            "logits_sha256": self.logits_sha256,
-            "calls": list(self.calls),
-        }
-
-    @classmethod
-    def from_json(cls, data: Any, where: str = "conversation turn") -> TurnRecord:
-        try:
-            return cls(
-                index=int(data["index"]),
-                message=str(data["message"]),
-                span=_pair(data["span"]),
-                reply_span=_pair(data["reply_span"]),
-                reply=str(data["reply"]),
-                reply_ids=tuple(int(i) for i in data["reply_ids"]),
-                logits_sha256=str(data["logits_sha256"]),
-                calls=tuple(int(c) for c in data.get("calls", ())),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(
-                f"{where} is malformed ({type(exc).__name__}: {exc}); record the conversation again"
-            ) from None
-
-
-def _pair(value: Any) -> tuple[int, int]:
-    start, end = (int(v) for v in value)
-    if not 0 <= start <= end:
-        raise ValueError(f"span [{start}, {end}) is not ordered")
-    return start, end
-
-
-@dataclass(frozen=True)
-class ConversationRecord:
-    """The turns of a recorded conversation (``manifest.extras["conversation"]``)."""
-
-    turns: tuple[TurnRecord, ...] = field(default_factory=tuple)
-
-    def __len__(self) -> int:
-        return len(self.turns)
-
-    def turn_at(self, position: int) -> int | None:
-        """The turn that holds token ``position`` (None: past the last reply)."""
-        return next((t.index for t in self.turns if t.span[0] <= position < t.reply_span[1]), None)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"turns": [t.to_json() for t in self.turns]}
-
-    @classmethod
-    def from_json(cls, data: Any) -> ConversationRecord:
-        """Read and check a conversation record.
-
-        Raises:
-            BundleError: the record is malformed, or its turns do not follow one another
-                on the token axis.
-        """
-        if not isinstance(data, dict) or not isinstance(data.get("turns"), list) or not data["turns"]:
-            raise BundleError("the bundle's conversation has no turns; record it with record_conversation")
-        turns = tuple(TurnRecord.from_json(t, f"conversation turn {i}") for i, t in enumerate(data["turns"]))
-        cursor = 0
-        for i, turn in enumerate(turns):
-            if turn.index != i or turn.span[0] != cursor or turn.reply_span[0] != turn.span[1]:
-                raise BundleError(
-                    f"conversation turn {i} does not follow turn {i - 1} on the token axis (span {list(turn.span)}, "
-                    f"reply {list(turn.reply_span)}); record the conversation again"
-                )
-            cursor = turn.reply_span[1]
-        return cls(turns)
-
-
-def conversation_of(manifest: dict[str, Any]) -> ConversationRecord:
-    """The conversation a bundle's manifest holds.
-
-    Raises:
-        BundleError: the bundle records a single prompt, not a conversation.
-    """
-    data = (manifest.get("extras") or {}).get("conversation")
-    if data is None:
-        raise BundleError(
-            f"bundle '{manifest.get('name', '?')}' holds one prompt, not a conversation; record one with "
-            "record_conversation (or `model-forensics record --turns FILE.jsonl`)"
-        )
-    return ConversationRecord.from_json(data)
 
 
 def record_conversation(
@@ -201,9 +85,9 @@ def record_conversation(
     target = Path(out)
     check_writable_target(target, overwrite)
     rec = recorder or RecorderHooks()
-    _check_max_new_tokens(rec, max_new_tokens)
-    predicate = _resolved(loaded, predicate)
-    tok = _tokenizer(loaded)
+    check_max_new_tokens(rec, max_new_tokens)
+    predicate = resolved_predicate(loaded, predicate)
+    tok = tokenizer_of(loaded)
     steps: list[torch.Tensor] = []
 
     def keep_last(_module: Any, _args: Any, _kwargs: Any, output: Any) -> None:
@@ -220,7 +104,7 @@ def record_conversation(
             ids = tok(text, add_special_tokens=k == 0, return_tensors="pt")["input_ids"]
             start = context.shape[1]
             context = torch.cat([context, ids], dim=1)
-            batch = _checked(loaded, {"input_ids": context, "attention_mask": torch.ones_like(context)})
+            batch = checked_encoding(loaded, {"input_ids": context, "attention_mask": torch.ones_like(context)})
             steps.clear()
             torch.manual_seed(0)
             pad = getattr(tok, "eos_token_id", None)

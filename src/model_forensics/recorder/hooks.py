@@ -11,9 +11,11 @@ Hooks copy each recorded site's tensor at full precision (a plain clone: no hash
 conversion on the hot path) into an :class:`~model_forensics.recorder.spool.ActivationSpool`:
 in RAM up to ``recorder.memory_budget_mb``, streamed to a spool file on disk beyond it, so a
 recording's memory does not grow with the number of sites. :meth:`create_bundle` writes
-the bundle from the spool one site at a time (load, hash, sketch, write, free).
-``model.generate`` is recorded too: every decoding step appends its positions, so a
-site covers prompt + generated tokens.
+the bundle from the spool one site at a time (load, hash, sketch, write, free). The
+logits are kept without a copy (the model never writes its output again); if the caller
+changes them in place before :meth:`create_bundle`, their version counter shows it and the
+bundle is refused. ``model.generate`` is recorded too: every decoding step appends its
+positions, so a site covers prompt + generated tokens.
 
 Recording never hurts the host: an exception inside any hook is caught, so the model's
 output is the same as without the recorder (the hooks only read). A failing site is warned
@@ -150,6 +152,7 @@ class RecorderHooks:
         self._inputs: list[dict[str, torch.Tensor]] = []
         self._kwargs: dict[str, Any] = {}
         self._logits: list[torch.Tensor] = []
+        self._logit_versions: list[int | None] = []  # each one's _version when kept (None: a copy)
         self._projected = 0
         self._sizes: dict[str, int] = defaultdict(int)  # projected bundle bytes per site
         self._failed: dict[str, str] = {}  # site (or root hook) → "ExceptionType: message"
@@ -277,8 +280,31 @@ class RecorderHooks:
 
     def _take_logits(self, output: Any) -> None:
         logits = logits_of(output)
-        if isinstance(logits, torch.Tensor):
-            self._logits.append(logits.detach().clone())
+        if not isinstance(logits, torch.Tensor):
+            return
+        logits = logits.detach()
+        if logits.is_inference() or logits._base is not None:
+            # no version counter to check later (inference mode), or a view that would keep
+            # a larger tensor alive: copy now
+            self._logits.append(logits.clone())
+            self._logit_versions.append(None)
+            return
+        # Kept without a copy (the logits are often the largest tensor of a forward: 25 MB for
+        # SmolLM2 at 128 tokens). The model does not write its output again; only the caller
+        # can, in place, and that bumps the tensor's _version, checked by _checked_logits.
+        self._logits.append(logits)
+        self._logit_versions.append(logits._version)
+
+    def _checked_logits(self) -> list[torch.Tensor]:
+        """The recorded logits of every step, refused if any was changed in place since."""
+        for step, (t, version) in enumerate(zip(self._logits, self._logit_versions, strict=True)):
+            if version is not None and t._version != version:
+                raise ForensicsError(
+                    f"the logits of forward call {step} were changed in place after the recorder kept them "
+                    "(the recorder keeps the model's output without a copy); change a copy instead "
+                    "(logits = out.logits.clone()), or write the bundle before changing them"
+                )
+        return self._logits
 
     def _clear_recording(self) -> None:
         calls = self.calls
@@ -466,13 +492,14 @@ class RecorderHooks:
             "prediction": None,
         }
         outputs: dict[str, torch.Tensor] = {}
-        if self._logits:
-            first = self._logits[0]
+        steps = self._checked_logits()
+        if steps:
+            first = steps[0]
             info["logits_sha256"] = sketches.tensor_sha256(first)
             info["logits_shape"] = list(first.shape)
-            info["step_logits_sha256"] = [sketches.tensor_sha256(t) for t in self._logits[1:]]
+            info["step_logits_sha256"] = [sketches.tensor_sha256(t) for t in steps[1:]]
             if first.dim() == 3:  # (B, T, V): keep the last position of every step → (B, steps, V)
-                outputs["logits"] = torch.stack([t[:, -1] for t in self._logits], dim=1).contiguous()
+                outputs["logits"] = torch.stack([t[:, -1] for t in steps], dim=1).contiguous()
             else:
                 outputs["logits"] = first
             info["prediction"] = int(outputs["logits"].reshape(first.shape[0], -1, first.shape[-1])[0, -1].argmax())

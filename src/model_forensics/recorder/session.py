@@ -38,11 +38,11 @@ def encode_prompt(loaded: LoadedModel, prompt: str, chat: bool | None = None) ->
     Raises:
         ForensicsError: the model has no tokenizer, or the prompt exceeds its context.
     """
-    tok = _tokenizer(loaded)
+    tok = tokenizer_of(loaded)
     use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
     if use_chat:
         return encode_messages(loaded, [{"role": "user", "content": prompt}])
-    return _checked(loaded, tok(prompt, return_tensors="pt"))
+    return checked_encoding(loaded, tok(prompt, return_tensors="pt"))
 
 
 def encode_messages(loaded: LoadedModel, messages: Sequence[dict[str, str]]) -> dict[str, torch.Tensor]:
@@ -53,23 +53,24 @@ def encode_messages(loaded: LoadedModel, messages: Sequence[dict[str, str]]) -> 
         ForensicsError: the model has no tokenizer or no chat template, or the text
             exceeds its context.
     """
-    tok = _tokenizer(loaded)
+    tok = tokenizer_of(loaded)
     if not getattr(tok, "chat_template", None):
         raise ForensicsError(
             f"model '{loaded.ref.name}' has no chat template, so chat messages cannot be encoded; "
             "pass the prompt as a string (or token ids) instead"
         )
     enc = tok.apply_chat_template(list(messages), add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    return _checked(loaded, enc)
+    return checked_encoding(loaded, enc)
 
 
-def _tokenizer(loaded: LoadedModel) -> Any:
+def tokenizer_of(loaded: LoadedModel) -> Any:
+    """``loaded``'s tokenizer; a model without one is refused (ForensicsError)."""
     if loaded.tokenizer is None:
         raise ForensicsError(f"model '{loaded.ref.name}' has no tokenizer; pass token ids from Python instead")
     return loaded.tokenizer
 
 
-def _checked(loaded: LoadedModel, enc: Any) -> dict[str, torch.Tensor]:
+def checked_encoding(loaded: LoadedModel, enc: Any) -> dict[str, torch.Tensor]:
     """The tensors of a tokenizer's output, refused when longer than the model's context."""
     batch = {k: v for k, v in dict(enc).items() if isinstance(v, torch.Tensor)}
     limit = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
@@ -106,8 +107,8 @@ def record_prompt(
     target = Path(out)
     check_writable_target(target, overwrite)
     rec = recorder or RecorderHooks()
-    _check_max_new_tokens(rec, max_new_tokens)
-    predicate = _resolved(loaded, predicate)
+    check_max_new_tokens(rec, max_new_tokens)
+    predicate = resolved_predicate(loaded, predicate)
     if predicate is not None and predicate.name is not None:
         extras = {"predicate_name": predicate.name, **(extras or {})}
     batch = encode_prompt(loaded, prompt, chat)
@@ -129,7 +130,8 @@ def record_prompt(
         )
 
 
-def _check_max_new_tokens(rec: RecorderHooks, max_new_tokens: int) -> None:
+def check_max_new_tokens(rec: RecorderHooks, max_new_tokens: int) -> None:
+    """Refuse a generation length the bundle readers would refuse (``bundle.max_new_tokens``)."""
     limit = rec.config_tree.bundle.max_new_tokens
     if not 0 <= max_new_tokens <= limit:
         raise ForensicsError(
@@ -138,7 +140,7 @@ def _check_max_new_tokens(rec: RecorderHooks, max_new_tokens: int) -> None:
         )
 
 
-def _resolved(loaded: LoadedModel, predicate: Predicate | None) -> Predicate | None:
+def resolved_predicate(loaded: LoadedModel, predicate: Predicate | None) -> Predicate | None:
     """``predicate`` with a named class or token looked up in ``loaded`` (class_is:positive)."""
     if predicate is None:
         return None
@@ -256,8 +258,8 @@ def record_incident(
     """
     rec = recorder or RecorderHooks()
     check_writable_target(Path(out), overwrite)
-    _check_max_new_tokens(rec, max_new_tokens)
-    resolved = _resolved(loaded, predicate)
+    check_max_new_tokens(rec, max_new_tokens)
+    resolved = resolved_predicate(loaded, predicate)
     assert resolved is not None
     sets = {"variants": variants, "benign": benign, "baseline": baseline, "near_miss": near_miss}
     given = {role: [_as_line(p, role, i) for i, p in enumerate(prompts)] for role, prompts in sets.items() if prompts}
@@ -380,7 +382,7 @@ def record_inputs(
     target = Path(out)
     check_writable_target(target, overwrite)
     rec = recorder or RecorderHooks()
-    predicate = _resolved(loaded, predicate)
+    predicate = resolved_predicate(loaded, predicate)
     if predicate is not None and predicate.name is not None:
         extras = {"predicate_name": predicate.name, **(extras or {})}
     with rec.install_hooks(loaded.model, loaded.tokenizer):

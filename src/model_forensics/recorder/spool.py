@@ -17,7 +17,6 @@ processes (their pid is gone) are removed when the next spool directory is made 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -217,13 +216,13 @@ class SpooledSites(Mapping[str, torch.Tensor]):
 
 class SketchedSites:
     """The bundle writer's :class:`~model_forensics.core.bundle.SiteSource` over a spool:
-    each site is loaded, hashed (its exact sha256, for sketches that do not store it
-    exactly) and sketch-encoded when the writer asks for it, and freed after."""
+    each site is loaded and sketch-encoded when the writer asks for it (from its threads, a
+    few sites at once: loading only reads), handed over with its exact tensor (which the
+    writer hashes, for sketches that do not store it exactly), and freed after."""
 
     def __init__(self, spool: ActivationSpool, sites: list[str], sketch: str, compression_ratio: float):
         self.spool, self._sites = spool, sites
         self.sketch, self.compression_ratio = sketch, compression_ratio
-        self._exact: dict[str, str] = {}
 
     def sites(self) -> list[str]:
         return list(self._sites)
@@ -232,15 +231,12 @@ class SketchedSites:
         shape, dtype = self.spool.shape(site), self.spool.dtype(site)
         return sketches.encoded_specs(site, shape, dtype, self.sketch, self.compression_ratio)
 
-    def entries(self, site: str) -> dict[str, torch.Tensor]:
+    def load(self, site: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """``site``'s sketch entries, and its exact tensor for the writer to hash (None for
+        ``full``: its entry is that tensor, and its entry digest the site's sha256)."""
         tensor = self.spool.load(site)
-        if self.sketch != "full":  # a full site's sha256 is its entry's digest: the writer has it
-            self._exact[site] = hashlib.sha256(sketches.tensor_bytes(tensor)).hexdigest()
-        return sketches.encode(site, tensor, self.sketch, self.compression_ratio)
-
-    def sha256(self, site: str) -> str | None:
-        """The exact tensor's sha256 computed in :meth:`entries` (None for ``full``)."""
-        return self._exact.get(site)
+        entries = sketches.encode(site, tensor, self.sketch, self.compression_ratio)
+        return entries, None if self.sketch == "full" else tensor
 
     def nbytes(self, site: str) -> int:
         shape = self.spool.shape(site)

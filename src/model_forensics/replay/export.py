@@ -78,6 +78,7 @@ class FixExport:
     max_abs_diff_hooks: float  # apply_fix vs hooked replay
     max_abs_logit: float
     files: list[str]
+    mean_baselines: int | None = None  # baselines the mean ablations were taken over (None: no mean)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -95,7 +96,74 @@ class FixExport:
                 "max_abs_logit": self.max_abs_logit,
             },
             "files": self.files,
+            "mean_baselines": self.mean_baselines,
         }
+
+
+@dataclass(frozen=True)
+class FittedOn:
+    """What an analysis JSON says its fix was fitted on (checked as hostile input).
+
+    Attributes:
+        fraction / seed: its held-out split (``fix_set.held_out.split``; fraction 0: none).
+        counts: prompts per kind in each part of the split, as recorded (None: not recorded).
+        baseline_bundles: the ``--baseline`` bundles analyze added to the baselines.
+        baselines: how many baselines its mean ablations were taken over (None: the
+            analysis does not say, e.g. one written before this was recorded).
+    """
+
+    fraction: float = 0.0
+    seed: int = 0
+    counts: dict[str, Any] | None = None
+    baseline_bundles: tuple[str, ...] = ()
+    baselines: int | None = None
+
+    @classmethod
+    def of(cls, analysis: Any) -> FittedOn:
+        """Read it from an analysis JSON (``analyze --out``).
+
+        Raises:
+            ForensicsError: the split's settings or the bundle list are malformed.
+        """
+        if not isinstance(analysis, dict):
+            return cls()
+        bundles = analysis.get("baseline_bundles")
+        if bundles is not None and (
+            not isinstance(bundles, list) or not all(isinstance(p, str) and p for p in bundles)
+        ):
+            raise ForensicsError("the analysis' baseline_bundles is not a list of paths; it is corrupt")
+        paths = tuple(bundles or ())
+        fix = analysis.get("fix_set")
+        held = fix.get("held_out") if isinstance(fix, dict) else None
+        if held is None:
+            carried = (analysis.get("incident") or {}).get("baselines")
+            if isinstance(carried, bool) or not isinstance(carried, int) or bundles is None:
+                return cls(baseline_bundles=paths)
+            return cls(baseline_bundles=paths, baselines=carried + len(paths))
+        split = held.get("split") if isinstance(held, dict) else None
+        fraction = split.get("fraction") if isinstance(split, dict) else None
+        seed = split.get("seed") if isinstance(split, dict) else None
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction < 1:
+            raise ForensicsError(
+                "the analysis' fix_set.held_out.split.fraction is not a number in [0, 1); it is corrupt"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ForensicsError("the analysis' fix_set.held_out.split.seed is not an integer; it is corrupt")
+        counts = split.get("counts") if isinstance(split, dict) else None
+        if not isinstance(counts, dict) or not _counts(counts):
+            return cls(float(fraction), seed, None, paths)
+        searched = int(counts["baseline"]["search"])
+        return cls(float(fraction), seed, counts, paths, searched + len(paths) if bundles is not None else None)
+
+
+def _counts(counts: dict[str, Any]) -> bool:
+    """Whether ``counts`` is ``{kind: {"search": n, "held_out": n}}`` with a baseline kind."""
+    if not isinstance(counts.get("baseline"), dict):
+        return False
+    return all(
+        isinstance(part, dict) and all(isinstance(n, int) and not isinstance(n, bool) for n in part.values())
+        for part in counts.values()
+    ) and isinstance(counts["baseline"].get("search"), int)
 
 
 def export_fix(
@@ -111,7 +179,10 @@ def export_fix(
     """Write ``interventions`` (a fix for ``session``'s model) as deployable files in ``out``.
 
     Args:
-        session: the incident's replay session (its model, baselines and benign prompts).
+        session: the incident's replay session (its model, baselines and benign prompts);
+            with an analysis that held prompts out, open it inside
+            :func:`~model_forensics.rca.fitted.fitted_on`, so that mean ablations are taken
+            over the baselines the analysis fitted them on.
         interventions: the fix set, e.g. from :func:`~model_forensics.replay.loading.read_fix_file`.
         out: a new (or empty) directory.
         analysis: the analysis JSON the fix came from; its figures go into the model card.
@@ -119,14 +190,16 @@ def export_fix(
         check_inputs: prompts the check runs on (the incident's, then benign ones).
         tolerance: largest allowed logit difference, relative to max(1, max |logit|).
     Raises:
-        ForensicsError: ``out`` is not empty, a kind cannot be exported, or a form disagrees
-            with the hooked replay.
+        ForensicsError: ``out`` is not empty, a kind cannot be exported, a form disagrees
+            with the hooked replay, or the session's baselines are not those the analysis
+            fitted its mean ablations on.
     """
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ForensicsError(f"'{target}' already exists and is not an empty directory; pass a new --out")
     if not interventions:
         raise ForensicsError("the fix set is empty; there is nothing to export")
+    _check_fitted(session, interventions, analysis)
     prepared = session.prepare(interventions)
     for p in prepared:
         iv = p.target.intervention
@@ -193,10 +266,26 @@ def export_fix(
         max_abs_diff_hooks=diff_h,
         max_abs_logit=scale,
         files=files,
+        mean_baselines=len(session.baselines) if any(iv.kind == "mean" for iv in interventions) else None,
     )
     write_text_atomic(target / "MODEL_CARD.md", model_card(session, interventions, result, analysis))
     write_text_atomic(target / "export.json", json.dumps(result.to_json(), indent=1))
     return result
+
+
+def _check_fitted(session: Session, interventions: list[Intervention], analysis: dict[str, Any] | None) -> None:
+    """Refuse to export mean ablations over another baseline set than the analysis fitted
+    them on (the session must be opened as :func:`~model_forensics.rca.fitted.fitted_on` does)."""
+    expected = FittedOn.of(analysis).baselines
+    if expected is None or not any(iv.kind == "mean" for iv in interventions):
+        return
+    have = len(session.baselines)
+    if have != expected:
+        raise ForensicsError(
+            f"the analysis took its mean ablations over {expected} baselines (the search part of its held-out split "
+            f"and its baseline bundles), but the session holds {have}; export inside "
+            "model_forensics.rca.fitted.fitted_on(session, analysis), as `fix export` does"
+        )
 
 
 def read_analysis(path: str | Path) -> tuple[list[Intervention], dict[str, Any], Path | None]:
@@ -385,6 +474,12 @@ def model_card(
         f"{_fmt(result.max_abs_diff_hooks)} (`apply_fix`), largest |logit| {result.max_abs_logit:.3g}.",
         "",
     ]
+    if result.mean_baselines is not None:
+        lines += [
+            f"Mean ablations use each unit's mean over {result.mean_baselines} clean baseline prompt(s), the ones "
+            "the analysis fitted the fix on (the search part of its held-out split).",
+            "",
+        ]
     fix = (analysis or {}).get("fix_set") if isinstance(analysis, dict) else None
     if isinstance(fix, dict):
         lines += _figures(fix)

@@ -29,6 +29,7 @@ import subprocess
 import sys
 
 from model_forensics.core.errors import ForensicsError, SandboxViolation
+from model_forensics.core.workers import worker_env
 
 CONTAINER_HINT = (
     "run untrusted replays in a container without a network instead "
@@ -107,11 +108,12 @@ def run_isolated(argv: list[str], timeout: float | None = None) -> int:
 
     Standard output and error pass through. The child is told to stay offline
     (``HF_HUB_OFFLINE=1``) so that models resolve from the local cache instead of
-    failing on the network. Raises SandboxViolation when isolation is unavailable and
+    failing on the network, and starts in the worker environment
+    (:func:`~model_forensics.core.workers.worker_env`: ``OMP_WAIT_POLICY=PASSIVE`` unless set). Raises SandboxViolation when isolation is unavailable and
     ForensicsError when the run takes longer than ``timeout`` seconds (it is killed).
     """
     command = isolated_command(argv)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = worker_env({**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         return subprocess.run(command, env=env, timeout=timeout, check=False).returncode
     except subprocess.TimeoutExpired:

@@ -59,8 +59,10 @@ class VerifyReport:
             f"{c.site} (max |Δ| {c.max_abs_diff:.3g})" if c.max_abs_diff is not None else f"{c.site} ({c.note})"
             for c in self.differing[:5]
         )
+        notes = f" ({'; '.join(self.notes)})" if self.notes else ""
         return (
             f"NOT bit-identical: {len(self.differing)} of {n + len(self.outputs) + len(self.verdict)} differ: {worst}"
+            + notes
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -145,6 +145,28 @@ class Session:
         """Replace the baseline set that ``mean``/``resample``/``patch`` use without a source."""
         self._baselines.replace([self.encode(e) for e in entries])
 
+    @contextmanager
+    def restricted(self, extras: dict[str, Any]) -> Iterator[None]:
+        """Inside the block the session sees ``extras`` in place of the bundle's entries of
+        the same kinds (``variants``, ``benign``, ``near_miss``…), and ``extras["baseline"]``,
+        when given, as its baseline set; both are restored on leaving, also on an exception.
+
+        Example (measure on the first two variants only)::
+
+            with session.restricted({"variants": session.extras["variants"][:2]}):
+                session.sweep(candidate_sets)
+        """
+        manifest, baselines = self.manifest, self.baselines
+        self.manifest = {**manifest, "extras": {**self.extras, **extras}}
+        if "baseline" in extras:
+            self.set_baseline(extras["baseline"])
+        try:
+            yield
+        finally:
+            self.manifest = manifest
+            if "baseline" in extras:
+                self._baselines.replace(baselines)
+
     # -- environment ---------------------------------------------------------------------------
     def environment(self) -> AbstractContextManager[CallServer]:
         """The replay environment: determinism applied, recorded calls served in order,

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
+from model_forensics.core.conversation import ConversationRecord, TurnRecord, conversation_of
 from model_forensics.core.errors import ForensicsError
 from model_forensics.core.sketches import tensor_sha256
-from model_forensics.recorder.conversation import ConversationRecord, TurnRecord, conversation_of
 from model_forensics.replay.interventions import Intervention
 from model_forensics.replay.session import InterventionLike, Session, _as_intervention
 

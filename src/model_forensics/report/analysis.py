@@ -66,7 +66,7 @@ def analysis_body(result: dict[str, Any], report_to: str | None = None) -> str:
         f"<h1>Root-cause analysis: {escape(Path(result['bundle']).name)}</h1>",
         f"<p>Bundle <code>{escape(result['bundle'])}</code> · {result['forward_passes']} forward passes · "
         f"{result['seconds']:.1f} s</p>",
-        *_explained(sections, ("incident", "conclusion")),
+        *_explained(sections, ("incident", "conclusion", "conversation")),
     ]
     if fix is not None:
         parts += _fix_section(fix)

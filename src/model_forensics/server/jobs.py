@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import queue
 import tempfile
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from model_forensics.core.errors import ForensicsError
+from model_forensics.core.workers import worker_environment
 from model_forensics.server.data import analysis_file_name
 from model_forensics.server.responses import ENDED_STATES, Job, JobProgress, JobState
 from model_forensics.server.security import BadParameter, NotFound
@@ -52,9 +54,15 @@ def process_context() -> Any:
     """Where jobs and the replay worker start their processes: a fork server that imported
     torch and the analysis code once (``forkserver``: each child is a fork of that clean,
     single-threaded process, never of the server with its threads and sockets), so only the
-    first child pays for the imports."""
+    first child pays for the imports.
+
+    The fork server is started here, in the worker environment (:mod:`model_forensics.core.workers`):
+    its children inherit its OpenMP runtime, which read ``OMP_WAIT_POLICY`` when the fork
+    server imported torch (a fork server already running is used as it is)."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
+    with worker_environment():
+        multiprocessing.forkserver.ensure_running()
     return context
 
 
