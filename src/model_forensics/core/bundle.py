@@ -687,7 +687,7 @@ def safetensors_layout(specs: dict[str, Spec]) -> tuple[bytes, dict[str, tuple[i
     offset = 0
     for name in ordered:
         dtype, shape = specs[name]
-        end = offset + math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        end = offset + math.prod(shape) * dtype.itemsize
         header[name] = {"dtype": _ST_CODES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
         spans[name] = (offset, end)
         offset = end
@@ -841,7 +841,7 @@ def _write_entries(
 
 
 def _nbytes(specs: dict[str, Spec]) -> int:
-    return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for dtype, shape in specs.values())
+    return sum(math.prod(shape) * dtype.itemsize for dtype, shape in specs.values())
 
 
 def _checked_bytes(name: str, tensor: torch.Tensor, specs: dict[str, Spec], spans: dict[str, Any]) -> Any:

@@ -36,7 +36,7 @@ def tensor_bytes(tensor: torch.Tensor) -> Any:
 def encoded_nbytes(shape: tuple[int, ...], dtype: torch.dtype, sketch: str, compression_ratio: float) -> int:
     """Bytes a sketch of a tensor with this shape takes (what the size cap counts)."""
     numel = math.prod(shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if sketch == "full":
         return numel * itemsize
     if sketch == "fp16":

@@ -206,7 +206,7 @@ class Session:
         Raises:
             SiteError: a site or head does not exist (the message names the nearest ones).
         """
-        return [resolve(_as_intervention(iv), self.adapter) for iv in interventions]
+        return [resolve(as_intervention(iv), self.adapter) for iv in interventions]
 
     def prepare(self, interventions: Sequence[InterventionLike], inputs: Inputs | None = None) -> list[Prepared]:
         """Resolve interventions and fetch the baseline tensors their kinds read."""
@@ -385,7 +385,8 @@ def _stepping(adapter: Adapter, clock: Clock, logits: list[torch.Tensor]) -> Ite
         yield
 
 
-def _as_intervention(item: InterventionLike) -> Intervention:
+def as_intervention(item: InterventionLike) -> Intervention:
+    """An :class:`Intervention`, a spec string (``"blocks.1.attn.head.3:zero"``) or a dict, as an Intervention."""
     if isinstance(item, Intervention):
         return item
     if isinstance(item, str):

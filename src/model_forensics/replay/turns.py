@@ -32,7 +32,7 @@ from model_forensics.core.conversation import ConversationRecord, TurnRecord, co
 from model_forensics.core.errors import ForensicsError
 from model_forensics.core.sketches import tensor_sha256
 from model_forensics.replay.interventions import Intervention
-from model_forensics.replay.session import InterventionLike, Session, _as_intervention
+from model_forensics.replay.session import InterventionLike, Session, as_intervention
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def replay_turns(
     conversation = conversation_of(session.manifest)
     last = len(conversation) - 1 if upto is None else _turn_index(conversation, upto)
     ids = conversation_ids(session)
-    ivs = tuple(_as_intervention(i) for i in interventions)
+    ivs = tuple(as_intervention(i) for i in interventions)
     out = []
     for turn in conversation.turns[: last + 1]:
         active = [iv for iv in (_within(iv, turn.reply_span[1]) for iv in ivs) if iv is not None]
@@ -147,7 +147,7 @@ def at_turn(interventions: Sequence[InterventionLike], turn: TurnRecord) -> list
     an intervention already narrowed to positions keeps those inside the turn."""
     out = []
     for item in interventions:
-        iv = _as_intervention(item)
+        iv = as_intervention(item)
         inside = turn.positions if iv.positions is None else tuple(p for p in iv.positions if p in turn.positions)
         if inside:
             out.append(dataclasses.replace(iv, positions=inside))
