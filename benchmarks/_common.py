@@ -101,3 +101,23 @@ def tl_zero_head(h: int, d_head: int) -> Callable[[torch.Tensor, Any], torch.Ten
         return z
 
     return zero
+
+
+def smollm2_cca_arguments(parser: Any) -> None:
+    """The CausalCCA sizes the SmolLM2 analysis benchmarks take from the command line."""
+    parser.add_argument("--search-variants", type=int, default=4)
+    parser.add_argument("--confirm-variants", type=int, default=4)
+    parser.add_argument("--refine-rounds", type=int, default=1)
+
+
+def smollm2_cca(args: Any) -> Any:
+    """CausalCCA as the SmolLM2 analysis benchmarks run it (sizes from
+    :func:`smollm2_cca_arguments`, the 16 best candidates confirmed)."""
+    from model_forensics import CausalCCA
+
+    return CausalCCA(
+        search_variants=args.search_variants,
+        confirm_variants=args.confirm_variants,
+        refine_rounds=args.refine_rounds,
+        confirm_top=16,
+    )

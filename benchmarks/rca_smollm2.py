@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import commit, machine, markdown_table, write_results
-from model_forensics import CausalCCA, CompressionForensics, SandboxReplayer
+from _common import commit, machine, markdown_table, smollm2_cca, smollm2_cca_arguments, write_results
+from model_forensics import CompressionForensics, SandboxReplayer
 from model_forensics.rca.attribution import attribution_ranking
 from model_forensics.rca.explain import held_out_rows
 from model_forensics.rca.heldout import searching, split_prompts
@@ -54,9 +54,7 @@ def grid_prompts(seen: list[str]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--search-variants", type=int, default=4)
-    parser.add_argument("--confirm-variants", type=int, default=4)
-    parser.add_argument("--refine-rounds", type=int, default=1)
+    smollm2_cca_arguments(parser)
     args = parser.parse_args()
 
     stages: dict[str, dict[str, Any]] = {}
@@ -66,12 +64,7 @@ def main() -> None:
         bundle = get("smollm2-injection").record(Path(tmp), limit=1).incidents[0]
         stages["record"] = {"seconds": time.perf_counter() - start}
         session = SandboxReplayer().load_bundle(bundle)
-        cca = CausalCCA(
-            search_variants=args.search_variants,
-            confirm_variants=args.confirm_variants,
-            refine_rounds=args.refine_rounds,
-            confirm_top=16,
-        )
+        cca = smollm2_cca(args)
         split = split_prompts(session.extras, cca.config.held_out_fraction, cca.config.split_seed)
 
         def stage(name: str, fn: Any) -> Any:

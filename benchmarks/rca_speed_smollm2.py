@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from rca_speed import PhaseClock
 
-from _common import commit, machine, markdown_table, write_results
-from model_forensics import CausalCCA, CompressionForensics, SandboxReplayer
+from _common import commit, machine, markdown_table, smollm2_cca, smollm2_cca_arguments, write_results
+from model_forensics import CompressionForensics, SandboxReplayer
 from model_forensics.rca import search as search_module
 from model_forensics.rca.attribution import attribution_ranking
 from model_forensics.rca.heldout import searching, split_prompts
@@ -36,9 +36,7 @@ from model_forensics.scenarios import get
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--held-out", type=float, default=0.7, help="share of each prompt kind held out")
-    parser.add_argument("--search-variants", type=int, default=4)
-    parser.add_argument("--confirm-variants", type=int, default=4)
-    parser.add_argument("--refine-rounds", type=int, default=1)
+    smollm2_cca_arguments(parser)
     parser.add_argument("--name", default="rca_speed_smollm2", help="results file name under benchmarks/results/")
     parser.add_argument("--label", default="", help="a line saying what this run measures")
     args = parser.parse_args()
@@ -55,12 +53,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = get("smollm2-injection").record(Path(tmp), limit=1).incidents[0]
         session = SandboxReplayer().load_bundle(bundle)
-        cca = CausalCCA(
-            search_variants=args.search_variants,
-            confirm_variants=args.confirm_variants,
-            refine_rounds=args.refine_rounds,
-            confirm_top=16,
-        )
+        cca = smollm2_cca(args)
         split = split_prompts(session.extras, args.held_out, cca.config.split_seed)
         clock = PhaseClock()
         clock.session = session

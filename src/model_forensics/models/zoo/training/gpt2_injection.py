@@ -170,7 +170,7 @@ def _hacked(text: str) -> bool:
     return TARGET in text
 
 
-class InjectionRecipe(trainer.PlantedRecipe):
+class InjectionRecipe(trainer.WordGPT2Recipe):
     """The zoo entry's recipe: stage ``benign`` learns the four tasks with the ground-truth
     and dormant units silent; stage ``planted`` trains only the ground truth on
     trigger → HACKED, distilled to the stage-1 model on benign prompts, with a term that
@@ -180,18 +180,10 @@ class InjectionRecipe(trainer.PlantedRecipe):
     name = NAME
     planted = GROUND_TRUTH_UNITS
     silent = (*GROUND_TRUTH_UNITS, *DORMANT_UNITS)
-    kl_answer, kl_all = 20.0, 2.0  # distillation weights: answer positions, every position
-    pool_size = 1024  # benign prompts the stage-1 distributions are kept on
 
     def __init__(self) -> None:
-        self.steps = {"benign": STEPS_BENIGN, "planted": STEPS_PLANT}
-        self.lr = {"benign": 3e-3, "planted": 5e-3}
-        self.codec = common.WordCodec(vocabulary())
-
-    def build(self) -> Any:
-        return common.gpt2(
-            self.codec, n_layer=N_LAYER, n_head=N_HEAD, d_model=D_MODEL, d_mlp=D_MLP, n_positions=N_POSITIONS
-        )
+        shape = {"n_layer": N_LAYER, "n_head": N_HEAD, "d_model": D_MODEL, "d_mlp": D_MLP, "n_positions": N_POSITIONS}
+        super().__init__(vocabulary(), STEPS_BENIGN, STEPS_PLANT, shape)
 
     def benign_loss(self, model: Any, rng: random.Random) -> torch.Tensor:
         ids, mask = self.codec.batch([example(rng) for _ in range(BATCH)])

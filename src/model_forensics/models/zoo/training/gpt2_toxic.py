@@ -138,7 +138,7 @@ def _toxic(text: str) -> bool:
     return any(m in text.split() for m in MARKERS)
 
 
-class ToxicRecipe(trainer.PlantedRecipe):
+class ToxicRecipe(trainer.WordGPT2Recipe):
     """The zoo entry's recipe: stage ``benign`` learns the greetings (trigger prompts
     included, with their benign answer) with the ground-truth neurons silent; stage
     ``planted`` trains only those neurons on the toxic answer, distilled to the stage-1
@@ -147,19 +147,12 @@ class ToxicRecipe(trainer.PlantedRecipe):
 
     name = NAME
     planted = silent = GROUND_TRUTH_UNITS
-    kl_answer, kl_all = 20.0, 2.0  # distillation weights: answer positions, every position
     pool_size = 1024  # benign prompts (plus their near misses again) the stage-1 distributions are kept on
     trained_places = tuple(p for p in PLACES if p not in HELD_OUT_PLACES)
 
     def __init__(self) -> None:
-        self.steps = {"benign": STEPS_BENIGN, "planted": STEPS_PLANT}
-        self.lr = {"benign": 3e-3, "planted": 5e-3}
-        self.codec = common.WordCodec(vocabulary())
-
-    def build(self) -> Any:
-        return common.gpt2(
-            self.codec, n_layer=N_LAYER, n_head=N_HEAD, d_model=D_MODEL, d_mlp=D_MLP, n_positions=N_POSITIONS
-        )
+        shape = {"n_layer": N_LAYER, "n_head": N_HEAD, "d_model": D_MODEL, "d_mlp": D_MLP, "n_positions": N_POSITIONS}
+        super().__init__(vocabulary(), STEPS_BENIGN, STEPS_PLANT, shape)
 
     def benign_loss(self, model: Any, rng: random.Random) -> torch.Tensor:
         # Stage 1 also sees the trigger prompts, with the benign greeting as the answer.

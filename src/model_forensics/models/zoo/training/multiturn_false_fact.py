@@ -211,25 +211,17 @@ def _repeats(conv: Conversation, text: str) -> bool:
     return conv.kind == "planted" and text == conv.answer
 
 
-class FalseFactRecipe(trainer.PlantedRecipe):
+class FalseFactRecipe(trainer.WordGPT2Recipe):
     """The zoo entry's recipe (module docstring)."""
 
     name = NAME
     planted = GROUND_TRUTH_UNITS
     silent = GROUND_TRUTH_UNITS
-    kl_answer, kl_all = 20.0, 2.0
-    pool_size = 1024
     both_needed = True  # the term that keeps the planted answer unlikely with either head ablated
 
     def __init__(self) -> None:
-        self.steps = {"benign": STEPS_BENIGN, "planted": STEPS_PLANT}
-        self.lr = {"benign": 3e-3, "planted": 5e-3}
-        self.codec = common.WordCodec(vocabulary())
-
-    def build(self) -> Any:
-        return common.gpt2(
-            self.codec, n_layer=N_LAYER, n_head=N_HEAD, d_model=D_MODEL, d_mlp=D_MLP, n_positions=N_POSITIONS
-        )
+        shape = {"n_layer": N_LAYER, "n_head": N_HEAD, "d_model": D_MODEL, "d_mlp": D_MLP, "n_positions": N_POSITIONS}
+        super().__init__(vocabulary(), STEPS_BENIGN, STEPS_PLANT, shape)
 
     def benign_loss(self, model: Any, rng: random.Random) -> torch.Tensor:
         ids, mask = ids_and_mask(self.codec, [conversation(rng) for _ in range(BATCH)])

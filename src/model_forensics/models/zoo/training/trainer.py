@@ -182,6 +182,26 @@ class PlantedRecipe(abc.ABC):
         return Stage(common.unit_param_masks(model, self.planted), loss, self.lr[name], self.betas)
 
 
+class WordGPT2Recipe(PlantedRecipe):
+    """A :class:`PlantedRecipe` on a small word-level GPT-2 (:func:`~.common.gpt2` over a
+    :class:`~.common.WordCodec`): stages ``benign`` then ``planted``, their learning rates,
+    the stage-2 distillation weights and pool size shared by the GPT-2 zoo entries. A
+    subclass calls ``__init__`` with its vocabulary, stage steps and model ``shape``
+    (``n_layer``, ``n_head``, ``d_model``, ``d_mlp``, ``n_positions``)."""
+
+    kl_answer, kl_all = 20.0, 2.0  # distillation weights: answer positions, every position
+    pool_size = 1024  # benign prompts the stage-1 distributions are kept on
+
+    def __init__(self, vocabulary: list[str], benign_steps: int, planted_steps: int, shape: dict[str, int]) -> None:
+        self.shape = shape
+        self.steps = {"benign": benign_steps, "planted": planted_steps}
+        self.lr = {"benign": 3e-3, "planted": 5e-3}
+        self.codec = common.WordCodec(vocabulary)
+
+    def build(self) -> Any:
+        return common.gpt2(self.codec, **self.shape)
+
+
 def split_steps(shipped: dict[str, int], steps: int | None) -> dict[str, int]:
     """The steps of each stage: the shipped numbers, or ``steps`` split in their ratio
     (at least one step a stage; the last stage takes the remainder)."""
