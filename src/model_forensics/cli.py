@@ -381,7 +381,7 @@ def _print_summary(bundle_path: Path) -> None:
         )
     table.add_row("calls recorded", str(len(b.calls())))
     table.add_row("bundle size", _human(b.size_bytes()))
-    table.add_row("format", _safe(f"{m['format']} {m['format_version']}"))
+    table.add_row("format", _safe(f"{m['format']} {m['format_version']}, digests {b.hash}"))
     table.add_row("path", _safe(bundle_path))
     console.print(table)
     # Outside the table so neither is ever wrapped: people copy and compare these.
@@ -697,7 +697,8 @@ def bundle_info(
     from model_forensics.core.bundle import Bundle
 
     if as_json:
-        console.print_json(json.dumps(Bundle.open(path).manifest))
+        with Bundle.open(path) as opened:
+            console.print_json(json.dumps(opened.manifest))
         return
     _print_summary(path)
 
@@ -711,7 +712,7 @@ def bundle_verify(
         typer.Option("--trusted-key", help="Require a valid signature by this ed25519 public key (PEM or ssh-ed25519)"),
     ] = None,
     replay: Annotated[
-        bool, typer.Option("--replay", help="Also re-run the model and compare every site's sha256")
+        bool, typer.Option("--replay", help="Also re-run the model and compare every site's digest")
     ] = False,
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Override the bundle's model (with --replay)")
@@ -757,8 +758,8 @@ def bundle_verify(
     exact = sum(info["sketch"] == "full" for info in sites.values())
     console.print(
         f"[green]✓[/] {_safe(path)}: schema ok, format {_safe(bundle.manifest['format_version'])}, "
-        f"{len(bundle.manifest['files'])} files match their sha256, {len(sites)} sites decode to their "
-        f"stored sha256 and shape ({exact} exact tensors re-hashed), recorded verdict consistent",
+        f"{len(bundle.manifest['files'])} files match their digests ({bundle.hash}), {len(sites)} sites decode "
+        f"to their stored digests and shape ({exact} exact tensors re-hashed), recorded verdict consistent",
         soft_wrap=True,
     )
     console.print(f"digest {bundle.digest}", soft_wrap=True)
@@ -810,7 +811,8 @@ def bundle_sign(
     from model_forensics.core.bundle import Bundle
 
     signing.load_private_key(key)
-    problems = Bundle.open(path).verify_contents()
+    with Bundle.open(path) as opened:
+        problems = opened.verify_contents()
     if problems:
         raise ForensicsError(
             f"refusing to sign '{path}': it fails verification ({len(problems)} problems; first: {problems[0]})"
@@ -838,10 +840,11 @@ def bundle_pack(
     _check_exists(path, "bundle", "pass a bundle directory")
     _check_file_out(out, "--out")
     archive = pack_bundle(path, out, overwrite=overwrite)
-    packed = Bundle.open(archive)
+    with Bundle.open(archive) as packed:  # an archive opens into a temporary copy: removed now
+        digest = packed.digest
     console.print(
         f"[green]✓[/] packed {_safe(path)} → {_safe(archive)} ({_human(archive.stat().st_size)}), "
-        f"verified: digest {packed.digest}",
+        f"verified: digest {digest}",
         soft_wrap=True,
     )
 

@@ -84,7 +84,7 @@ def test_tampered_activations_are_rejected(bundle_dir: Path) -> None:
     data = bytearray((bundle_dir / "activations.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (bundle_dir / "activations.safetensors").write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="activations.safetensors sha256"):
+    with pytest.raises(BundleError, match="activations.safetensors blake3 differs"):
         Bundle.open(bundle_dir)
 
 

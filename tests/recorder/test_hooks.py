@@ -190,7 +190,7 @@ def test_calls_logged_before_generate_are_kept(tiny, tmp_path) -> None:
 
 def test_logits_are_kept_without_a_copy_and_match_the_bundle(tiny, tmp_path) -> None:
     from model_forensics import Bundle
-    from model_forensics.core.sketches import tensor_sha256
+    from model_forensics.core.digests import tensor_digest
 
     model = tiny["gpt2"].model
     with RecorderHooks(granularity="layer").install_hooks(model) as rec, torch.no_grad():
@@ -199,7 +199,8 @@ def test_logits_are_kept_without_a_copy_and_match_the_bundle(tiny, tmp_path) -> 
         kept = out.logits.clone()
         out.logits.clone().mul_(2)  # changing a copy is fine
         manifest = Bundle.open(rec.create_bundle(tmp_path / "b")).manifest
-    assert manifest["output"]["logits_sha256"] == tensor_sha256(kept)
+    assert manifest["hash"] == "blake3"  # the default (format 1.3)
+    assert manifest["output"]["logits_sha256"] == tensor_digest(kept, "blake3")
 
 
 def test_logits_changed_in_place_after_the_forward_are_refused(tiny, tmp_path) -> None:
@@ -214,7 +215,7 @@ def test_logits_changed_in_place_after_the_forward_are_refused(tiny, tmp_path) -
 
 def test_inference_mode_logits_are_copied(tiny, tmp_path) -> None:
     from model_forensics import Bundle
-    from model_forensics.core.sketches import tensor_sha256
+    from model_forensics.core.digests import tensor_digest
 
     model = tiny["gpt2"].model
     with RecorderHooks(granularity="layer").install_hooks(model) as rec:
@@ -223,4 +224,5 @@ def test_inference_mode_logits_are_copied(tiny, tmp_path) -> None:
             kept = out.logits.clone()
             out.logits.mul_(2)
         manifest = Bundle.open(rec.create_bundle(tmp_path / "b")).manifest
-    assert manifest["output"]["logits_sha256"] == tensor_sha256(kept)
+    assert manifest["hash"] == "blake3"  # the default (format 1.3)
+    assert manifest["output"]["logits_sha256"] == tensor_digest(kept, "blake3")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from model_forensics import Bundle, RecorderHooks
-from model_forensics.core import sketches
+from model_forensics.core import digests, sketches
 from model_forensics.recorder.spool import ActivationSpool, joined_shape
 
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2, 8, 4]])
@@ -53,8 +53,8 @@ def test_a_streamed_bundle_is_byte_identical_to_an_in_memory_one(tiny, tmp_path:
     assert a.manifest["files"]["activations.safetensors"] == b.manifest["files"]["activations.safetensors"]
     assert {**a.cube(), "meta": None} == {**b.cube(), "meta": None}  # the cube's summaries are equal
     assert b.verify_contents() == []
-    for site in a.sites:  # the exact sha256 in the manifest is of the exact tensor, whatever the sketch
-        assert a.manifest["sites"][site]["sha256"] == sketches.tensor_sha256(ram.recorded()[site])
+    for site in a.sites:  # the exact digest in the manifest is of the exact tensor, whatever the sketch
+        assert a.manifest["sites"][site]["sha256"] == digests.tensor_digest(ram.recorded()[site], a.hash)
 
 
 def test_a_budget_bounds_what_the_recorder_holds_in_ram(tiny, tmp_path: Path) -> None:

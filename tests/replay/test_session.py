@@ -123,7 +123,7 @@ def test_tampered_activations_are_refused(bundles, tmp_path):
     data = bytearray((path / "activations.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (path / "activations.safetensors").write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="activations.safetensors sha256 differs"):
+    with pytest.raises(BundleError, match="activations.safetensors blake3 differs"):
         SandboxReplayer().load_bundle(path)
 
 

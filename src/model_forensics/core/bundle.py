@@ -63,8 +63,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file as _safetensors_save_file
 
-from model_forensics.core import conversation, keys, sketches
+from model_forensics.core import conversation, digests, keys, sketches
 from model_forensics.core.config import BundleConfig
+from model_forensics.core.digests import file_digest
 from model_forensics.core.errors import BundleError, SandboxViolation
 from model_forensics.core.files import shared_mode
 from model_forensics.core.manifest import (
@@ -119,14 +120,8 @@ __all__ = [
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB pieces into one buffer (hashlib and the
-    reads release the GIL, so several files hash in parallel threads)."""
-    digest = hashlib.sha256()
-    view = memoryview(bytearray(1024 * 1024))
-    with path.open("rb", buffering=0) as fh:
-        while done := fh.readinto(view):
-            digest.update(view[:done])
-    return digest.hexdigest()
+    """sha256 of a file's bytes (see :func:`model_forensics.core.digests.file_digest`)."""
+    return file_digest(path, "sha256")
 
 
 def canonical_json(value: Any) -> bytes:
@@ -140,15 +135,16 @@ def content_digest(manifest: dict[str, Any]) -> str:
     return DIGEST_PREFIX + hashlib.sha256(canonical_json(manifest)).hexdigest()
 
 
-def stored_sha256(entries: dict[str, torch.Tensor], by_entry: bool = False) -> str:
-    """sha256 of one site's stored sketch entries: per entry (sorted by name) its name,
-    dtype and shape, then its exact bytes (format 1.1) or, ``by_entry`` (format 1.2), the
-    32-byte sha256 of those bytes (see :func:`entries_sha256`)."""
+def stored_sha256(entries: dict[str, torch.Tensor], by_entry: bool = False, algorithm: str = "sha256") -> str:
+    """The digest of one site's stored sketch entries: per entry (sorted by name) its name,
+    dtype and shape, then its exact bytes (format 1.1) or, ``by_entry`` (format 1.2 on), the
+    32-byte digest of those bytes (see :func:`entries_sha256`), under ``algorithm``."""
     if by_entry:
         return entries_sha256(
-            [(n, t.dtype, list(t.shape), _sha256(sketches.tensor_bytes(t))) for n, t in entries.items()]
+            [(n, t.dtype, list(t.shape), _digest(sketches.tensor_bytes(t), algorithm)) for n, t in entries.items()],
+            algorithm,
         )
-    digest = hashlib.sha256()
+    digest = digests.hasher(algorithm)
     for name in sorted(entries):
         t = entries[name].detach().contiguous()
         digest.update(_entry_prefix(name, str(t.dtype).removeprefix("torch."), list(t.shape)))
@@ -474,10 +470,11 @@ def _os_message(exc: OSError, what: str) -> str:
 def _write_files(tmp: Path, contents: BundleContents) -> dict[str, Any]:
     """Write and fsync every file into ``tmp``; returns the manifest as written.
 
-    Each byte is hashed once, from memory, while it is written (format 1.2): every
-    safetensors entry gets its own sha256 in a small thread pool, and the file digests
-    (``sha256-entries``), each site's ``stored_sha256`` and the exact sha256 of each
-    ``full`` site are derived from those entry digests. Activations are written one site at
+    Each byte is hashed once, from memory, while it is written (format 1.2 on), under the
+    manifest's ``hash`` (format 1.3; sha256 when absent): every safetensors entry gets its
+    own digest in a small thread pool, and the file digests (``<hash>-entries``), each
+    site's ``stored_sha256`` and the exact digest of each ``full`` site are derived from
+    those entry digests. Activations are written one site at
     a time from a :class:`SiteSource` (a recorder's spool), so the writer holds one site in
     memory. Nothing is read back. The bytes are those safetensors' ``save_file`` writes
     (tests/core/test_bundle_io_identity.py compares them).
@@ -489,21 +486,24 @@ def _write_files(tmp: Path, contents: BundleContents) -> dict[str, Any]:
     turn before the next was written.
     """
     manifest = dict(contents.manifest)
+    algorithm = digests.algorithm_of(manifest)
+    if algorithm not in digests.ALGORITHMS:
+        raise BundleError(f"hash {algorithm!r} is not a digest algorithm; use one of {', '.join(digests.ALGORITHMS)}")
     source = contents.activations
     if not isinstance(source, SiteSource):
         source = TensorSites(list(manifest["sites"]), source)
     with ThreadPoolExecutor(max_workers=len(DATA_FILES) + 1, thread_name_prefix="bundle-fsync") as background:
-        inputs = background.submit(_save_tensors, contents.inputs, tmp / "inputs.safetensors")
-        outputs = background.submit(_save_tensors, contents.outputs, tmp / "outputs.safetensors")
+        inputs = background.submit(_save_tensors, contents.inputs, tmp / "inputs.safetensors", algorithm)
+        outputs = background.submit(_save_tensors, contents.outputs, tmp / "outputs.safetensors", algorithm)
         syncs = []
-        written = _save_sites(source, tmp / "activations.safetensors")
+        written = _save_sites(source, tmp / "activations.safetensors", algorithm)
         syncs.append(background.submit(_fsync_file, tmp / "activations.safetensors"))
         files = {"activations.safetensors": written.describe()}
         cube = json.dumps(contents.cube or {}, allow_nan=False).encode()
-        files["cube.json"] = _write_bytes(tmp / "cube.json", cube, sync=False)
+        files["cube.json"] = _write_bytes(tmp / "cube.json", cube, algorithm, sync=False)
         syncs.append(background.submit(_fsync_file, tmp / "cube.json"))
         calls = "".join(json.dumps(c, sort_keys=True, allow_nan=False) + "\n" for c in contents.calls or [])
-        files["calls.jsonl"] = _write_bytes(tmp / "calls.jsonl", calls.encode(), sync=False)
+        files["calls.jsonl"] = _write_bytes(tmp / "calls.jsonl", calls.encode(), algorithm, sync=False)
         syncs.append(background.submit(_fsync_file, tmp / "calls.jsonl"))
         files["inputs.safetensors"], files["outputs.safetensors"] = inputs.result(), outputs.result()
         owners = entries_by_site(manifest["sites"], written.entries)
@@ -513,7 +513,7 @@ def _write_files(tmp: Path, contents: BundleContents) -> dict[str, Any]:
         manifest["files"] = {name: files[name] for name in DATA_FILES}
         validate_format(manifest, "the manifest of the bundle being written")
         text = json.dumps(manifest, indent=1, allow_nan=False)
-        _write_bytes(tmp / MANIFEST, text.encode(), sync=False)
+        _write_bytes(tmp / MANIFEST, text.encode(), algorithm, sync=False)
         syncs.append(background.submit(_fsync_file, tmp / MANIFEST))
         for sync in syncs:
             sync.result()  # raises the OSError of a failed fsync (a full disk)
@@ -524,7 +524,10 @@ def _site_digests(site: str, info: dict[str, Any], names: list[str], written: _W
     """A site's table entry with ``stored_sha256`` derived from the digests of its entries
     ``names``, and its exact ``sha256`` when left to the writer: the digest of the exact
     tensor the source handed over, or a ``full`` site's entry digest."""
-    out = {**info, "stored_sha256": entries_sha256([(n, *written.specs[n], written.entries[n]) for n in names])}
+    out = {
+        **info,
+        "stored_sha256": entries_sha256([(n, *written.specs[n], written.entries[n]) for n in names], written.algorithm),
+    }
     if info.get("sha256") is None:
         exact = written.exact.get(site)
         if exact is None and info["sketch"] == "full" and site in written.entries:
@@ -537,15 +540,18 @@ def _hash_threads() -> int:
     return max(2, min(4, os.cpu_count() or 2))
 
 
-def _write_bytes(file: Path, data: bytes, sync: bool = True) -> dict[str, Any]:
-    """Write, fsync (unless the caller does, ``sync=False``) and describe (sha256 + size)
-    one small file."""
+def _write_bytes(file: Path, data: bytes, algorithm: str, sync: bool = True) -> dict[str, Any]:
+    """Write, fsync (unless the caller does, ``sync=False``) and describe (digest under
+    ``algorithm`` + size) one small file."""
     with file.open("wb") as fh:
         fh.write(data)
         fh.flush()
         if sync:
             os.fsync(fh.fileno())
-    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    described: dict[str, Any] = {"sha256": digests.hexdigest(data, algorithm), "bytes": len(data)}
+    if algorithm != digests.LEGACY:  # a 1.2 table entry has no "digest" (it means sha256)
+        described["digest"] = algorithm
+    return described
 
 
 def _fsync_file(file: Path) -> None:
@@ -600,25 +606,37 @@ class TensorSites:
         return {n: self._tensors[n] for n in self._groups[site]}, None
 
 
-# -- digests (format 1.2: each byte hashed once) -------------------------------------------------
-ENTRY_DIGEST = "sha256-entries"
+# -- digests (format 1.2 on: each byte hashed once) ----------------------------------------------
+FILE_DIGESTS = {
+    "sha256": ("sha256", False),
+    "sha256-entries": ("sha256", True),
+    "blake3": ("blake3", False),
+    "blake3-entries": ("blake3", True),
+}
+"""A files-table ``digest`` → (its algorithm, whether it is over entry digests)."""
 
 
-def entries_digest(header: bytes, entries: list[bytes]) -> str:
-    """A safetensors file's ``sha256-entries`` digest: sha256 over the 32-byte sha256 of
-    its header (length + JSON + padding), then the 32-byte sha256 of each entry's bytes in
-    file order. The entries tile the data area (the reader checks it), so every byte of the
-    file is covered once."""
-    digest = hashlib.sha256(header)
+def entries_scheme(algorithm: str) -> str:
+    """The files-table ``digest`` of a safetensors file hashed entry by entry: ``sha256-entries``
+    (format 1.2) or ``blake3-entries`` (1.3)."""
+    return f"{algorithm}-entries"
+
+
+def entries_digest(header: bytes, entries: list[bytes], algorithm: str = "sha256") -> str:
+    """A safetensors file's ``<algorithm>-entries`` digest: the algorithm over the 32-byte
+    digest of its header (length + JSON + padding), then the 32-byte digest of each entry's
+    bytes in file order. The entries tile the data area (the reader checks it), so every
+    byte of the file is covered once."""
+    digest = digests.hasher(algorithm, header)
     for entry in entries:
         digest.update(entry)
     return digest.hexdigest()
 
 
-def entries_sha256(entries: list[tuple[str, torch.dtype | str, Any, bytes]]) -> str:
-    """A site's ``stored_sha256`` (format 1.2): per entry, sorted by name, the text
-    ``name:dtype:[shape];`` then the entry's 32-byte sha256."""
-    digest = hashlib.sha256()
+def entries_sha256(entries: list[tuple[str, torch.dtype | str, Any, bytes]], algorithm: str = "sha256") -> str:
+    """A site's ``stored_sha256`` (format 1.2 on): per entry, sorted by name, the text
+    ``name:dtype:[shape];`` then the entry's 32-byte digest, all under ``algorithm``."""
+    digest = digests.hasher(algorithm)
     for name, dtype, shape, entry in sorted(entries, key=lambda e: e[0]):
         digest.update(_entry_prefix(name, str(dtype).removeprefix("torch."), list(shape)))
         digest.update(entry)
@@ -627,22 +645,24 @@ def entries_sha256(entries: list[tuple[str, torch.dtype | str, Any, bytes]]) -> 
 
 @dataclass
 class _Written:
-    """What one safetensors file was written with: its size, the sha256 of its header and
-    of every entry (raw 32 bytes, in file order), every entry's dtype and shape, and the
-    sha256 of the exact tensor of each site whose source handed one over."""
+    """What one safetensors file was written with: its size, the digest (under
+    ``algorithm``) of its header and of every entry (raw 32 bytes, in file order), every
+    entry's dtype and shape, and the digest of the exact tensor of each site whose source
+    handed one over."""
 
     size: int
     header: bytes
     entries: dict[str, bytes]
     specs: dict[str, Spec]
+    algorithm: str
     exact: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def digest(self) -> str:
-        return entries_digest(self.header, list(self.entries.values()))
+        return entries_digest(self.header, list(self.entries.values()), self.algorithm)
 
     def describe(self) -> dict[str, Any]:
-        return {"sha256": self.digest, "bytes": self.size, "digest": ENTRY_DIGEST}
+        return {"sha256": self.digest, "bytes": self.size, "digest": entries_scheme(self.algorithm)}
 
 
 # -- safetensors files ---------------------------------------------------------------------------
@@ -696,16 +716,16 @@ def safetensors_layout(specs: dict[str, Spec]) -> tuple[bytes, dict[str, tuple[i
     return struct.pack("<Q", len(text)) + text, spans
 
 
-def _save_tensors(entries: dict[str, torch.Tensor], file: Path) -> dict[str, Any]:
+def _save_tensors(entries: dict[str, torch.Tensor], file: Path, algorithm: str) -> dict[str, Any]:
     """Write ``entries`` with :func:`save_file`, fsynced, umask permissions; its I/O errors
     (a full disk) raised as the OSError they are. Returns the file's table entry."""
-    described = _os_errors(file, lambda: save_file(entries, str(file)))
+    described = _os_errors(file, lambda: save_file(entries, str(file), algorithm=algorithm))
     if described is None:  # written by another writer: hash what it wrote
-        return _hash_written(file).describe()
+        return _hash_written(file, algorithm).describe()
     return dict(described)
 
 
-def _save_sites(source: SiteSource, file: Path) -> _Written:
+def _save_sites(source: SiteSource, file: Path, algorithm: str) -> _Written:
     """Write every site of ``source`` into the safetensors file ``file``, one site in
     memory at a time; returns what was written."""
 
@@ -720,12 +740,12 @@ def _save_sites(source: SiteSource, file: Path) -> _Written:
             for site in source.sites():
                 entries, tensor = source.load(site)
                 if tensor is not None:
-                    exact[site] = _sha256(sketches.tensor_bytes(tensor))
+                    exact[site] = _digest(sketches.tensor_bytes(tensor), algorithm)
                 tensors.update(entries)
             _safetensors_save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(file))
-            return dataclasses.replace(_hash_written(file), exact=exact)
+            return dataclasses.replace(_hash_written(file, algorithm), exact=exact)
         sites = ((site, partial(source.load, site), _nbytes(by_site[site])) for site in by_site)
-        return _write_entries(file, prefix, spans, specs, sites, sync=False)
+        return _write_entries(file, prefix, spans, specs, sites, algorithm, sync=False)
 
     return _os_errors(file, write)
 
@@ -747,18 +767,19 @@ def _os_errors(file: Path, write: Any) -> Any:
     return result
 
 
-def _hash_written(file: Path) -> _Written:
+def _hash_written(file: Path, algorithm: str) -> _Written:
     """Hash a safetensors file written by someone else (fsynced here), entry by entry."""
     with file.open("rb") as fh:
         os.fsync(fh.fileno())
     mapped = _MappedFile(file)
     with ThreadPoolExecutor(max_workers=_hash_threads(), thread_name_prefix="bundle-hash") as pool:
-        header, entries = mapped.entry_digests(pool)
+        header, entries = mapped.entry_digests(pool, algorithm)
         return _Written(
             mapped.layout.size,
             header.result(),
             entries(),
             {n: (getattr(torch, d), tuple(s)) for n, (d, s, _b, _e) in mapped.layout.entries.items()},
+            algorithm,
         )
 
 
@@ -769,8 +790,8 @@ tensor to hash (None: none to hash)."""
 
 @dataclass
 class _Prepared:
-    """One site, encoded and hashed, waiting to be written: each entry's bytes and sha256,
-    and the sha256 of the exact tensor (None: none was handed over)."""
+    """One site, encoded and hashed, waiting to be written: each entry's bytes and digest,
+    and the digest of the exact tensor (None: none was handed over)."""
 
     data: dict[str, Any]
     sums: dict[str, bytes]
@@ -787,6 +808,7 @@ def _write_entries(
     spans: dict[str, tuple[int, int]],
     specs: dict[str, Spec],
     sites: Iterator[tuple[str, Load, int]],
+    algorithm: str,
     sync: bool = True,
 ) -> _Written:
     """Write a safetensors file whose header is ``prefix``, site by site in order (each
@@ -797,13 +819,13 @@ def _write_entries(
     (``sync=False``)."""
     start = len(prefix)
     entry_sums: dict[str, bytes] = {}
-    exact: dict[str, bytes] = {}  # site → sha256 of its exact tensor
+    exact: dict[str, bytes] = {}  # site → digest of its exact tensor
 
     def prepare(load: Load) -> _Prepared:
         entries, tensor = load()
         data = {name: _checked_bytes(name, t, specs, spans) for name, t in entries.items()}
-        sums = {name: _sha256(chunk) for name, chunk in data.items()}
-        return _Prepared(data, sums, None if tensor is None else _sha256(sketches.tensor_bytes(tensor)))
+        sums = {name: _digest(chunk, algorithm) for name, chunk in data.items()}
+        return _Prepared(data, sums, None if tensor is None else _digest(sketches.tensor_bytes(tensor), algorithm))
 
     def write(site: str, prepared: _Prepared) -> None:
         for name, chunk in prepared.data.items():
@@ -816,7 +838,7 @@ def _write_entries(
         ThreadPoolExecutor(max_workers=_hash_threads(), thread_name_prefix="bundle-encode") as pool,
         file.open("wb") as fh,
     ):
-        header = pool.submit(_sha256, prefix)
+        header = pool.submit(_digest, prefix, algorithm)
         _pwrite(fh.fileno(), prefix, 0)
         ahead: deque[tuple[str, Future[_Prepared], int]] = deque()  # (site, its task, its bytes)
         waiting = 0
@@ -837,7 +859,7 @@ def _write_entries(
         fh.truncate(size)
         if sync:
             os.fsync(fh.fileno())
-        return _Written(size, header.result(), {n: entry_sums[n] for n in spans}, specs, exact)
+        return _Written(size, header.result(), {n: entry_sums[n] for n in spans}, specs, algorithm, exact)
 
 
 def _nbytes(specs: dict[str, Spec]) -> int:
@@ -855,14 +877,8 @@ def _checked_bytes(name: str, tensor: torch.Tensor, specs: dict[str, Spec], span
     return sketches.tensor_bytes(tensor)
 
 
-def _sha256(data: Any) -> bytes:
-    return hashlib.sha256(data).digest()
-
-
-def _sha256_each(chunks: list[Any]) -> list[bytes]:
-    """The sha256 of each buffer, in one task (small entries would cost more as a task
-    each than their hashing)."""
-    return [_sha256(chunk) for chunk in chunks]
+def _digest(data: Any, algorithm: str) -> bytes:
+    return digests.digest(data, algorithm)
 
 
 _BATCH_BYTES = 4 * 1024 * 1024  # a verifying hash task takes consecutive entries up to this many bytes
@@ -876,11 +892,12 @@ def _pwrite(fd: int, data: Any, offset: int) -> None:
         view, offset = view[done:], offset + done
 
 
-def save_file(tensors: dict[str, torch.Tensor], filename: str) -> dict[str, Any] | None:
+def save_file(tensors: dict[str, torch.Tensor], filename: str, algorithm: str = "sha256") -> dict[str, Any] | None:
     """``safetensors.torch.save_file`` at disk speed: the same bytes, written straight from
-    the tensors' memory (no copies), each entry hashed in a thread pool as it is written,
-    then fsynced. Returns the file's table entry (``sha256-entries`` digest and size), or
-    None when safetensors itself wrote the file (names outside the fast layout)."""
+    the tensors' memory (no copies), each entry hashed (under ``algorithm``) in a thread
+    pool as it is written, then fsynced. Returns the file's table entry
+    (``<algorithm>-entries`` digest and size), or None when safetensors itself wrote the
+    file (names outside the fast layout)."""
     file = Path(filename)
     specs = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
     try:
@@ -888,7 +905,8 @@ def save_file(tensors: dict[str, torch.Tensor], filename: str) -> dict[str, Any]
     except ValueError:
         _safetensors_save_file(tensors, filename)
         return None
-    return _write_entries(file, prefix, spans, specs, iter([("", lambda: (tensors, None), 0)])).describe()
+    sites = iter([("", lambda: (tensors, None), 0)])
+    return _write_entries(file, prefix, spans, specs, sites, algorithm).describe()
 
 
 def pack_bundle(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
@@ -900,10 +918,14 @@ def pack_bundle(path: str | Path, out: str | Path, overwrite: bool = False) -> P
         BundleError: the bundle does not verify, ``out`` is not a ``.mfb.zip`` name, exists
             (without ``overwrite``) or is a directory, or cannot be written.
     """
-    bundle = Bundle.open(path)
+    with Bundle.open(path) as bundle:
+        return _pack(bundle, path, Path(out), overwrite)
+
+
+def _pack(bundle: Bundle, path: str | Path, target: Path, overwrite: bool) -> Path:
+    """:func:`pack_bundle` of the opened ``bundle`` (closed by the caller)."""
     if bundle.source.is_file():
         raise BundleError(f"'{path}' is already an archive; pack a bundle directory")
-    target = Path(out)
     if not target.name.endswith(".mfb.zip"):
         raise BundleError(f"'{target}' must end in .mfb.zip (the name the reader opens as an archive)")
     if target.is_dir() or target.is_symlink():
@@ -925,8 +947,9 @@ def pack_bundle(path: str | Path, out: str | Path, overwrite: bool = False) -> P
                         zf.write(bundle.path / file, arcname=file)
             fh.flush()
             os.fsync(fh.fileno())
-        packed = Bundle.open(tmp)
-        if packed.digest != bundle.digest:
+        with Bundle.open(tmp) as packed:
+            same = packed.digest == bundle.digest
+        if not same:
             raise BundleError(f"the archive written for '{path}' does not hold the same bundle; nothing was written")
         os.replace(tmp, target)
     except OSError as exc:
@@ -947,10 +970,14 @@ def unpack_bundle(archive: str | Path, out: str | Path, overwrite: bool = False)
         BundleError: the archive is not a valid bundle, or ``out`` cannot take a bundle
             (see :func:`check_writable_target`).
     """
-    bundle = Bundle.open(archive)
+    with Bundle.open(archive) as bundle:
+        return _unpack(bundle, archive, Path(out), overwrite)
+
+
+def _unpack(bundle: Bundle, archive: str | Path, target: Path, overwrite: bool) -> Path:
+    """:func:`unpack_bundle` of the opened archive ``bundle`` (closed by the caller)."""
     if not bundle.source.is_file():
         raise BundleError(f"'{archive}' is a bundle directory already; unpack a .mfb.zip file")
-    target = Path(out)
     clean_stale_temporaries(target)
     check_writable_target(target, overwrite)
     with _staged(target, overwrite) as tmp:
@@ -964,7 +991,12 @@ def unpack_bundle(archive: str | Path, out: str | Path, overwrite: bool = False)
 
 # -- reading ---------------------------------------------------------------------------------
 class Bundle:
-    """A bundle opened for reading. Use :meth:`open`; checksums are verified on open."""
+    """A bundle opened for reading. Use :meth:`open`; checksums are verified on open.
+
+    An open bundle holds its data files open (mapped) and, for an archive, an unpacked
+    copy; :meth:`close` (or ``with Bundle.open(path) as bundle:``) releases them now rather
+    than when the object is collected. Tensors read before closing stay valid.
+    """
 
     def __init__(
         self,
@@ -982,7 +1014,8 @@ class Bundle:
         self._maps: dict[str, _MappedFile] = {}
         self._owners: dict[str, list[str]] | None = None
         self._digests: dict[str, tuple[str, str | None]] = {}
-        self._entry_sums: dict[str, dict[str, bytes]] = {}  # file → entry → sha256 (format 1.2)
+        self._entry_sums: dict[str, dict[str, bytes]] = {}  # file → entry → digest (format 1.2 on)
+        self._closed = False
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = True, limits: BundleConfig | None = None) -> Bundle:
@@ -1035,9 +1068,36 @@ class Bundle:
                 )
         return bundle
 
+    def close(self) -> None:
+        """Release the open data files and maps, and remove the unpacked copy of an archive.
+        Idempotent. The manifest stays readable; reading a file afterwards is a
+        :class:`BundleError`. Tensors read before stay valid: a map is unmapped (and its
+        file closed) when the last tensor that views it is freed, at once if none does."""
+        if self._closed:
+            return
+        self._closed = True
+        for cached in ("inputs", "outputs"):
+            self.__dict__.pop(cached, None)  # the bundle's own views of the maps
+        for mapped in self._maps.values():
+            mapped.close()
+        self._maps.clear()
+        if self._cleanup is not None:
+            self._cleanup.cleanup()
+
+    def __enter__(self) -> Bundle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BundleError(f"bundle '{self.source}' was closed; open it again (Bundle.open) to read its files")
+
     def verify_files(self) -> list[str]:
-        """Problems found comparing every data file with the sha256 and size in the manifest
+        """Problems found comparing every data file with the digest and size in the manifest
         (every data file must be listed and present)."""
+        self._check_open()
         with ThreadPoolExecutor(max_workers=_hash_threads(), thread_name_prefix="bundle-verify") as pool:
             return self._verify_files(pool)
 
@@ -1057,10 +1117,12 @@ class Bundle:
                 found[name] = f"{name} is missing"
             elif file.stat().st_size != info["bytes"]:
                 found[name] = f"{name} has {file.stat().st_size} bytes, manifest says {info['bytes']}"
-            elif info.get("digest") == ENTRY_DIGEST:
-                found[name] = self._entries_digest(name, pool)
             else:
-                found[name] = pool.submit(file_sha256, file).result
+                algorithm, by_entry = FILE_DIGESTS[info.get("digest", "sha256")]
+                if by_entry:
+                    found[name] = self._entries_digest(name, pool, algorithm)
+                else:
+                    found[name] = pool.submit(file_digest, file, algorithm).result
 
         def problems() -> list[str]:
             out = []
@@ -1068,17 +1130,18 @@ class Bundle:
                 if isinstance(result, str):
                     out.append(result)
                 elif (digest := result()) != table[name]["sha256"]:
-                    out.append(digest if digest.startswith(name) else f"{name} sha256 differs from the manifest")
+                    algorithm = FILE_DIGESTS[table[name].get("digest", "sha256")][0]
+                    out.append(digest if digest.startswith(name) else f"{name} {algorithm} differs from the manifest")
             return out
 
         return problems
 
-    def _entries_digest(self, name: str, pool: ThreadPoolExecutor) -> Callable[[], str]:
-        """Start hashing ``name`` entry by entry (format 1.2) and return what waits for its
-        ``sha256-entries`` digest (or a problem, prefixed with the file's name); the entry
-        digests are kept for the site checks."""
+    def _entries_digest(self, name: str, pool: ThreadPoolExecutor, algorithm: str) -> Callable[[], str]:
+        """Start hashing ``name`` entry by entry (format 1.2 on) and return what waits for its
+        ``<algorithm>-entries`` digest (or a problem, prefixed with the file's name); the
+        entry digests are kept for the site checks."""
         try:
-            header, entries = self._mapped(name).entry_digests(pool)
+            header, entries = self._mapped(name).entry_digests(pool, algorithm)
         except BundleError as exc:
             problem = f"{name}: {exc}"
             return lambda: problem
@@ -1086,7 +1149,7 @@ class Bundle:
         def digest() -> str:
             sums = entries()
             self._entry_sums[name] = sums
-            return entries_digest(header.result(), list(sums.values()))
+            return entries_digest(header.result(), list(sums.values()), algorithm)
 
         return digest
 
@@ -1106,6 +1169,13 @@ class Bundle:
     @property
     def sites(self) -> list[str]:
         return list(self.manifest["sites"])
+
+    @property
+    def hash(self) -> str:
+        """The algorithm of the bundle's content digests: ``blake3`` or ``sha256`` (format
+        1.3 names it; older bundles are sha256). Compare a replayed tensor with a recorded
+        digest by :func:`model_forensics.core.digests.tensor_digest` under it."""
+        return digests.algorithm_of(self.manifest)
 
     @property
     def partial(self) -> dict[str, str]:
@@ -1151,6 +1221,7 @@ class Bundle:
             yield site, self.activation(site)
 
     def cube(self) -> dict[str, Any]:
+        self._check_open()
         value = parse_json(
             _read_capped(self.path / "cube.json", self.limits.max_manifest_mb, self.source), "cube.json", self.limits
         )
@@ -1159,6 +1230,7 @@ class Bundle:
         return value
 
     def calls(self) -> list[dict[str, Any]]:
+        self._check_open()
         raw = _read_capped(self.path / "calls.jsonl", self.limits.max_calls_mb, self.source)
         calls = []
         for number, line in enumerate(raw.split(b"\n"), start=1):
@@ -1171,6 +1243,7 @@ class Bundle:
         return calls
 
     def size_bytes(self) -> int:
+        self._check_open()
         return (
             sum(int(info["bytes"]) for info in self.manifest["files"].values()) + (self.path / MANIFEST).stat().st_size
         )
@@ -1179,18 +1252,20 @@ class Bundle:
     def verify_contents(self) -> list[str]:
         """Parse and check every file, not just its hash: inputs and outputs match their
         tables, every site's stored sketch matches its ``stored_sha256`` and decodes to its
-        declared shape and dtype (``full`` sites: to their exact sha256), the cube matches its
+        declared shape and dtype (``full`` sites: to their exact digest), the cube matches its
         schema, every call is a JSON object, and the recorded verdict agrees with the
         recorded output. Returns the problems found (empty: the bundle is consistent).
 
-        One pass over the bytes: the files are mapped afresh, and every file's sha256 and
+        One pass over the bytes: the files are mapped afresh, and every file's digest and
         every site's digests are computed side by side in threads. Meanwhile the checks that
         need no digest (tables, cube, calls, verdict) run here; what they find is reported
         only if every file matches the manifest (otherwise the checksum problems alone are)."""
+        self._check_open()
         self._maps.clear()
         self._owners = None
         self._entry_sums = {}
-        by_entry = self.manifest["files"].get("activations.safetensors", {}).get("digest") == ENTRY_DIGEST
+        activations = self.manifest["files"].get("activations.safetensors", {})
+        by_entry = activations.get("digest") == entries_scheme(self.hash)  # site digests follow from entry digests
         with ThreadPoolExecutor(max_workers=_hash_threads(), thread_name_prefix="bundle-verify") as pool:
             sites = {} if by_entry or self._sites_by_entry else self._hash_sites(pool)
             hashed = self._start_verify_files(pool)
@@ -1239,7 +1314,7 @@ class Bundle:
             return {}
         table = self.manifest["sites"]
         return {
-            site: pool.submit(mapped.site_digests, site, owners[site], table[site]["sketch"] == "full")
+            site: pool.submit(mapped.site_digests, site, owners[site], table[site]["sketch"] == "full", self.hash)
             for site in self.sites
         }
 
@@ -1250,14 +1325,14 @@ class Bundle:
         return (int(major), int(minor or 0)) >= (1, 2)
 
     def _sites_from_entries(self) -> dict[str, tuple[str, str | None]]:
-        """Each site's digests (``stored_sha256``, exact sha256 of a ``full`` site) derived
-        from the entry digests that verification computed (format 1.2): no byte is hashed
+        """Each site's digests (``stored_sha256``, exact digest of a ``full`` site) derived
+        from the entry digests that verification computed (format 1.2 on): no byte is hashed
         twice."""
         sums = self._entry_sums.get("activations.safetensors", {})
         layout, table = self._mapped("activations.safetensors").layout.entries, self.manifest["sites"]
         out: dict[str, tuple[str, str | None]] = {}
         for site, names in self._site_names().items():
-            stored = entries_sha256([(n, layout[n][0], layout[n][1], sums[n]) for n in names])
+            stored = entries_sha256([(n, layout[n][0], layout[n][1], sums[n]) for n in names], self.hash)
             full = table[site]["sketch"] == "full" and site in names
             out[site] = (stored, sums[site].hex() if full else None)
         return out
@@ -1265,12 +1340,13 @@ class Bundle:
     def _check_site(self, site: str) -> list[str]:
         info = self.manifest["sites"][site]
         entries = self._site_entries(site)
-        stored, exact = self._digests.get(site) or (stored_sha256(entries, self._sites_by_entry), None)
+        algorithm = self.hash
+        stored, exact = self._digests.get(site) or (stored_sha256(entries, self._sites_by_entry, algorithm), None)
         if "stored_sha256" in info and stored != info["stored_sha256"]:
-            return [f"site {_show(site)}: stored sketch sha256 differs from the manifest"]
+            return [f"site {_show(site)}: stored sketch {algorithm} differs from the manifest"]
         _check_decodable(site, entries, info, self._mapped("activations.safetensors").int64_ranges)
-        if info["sketch"] == "full" and (exact or sketches.tensor_sha256(entries[site])) != info["sha256"]:
-            return [f"site {_show(site)}: tensor sha256 differs from the manifest"]
+        if info["sketch"] == "full" and (exact or digests.tensor_digest(entries[site], algorithm)) != info["sha256"]:
+            return [f"site {_show(site)}: tensor {algorithm} differs from the manifest"]
         return []
 
     def _check_cube(self) -> list[str]:
@@ -1319,6 +1395,7 @@ class Bundle:
     # -- internals -------------------------------------------------------------------------
     def _mapped(self, name: str) -> _MappedFile:
         """The checked, mapped safetensors file ``name`` (checked and mapped once)."""
+        self._check_open()
         if name not in self._maps:
             self._maps[name] = _MappedFile(self.path / name)
         return self._maps[name]
@@ -1505,10 +1582,16 @@ class _MappedFile:
                 self._fd = os.dup(fh.fileno())
         except (OSError, ValueError) as exc:
             raise BundleError(f"cannot read {file.name}: {exc}") from None
-        weakref.finalize(self, os.close, self._fd)
+        self._release = weakref.finalize(self, os.close, self._fd)
         self.int64_ranges: dict[str, tuple[int, int]] = {}  # filled while hashing (see _hash_entries)
         if (len(self.map) if self.map is not None else 0) != self.layout.size:
             raise BundleError(f"{file.name} changed while it was read; open the bundle again")
+
+    def close(self) -> None:
+        """Close the file now. The map is not closed here: tensors read from it view its
+        pages without the map knowing (``torch.frombuffer`` keeps a reference to it, not a
+        buffer export), so it is unmapped when the last reference goes."""
+        self._release()
 
     def span(self, name: str) -> memoryview:
         _dtype, _shape, begin, end = self.layout.entries[name]
@@ -1529,13 +1612,15 @@ class _MappedFile:
     def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
         return {name: self.tensor(name) for name in names}
 
-    def entry_digests(self, pool: ThreadPoolExecutor) -> tuple[Future[bytes], Callable[[], dict[str, bytes]]]:
-        """Start hashing the header bytes and every entry's bytes in ``pool``: entries in
-        file order, batched into tasks of about ``_BATCH_BYTES`` (see :meth:`_hash_entries`).
-        Returns the header's future and what waits for the entry digests (raw 32 bytes
-        each, in the header's order)."""
+    def entry_digests(
+        self, pool: ThreadPoolExecutor, algorithm: str
+    ) -> tuple[Future[bytes], Callable[[], dict[str, bytes]]]:
+        """Start hashing (under ``algorithm``) the header bytes and every entry's bytes in
+        ``pool``: entries in file order, batched into tasks of about ``_BATCH_BYTES`` (see
+        :meth:`_hash_entries`). Returns the header's future and what waits for the entry
+        digests (raw 32 bytes each, in the header's order)."""
         head = memoryview(self.map)[: self.layout.data_start] if self.map is not None else memoryview(b"")
-        header = pool.submit(_sha256, head)
+        header = pool.submit(_digest, head, algorithm)
         entries = self.layout.entries
         batches: list[tuple[list[str], Future[list[bytes]]]] = []
         batch: list[str] = []
@@ -1544,10 +1629,10 @@ class _MappedFile:
             batch.append(name)
             size += entries[name][3] - entries[name][2]
             if size >= _BATCH_BYTES:
-                batches.append((batch, pool.submit(self._hash_entries, batch)))
+                batches.append((batch, pool.submit(self._hash_entries, batch, algorithm)))
                 batch, size = [], 0
         if batch:
-            batches.append((batch, pool.submit(self._hash_entries, batch)))
+            batches.append((batch, pool.submit(self._hash_entries, batch, algorithm)))
 
         def digests() -> dict[str, bytes]:
             sums = {n: d for names, future in batches for n, d in zip(names, future.result(), strict=True)}
@@ -1555,8 +1640,8 @@ class _MappedFile:
 
         return header, digests
 
-    def _hash_entries(self, names: list[str]) -> list[bytes]:
-        """The sha256 of each entry, read with ``pread`` into one buffer (a few MiB at most,
+    def _hash_entries(self, names: list[str], algorithm: str) -> list[bytes]:
+        """The digest of each entry, read with ``pread`` into one buffer (a few MiB at most,
         reused) and hashed there: faster than hashing the map, whose pages the CPU walks one
         by one, where the kernel copies from the page cache through its own large pages.
         An entry over ``_READ_BYTES`` is hashed from the map. A file cut short since it was
@@ -1569,28 +1654,28 @@ class _MappedFile:
         out = []
         for name, (begin, end) in zip(names, spans, strict=True):
             if end - begin > len(view):
-                out.append(_sha256(self.span(name)))
+                out.append(_digest(self.span(name), algorithm))
                 continue
             piece, got = view[: end - begin], 0
             while got < piece.nbytes and (
                 done := os.preadv(self._fd, [piece[got:]], self.layout.data_start + begin + got)
             ):
                 got += done
-            out.append(_sha256(piece[:got]))
+            out.append(_digest(piece[:got], algorithm))
             if self.layout.entries[name][0] == "int64" and got == piece.nbytes and got:
                 values = np.frombuffer(piece, dtype=np.int64)
                 self.int64_ranges[name] = (int(values.min()), int(values.max()))
         return out
 
-    def site_digests(self, site: str, names: list[str], full: bool) -> tuple[str, str | None]:
-        """(``stored_sha256`` of the site's entries, sha256 of its exact tensor when the
-        site is stored ``full``), hashed straight from the map."""
-        digest = hashlib.sha256()
+    def site_digests(self, site: str, names: list[str], full: bool, algorithm: str) -> tuple[str, str | None]:
+        """(``stored_sha256`` of the site's entries over their bytes (formats 1.0, 1.1), digest
+        of its exact tensor when the site is stored ``full``), hashed straight from the map."""
+        digest = digests.hasher(algorithm)
         for name in sorted(names):
             dtype, shape, _begin, _end = self.layout.entries[name]
             digest.update(_entry_prefix(name, dtype, shape))
             digest.update(self.span(name))
-        exact = hashlib.sha256(self.span(site)).hexdigest() if full and site in names else None
+        exact = digests.hexdigest(self.span(site), algorithm) if full and site in names else None
         return digest.hexdigest(), exact
 
 

@@ -44,8 +44,10 @@ class ReplayConfig(_Strict):
 
 
 class BundleConfig(_Strict):
-    """Limits a bundle reader enforces: everything in a bundle is hostile until checked."""
+    """Limits a bundle reader enforces: everything in a bundle is hostile until checked;
+    and ``hash``, the digest algorithm of the bundles written (format 1.3)."""
 
+    hash: Literal["blake3", "sha256"] = "blake3"
     max_manifest_mb: float = Field(default=8.0, gt=0.0)
     max_json_depth: int = Field(default=64, ge=2)
     max_json_containers: int = Field(default=100_000, ge=1)

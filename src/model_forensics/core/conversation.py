@@ -40,7 +40,8 @@ class TurnRecord:
         span: [start, end) of the message's tokens on the conversation's token axis.
         reply_span: [start, end) of the reply's tokens (directly after ``span``).
         reply: the decoded reply; reply_ids its token ids (end-of-sequence included).
-        logits_sha256: sha256 of the reply's step logits (S, V).
+        logits_sha256: digest of the reply's step logits (S, V), under the bundle's ``hash``
+            (sha256 before format 1.3).
         calls: ``order`` of the external calls logged after this turn's reply.
     """
 
@@ -128,7 +129,7 @@ def _pair(value: Any, key: str) -> tuple[int, int]:
 
 def _digest(value: Any) -> str:
     if not isinstance(value, str) or not _SHA256.match(value):
-        raise ValueError("logits_sha256 is not a sha256 (64 lowercase hex digits)")
+        raise ValueError("logits_sha256 is not a sha256 or blake3 digest (64 lowercase hex digits)")
     return value
 
 

@@ -36,10 +36,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from model_forensics.core.config import BundleConfig
+from model_forensics.core.digests import ALGORITHMS, LEGACY
 from model_forensics.core.errors import BundleError
 
 FORMAT_NAME = "model-forensics-bundle"
-FORMAT_VERSION = "1.2"
+FORMAT_VERSION = "1.3"
 DTYPE_ITEMSIZE = {
     "float64": 8,
     "float32": 4,
@@ -413,13 +414,15 @@ class Extras(_Open):
 
 
 class FileEntry(_Closed):
-    """A data file's size and digest: ``sha256`` of its bytes, or (format 1.2,
-    ``digest: sha256-entries``, safetensors files) sha256 over the sha256 of its header and
-    of each entry (see :func:`model_forensics.core.bundle.entries_digest`)."""
+    """A data file's size and digest. ``digest`` names how ``sha256`` was computed: the
+    algorithm over the file's bytes (``sha256``, ``blake3``), or (``sha256-entries``, format
+    1.2; ``blake3-entries``, 1.3; safetensors files) the algorithm over the digest of its
+    header and of each entry (see :func:`model_forensics.core.bundle.entries_digest`). The
+    key keeps its name ``sha256`` whatever the algorithm (older readers look it up)."""
 
     sha256: Sha256
     bytes: Count
-    digest: Literal["sha256", "sha256-entries"] = "sha256"
+    digest: Literal["sha256", "sha256-entries", "blake3", "blake3-entries"] = "sha256"
 
 
 class FileTable(_Closed):
@@ -433,10 +436,16 @@ class FileTable(_Closed):
 
 
 class Manifest(_Open):
-    """``manifest.json`` of format 1 (1.0, 1.1 and 1.2; newer minor versions may add keys)."""
+    """``manifest.json`` of format 1 (1.0 to 1.3; newer minor versions may add keys).
+
+    ``hash`` (1.3) names the algorithm of every content digest in the bundle (each file's,
+    each site's ``stored_sha256`` and ``sha256``, the outputs' ``logits_sha256`` and
+    ``step_logits_sha256``, each turn's ``logits_sha256``); absent, it is sha256. See
+    :mod:`model_forensics.core.digests`."""
 
     format: Literal["model-forensics-bundle"]
     format_version: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,4}\.[0-9]{1,4}$")]
+    hash: Literal["sha256", "blake3"] = "sha256"
     name: Annotated[str, StringConstraints(min_length=1, max_length=255)]
     created: Annotated[str, StringConstraints(max_length=64)]
     model: ModelSpec
@@ -473,6 +482,7 @@ def check_manifest(manifest: Any, limits: BundleConfig, where: str = "manifest.j
     if not isinstance(manifest, dict):
         raise BundleError(f"{where} must hold a JSON object, not {type(manifest).__name__}; the bundle is corrupt")
     _check_version(manifest, where)
+    _check_hash(manifest, where)
     validate_format(manifest, where)
     _check_bounds(manifest, limits, where)
     return manifest
@@ -502,6 +512,16 @@ def _check_version(manifest: dict[str, Any], where: str) -> None:
         raise BundleError(
             f"bundle uses format version {_show(version).strip(chr(39))}, this model-forensics reads {FORMAT_VERSION}; "
             "upgrade model-forensics (pip install -U model-forensics) to read it"
+        )
+
+
+def _check_hash(manifest: dict[str, Any], where: str) -> None:
+    algorithm = manifest.get("hash", LEGACY)
+    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
+        raise BundleError(
+            f"{where}: hash {_show(algorithm)} is not a digest algorithm this model-forensics knows "
+            f"({', '.join(ALGORITHMS)}); the bundle is from a newer or foreign writer: upgrade model-forensics "
+            "(pip install -U model-forensics) or record the bundle again"
         )
 
 

@@ -16,8 +16,8 @@ places every turn on that token axis::
     # (0, 7): <bos> and the first message; turns[0].reply_span == (7, 9): "ok <eos>"
 
 Spans are ``[start, end)`` token positions; turn 0's span starts at 0 and holds the
-tokenizer's leading special tokens. Each turn keeps the sha256 of its reply's step logits
-(S, V), the scores at the last position of each decoding step, as replay computes them
+tokenizer's leading special tokens. Each turn keeps the digest (under the bundle's ``hash``)
+of its reply's step logits (S, V), the scores at the last position of each decoding step, as replay computes them
 (:mod:`model_forensics.replay.turns` verifies turn by turn against them). The record's
 types and checks live in :mod:`model_forensics.core.conversation` (re-exported here).
 """
@@ -32,9 +32,9 @@ import torch
 
 from model_forensics.core.bundle import check_writable_target
 from model_forensics.core.conversation import ConversationRecord, TurnRecord, conversation_of
+from model_forensics.core.digests import tensor_digest
 from model_forensics.core.errors import ForensicsError
 from model_forensics.core.predicates import Predicate
-from model_forensics.core.sketches import tensor_sha256
 from model_forensics.models.adapters import adapter_for
 from model_forensics.models.hooks import hooks, logits_of
 from model_forensics.models.loading import LoadedModel
@@ -121,7 +121,7 @@ def record_conversation(
                     reply_span=(context.shape[1], sequence.shape[1]),
                     reply=reply,
                     reply_ids=tuple(int(i) for i in reply_ids),
-                    logits_sha256=tensor_sha256(torch.stack(steps[: len(reply_ids)])),
+                    logits_sha256=tensor_digest(torch.stack(steps[: len(reply_ids)]), rec.hash_algorithm),
                     calls=tuple(range(calls_before, len(rec.calls.entries))),
                 )
             )

@@ -123,7 +123,8 @@ def cube_from_sites(
             CubeLayer(
                 layer_index=block if block is not None else index,
                 layer_name=point.module if point is not None else site,
-                core_metrics={name: [round(float(v), 6) for v in fn(x)] for name, fn in metrics.items()},
+                # tolist(): the same Python floats as float() of each element, without a tensor each
+                core_metrics={name: [round(float(v), 6) for v in fn(x).tolist()] for name, fn in metrics.items()},
                 attention_scores=scores,
                 raw_ref={"file": "activations.safetensors", "site": site},
             )

@@ -38,7 +38,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from model_forensics.core import sketches
+from model_forensics.core import digests, sketches
 from model_forensics.core.bundle import FORMAT_NAME, FORMAT_VERSION, BundleContents, write_bundle
 from model_forensics.core.config import ForensicsConfig, RecorderConfig, load_config, validation_message
 from model_forensics.core.errors import ConfigError, ForensicsError, SiteError
@@ -419,6 +419,7 @@ class RecorderHooks:
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
+            "hash": self.hash_algorithm,  # of every content digest in the bundle (format 1.3)
             "name": Path(path).name,
             "created": dt.datetime.now(dt.UTC).isoformat(),
             "model": {
@@ -483,6 +484,12 @@ class RecorderHooks:
             self._weights_hash = (key, weights_sha256(self.model))
         return self._weights_hash[1]
 
+    @property
+    def hash_algorithm(self) -> str:
+        """The digest algorithm of the bundles this recorder writes (``bundle.hash``): the
+        manifest's ``hash``, and what the output logits are hashed with at capture time."""
+        return self.config_tree.bundle.hash
+
     def _outputs(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         info: dict[str, Any] = {
             "logits_sha256": None,
@@ -495,9 +502,9 @@ class RecorderHooks:
         steps = self._checked_logits()
         if steps:
             first = steps[0]
-            info["logits_sha256"] = sketches.tensor_sha256(first)
+            info["logits_sha256"] = digests.tensor_digest(first, self.hash_algorithm)
             info["logits_shape"] = list(first.shape)
-            info["step_logits_sha256"] = [sketches.tensor_sha256(t) for t in steps[1:]]
+            info["step_logits_sha256"] = [digests.tensor_digest(t, self.hash_algorithm) for t in steps[1:]]
             if first.dim() == 3:  # (B, T, V): keep the last position of every step → (B, steps, V)
                 outputs["logits"] = torch.stack([t[:, -1] for t in steps], dim=1).contiguous()
             else:

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from model_forensics.core.conversation import ConversationRecord, TurnRecord, conversation_of
+from model_forensics.core.digests import algorithm_of, tensor_digest
 from model_forensics.core.errors import ForensicsError
-from model_forensics.core.sketches import tensor_sha256
 from model_forensics.replay.interventions import Intervention
 from model_forensics.replay.session import InterventionLike, Session, as_intervention
 
@@ -42,7 +42,7 @@ class TurnReplay:
     Attributes:
         index: the turn.
         reply / reply_ids: what the replay produced (ids with end-of-sequence).
-        logits_sha256: sha256 of the replay's step logits (S, V).
+        logits_sha256: digest of the replay's step logits (S, V), under the bundle's ``hash``.
         recorded: the turn as recorded.
         failed: the bundle's predicate on this reply (None: no predicate).
     """
@@ -88,7 +88,7 @@ class TurnsReport:
 
     @property
     def digests(self) -> list[str]:
-        """Each replayed turn's step-logits sha256 (compare runs in different processes)."""
+        """Each replayed turn's step-logits digest (compare runs in different processes)."""
         return [t.logits_sha256 for t in self.turns]
 
     def summary(self) -> str:
@@ -138,7 +138,8 @@ def replay_turns(
         new = result.outputs.get("generated_ids")
         reply_ids = () if new is None else tuple(int(i) for i in new[turn.span[1] :])
         steps = result.outputs["logits"]  # (S, V)
-        out.append(TurnReplay(turn.index, result.text or "", reply_ids, tensor_sha256(steps), turn, result.failed))
+        digest = tensor_digest(steps, algorithm_of(session.manifest))  # as the turn was recorded
+        out.append(TurnReplay(turn.index, result.text or "", reply_ids, digest, turn, result.failed))
     return TurnsReport(tuple(out), ivs)
 
 

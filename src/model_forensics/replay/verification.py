@@ -1,7 +1,8 @@
 """Verification: does the replay compute what the recording did, bit for bit?
 
 :func:`verify` replays the incident unchanged with the recorder's hooks on the recorded
-sites and compares, by sha256 of the exact tensors: every recorded site, the full logits
+sites and compares, by digest of the exact tensors under the bundle's ``hash`` (blake3 from
+format 1.3, sha256 before): every recorded site, the full logits
 of every forward call (one per generation step), the generated ids, and the manifest's
 recorded verdict (``output.text`` and ``predicate.holds``) against the replay's own.
 When ``replay.threads`` differs from the recorded thread count, the report's notes say so
@@ -21,9 +22,9 @@ import torch
 from torch import nn
 
 from model_forensics.core.bundle import Bundle
+from model_forensics.core.digests import tensor_digest
 from model_forensics.core.errors import BundleError, WeightMismatchWarning
 from model_forensics.core.provenance import package_versions
-from model_forensics.core.sketches import tensor_sha256
 from model_forensics.models.hooks import hooks, logits_of
 from model_forensics.models.loading import weights_sha256
 from model_forensics.recorder.hooks import RecorderHooks
@@ -64,7 +65,8 @@ def check_weights(bundle: Bundle, model: nn.Module, allow: bool) -> bool:
 
 def verify(session: Session) -> VerifyReport:
     """Replay ``session``'s incident unchanged, recording the same sites, and compare the
-    sha256 of every recorded site's exact tensor and of the outputs with the recording.
+    digest (the bundle's ``hash``) of every recorded site's exact tensor and of the outputs
+    with the recording.
 
     Returns:
         A :class:`VerifyReport`; ``bit_identical`` is True when every hash matches.
@@ -106,7 +108,7 @@ def verify(session: Session) -> VerifyReport:
 def _check_site(bundle: Bundle, site: str, info: dict[str, Any], tensor: torch.Tensor | None) -> SiteCheck:
     if tensor is None:
         return SiteCheck(site, False, info["sha256"], None, note="the replay did not produce this site")
-    digest = tensor_sha256(tensor)
+    digest = tensor_digest(tensor, bundle.hash)
     if digest == info["sha256"]:
         return SiteCheck(site, True, info["sha256"], digest)
     if list(tensor.shape) != list(info["shape"]):
@@ -132,7 +134,7 @@ def _check_outputs(bundle: Bundle, full_logits: list[torch.Tensor], sequences: t
             checks.append(SiteCheck(name, False, digest, None, note="the replay made fewer forward calls"))
             continue
         got = full_logits[step]
-        mine = tensor_sha256(got)
+        mine = tensor_digest(got, bundle.hash)
         diff = None
         if mine != digest and stored is not None:
             last = got[:, -1] if got.dim() == 3 else got
@@ -146,7 +148,8 @@ def _check_outputs(bundle: Bundle, full_logits: list[torch.Tensor], sequences: t
     if sequences is not None and "generated_ids" in bundle.outputs:
         rec_ids = bundle.outputs["generated_ids"]
         same = rec_ids.shape == sequences.shape and torch.equal(rec_ids, sequences)
-        checks.append(SiteCheck("generated_ids", same, tensor_sha256(rec_ids), tensor_sha256(sequences)))
+        digests = tensor_digest(rec_ids, bundle.hash), tensor_digest(sequences, bundle.hash)
+        checks.append(SiteCheck("generated_ids", same, *digests))
     return checks
 
 
