@@ -52,7 +52,7 @@ def test_record_info_verify(gpt2_dir: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0
     assert json.loads(res.output)["input"]["mode"] == "generate"
     res = runner.invoke(app, ["bundle", "verify", str(out)])
-    assert res.exit_code == 0 and "match their sha256" in res.output
+    assert res.exit_code == 0 and "match their digests (blake3)" in res.output
 
 
 def test_verify_reports_tampering_with_exit_2(gpt2_dir: Path, tmp_path: Path) -> None:

@@ -75,7 +75,7 @@ def signed(word_models, alice, tmp_path: Path) -> Path:
 def test_a_recorded_signed_bundle_verifies_against_its_key(signed, alice) -> None:
     res = _verify(signed, "--trusted-key", str(alice[1]))
     assert res.exit_code == 0, res.output
-    assert "match their sha256" in res.stdout
+    assert "match their digests (blake3)" in res.stdout
     assert f"signed by {alice[2]}, the trusted key" in res.stdout
     assert DIGEST.search(res.stdout).group(1) == Bundle.open(signed).digest
 

@@ -411,11 +411,11 @@ def test_a_full_disk_is_one_clear_error_and_leaves_nothing(
     before = _snapshot(target) if overwrite else None
     calls: list[int] = []
 
-    def save_file(tensors: Any, filename: str) -> None:
+    def save_file(tensors: Any, filename: str, **kwargs: Any) -> Any:
         calls.append(1)
         if len(calls) == 2:  # the first file is written, the disk fills on the second
             raise error()
-        real_save_file(tensors, filename)
+        return real_save_file(tensors, filename, **kwargs)
 
     real_save_file = bundle_mod.save_file
     monkeypatch.setattr(bundle_mod, "save_file", save_file)

@@ -131,7 +131,7 @@ def test_lossy_sketches_are_rechecked_site_by_site(word_models, tmp_path: Path) 
     (bundle / "activations.safetensors").write_bytes(bytes(data))
     rehash(bundle)
     problems = Bundle.open(bundle).verify_contents()
-    assert len(problems) == 1 and "stored sketch sha256" in problems[0], problems
+    assert len(problems) == 1 and "stored sketch blake3" in problems[0], problems
 
 
 def test_a_site_that_does_not_decode_to_its_shape_is_reported(word_models, tmp_path: Path) -> None:
