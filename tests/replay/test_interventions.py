@@ -228,11 +228,11 @@ def test_gate_applies_the_intervention_only_when_the_detector_fires(sessions, re
 
 
 def test_gate_round_trips_and_must_sit_upstream(sessions):
-    for reads in ("last", "max"):
+    for reads in ("last", "max", "each"):
         iv = Intervention("blocks.1.attn.head.2", "mean", gate=Gate("blocks.0.resid_post", (1.0, -0.5), 2.5, reads))
         assert Intervention.from_json(json.loads(json.dumps(iv.to_json()))) == iv
         assert Intervention.parse(str(iv)) == iv
-    with pytest.raises(ForensicsError, match="reads 'last' or 'max'"):
+    with pytest.raises(ForensicsError, match="reads 'last', 'max' or 'each'"):
         Gate("blocks.0.resid_post", (1.0,), 0.0, "mean")
     with pytest.raises(ForensicsError, match="gate=SITE>ABOVE and :gate_direction="):
         Intervention.parse("blocks.1.mlp:zero:gate=blocks.0.resid_post>1")

@@ -551,7 +551,9 @@ def _describe(iv: Intervention) -> str:
             text += f", {name} {', '.join(str(i) for i in items)}"
     if iv.direction is not None:
         text += ", along one direction"
-    if iv.gate is not None:
+    if iv.gate is not None and iv.gate.reads == "each":
+        text += f", only at the positions whose `{iv.gate.site}` projects above {iv.gate.above:.3g} (each)"
+    elif iv.gate is not None:
         text += f", only when the prompt's `{iv.gate.site}` projects above {iv.gate.above:.3g} ({iv.gate.reads})"
     return text
 

@@ -31,6 +31,10 @@ prompt's activation is projected on the direction, at the last prompt position
 applies to that run (every position, every generation step) only when the projection
 exceeds ``above``, and otherwise leaves the run bit-identical. A detector decides *when*
 to fix, the intervention *what* to change (conditional activation steering).
+``reads="each"`` decides per token position instead, in every forward call (the prompt pass
+and each generation step): the intervention applies exactly at the positions whose own
+projection exceeds ``above`` and leaves every other position bit-identical (the gate site
+must then be a token site read in the same call as the intervention's, at or upstream of it).
 
 Composition: the interventions of one run apply in the forward order of their sites; at
 the same site, in list order, each one seeing the result of the previous.
@@ -65,14 +69,16 @@ def _floats(value: Any, what: str) -> tuple[float, ...]:
     return vector
 
 
-GATE_READS = ("last", "max")
+GATE_READS = ("last", "max")  # prompt-level readings: one decision per run
+GATE_EACH = "each"  # one decision per token position of every forward call
 
 
 @dataclass(frozen=True)
 class Gate:
     """Apply an intervention only to runs whose activation at ``site`` projects on
     ``direction`` above ``above``: at the last prompt position (``reads="last"``), or at
-    any prompt position (``reads="max"``, the largest projection over the prompt)."""
+    any prompt position (``reads="max"``, the largest projection over the prompt); with
+    ``reads="each"``, only at the positions (of every forward call) whose projection exceeds it."""
 
     site: str
     direction: tuple[float, ...]
@@ -80,8 +86,8 @@ class Gate:
     reads: str = "last"
 
     def __post_init__(self) -> None:
-        if self.reads not in GATE_READS:
-            raise ForensicsError(f"a gate reads 'last' or 'max', got {self.reads!r}")
+        if self.reads not in (*GATE_READS, GATE_EACH):
+            raise ForensicsError(f"a gate reads 'last', 'max' or 'each', got {self.reads!r}")
         object.__setattr__(self, "direction", _floats(self.direction, f"the gate at '{self.site}'"))
         if not isinstance(self.above, int | float) or not math.isfinite(float(self.above)):
             raise ForensicsError(f"the gate at '{self.site}' needs a finite threshold 'above', got {self.above!r}")
@@ -103,17 +109,27 @@ class Gate:
             raise ForensicsError(f"a gate is {{'site', 'direction', 'above'[, 'reads']}}, got {data!r}")
         return cls(str(data["site"]), tuple(data["direction"]), data["above"], str(data.get("reads", "last")))
 
-    def score(self, prompt: torch.Tensor) -> float:
-        """What the gate compares with ``above``, from the site's activation over the prompt
-        (T_prompt, d): the projection at the last position, or the largest over positions."""
-        u = torch.tensor(self.direction, dtype=torch.float64, device=prompt.device)
-        if prompt.dim() != 2 or prompt.shape[-1] != u.numel():
+    def projections(self, x: torch.Tensor) -> torch.Tensor:
+        """The projection on the unit direction at every position of ``x`` (T, d), float64."""
+        u = torch.tensor(self.direction, dtype=torch.float64, device=x.device)
+        if x.dim() != 2 or x.shape[-1] != u.numel():
             raise ForensicsError(
                 f"the gate at '{self.site}' has a direction of length {u.numel()}, but the site's activation "
-                f"has shape {tuple(prompt.shape)} per run; gate on a residual or MLP site"
+                f"has shape {tuple(x.shape)} per run; gate on a residual or MLP site"
             )
-        proj = prompt.double() @ (u / u.norm())
+        return x.double() @ (u / u.norm())
+
+    def score(self, prompt: torch.Tensor) -> float:
+        """What the gate compares with ``above``, from the site's activation over the prompt
+        (T_prompt, d): the projection at the last position, or the largest over positions
+        (``max``; for ``each``, whether it fires anywhere in the prompt)."""
+        proj = self.projections(prompt)
         return float(proj[-1] if self.reads == "last" else proj.max())
+
+    def fires(self, x: torch.Tensor) -> torch.Tensor:
+        """Per position of ``x`` (T, d): whether the projection exceeds ``above`` (what an
+        ``each`` gate applies by)."""
+        return self.projections(x) > self.above
 
     def opens(self, prompt: torch.Tensor) -> bool:
         return self.score(prompt) > self.above
@@ -265,7 +281,7 @@ class Intervention:
                 elif key == "gate":
                     gate_site, sep, above = val.partition(">")
                     if not sep:
-                        raise ForensicsError(f"intervention '{spec}': write the gate as gate=SITE>ABOVE[@max]")
+                        raise ForensicsError(f"intervention '{spec}': write the gate as gate=SITE>ABOVE[@max|@each]")
                     above, _, reads = above.partition("@")
                     fields["gate"] = (gate_site.strip(), float(above), reads or "last")
                 else:  # heads, neurons, positions
@@ -452,11 +468,12 @@ def _inner_index(target: Target, x: torch.Tensor, heads_layout: bool) -> tuple[t
     return (neurons,)
 
 
-def apply_row(x: torch.Tensor, prepared: Prepared, clock: Clock) -> None:
+def apply_row(x: torch.Tensor, prepared: Prepared, clock: Clock, only: torch.Tensor | None = None) -> None:
     """Apply one intervention to one batch row ``x`` in place.
 
     ``x``: (T_step, *per-token shape) for token sites, e.g. (T, d_model) or (T, H, d_head);
-    (C,) for a classifier's logits (no token axis).
+    (C,) for a classifier's logits (no token axis). ``only``: (T_step,) bool, the positions
+    an ``each`` gate fired at; the others are left as they are.
     """
     target, iv = prepared.target, prepared.target.intervention
     heads_layout = target.point.heads is not None
@@ -464,6 +481,8 @@ def apply_row(x: torch.Tensor, prepared: Prepared, clock: Clock) -> None:
     inner = _inner_index(target, x, heads_layout)
     if has_tokens:
         pos = _positions(target, x.shape[0], clock, x.device)
+        if only is not None:
+            pos = pos[only.to(pos.device)[pos]]
         if pos.numel() == 0:
             return
         if iv.kind in ("patch", "resample"):
@@ -586,13 +605,22 @@ def intervening(adapter: Adapter, rows: Rows, clock: Clock) -> Iterator[None]:
         if site not in adapter.points:
             raise SiteError(f"gate site {unknown_site_message(site, adapter.sites())[len('site ') :]}")
     opened: dict[tuple[int, Gate], bool] = {}  # decided once per run, on the pass that holds the prompt
+    fired: dict[tuple[int, Gate], tuple[int, torch.Tensor]] = {}  # each gates: (offset, positions) of this call
 
     def decide(site: str, tensor: torch.Tensor) -> None:
+        for row, gate in gates[site]:
+            if gate.reads == GATE_EACH and row < tensor.shape[0] and tensor.dim() >= 3:
+                mask = gate.fires(tensor[row])
+                fired[(row, gate)] = (clock.offset, mask)
+                anywhere = bool(mask.any()) or (clock.offset != 0 and bool(opened.get((row, gate))))
+                opened[(row, gate)] = anywhere  # whether it fired anywhere in this run so far
+                for p in gated[(row, gate)]:
+                    p.gate_open = anywhere
         # The prompt pass: this call starts at position 0 and holds the whole prompt.
         if tensor.dim() < 3 or clock.offset != 0 or tensor.shape[1] < clock.prompt_len:
             return
         for row, gate in gates[site]:
-            if row < tensor.shape[0]:
+            if row < tensor.shape[0] and gate.reads != GATE_EACH:
                 opened[(row, gate)] = gate.opens(tensor[row, : clock.prompt_len])
                 for p in gated[(row, gate)]:
                     p.gate_open = opened[(row, gate)]
@@ -608,6 +636,21 @@ def intervening(adapter: Adapter, rows: Rows, clock: Clock) -> Iterator[None]:
             )
         return opened[(row, gate)]
 
+    def positions(row: int, p: Prepared, steps: int) -> torch.Tensor | None:
+        """An each gate's fired positions in this call (None: no each gate)."""
+        gate = p.target.intervention.gate
+        if gate is None or gate.reads != GATE_EACH:
+            return None
+        if steps < 0:
+            raise SiteError(f"site '{p.target.site}' has no token axis; an 'each' gate needs a token site")
+        offset, mask = fired.get((row, gate), (-1, None))
+        if mask is None or offset != clock.offset or mask.numel() != steps:
+            raise SiteError(
+                f"the 'each' gate of '{p.target.intervention.site}' reads '{gate.site}', which this forward call "
+                "had not reached when the intervention applied; gate on a token site at or upstream of it"
+            )
+        return mask
+
     def edit(tensor: torch.Tensor, call: SiteCall) -> torch.Tensor | None:
         # tensor: (B, T_step, *per-token shape), or (B, C) for a classifier's logits
         if call.site in gates:
@@ -616,7 +659,13 @@ def intervening(adapter: Adapter, rows: Rows, clock: Clock) -> Iterator[None]:
             return None
         new = tensor.clone()
         for row, p in by_site[call.site]:
-            if row < new.shape[0] and is_open(row, p):
+            if row >= new.shape[0]:
+                continue
+            only = positions(row, p, new.shape[1] if new.dim() >= 3 else -1)
+            if only is not None:
+                if bool(only.any()):
+                    apply_row(new[row], p, clock, only)
+            elif is_open(row, p):
                 apply_row(new[row], p, clock)
         return new
 

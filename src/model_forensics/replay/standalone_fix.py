@@ -13,7 +13,8 @@ the standard library, so it ships with a model to wherever the model runs::
 It applies each intervention exactly as model-forensics' replay does (same arithmetic, same
 order: forward order of sites, list order at one site): zero, scale, mean, steer and clamp,
 narrowed to heads, neurons, token positions or a direction, optionally behind a gate that
-reads the prompt. A run starts at a forward call with an empty key/value cache (or no
+reads the prompt (``last``, ``max``) or every position of every forward call (``each``: the
+intervention applies at the positions whose projection exceeds the threshold only). A run starts at a forward call with an empty key/value cache (or no
 cache argument at all); generation steps after it continue that run, so token positions
 and gate decisions span the whole generation. Rows of one batch share one prompt length
 (left-pad or run prompts one by one).
@@ -77,9 +78,11 @@ def apply_fix(model: nn.Module, spec: str | Path | dict[str, Any] | None = None)
         if module not in modules:
             raise ValueError(f"the model has no module {module!r}; is this the model the fix was exported for?")
 
+    fired: dict[int, tuple[int, torch.Tensor]] = {}  # each gates: (offset, (B, T) fired) of this call
+    each_gates = {i for i, gate in enumerate(gates) if gate["reads"] == "each"}
     handles = [model.register_forward_pre_hook(_clock_hook(clock), with_kwargs=True)]
     for (module, io, index), entries in edits.items():
-        fn = _site_function(entries, clock, opened)
+        fn = _site_function(entries, clock, opened, fired, each_gates)
         if io == "input":
             handles.append(modules[module].register_forward_pre_hook(_input_hook(fn), with_kwargs=True))
         else:
@@ -127,21 +130,31 @@ def _output_hook(fn: Callable[[torch.Tensor], torch.Tensor], index: int) -> Call
 
 
 def _site_function(
-    entries: list[tuple[str, dict[str, Any]]], clock: dict[str, int], opened: dict[int, list[bool]]
+    entries: list[tuple[str, dict[str, Any]]],
+    clock: dict[str, int],
+    opened: dict[int, list[bool]],
+    fired: dict[int, tuple[int, torch.Tensor]],
+    each_gates: set[int],
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     def fn(payload: torch.Tensor) -> torch.Tensor:
         for role, item in entries:
             point = item["point"]
             x = _read(point, payload)
             if role == "gate":
-                _decide(item, x, clock, opened)
+                _decide(item, x, clock, opened, fired)
                 continue
             gate = item.get("gate")
             if gate is not None and gate not in opened:
                 raise RuntimeError(f"the gate of {item['site']!r} had not been read when it applied")
+            each = fired.get(gate) if gate is not None else None
+            if gate is not None and gate in each_gates and (each is None or each[0] != clock["offset"]):
+                raise RuntimeError(f"the 'each' gate of {item['site']!r} had not been read in this forward call")
             new = x.clone()
             for row in range(new.shape[0]):
-                if gate is None or opened[gate][row]:
+                if each is not None:
+                    if bool(each[1][row].any()):
+                        _apply_row(new[row], item, point, clock, each[1][row])
+                elif gate is None or opened[gate][row]:
                     _apply_row(new[row], item, point, clock)
             payload = _replace(point, payload, new)
         return payload
@@ -172,11 +185,23 @@ def _replace(point: dict[str, Any], payload: torch.Tensor, new: torch.Tensor) ->
     return new
 
 
-def _decide(gate: dict[str, Any], x: torch.Tensor, clock: dict[str, int], opened: dict[int, list[bool]]) -> None:
+def _decide(
+    gate: dict[str, Any],
+    x: torch.Tensor,
+    clock: dict[str, int],
+    opened: dict[int, list[bool]],
+    fired: dict[int, tuple[int, torch.Tensor]],
+) -> None:
     prompt_len = clock["prompt_len"]
+    u = torch.tensor(gate["direction"], dtype=torch.float64, device=x.device)
+    if gate["reads"] == "each" and x.dim() >= 3:
+        mask = (x.double() @ (u / u.norm())) > float(gate["above"])  # (B, T)
+        before = opened.get(gate["_index"]) if clock["offset"] != 0 else None
+        opened[gate["_index"]] = [bool(m.any()) or bool(before and before[r]) for r, m in enumerate(mask)]
+        fired[gate["_index"]] = (clock["offset"], mask)
+        return
     if x.dim() < 3 or clock["offset"] != 0 or x.shape[1] < prompt_len:
         return
-    u = torch.tensor(gate["direction"], dtype=torch.float64, device=x.device)
     decisions = []
     for row in range(x.shape[0]):
         proj = x[row, :prompt_len].double() @ (u / u.norm())
@@ -186,7 +211,9 @@ def _decide(gate: dict[str, Any], x: torch.Tensor, clock: dict[str, int], opened
 
 
 # -- the arithmetic (as model_forensics.replay.interventions.apply_row) ------------------------
-def _apply_row(x: torch.Tensor, item: dict[str, Any], point: dict[str, Any], clock: dict[str, int]) -> None:
+def _apply_row(
+    x: torch.Tensor, item: dict[str, Any], point: dict[str, Any], clock: dict[str, int], only: Any = None
+) -> None:
     heads_layout = point.get("heads") is not None
     has_tokens = x.dim() >= (3 if heads_layout else 2)
     last = x.shape[-1]
@@ -204,6 +231,8 @@ def _apply_row(x: torch.Tensor, item: dict[str, Any], point: dict[str, Any], clo
             absolute = [p + clock["prompt_len"] if p < 0 else p for p in item["positions"]]
             local = [p - clock["offset"] for p in absolute if clock["offset"] <= p < clock["offset"] + steps]
             pos = torch.tensor(local, dtype=torch.long, device=x.device)
+        if only is not None:  # an each gate: the positions it fired at
+            pos = pos[only.to(pos.device)[pos]]
         if pos.numel() == 0:
             return
         grid = (pos.view(-1, *([1] * len(inner))), *(i.unsqueeze(0) for i in inner))
