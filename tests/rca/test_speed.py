@@ -118,3 +118,41 @@ def test_fix_set_figures_equal_measuring_afresh(sessions: dict[str, Session], na
     cfg = load_config(None).modules.cca
     fresh = measure(session, full, cfg.max_side_effect_kl, max_accuracy_drop=cfg.max_accuracy_drop)
     assert fix.side_effects is not None and fix.side_effects.to_json() == fresh.to_json()
+
+
+def test_shared_prefix_screen_equals_whole_model_passes(sessions: dict[str, Session]) -> None:
+    from model_forensics.models.inputs import ModelInputs
+    from model_forensics.replay import Gate, Intervention
+    from model_forensics.replay.sweep import forced_picks, rows_per_batch
+
+    session = sessions["gpt2-toxic"]
+    failing = runs.failing_variants(session)[:3]
+    ranking = attribution_ranking(session)
+    fine = [u for u in ranking.units if u.level in ("head", "neuron")]
+    ablate = Ablation("mean")
+    d = session.model.config.n_embd
+    gate = Gate("blocks.0.resid_post", tuple([1.0] * d), 0.0, "each")
+    sets = [
+        [],
+        *([ablate(u)] for u in fine[:16]),
+        *(ablate.all(fine[:k]) for k in range(2, 6)),
+        [Intervention("blocks.1.mlp", "scale", value=0.0, gate=gate)],
+    ]
+    for batch in failing:
+        clean = flips._clean(session, batch)
+        shared = flips.keeps_answer(session, batch, clean.ids, sets, share_prefix=True)
+        whole = flips.keeps_answer(session, batch, clean.ids, sets, share_prefix=False)
+        assert shared == whole and shared[0] and not all(shared)
+        # the shared path really ran (it returns None where it stands aside)
+        rows = session.prepare_sets(sets, batch)
+        prompt_len = ModelInputs.of(batch).length
+        forced = ModelInputs.of_ids(clean.ids[:-1].reshape(1, -1))
+        steps = len(clean.ids) - prompt_len
+        per_batch = rows_per_batch(session, batch)
+        assert forced_picks(session, rows, forced, steps, prompt_len, session.prefixes, per_batch) is not None
+        # a set that changes the embedding cannot enter at a block: whole-model passes
+        embed = session.prepare_sets([[Intervention("embed", "scale", value=0.5)]], batch)
+        assert forced_picks(session, embed, forced, steps, prompt_len, session.prefixes, per_batch) is None
+        assert flips.keeps_answer(session, batch, clean.ids, [[Intervention("embed", "scale", value=0.5)]]) == (
+            flips.keeps_answer(session, batch, clean.ids, [[Intervention("embed", "scale", value=0.5)]], False)
+        )

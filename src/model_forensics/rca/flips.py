@@ -34,7 +34,7 @@ from model_forensics.rca import runs
 from model_forensics.rca.runs import Inputs
 from model_forensics.replay import Intervention, RunResult, Session
 from model_forensics.replay.interventions import Clock, intervening
-from model_forensics.replay.sweep import rows_per_batch
+from model_forensics.replay.sweep import forced_picks, rows_per_batch
 
 # Below this, a forward call costs about the same whatever its rows (the zoo's 0.3M-parameter
 # models: the screen's extra call per variant cost more CPU than the rows it saved;
@@ -136,11 +136,17 @@ def variant_flips(session: Session, batch: Inputs, sets: Sequence[Sequence[Inter
 
 
 def keeps_answer(
-    session: Session, batch: Inputs, ids: torch.Tensor, sets: Sequence[Sequence[Intervention]]
+    session: Session,
+    batch: Inputs,
+    ids: torch.Tensor,
+    sets: Sequence[Sequence[Intervention]],
+    share_prefix: bool = True,
 ) -> list[bool]:
     """Whether, with each set applied, the argmax at every step of the answer ``ids``
     (prompt + answer, (T + S,)) is the answer's token: one teacher-forced pass of
-    T + S − 1 tokens per chunk of sets, scores kept at the S answer positions only."""
+    T + S − 1 tokens per chunk of sets, scores kept at the S answer positions only. With
+    ``share_prefix``, each set's rows start at the first block it changes, on the clean
+    computation of the earlier blocks (:func:`~model_forensics.replay.sweep.forced_picks`)."""
     prompt_len = ModelInputs.of(batch).length
     answer = ids[prompt_len:]
     steps = len(answer)
@@ -148,8 +154,13 @@ def keeps_answer(
         return [True] * len(sets)
     rows = session.prepare_sets(sets, batch)
     forced = ModelInputs.of_ids(ids[:-1].reshape(1, -1))
-    keep = {"logits_to_keep": steps} if _takes_logits_to_keep(session) else {}
     per_batch = rows_per_batch(session, batch)
+    target = answer.reshape(1, -1)
+    if share_prefix:
+        picked = forced_picks(session, rows, forced, steps, prompt_len, session.prefixes, per_batch)
+        if picked is not None:
+            return [bool((p == target.to(p.device)).all()) for p in picked]
+    keep = {"logits_to_keep": steps} if _takes_logits_to_keep(session) else {}
     kept: list[bool] = []
     for lo in range(0, len(rows), per_batch):
         chunk = rows[lo : lo + per_batch]

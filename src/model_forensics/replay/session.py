@@ -194,7 +194,7 @@ class Session:
             self.generation = saved
 
     def verify(self) -> VerifyReport:
-        """Replay the incident unchanged and compare every recorded site's sha256 and the
+        """Replay the incident unchanged and compare every recorded site's digest and the
         outputs with the recording (see :mod:`~model_forensics.replay.verification`)."""
         self.verification = verify(self)
         return self.verification
@@ -248,6 +248,11 @@ class Session:
         step_logits, sequences = self.execute(batch, [prepared])
         row = None if sequences is None else sequences[0]
         return self.results(batch, [prepared], [step_logits[0]], [row], [self.forward_passes - before])[0]
+
+    @property
+    def prefixes(self) -> PrefixCache:
+        """The clean prefixes this session's sweeps and teacher-forced screens share."""
+        return self._prefixes
 
     def sweep(
         self, sets: Sequence[Sequence[InterventionLike]], *, inputs: InputLike = None, share_prefix: bool = True

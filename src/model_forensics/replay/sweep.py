@@ -138,6 +138,38 @@ def run_sweep(
     return SweepResult(results, session.forward_passes - before, batches, shared, time.perf_counter() - start)
 
 
+def forced_picks(
+    session: Session,
+    rows: Sequence[Sequence[Prepared]],
+    forced: ModelInputs,
+    steps: int,
+    prompt_len: int,
+    prefixes: PrefixCache,
+    per_batch: int,
+) -> list[torch.Tensor] | None:
+    """The argmax at the last ``steps`` positions of the teacher-forced input ``forced``
+    (one row: a prompt of ``prompt_len`` tokens and an answer), per row of ``rows``, in
+    batches of ``per_batch`` rows: each row enters at the first block it changes, on the
+    clean computation of the blocks before it (the clean prefix of ``forced``, captured once
+    into ``prefixes``). None, for the caller to run whole models, where a row changes
+    something outside the blocks (``embed``, ``logits``), where sharing would not save two
+    rows' worth of blocks, or where the model's blocks cannot be re-entered."""
+    n_layers = session.adapter.n_layers
+    starts = [first_block([p.target for p in r], n_layers) for r in rows]
+    if any(s is None for s in starts) or sum(s for s in starts if s is not None) / max(1, n_layers) < 2:
+        return None
+    prefix = _prefix_for(session, prefixes, forced)
+    if prefix is None:
+        return None
+    order = sorted(range(len(rows)), key=lambda i: starts[i])  # type: ignore[arg-type,return-value]
+    picks: list[torch.Tensor | None] = [None] * len(rows)
+    for chunk in _chunks(order, per_batch):
+        scores = prefix.scores([rows[i] for i in chunk], [int(starts[i]) for i in chunk], steps, prompt_len)  # type: ignore[arg-type]
+        for i, row in zip(chunk, scores.argmax(-1), strict=True):
+            picks[i] = row
+    return picks  # type: ignore[return-value]
+
+
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -222,9 +254,17 @@ class _Prefix:
         """Last-position scores (N, V) of the rows, row i entering at block ``starts[i]``
         (sorted ascending; ``n_layers`` = only the final norm and head). Counts as one
         forward pass of N rows."""
+        return self.scores(rows, starts, 1, self.prompt_len)[:, -1]
+
+    def scores(
+        self, rows: Sequence[Sequence[Prepared]], starts: Sequence[int], keep: int, prompt_len: int
+    ) -> torch.Tensor:
+        """Scores (N, keep, V) at the last ``keep`` positions of the rows, row i entering at
+        block ``starts[i]`` (sorted ascending), interventions placed for a prompt of
+        ``prompt_len`` tokens (a teacher-forced answer follows it). One forward pass of N rows."""
         s = self.session
         n_layers = len(self.blocks)
-        clock = Clock(0, self.prompt_len)
+        clock = Clock(0, prompt_len)
         hidden: torch.Tensor | None = None
         j = 0
 
@@ -253,11 +293,11 @@ class _Prefix:
             assert self.final_input is not None
             hidden = join(hidden, self.final_input, n_layers)
             assert hidden is not None
-            last = self.final(hidden)[:, -1]  # (N, d_model)
+            last = self.final(hidden)[:, -keep:].reshape(-1, hidden.shape[-1])  # (N · keep, d_model)
             n = last.shape[0]
             if n < GEMM_ROWS:
                 last = torch.cat([last, last.new_zeros(GEMM_ROWS - n, last.shape[1])])
-            return self.head(last)[:n]
+            return self.head(last)[:n].reshape(len(starts), keep, -1)
 
     def check(self) -> bool:
         """Does the tail reproduce the clean run? Sets ``exact`` (bit-identical)."""
