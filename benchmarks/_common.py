@@ -121,3 +121,25 @@ def smollm2_cca(args: Any) -> Any:
         refine_rounds=args.refine_rounds,
         confirm_top=16,
     )
+
+
+def smollm2_split_prompts(tmp: Path, kinds: tuple[str, ...]) -> tuple[Any, Any, dict[tuple[str, str], list[Any]]]:
+    """The SmolLM2 injection incident recorded into ``tmp`` and replayed, its prompts split
+    as ``analyze`` splits them (CausalCCA's ``held_out_fraction`` and ``split_seed``), and
+    each part's prompts of ``kinds`` encoded: ``(session, split, {(part, kind): [inputs]})``,
+    the incident itself first among the search part's variants."""
+    from model_forensics import CausalCCA, SandboxReplayer
+    from model_forensics.rca.heldout import split_prompts
+    from model_forensics.scenarios import get
+
+    bundle = get("smollm2-injection").record(tmp, limit=1).incidents[0]
+    session = SandboxReplayer().load_bundle(bundle)
+    config = CausalCCA().config
+    split = split_prompts(session.extras, config.held_out_fraction, config.split_seed)
+    batches = {
+        (part, kind): [session.encode(e) for e in entries.get(kind, [])]
+        for part, entries in (("search", split.search), ("held_out", split.held_out))
+        for kind in kinds
+    }
+    batches[("search", "variants")].insert(0, session.inputs)  # the incident is a search variant
+    return session, split, batches

@@ -39,13 +39,10 @@ from typing import Any
 
 import torch
 
-from _common import commit, machine, markdown_table, write_results
-from model_forensics import CausalCCA, SandboxReplayer
+from _common import commit, machine, markdown_table, smollm2_split_prompts, write_results
 from model_forensics.core.metrics import kl_divergence
-from model_forensics.rca.heldout import split_prompts
 from model_forensics.rca.runs import capture
 from model_forensics.replay import Gate, Intervention
-from model_forensics.scenarios import get
 
 TARGETS = {"failing flipped": 0.8, "benign kept": 0.9, "near-miss kept": 0.8}
 KINDS = ("variants", "near_miss", "benign")
@@ -78,18 +75,9 @@ def main() -> None:
     wall0, cpu0 = time.perf_counter(), time.process_time()
     stages: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = get("smollm2-injection").record(Path(tmp), limit=1).incidents[0]
-        session = SandboxReplayer().load_bundle(bundle)
-        config = CausalCCA().config
-        split = split_prompts(session.extras, config.held_out_fraction, config.split_seed)
+        session, split, prompts = smollm2_split_prompts(Path(tmp), KINDS)
         n_layers = session.adapter.n_layers
         sites = [f"blocks.{layer}.resid_post" for layer in range(n_layers)]
-        prompts = {
-            (part, kind): [session.encode(e) for e in entries.get(kind, [])]
-            for part, entries in (("search", split.search), ("held_out", split.held_out))
-            for kind in KINDS
-        }
-        prompts[("search", "variants")].insert(0, session.inputs)  # the incident is a search variant
 
         # 1. clean runs and last-position captures (one generation and one capture pass per prompt)
         wall, cpu, passes = time.perf_counter(), time.process_time(), session.forward_passes

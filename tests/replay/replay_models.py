@@ -105,3 +105,20 @@ def record(loaded, out: Path, *, max_new_tokens: int = 0, granularity: str = "al
         )
     finally:
         torch.set_num_threads(threads)
+
+
+def observe(session, site: str, interventions) -> torch.Tensor:
+    """Row 0 of an input-side site (attn.z, mlp.post, resid_pre) as its module received it,
+    i.e. after the interventions: (T, ...) per-token layout of the site."""
+    from model_forensics.models.adapters import read
+
+    point = session.adapter.points[site]
+    seen = []
+    handle = session.adapter.modules[point.module].register_forward_hook(
+        lambda m, args, out: seen.append(read(point, args)[0].clone())
+    )
+    try:
+        session.run(interventions)
+    finally:
+        handle.remove()
+    return seen[-1]  # earlier calls may be baseline passes

@@ -9,28 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from replay_models import observe
 
 from model_forensics import Intervention, SiteError
 from model_forensics.core.errors import ForensicsError
-from model_forensics.models.adapters import read
 from model_forensics.rca.runs import capture
 from model_forensics.replay.interventions import Gate
 
 SITE = "blocks.1.resid_pre"
-
-
-def _observe(session, site: str, interventions) -> torch.Tensor:
-    """Row 0 of an input-side site as its module received it (after the interventions)."""
-    point = session.adapter.points[site]
-    seen = []
-    handle = session.adapter.modules[point.module].register_forward_hook(
-        lambda m, args, out: seen.append(read(point, args)[0].clone())
-    )
-    try:
-        session.run(interventions)
-    finally:
-        handle.remove()
-    return seen[-1]
 
 
 def _gap_threshold(scores: torch.Tensor) -> float:
@@ -52,7 +38,7 @@ def _unit(d: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["steer", "mean"])
 def test_positions_below_the_threshold_are_untouched_and_those_above_change_as_ungated(sessions, kind):
     s = sessions["forward"]
-    clean = _observe(s, SITE, []).double()
+    clean = observe(s, SITE, []).double()
     u = _unit(clean.shape[-1], 3)
     proj = clean @ u
     gate = Gate(SITE, tuple(u.tolist()), _gap_threshold(proj), "each")
@@ -63,9 +49,9 @@ def test_positions_below_the_threshold_are_untouched_and_those_above_change_as_u
     else:
         plain = Intervention(SITE, "mean", direction=tuple(u.tolist()))
     gated = Intervention(plain.site, plain.kind, value=plain.value, direction=plain.direction, gate=gate)
-    got = _observe(s, SITE, [gated])
-    ungated = _observe(s, SITE, [plain])
-    clean = _observe(s, SITE, [])
+    got = observe(s, SITE, [gated])
+    ungated = observe(s, SITE, [plain])
+    clean = observe(s, SITE, [])
     assert torch.equal(got[~over], clean[~over])  # bit-identical where the gate stays shut
     assert torch.equal(got[over], ungated[over])  # exactly the ungated change where it fires
     assert not torch.equal(got[over], clean[over])
@@ -119,7 +105,7 @@ def test_each_gates_round_trip_and_must_be_read_first(sessions):
     with pytest.raises(ForensicsError, match="'last', 'max' or 'each'"):
         Gate("blocks.0.resid_post", (1.0,), 0.0, "any")
     s = sessions["forward"]
-    d = _observe(s, SITE, []).shape[-1]
+    d = observe(s, SITE, []).shape[-1]
     downstream = Gate("blocks.1.resid_post", tuple([1.0] * d), 0.0, "each")
     with pytest.raises(SiteError, match="had not reached"):
         s.run([Intervention("blocks.0.mlp", "zero", gate=downstream)])

@@ -6,28 +6,11 @@ import json
 
 import pytest
 import torch
-from replay_models import BASELINES
+from replay_models import BASELINES, observe
 
 from model_forensics import Intervention, SiteError
 from model_forensics.core.errors import ForensicsError
 from model_forensics.replay.interventions import Gate
-
-
-def observe(session, site: str, interventions) -> torch.Tensor:
-    """Row 0 of an input-side site (attn.z, mlp.post, resid_pre) as its module received it,
-    i.e. after the interventions: (T, ...) per-token layout of the site."""
-    from model_forensics.models.adapters import read
-
-    point = session.adapter.points[site]
-    seen = []
-    handle = session.adapter.modules[point.module].register_forward_hook(
-        lambda m, args, out: seen.append(read(point, args)[0].clone())
-    )
-    try:
-        session.run(interventions)
-    finally:
-        handle.remove()
-    return seen[-1]  # earlier calls may be baseline passes
 
 
 def test_json_round_trip_is_exact():
