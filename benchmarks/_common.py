@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import statistics
@@ -16,8 +17,11 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
+@functools.cache
 def commit() -> str:
-    """The short commit the run measures, and whether the tree had changes beyond result files."""
+    """The short commit the run measures, and whether the tree had changes beyond result files:
+    read once, when a benchmark imports this module (a commit made while a long benchmark runs
+    is not the code it measured)."""
     try:
         here = Path(__file__).parent
         head = subprocess.run(
@@ -143,3 +147,6 @@ def smollm2_split_prompts(tmp: Path, kinds: tuple[str, ...]) -> tuple[Any, Any, 
     }
     batches[("search", "variants")].insert(0, session.inputs)  # the incident is a search variant
     return session, split, batches
+
+
+commit()  # the code this process imported

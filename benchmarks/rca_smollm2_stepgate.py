@@ -124,6 +124,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=3, help="best-separating layers evaluated by generation")
     parser.add_argument("--upstream", type=int, default=1, help="best-separating layers ≤ 20 evaluated too")
     parser.add_argument("--screen-only", action="store_true", help="stop after the separation table")
+    parser.add_argument(
+        "--strong",
+        action="store_true",
+        help="stronger steering instead: α 2, 4, 8 at the acc threshold on the best layers and α 4 at safe",
+    )
+    parser.add_argument("--name", default="rca_smollm2_stepgate", help="results file name under benchmarks/results/")
     args = parser.parse_args()
     load_before = os.getloadavg()
     wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -290,12 +296,18 @@ def main() -> None:
 
         configs: dict[str, list[Intervention]] = {}
         for layer in picked:
-            for how, which in (("to m", "safe"), ("steer 1", "safe"), ("steer 2", "safe"), ("steer 1", "acc")):
+            grid = (
+                (("steer 2", "acc"), ("steer 4", "acc"), ("steer 8", "acc"), ("steer 4", "safe"))
+                if args.strong
+                else (("to m", "safe"), ("steer 1", "safe"), ("steer 2", "safe"), ("steer 1", "acc"))
+            )
+            for how, which in grid:
                 configs[f"L{layer} {how} @{which}"] = [fix(layer, how, which)]
         best = picked[0]
         pair = [best, best + 1] if best + 1 < n_layers else [best - 1, best]
         for how in ("steer 1", "steer 2"):
-            configs[f"L{pair[0]}+L{pair[1]} {how} @safe"] = [fix(layer, how, "safe") for layer in pair]
+            which = "acc" if args.strong else "safe"
+            configs[f"L{pair[0]}+L{pair[1]} {how} @{which}"] = [fix(layer, how, which) for layer in pair]
         tokenizer = session.tokenizer
         banned = sorted({tokenizer.encode(pre + w, add_special_tokens=False)[0] for w in words for pre in ("", " ")})
         bias = torch.zeros(session.model.config.vocab_size, dtype=torch.float64)
@@ -376,7 +388,7 @@ def main() -> None:
     text = report(table, pick, separation, picked, split, counts, banned, tokenizer, stages, (load_before, load_after))
     print(text)
     write_results(
-        "rca_smollm2_stepgate",
+        args.name,
         {
             "commit": commit(),
             "machine": machine(),

@@ -69,7 +69,10 @@ def test_a_fresh_process_reads_the_commit_itself(repo: Path) -> None:
     assert done.stdout.strip() == _git(repo, "rev-parse", "HEAD")
 
 
-def test_two_bundles_of_one_recorder_carry_the_same_provenance(tiny, tmp_path: Path, git_runs) -> None:
+def test_two_bundles_of_one_recorder_carry_the_same_provenance(
+    tiny, tmp_path: Path, repo: Path, git_runs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(repo)  # a plain .git directory (a worktree's .git file runs git every time)
     loaded = tiny["gpt2"]
     with RecorderHooks(granularity="layer").install_hooks(loaded.model) as rec, torch.no_grad():
         loaded.model(input_ids=torch.tensor([[1, 2, 3]]))

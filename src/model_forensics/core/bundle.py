@@ -1,11 +1,12 @@
-"""Incident bundles, format 1.2: a directory (or the same files zipped, ``*.mfb.zip``).
+"""Incident bundles, format 1.3: a directory (or the same files zipped, ``*.mfb.zip``).
 
 ::
 
     manifest.json            format + version, model reference, inputs, outputs, predicate,
-                             sites (shape, dtype, sketch, sha256 of the exact tensor and of
-                             the stored sketch), determinism, provenance, and the sha256 +
-                             size of every data file (all five mandatory)
+                             sites (shape, dtype, sketch, digest of the exact tensor and of
+                             the stored sketch), determinism, provenance, the digest + size
+                             of every data file (all five mandatory), and (1.3) ``hash``,
+                             the algorithm of those digests (blake3; absent: sha256)
     inputs.safetensors       what the model was called with (input_ids, attention_mask, …)
     outputs.safetensors      logits at the positions the predicate reads, generated ids
     activations.safetensors  one entry (or a few ``site::part`` entries) per site
@@ -685,6 +686,9 @@ _ST_RANK = {
 }
 _PLAIN_NAME = re.compile(r"^[\x20-\x7e]*$")
 _WINDOW_BYTES = 64 * 1024 * 1024  # encoded sites (bytes) that may wait to be written
+WRITEBACK_BYTES = 16 * 1024 * 1024
+"""The activations writer starts the disk (``fdatasync`` in a thread) every this many bytes
+written, so writing back overlaps encoding and hashing; 0 leaves it all to the closing fsync."""
 
 
 def safetensors_layout(specs: dict[str, Spec]) -> tuple[bytes, dict[str, tuple[int, int]]]:
@@ -827,15 +831,26 @@ def _write_entries(
         sums = {name: _digest(chunk, algorithm) for name, chunk in data.items()}
         return _Prepared(data, sums, None if tensor is None else _digest(sketches.tensor_bytes(tensor), algorithm))
 
+    unsynced = 0  # bytes written since the last writeback was started
+
     def write(site: str, prepared: _Prepared) -> None:
+        nonlocal unsynced
         for name, chunk in prepared.data.items():
             _pwrite(fh.fileno(), chunk, start + spans[name][0])
+            unsynced += memoryview(chunk).nbytes
         entry_sums.update(prepared.sums)
         if prepared.exact is not None:
             exact[site] = prepared.exact
+        if WRITEBACK_BYTES and unsynced >= WRITEBACK_BYTES and (not flushes or flushes[-1].done()):
+            # start the disk on what is written while the next sites are encoded and hashed,
+            # so the closing fsync waits for the last piece only (one flush at a time)
+            flushes.append(writeback.submit(os.fdatasync, fh.fileno()))
+            unsynced = 0
 
+    flushes: list[Future[None]] = []
     with (
         ThreadPoolExecutor(max_workers=_hash_threads(), thread_name_prefix="bundle-encode") as pool,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="bundle-writeback") as writeback,
         file.open("wb") as fh,
     ):
         header = pool.submit(_digest, prefix, algorithm)
@@ -855,6 +870,8 @@ def _write_entries(
         missing = set(spans) - set(entry_sums)
         if missing:
             raise ValueError(f"the site source gave no data for the entries {sorted(missing)[:4]}")
+        for flush in flushes:
+            flush.result()  # a failed writeback (a full disk) is the OSError it is
         size = start + (max(end for _b, end in spans.values()) if spans else 0)
         fh.truncate(size)
         if sync:
