@@ -295,6 +295,11 @@ class RecorderHooks:
         self._logits.append(logits)
         self._logit_versions.append(logits._version)
 
+    def logits(self) -> list[torch.Tensor]:
+        """The full output scores of every forward call recorded, in order (the model's own
+        tensors where it allowed: see ``_take_logits``); refused if any was changed in place."""
+        return list(self._checked_logits())
+
     def _checked_logits(self) -> list[torch.Tensor]:
         """The recorded logits of every step, refused if any was changed in place since."""
         for step, (t, version) in enumerate(zip(self._logits, self._logit_versions, strict=True)):

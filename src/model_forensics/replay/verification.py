@@ -25,7 +25,6 @@ from model_forensics.core.bundle import Bundle
 from model_forensics.core.digests import tensor_digest
 from model_forensics.core.errors import BundleError, WeightMismatchWarning
 from model_forensics.core.provenance import package_versions
-from model_forensics.models.hooks import hooks, logits_of
 from model_forensics.models.loading import weights_sha256
 from model_forensics.recorder.hooks import RecorderHooks
 from model_forensics.replay.results import SiteCheck, VerifyReport
@@ -80,20 +79,14 @@ def verify(session: Session) -> VerifyReport:
         sketch="full",
         max_bundle_size_mb=1e12,
     )
-    full_logits: list[torch.Tensor] = []  # per forward call: the model's whole output scores
-
-    def keep(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        out = logits_of(output)
-        if out is not None:
-            full_logits.append(out.detach().clone())
-
     recording = rec.install_hooks(session.model, session.tokenizer)
-    with session.environment(), recording, hooks(session.adapter, after={"": keep}):
+    with session.environment(), recording:
         if session.mode == "generate":
             sequences = rec.generate(session.inputs, **session.generation)
         else:
             session.model(**session.inputs, **session.kwargs)
             sequences = None
+    full_logits = rec.logits()  # per forward call: the model's whole output scores, kept by the recorder
     replayed = rec.recorded()
     sites = [_check_site(session.bundle, site, info, replayed.get(site)) for site, info in manifest["sites"].items()]
     outputs = _check_outputs(session.bundle, full_logits, sequences)
