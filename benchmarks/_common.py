@@ -149,4 +149,25 @@ def smollm2_split_prompts(tmp: Path, kinds: tuple[str, ...]) -> tuple[Any, Any, 
     return session, split, batches
 
 
+def separation_auroc(pos: list[float], neg: list[float]) -> float:
+    """P(score of a positive > score of a negative), ties counted half (scikit-learn's
+    ROC AUC); NaN when either side is empty."""
+    from sklearn.metrics import roc_auc_score
+
+    if not pos or not neg:
+        return float("nan")
+    return float(roc_auc_score([1] * len(pos) + [0] * len(neg), pos + neg))
+
+
+def first_step_logits(result: Any) -> torch.Tensor:
+    """A run's scores at its first generation step (its logits for a forward run)."""
+    steps = result.outputs.get("logits")
+    return steps[0] if steps is not None and steps.dim() == 2 else result.logits
+
+
+def stage_figures(wall: float, cpu: float, passes: int) -> dict[str, float]:
+    """Wall and CPU seconds since ``wall`` / ``cpu`` (perf_counter, process_time), and ``passes``."""
+    return {"seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu, "forward_passes": passes}
+
+
 commit()  # the code this process imported

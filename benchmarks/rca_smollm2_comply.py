@@ -39,21 +39,22 @@ from typing import Any
 
 import torch
 
-from _common import commit, machine, markdown_table, smollm2_split_prompts, write_results
+from _common import (
+    commit,
+    first_step_logits,
+    machine,
+    markdown_table,
+    separation_auroc,
+    smollm2_split_prompts,
+    stage_figures,
+    write_results,
+)
 from model_forensics.core.metrics import kl_divergence
 from model_forensics.rca.runs import capture
 from model_forensics.replay import Gate, Intervention
 
 TARGETS = {"failing flipped": 0.8, "benign kept": 0.9, "near-miss kept": 0.8}
 KINDS = ("variants", "near_miss", "benign")
-
-
-def auroc(pos: list[float], neg: list[float]) -> float:
-    """P(score of a positive > score of a negative), ties counted half."""
-    if not pos or not neg:
-        return float("nan")
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
 
 
 def best_threshold(pos: list[float], neg: list[float]) -> tuple[float, float]:
@@ -89,7 +90,7 @@ def main() -> None:
                 torch.stack([acts[s][-1].double() for s in sites])
                 for acts in (capture(session, b, "layer", sites) for b in batches)
             ]  # (L, d) each
-        stages["clean runs + captures"] = _stage(wall, cpu, session.forward_passes - passes)
+        stages["clean runs + captures"] = stage_figures(wall, cpu, session.forward_passes - passes)
         print("captured", flush=True)
 
         # failing variants = variants that fail clean; near misses that fail clean are dropped
@@ -130,9 +131,9 @@ def main() -> None:
                     "threshold": t,
                     "near_miss_mean": sum(ns) / len(ns),
                     "search_accuracy": acc,
-                    "search_auroc_near_miss": auroc(fs, ns),
-                    "held_out_auroc_near_miss": auroc(fh, nh),
-                    "held_out_auroc_benign": auroc(fh, bh),
+                    "search_auroc_near_miss": separation_auroc(fs, ns),
+                    "held_out_auroc_near_miss": separation_auroc(fh, nh),
+                    "held_out_auroc_benign": separation_auroc(fh, bh),
                     "held_out_gate_fires": {
                         "failing": sum(x > t for x in fh) / len(fh),
                         "near_miss": sum(x > t for x in nh) / len(nh),
@@ -178,7 +179,7 @@ def main() -> None:
             outcome[key] = [list(session.sweep(sets, inputs=b)) for b in batches]
             rows += len(batches) * len(sets)
             print("evaluated", key, flush=True)
-        stages["configurations"] = _stage(wall, cpu, session.forward_passes - passes)
+        stages["configurations"] = stage_figures(wall, cpu, session.forward_passes - passes)
         stages["configurations"]["model_rows"] = rows
 
     table = []
@@ -191,7 +192,7 @@ def main() -> None:
             ]
             ben_rows = list(zip(outcome[(part, "benign")], clean[(part, "benign")], strict=True))
             benign = [o[c].text == cl.text for o, cl in ben_rows]
-            kl = [float(kl_divergence(_first(cl), _first(o[c]))) for o, cl in ben_rows]
+            kl = [float(kl_divergence(first_step_logits(cl), first_step_logits(o[c]))) for o, cl in ben_rows]
             entry[part] = {
                 "failing flipped": sum(flips) / len(flips),
                 "benign kept": sum(benign) / len(benign),
@@ -210,7 +211,7 @@ def main() -> None:
         if within
         else max(table, key=lambda e: sum(e["search"][k] for k in TARGETS))
     )
-    stages["total"] = _stage(wall0, cpu0, 0)
+    stages["total"] = stage_figures(wall0, cpu0, 0)
     load_after = os.getloadavg()
     text = report(
         table, pick, separation, picked_layers, split, failing, behaved, stages, (load_before, load_after), meets
@@ -233,15 +234,6 @@ def main() -> None:
         },
         text,
     )
-
-
-def _first(result: Any) -> torch.Tensor:
-    steps = result.outputs.get("logits")
-    return steps[0] if steps is not None and steps.dim() == 2 else result.logits
-
-
-def _stage(wall: float, cpu: float, passes: int) -> dict[str, float]:
-    return {"seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu, "forward_passes": passes}
 
 
 def report(

@@ -53,7 +53,16 @@ from typing import Any
 
 import torch
 
-from _common import commit, machine, markdown_table, smollm2_split_prompts, write_results
+from _common import (
+    commit,
+    first_step_logits,
+    machine,
+    markdown_table,
+    separation_auroc,
+    smollm2_split_prompts,
+    stage_figures,
+    write_results,
+)
 from model_forensics.core.metrics import kl_divergence
 from model_forensics.rca.gating import gate_threshold
 from model_forensics.rca.runs import capture
@@ -64,22 +73,6 @@ KINDS = ("variants", "near_miss", "benign")
 PARTS = ("search", "held_out")
 BEFORE = 3  # failing reply positions at least this many tokens before the target are negatives
 BAN = -1e4  # the control's logit bias
-
-
-def auroc(pos: list[float], neg: list[float]) -> float:
-    """P(score of a positive > score of a negative), ties counted half (rank form)."""
-    if not pos or not neg:
-        return float("nan")
-    scores = torch.tensor(pos + neg, dtype=torch.float64)
-    ranks = torch.empty_like(scores)
-    order = scores.argsort()
-    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
-    for value in scores.unique():  # average ranks of ties
-        tied = scores == value
-        if int(tied.sum()) > 1:
-            ranks[tied] = ranks[tied].mean()
-    r_pos = float(ranks[: len(pos)].sum())
-    return (r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
 
 
 class Prompt:
@@ -154,7 +147,7 @@ def main() -> None:
                 reply = ids[b["input_ids"].shape[1] :].tolist()
                 span = target_span(session.tokenizer, reply, clean.text, pattern) if clean.failed else None
                 prompts.append(Prompt(part, kind, i, b, clean, states, span))
-        stages["clean runs + captures"] = _stage(wall, cpu, session.forward_passes - passes)
+        stages["clean runs + captures"] = stage_figures(wall, cpu, session.forward_passes - passes)
         print("captured", len(prompts), flush=True)
 
         def group(part: str, kind: str) -> list[Prompt]:
@@ -190,8 +183,8 @@ def main() -> None:
                 inside = [float(scores(p, layer)[i]) for p in fail for i in p.positives(True)]
                 negs = [float(scores(p, layer)[i]) for p, idx in negative_rows(part) for i in idx]
                 per[part] = {
-                    "auroc_first": auroc(first, negs),
-                    "auroc_inside": auroc(inside, negs),
+                    "auroc_first": separation_auroc(first, negs),
+                    "auroc_inside": separation_auroc(inside, negs),
                     "neg_reply": negs,
                     "fail_max": [max(float(scores(p, layer)[i]) for i in p.positives(True)) for p in fail],
                     "near_max": [float(scores(p, layer).max()) for p in near],
@@ -323,7 +316,7 @@ def main() -> None:
             rows += len(sets)
             if n % 20 == 0:
                 print("evaluated", n, "of", len(prompts), flush=True)
-        stages["configurations (sweeps)"] = _stage(wall, cpu, session.forward_passes - passes)
+        stages["configurations (sweeps)"] = stage_figures(wall, cpu, session.forward_passes - passes)
         stages["configurations (sweeps)"]["model_rows"] = rows
 
         # the bad-words control: HF generate with the target sequences forbidden
@@ -334,7 +327,7 @@ def main() -> None:
             for n, p in enumerate(prompts):
                 out = session.model.generate(**p.batch, **session.generation, bad_words_ids=bad)
                 bad_text[n] = tokenizer.decode(out[0, p.prompt_len :], skip_special_tokens=True)
-        stages["control: bad words (generate)"] = _stage(wall, cpu, 0)
+        stages["control: bad words (generate)"] = stage_figures(wall, cpu, 0)
         stages["control: bad words (generate)"]["model_rows"] = len(prompts)
 
     names = [*configs, "control: bad words"]
@@ -362,7 +355,8 @@ def main() -> None:
             }
             if c < len(configs):
                 res["benign first-step KL"] = sum(
-                    float(kl_divergence(_first(p.clean), _first(outcome[index[id(p)]][c]))) for p in ben
+                    float(kl_divergence(first_step_logits(p.clean), first_step_logits(outcome[index[id(p)]][c])))
+                    for p in ben
                 ) / len(ben)
                 if configs[name][0].gate is not None:
                     res["gate fired"] = {
@@ -382,7 +376,7 @@ def main() -> None:
         if within
         else max(gated, key=lambda e: sum(e["search"][k] for k in TARGETS))
     )
-    stages["total"] = _stage(wall0, cpu0, 0)
+    stages["total"] = stage_figures(wall0, cpu0, 0)
     load_after = os.getloadavg()
     counts = {part: {k: len(group(part, k)) for k in KINDS} for part in PARTS}
     text = report(table, pick, separation, picked, split, counts, banned, tokenizer, stages, (load_before, load_after))
@@ -411,15 +405,6 @@ def main() -> None:
 def _share(flags: Any) -> float:
     flags = list(flags)
     return sum(flags) / len(flags) if flags else float("nan")
-
-
-def _first(result: Any) -> torch.Tensor:
-    steps = result.outputs.get("logits")
-    return steps[0] if steps is not None and steps.dim() == 2 else result.logits
-
-
-def _stage(wall: float, cpu: float, passes: int) -> dict[str, float]:
-    return {"seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu, "forward_passes": passes}
 
 
 def _offsets(values: list[int | None]) -> str:
