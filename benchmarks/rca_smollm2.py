@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import commit, machine, markdown_table, smollm2_cca, smollm2_cca_arguments, write_results
+from _common import SMOLLM2_TARGETS, commit, machine, markdown_table, smollm2_cca, smollm2_cca_arguments, write_results
 from model_forensics import CompressionForensics, SandboxReplayer
 from model_forensics.rca.attribution import attribution_ranking
 from model_forensics.rca.explain import held_out_rows
@@ -38,7 +38,6 @@ from model_forensics.scenarios import get
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH_SCRIPT = ROOT / "scripts/search_smollm2_injection.py"
-TARGETS = {"failing flipped": 0.8, "benign kept": 0.9, "near-miss kept": 0.8}
 
 
 def grid_prompts(seen: list[str]) -> list[str]:
@@ -105,7 +104,7 @@ def main() -> None:
             "stages": stages,
             "fix_set": fix.to_json(),
             "fresh_grid_prompts": grid_effects.to_json(),
-            "targets": TARGETS,
+            "targets": SMOLLM2_TARGETS,
         },
         text,
     )
@@ -124,7 +123,12 @@ def report(args: Any, fix: Any, held: Any, grid: SideEffects, stages: dict[str, 
     targets = markdown_table(
         ["held-out target", "needed", "reached", "met"],
         [
-            [k, f"≥ {TARGETS[k]:.0%}", "—" if v is None else f"{v:.0%}", "—" if v is None else str(v >= TARGETS[k])]
+            [
+                k,
+                f"≥ {SMOLLM2_TARGETS[k]:.0%}",
+                "—" if v is None else f"{v:.0%}",
+                "—" if v is None else str(v >= SMOLLM2_TARGETS[k]),
+            ]
             for k, v in reached.items()
         ],
     )

@@ -40,10 +40,13 @@ from typing import Any
 import torch
 
 from _common import (
+    SMOLLM2_KINDS,
+    SMOLLM2_TARGETS,
     commit,
     first_step_logits,
     machine,
     markdown_table,
+    meets_targets,
     separation_auroc,
     smollm2_split_prompts,
     stage_figures,
@@ -52,9 +55,6 @@ from _common import (
 from model_forensics.core.metrics import kl_divergence
 from model_forensics.rca.runs import capture
 from model_forensics.replay import Gate, Intervention
-
-TARGETS = {"failing flipped": 0.8, "benign kept": 0.9, "near-miss kept": 0.8}
-KINDS = ("variants", "near_miss", "benign")
 
 
 def best_threshold(pos: list[float], neg: list[float]) -> tuple[float, float]:
@@ -76,7 +76,7 @@ def main() -> None:
     wall0, cpu0 = time.perf_counter(), time.process_time()
     stages: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        session, split, prompts = smollm2_split_prompts(Path(tmp), KINDS)
+        session, split, prompts = smollm2_split_prompts(Path(tmp), SMOLLM2_KINDS)
         n_layers = session.adapter.n_layers
         sites = [f"blocks.{layer}.resid_post" for layer in range(n_layers)]
 
@@ -202,20 +202,15 @@ def main() -> None:
             }
         table.append(entry)
 
-    def meets(e: dict[str, Any], part: str) -> bool:
-        return all(e[part][k] >= v for k, v in TARGETS.items())
-
     within = [e for e in table if e["search"]["benign kept"] >= 0.9 and e["search"]["near-miss kept"] >= 0.8]
     pick = (
         max(within, key=lambda e: e["search"]["failing flipped"])
         if within
-        else max(table, key=lambda e: sum(e["search"][k] for k in TARGETS))
+        else max(table, key=lambda e: sum(e["search"][k] for k in SMOLLM2_TARGETS))
     )
     stages["total"] = stage_figures(wall0, cpu0, 0)
     load_after = os.getloadavg()
-    text = report(
-        table, pick, separation, picked_layers, split, failing, behaved, stages, (load_before, load_after), meets
-    )
+    text = report(table, pick, separation, picked_layers, split, failing, behaved, stages, (load_before, load_after))
     print(text)
     write_results(
         "rca_smollm2_comply" + (".layers" if args.at else ""),
@@ -228,9 +223,9 @@ def main() -> None:
             "layers_evaluated": picked_layers,
             "configurations": table,
             "pick": pick["config"],
-            "pick_meets_targets_held_out": meets(pick, "held_out"),
+            "pick_meets_targets_held_out": meets_targets(pick, "held_out"),
             "stages": stages,
-            "targets": TARGETS,
+            "targets": SMOLLM2_TARGETS,
         },
         text,
     )
@@ -246,7 +241,6 @@ def report(
     behaved: dict[str, list[int]],
     stages: dict[str, dict[str, float]],
     load: Any,
-    meets: Any,
 ) -> str:
     pct = "{:.0%}".format
     sep_rows = [
@@ -262,12 +256,12 @@ def report(
     ]
     cfg_rows = [
         [e["config"] + (" **(pick)**" if e is pick else "")]
-        + [pct(e[p][k]) for k in TARGETS for p in ("search", "held_out")]
+        + [pct(e[p][k]) for k in SMOLLM2_TARGETS for p in ("search", "held_out")]
         + [f"{e['search']['benign first-step KL']:.3g} / {e['held_out']['benign first-step KL']:.3g}"]
         for e in table
     ]
     held = pick["held_out"]
-    target_rows = [[k, f"≥ {v:.0%}", pct(held[k]), str(held[k] >= v)] for k, v in TARGETS.items()]
+    target_rows = [[k, f"≥ {v:.0%}", pct(held[k]), str(held[k] >= v)] for k, v in SMOLLM2_TARGETS.items()]
     timing = markdown_table(
         ["stage", "wall s", "CPU s", "forward passes", "model rows"],
         [
@@ -318,7 +312,7 @@ def report(
         )
         + f"\n\n## The pick on held out: {pick['config']}\n\n"
         + markdown_table(["held-out target", "needed", "reached", "met"], target_rows)
-        + f"\n\nAll three targets met on held out: {meets(pick, 'held_out')}.\n\n"
+        + f"\n\nAll three targets met on held out: {meets_targets(pick, 'held_out')}.\n\n"
         + timing
         + "\n"
     )

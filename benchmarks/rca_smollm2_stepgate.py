@@ -54,10 +54,13 @@ from typing import Any
 import torch
 
 from _common import (
+    SMOLLM2_KINDS,
+    SMOLLM2_TARGETS,
     commit,
     first_step_logits,
     machine,
     markdown_table,
+    meets_targets,
     separation_auroc,
     smollm2_split_prompts,
     stage_figures,
@@ -68,8 +71,6 @@ from model_forensics.rca.gating import gate_threshold
 from model_forensics.rca.runs import capture
 from model_forensics.replay import Gate, Intervention
 
-TARGETS = {"failing flipped": 0.8, "benign kept": 0.9, "near-miss kept": 0.8}
-KINDS = ("variants", "near_miss", "benign")
 PARTS = ("search", "held_out")
 BEFORE = 3  # failing reply positions at least this many tokens before the target are negatives
 BAN = -1e4  # the control's logit bias
@@ -128,7 +129,7 @@ def main() -> None:
     wall0, cpu0 = time.perf_counter(), time.process_time()
     stages: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        session, split, batches = smollm2_split_prompts(Path(tmp), KINDS)
+        session, split, batches = smollm2_split_prompts(Path(tmp), SMOLLM2_KINDS)
         pattern = session.manifest["predicate"]["args"]["pattern"]
         words = pattern.split("|")
         n_layers = session.adapter.n_layers
@@ -163,7 +164,7 @@ def main() -> None:
             return torch.cat(parts).double()
 
         def negative_rows(part: str) -> list[tuple[Prompt, list[int]]]:
-            return [(p, p.negatives()) for k in KINDS for p in group(part, k)]
+            return [(p, p.negatives()) for k in SMOLLM2_KINDS for p in group(part, k)]
 
         pos_s = stack([(p, p.positives(False)) for p in group("search", "variants")])  # (N, L, d)
         neg_s = stack(negative_rows("search"))
@@ -178,7 +179,7 @@ def main() -> None:
             row: dict[str, Any] = {"layer": layer, "norm": float(directions[layer].norm())}
             per: dict[str, dict[str, Any]] = {}
             for part in PARTS:
-                fail, near, ben = (group(part, k) for k in KINDS)
+                fail, near, ben = (group(part, k) for k in SMOLLM2_KINDS)
                 first = [float(scores(p, layer)[i]) for p in fail for i in p.positives(False)]
                 inside = [float(scores(p, layer)[i]) for p in fail for i in p.positives(True)]
                 negs = [float(scores(p, layer)[i]) for p, idx in negative_rows(part) for i in idx]
@@ -339,7 +340,7 @@ def main() -> None:
             "interventions": [] if name.startswith("control") else [iv.to_json() for iv in configs[name]],
         }
         for part in PARTS:
-            fail, near, ben = (group(part, k) for k in KINDS)
+            fail, near, ben = (group(part, k) for k in SMOLLM2_KINDS)
 
             def text(p: Prompt, c: int = c) -> str:
                 return bad_text[index[id(p)]] if c == len(configs) else outcome[index[id(p)]][c].text
@@ -366,19 +367,16 @@ def main() -> None:
             entry[part] = res
         table.append(entry)
 
-    def meets(e: dict[str, Any], part: str) -> bool:
-        return all(e[part][k] >= v for k, v in TARGETS.items())
-
     gated = [e for e in table if not e["config"].startswith("control")]
     within = [e for e in gated if e["search"]["benign kept"] >= 0.9 and e["search"]["near-miss kept"] >= 0.8]
     pick = (
         max(within, key=lambda e: (e["search"]["failing flipped"], e["search"]["near-miss kept"]))
         if within
-        else max(gated, key=lambda e: sum(e["search"][k] for k in TARGETS))
+        else max(gated, key=lambda e: sum(e["search"][k] for k in SMOLLM2_TARGETS))
     )
     stages["total"] = stage_figures(wall0, cpu0, 0)
     load_after = os.getloadavg()
-    counts = {part: {k: len(group(part, k)) for k in KINDS} for part in PARTS}
+    counts = {part: {k: len(group(part, k)) for k in SMOLLM2_KINDS} for part in PARTS}
     text = report(table, pick, separation, picked, split, counts, banned, tokenizer, stages, (load_before, load_after))
     print(text)
     write_results(
@@ -394,9 +392,9 @@ def main() -> None:
             "banned_first_tokens": {str(t): tokenizer.decode([t]) for t in banned},
             "configurations": table,
             "pick": pick["config"],
-            "pick_meets_targets_held_out": meets(pick, "held_out"),
+            "pick_meets_targets_held_out": meets_targets(pick, "held_out"),
             "stages": stages,
-            "targets": TARGETS,
+            "targets": SMOLLM2_TARGETS,
         },
         text,
     )
@@ -489,12 +487,12 @@ def report(
 
     cfg_rows = [
         [e["config"] + (" **(pick)**" if e is pick else "")]
-        + [pct(e[p][k]) for k in TARGETS for p in PARTS]
+        + [pct(e[p][k]) for k in SMOLLM2_TARGETS for p in PARTS]
         + [kl(e), fired(e)]
         for e in table
     ]
     held = pick["held_out"]
-    target_rows = [[k, f"≥ {v:.0%}", pct(held[k]), str(held[k] >= v)] for k, v in TARGETS.items()]
+    target_rows = [[k, f"≥ {v:.0%}", pct(held[k]), str(held[k] >= v)] for k, v in SMOLLM2_TARGETS.items()]
     controls = {e["config"]: e for e in table if e["config"].startswith("control")}
     timing = markdown_table(
         ["stage", "wall s", "CPU s", "forward passes", "model rows"],
@@ -550,7 +548,7 @@ def report(
         )
         + f"\n\n## The pick on held out: {pick['config']}\n\n"
         + markdown_table(["held-out target", "needed", "reached", "met"], target_rows)
-        + f"\n\nAll three targets met on held out: {all(held[k] >= v for k, v in TARGETS.items())}. "
+        + f"\n\nAll three targets met on held out: {all(held[k] >= v for k, v in SMOLLM2_TARGETS.items())}. "
         f"Controls (failing flipped / benign kept / near-miss kept): {versus}.\n\n" + timing + "\n"
     )
 

@@ -1,8 +1,9 @@
 import hypothesis.strategies as st
+import pytest
 import torch
 from hypothesis import given, settings
 
-from model_forensics.core import sketches
+from model_forensics.core import digests, sketches
 
 shapes = st.lists(st.integers(1, 6), min_size=1, max_size=3)
 
@@ -57,9 +58,10 @@ def test_encoded_size_matches_what_is_written() -> None:
         assert written == sketches.encoded_nbytes(tuple(x.shape), x.dtype, kind, 0.25), kind
 
 
-def test_sha256_depends_on_exact_bits() -> None:
+@pytest.mark.parametrize("algorithm", digests.ALGORITHMS)
+def test_digest_depends_on_exact_bits(algorithm: str) -> None:
     x = torch.randn(4, 4)
     y = x.clone()
     y[0, 0] = torch.nextafter(y[0, 0], torch.tensor(10.0))
-    assert sketches.tensor_sha256(x) == sketches.tensor_sha256(x.clone())
-    assert sketches.tensor_sha256(x) != sketches.tensor_sha256(y)
+    assert digests.tensor_digest(x, algorithm) == digests.tensor_digest(x.clone(), algorithm)
+    assert digests.tensor_digest(x, algorithm) != digests.tensor_digest(y, algorithm)

@@ -142,7 +142,10 @@ def stored_sha256(entries: dict[str, torch.Tensor], by_entry: bool = False, algo
     32-byte digest of those bytes (see :func:`entries_sha256`), under ``algorithm``."""
     if by_entry:
         return entries_sha256(
-            [(n, t.dtype, list(t.shape), _digest(sketches.tensor_bytes(t), algorithm)) for n, t in entries.items()],
+            [
+                (n, t.dtype, list(t.shape), digests.digest(sketches.tensor_bytes(t), algorithm))
+                for n, t in entries.items()
+            ],
             algorithm,
         )
     digest = digests.hasher(algorithm)
@@ -744,7 +747,7 @@ def _save_sites(source: SiteSource, file: Path, algorithm: str) -> _Written:
             for site in source.sites():
                 entries, tensor = source.load(site)
                 if tensor is not None:
-                    exact[site] = _digest(sketches.tensor_bytes(tensor), algorithm)
+                    exact[site] = digests.digest(sketches.tensor_bytes(tensor), algorithm)
                 tensors.update(entries)
             _safetensors_save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(file))
             return dataclasses.replace(_hash_written(file, algorithm), exact=exact)
@@ -828,8 +831,10 @@ def _write_entries(
     def prepare(load: Load) -> _Prepared:
         entries, tensor = load()
         data = {name: _checked_bytes(name, t, specs, spans) for name, t in entries.items()}
-        sums = {name: _digest(chunk, algorithm) for name, chunk in data.items()}
-        return _Prepared(data, sums, None if tensor is None else _digest(sketches.tensor_bytes(tensor), algorithm))
+        sums = {name: digests.digest(chunk, algorithm) for name, chunk in data.items()}
+        return _Prepared(
+            data, sums, None if tensor is None else digests.digest(sketches.tensor_bytes(tensor), algorithm)
+        )
 
     unsynced = 0  # bytes written since the last writeback was started
 
@@ -853,7 +858,7 @@ def _write_entries(
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="bundle-writeback") as writeback,
         file.open("wb") as fh,
     ):
-        header = pool.submit(_digest, prefix, algorithm)
+        header = pool.submit(digests.digest, prefix, algorithm)
         _pwrite(fh.fileno(), prefix, 0)
         ahead: deque[tuple[str, Future[_Prepared], int]] = deque()  # (site, its task, its bytes)
         waiting = 0
@@ -892,10 +897,6 @@ def _checked_bytes(name: str, tensor: torch.Tensor, specs: dict[str, Spec], span
             f"entry {name!r} is {tensor.dtype} {list(tensor.shape)}, its specs said {specs[name][0]} {list(specs[name][1])}"
         )
     return sketches.tensor_bytes(tensor)
-
-
-def _digest(data: Any, algorithm: str) -> bytes:
-    return digests.digest(data, algorithm)
 
 
 _BATCH_BYTES = 4 * 1024 * 1024  # a verifying hash task takes consecutive entries up to this many bytes
@@ -1637,7 +1638,7 @@ class _MappedFile:
         :meth:`_hash_entries`). Returns the header's future and what waits for the entry
         digests (raw 32 bytes each, in the header's order)."""
         head = memoryview(self.map)[: self.layout.data_start] if self.map is not None else memoryview(b"")
-        header = pool.submit(_digest, head, algorithm)
+        header = pool.submit(digests.digest, head, algorithm)
         entries = self.layout.entries
         batches: list[tuple[list[str], Future[list[bytes]]]] = []
         batch: list[str] = []
@@ -1651,11 +1652,11 @@ class _MappedFile:
         if batch:
             batches.append((batch, pool.submit(self._hash_entries, batch, algorithm)))
 
-        def digests() -> dict[str, bytes]:
+        def entry_sums() -> dict[str, bytes]:
             sums = {n: d for names, future in batches for n, d in zip(names, future.result(), strict=True)}
             return {name: sums[name] for name in entries}
 
-        return header, digests
+        return header, entry_sums
 
     def _hash_entries(self, names: list[str], algorithm: str) -> list[bytes]:
         """The digest of each entry, read with ``pread`` into one buffer (a few MiB at most,
@@ -1671,14 +1672,14 @@ class _MappedFile:
         out = []
         for name, (begin, end) in zip(names, spans, strict=True):
             if end - begin > len(view):
-                out.append(_digest(self.span(name), algorithm))
+                out.append(digests.digest(self.span(name), algorithm))
                 continue
             piece, got = view[: end - begin], 0
             while got < piece.nbytes and (
                 done := os.preadv(self._fd, [piece[got:]], self.layout.data_start + begin + got)
             ):
                 got += done
-            out.append(_digest(piece[:got], algorithm))
+            out.append(digests.digest(piece[:got], algorithm))
             if self.layout.entries[name][0] == "int64" and got == piece.nbytes and got:
                 values = np.frombuffer(piece, dtype=np.int64)
                 self.int64_ranges[name] = (int(values.min()), int(values.max()))

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Any
 
@@ -19,11 +18,6 @@ import numpy as np
 import torch
 
 SKETCHES = ("full", "fp16", "int8", "topk")
-
-
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    """sha256 of the exact bytes of a tensor (contiguous, native dtype)."""
-    return hashlib.sha256(tensor_bytes(tensor)).hexdigest()
 
 
 def tensor_bytes(tensor: torch.Tensor) -> Any:

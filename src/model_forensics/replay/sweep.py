@@ -110,11 +110,8 @@ def run_sweep(
     full = list(range(len(rows)))
     batches = 0
     shared = False
-    n_layers = session.adapter.n_layers
-    starts = {i: first_block([p.target for p in r], n_layers) for i, r in enumerate(rows)}
-    # Sharing costs one clean pass of one row; take it when it saves at least two rows' worth.
-    saved = sum(s for s in starts.values() if s is not None) / max(1, n_layers)
-    if share_prefix and session.mode == "forward" and saved >= 2:
+    starts, worth = _entry_blocks(rows, session.adapter.n_layers)
+    if share_prefix and session.mode == "forward" and worth:
         prefix = _prefix_for(session, PrefixCache() if prefixes is None else prefixes, batch)
         if prefix is not None:
             ladder = sorted((i for i in full if starts[i] is not None), key=lambda i: starts[i])  # type: ignore[arg-type,return-value]
@@ -154,9 +151,8 @@ def forced_picks(
     into ``prefixes``). None, for the caller to run whole models, where a row changes
     something outside the blocks (``embed``, ``logits``), where sharing would not save two
     rows' worth of blocks, or where the model's blocks cannot be re-entered."""
-    n_layers = session.adapter.n_layers
-    starts = [first_block([p.target for p in r], n_layers) for r in rows]
-    if any(s is None for s in starts) or sum(s for s in starts if s is not None) / max(1, n_layers) < 2:
+    starts, worth = _entry_blocks(rows, session.adapter.n_layers)
+    if any(s is None for s in starts) or not worth:
         return None
     prefix = _prefix_for(session, prefixes, forced)
     if prefix is None:
@@ -168,6 +164,14 @@ def forced_picks(
         for i, row in zip(chunk, scores.argmax(-1), strict=True):
             picks[i] = row
     return picks  # type: ignore[return-value]
+
+
+def _entry_blocks(rows: Sequence[Sequence[Prepared]], n_layers: int) -> tuple[list[int | None], bool]:
+    """Each row's first changed block (None: it changes something before or outside the
+    blocks), and whether sharing the clean prefix pays: it costs one clean pass of one row,
+    so take it when the rows skip at least two rows' worth of blocks."""
+    starts = [first_block([p.target for p in r], n_layers) for r in rows]
+    return starts, sum(s for s in starts if s is not None) / max(1, n_layers) >= 2
 
 
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
