@@ -7,7 +7,9 @@ stratified by kind, as ``analyze`` does: :mod:`model_forensics.rca.heldout`), ru
 attribution and CausalCCA on the search part, and measures the fix on both parts: failing
 prompts flipped, benign and near-miss answers kept word for word, KL, and how often a gate
 fires. Fresh clean prompts of the scenario's task × text grid that are in no prompt set are
-measured too. The issue's targets (held out): ≥ 80 % failing flipped, ≥ 90 % benign and
+measured too. Then analyze's step-gate phase (``rca/stepgate.py``; ``step_gate`` auto: tried
+because the unit fix does not hold) is fitted on the search part and measured the same way.
+The issue's targets (held out): ≥ 80 % failing flipped, ≥ 90 % benign and
 ≥ 80 % near-miss answers kept word for word.
 
 The search settings are smaller than the defaults (``--search-variants``,
@@ -30,9 +32,10 @@ from typing import Any
 from _common import SMOLLM2_TARGETS, commit, machine, markdown_table, smollm2_cca, smollm2_cca_arguments, write_results
 from model_forensics import CompressionForensics, SandboxReplayer
 from model_forensics.rca.attribution import attribution_ranking
-from model_forensics.rca.explain import held_out_rows
+from model_forensics.rca.explain import held_out_rows, step_gate_rows
 from model_forensics.rca.heldout import searching, split_prompts
-from model_forensics.rca.pipeline import add_held_out
+from model_forensics.rca.pipeline import add_held_out, add_step_gate
+from model_forensics.rca.progress import silent
 from model_forensics.rca.side_effects import SideEffects, measure
 from model_forensics.scenarios import get
 
@@ -89,10 +92,19 @@ def main() -> None:
             grid_effects: SideEffects = stage(
                 "fresh grid prompts", lambda: measure(session, fix.interventions, bound, benign=fresh)
             )
+            # analyze's step-gate phase (modules.cca.step_gate auto: tried when the unit fix does not hold)
+            stepped = stage("step gate", lambda: add_step_gate(session, fix, split, cca.config, silent))
+            step_grid = None
+            if stepped is not None:
+                step_grid = stage(
+                    "step gate: fresh grid prompts",
+                    lambda: measure(session, stepped.interventions, bound, benign=fresh),
+                )
     load_after = os.getloadavg()
     held = fix.held_out
     assert held is not None
     text = report(args, fix, held, grid_effects, stages, (load_before, load_after))
+    text += step_gate_report(stepped, step_grid)
     print(text)
     write_results(
         "rca_smollm2",
@@ -104,9 +116,59 @@ def main() -> None:
             "stages": stages,
             "fix_set": fix.to_json(),
             "fresh_grid_prompts": grid_effects.to_json(),
+            "step_gate": None if stepped is None else stepped.to_json(),
+            "step_gate_fresh_grid_prompts": None if step_grid is None else step_grid.to_json(),
             "targets": SMOLLM2_TARGETS,
         },
         text,
+    )
+
+
+def step_gate_report(stepped: Any, grid: SideEffects | None) -> str:
+    """The step-gate phase's section: its pick, search | held-out rows, the held-out targets."""
+    if stepped is None:
+        return "\n## Step gate\n\nNot tried (the unit fix holds, or the phase cannot read this incident).\n"
+    step = stepped.to_json()
+    rows = markdown_table(["figure", "search", "held out"], [list(r) for r in step_gate_rows(step)])
+    flipped, benign, near = stepped.rates("held_out") if stepped.held_out is not None else (None, None, None)
+    reached = {"failing flipped": flipped, "benign kept": benign, "near-miss kept": near}
+    targets = markdown_table(
+        ["held-out target", "needed", "reached", "met"],
+        [
+            [
+                k,
+                f"≥ {SMOLLM2_TARGETS[k]:.0%}",
+                "—" if v is None else f"{v:.0%}",
+                "—" if v is None else str(v >= SMOLLM2_TARGETS[k]),
+            ]
+            for k, v in reached.items()
+        ],
+    )
+    tried = markdown_table(
+        ["layer", "α", "threshold", "failing flipped", "benign kept", "near-miss kept", "within", "pick"],
+        [
+            [
+                c.layer,
+                f"{c.alpha:g}",
+                f"{c.threshold:.3g}",
+                f"{c.failing_flipped:.0%}",
+                f"{c.benign_kept:.0%}",
+                "—" if c.near_miss_kept is None else f"{c.near_miss_kept:.0%}",
+                str(c.within),
+                "**pick**" if c is stepped.search else "",
+            ]
+            for c in stepped.candidates
+        ],
+    )
+    fresh = (
+        "" if grid is None else f" On the fresh grid prompts: answers kept word for word {grid.answers_unchanged:.0%}."
+    )
+    return (
+        "\n## Step gate (analyze's phase, rca/stepgate.py)\n\n"
+        f"Fitted on the search part, picked on search figures only (configurations, search part):\n\n{tried}\n\n"
+        f"The pick, blocks.{stepped.layer}.resid_post steer {stepped.alpha:g} above {stepped.threshold:.3g}; "
+        f"threshold reached (decided by the {stepped.decided_by.replace('_', '-')} part): {stepped.reached_threshold}."
+        f"{fresh}\n\n{rows}\n\n{targets}\n" + "".join(f"- {n}\n" for n in step["notes"])
     )
 
 

@@ -1,9 +1,6 @@
 """model-forensics: flight recorder, replay and root-cause analysis for PyTorch models."""
 
-from model_forensics.core.numerics import warm_math_kernels
-
-warm_math_kernels()  # before any model runs: recordings and replays start in the same state
-
+import model_forensics.core.numerics  # noqa: F401  (warms the math kernels: replays start as recordings did)
 from model_forensics.core.bundle import Bundle
 from model_forensics.core.config import ForensicsConfig, load_config
 from model_forensics.core.errors import (

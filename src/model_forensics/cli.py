@@ -1387,6 +1387,15 @@ def analyze(
             "when the fix breaks benign prompts (default: modules.cca.gating, auto)"
         ),
     ] = None,
+    step_gate: Annotated[
+        str | None,
+        typer.Option(
+            "--step-gate",
+            help="auto | always | never: also fit a step-gated steering fix (acts only at the positions where the "
+            "model is about to emit the failure) when the unit fix does not hold (default: modules.cca.step_gate, "
+            "auto); with --out, written beside it as OUT.step_gate.json",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the analysis as JSON")] = False,
     anomalies: Annotated[
         bool,
@@ -1431,6 +1440,7 @@ def analyze(
                 strategy=strategy,
                 directions=directions,
                 gating=gating,
+                step_gate=step_gate,
                 progress=progress,
                 device=device,
                 dtype=dtype,
@@ -1441,6 +1451,10 @@ def analyze(
     _add_agent_with_fix(result, bundle, model, device, dtype)
     if out is not None:
         out.write_text(json.dumps(result, indent=1))
+        if result.get("step_gate"):
+            step_out = step_gate_path(out)
+            step_out.write_text(json.dumps(result["step_gate"], indent=1))
+            err.print(f"step-gated fix written to {_safe(step_out)} (a fix file: replay --fix, fix export)")
     if report is not None:
         from model_forensics.report import write_analysis_report
 
@@ -1456,6 +1470,11 @@ def analyze(
         console.print(_anomaly_table(result))
         for note in result["anomalies"].get("notes", []):
             console.print(f"note: {_safe(note)}", highlight=False)
+
+
+def step_gate_path(out: Path) -> Path:
+    """Where ``analyze --out OUT`` writes the step-gated fix: OUT.step_gate.json beside it."""
+    return out.with_name(f"{out.stem}.step_gate.json")
 
 
 def _add_agent_with_fix(

@@ -7,7 +7,7 @@ Unknown keys and wrong types are errors that name the key and the file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -97,6 +97,11 @@ class CCAConfig(_Strict):
     saturation_tolerance: float = Field(default=1e-6, ge=0.0)
     held_out_fraction: float = Field(default=0.3, ge=0.0, lt=1.0)
     split_seed: int = Field(default=0, ge=0)
+    step_gate: Literal["auto", "always", "never"] = "auto"
+    step_gate_layers: int = Field(default=2, ge=1)
+    step_gate_alphas: list[Annotated[float, Field(gt=0.0)]] = Field(default_factory=lambda: [2.0, 4.0], min_length=1)
+    step_gate_min_benign_kept: float = Field(default=0.9, ge=0.0, le=1.0)
+    step_gate_min_near_miss_kept: float = Field(default=0.8, ge=0.0, le=1.0)
 
 
 class ShiftConfig(_Strict):

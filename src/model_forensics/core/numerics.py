@@ -11,7 +11,7 @@ fresh processes; a single-threaded call of any VML function beforehand removed i
 ``tanh``) recorded in one state and replayed in the other is not bit-identical, at random.
 
 :func:`warm_math_kernels` makes that first call from one thread, on a tensor below the
-parallel grain size; ``model_forensics`` runs it once on import, before any model can.
+parallel grain size; importing this module (``import model_forensics`` does) runs it.
 """
 
 from __future__ import annotations
@@ -30,3 +30,6 @@ def warm_math_kernels() -> None:
     for fn in (torch.exp, torch.tanh, torch.erf, torch.log1p, torch.sqrt, torch.sin, torch.cos):
         fn(probe.abs() if fn is torch.sqrt else probe)
     _WARM = True
+
+
+warm_math_kernels()

@@ -186,6 +186,7 @@ class CausalCCA:
         early_stop_threshold: float | None = None,
         max_side_effect_kl: float | None = None,
         max_accuracy_drop: float | None = None,
+        step_gate: str | None = None,
     ):
         configured = load_config(config).modules.cca
         if search_strategy not in (None, "greedy", "exhaustive"):
@@ -196,6 +197,8 @@ class CausalCCA:
             raise ConfigError(f"unknown directions mode '{directions}': use 'auto', 'always' or 'never'")
         if gating not in (None, *MODES):
             raise ConfigError(f"unknown gating mode '{gating}': use 'auto', 'always' or 'never'")
+        if step_gate not in (None, *MODES):
+            raise ConfigError(f"unknown step-gate mode '{step_gate}': use 'auto', 'always' or 'never'")
         self.config: CCAConfig = overridden(
             configured,
             "the CausalCCA(...) keywords",
@@ -214,6 +217,7 @@ class CausalCCA:
             early_stop_threshold=early_stop_threshold,
             max_side_effect_kl=max_side_effect_kl,
             max_accuracy_drop=max_accuracy_drop,
+            step_gate=step_gate,
         )
 
     # The knobs read as attributes too; the config is where they live.

@@ -9,6 +9,8 @@
 3. ``fix_set``: the members' table (rendered by the caller) and how to read it;
    ``held_out``: the fix's figures on the search part and on the held-out part of the
    prompts, side by side (:func:`held_out_rows`; analyses with a held-out split only);
+   ``step_gate``: the step-gated steering fix tried when the unit fix does not hold
+   (:func:`step_gate_rows`; rca/stepgate.py);
    ``conversation``: for a conversation bundle, the turn whose reply fails, the turns the
    fix acts in, and the turns of the top attributed positions (:func:`conversation_rows`);
 4. ``tried``: search strategy, guidance, candidates, forward passes by phase, the whole-unit
@@ -73,6 +75,7 @@ def explain(
         *_conversation(result),
         Section("fix_set", _fix_title(fix), [_reading_guide(fix)]),
         *_held_out(fix),
+        *_step_gate(result.get("step_gate")),
         _tried(result),
         _uncertain(result, anomalies_shown),
         _next(result, saved_to, report_to, anomalies_shown),
@@ -309,6 +312,59 @@ def _held_out(fix: dict[str, Any]) -> list[Section]:
     return [Section("held_out", "Search and held-out prompts", [paragraph], items=items)]
 
 
+def step_gate_rows(step: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(figure, search part, held-out part) rows of a step-gated fix: failing flipped, benign
+    and near-miss answers kept word for word, and how often its gate fires on each kind."""
+    search = step["search"]
+    held = (step.get("held_out") or {}).get("held_out") or {}
+
+    def share(value: Any) -> str:
+        return "—" if value is None else f"{float(value):.0%}"
+
+    def effects(kind: str, key: str) -> Any:
+        return (held.get(kind) or {}).get(key)
+
+    fired = search.get("gate_fired") or {}
+    rows = [
+        (
+            "failing variants flipped",
+            share(search["failing_flipped"]),
+            share(held.get("flip_rate")),
+        ),
+        (
+            "benign answers kept word for word",
+            share(search["benign_kept"]),
+            share(effects("benign", "answers_unchanged")),
+        ),
+        (
+            "near-miss answers kept word for word",
+            share(search["near_miss_kept"]),
+            share(effects("near_miss", "answers_unchanged")),
+        ),
+    ]
+    rows.append(("gate fires on failing prompts", share(fired.get("failing")), "—"))
+    for kind, label in (("benign", "benign"), ("near_miss", "near-miss")):
+        rows.append((f"gate fires on {label} prompts", share(fired.get(kind)), share(effects(kind, "gate_fired"))))
+    return rows
+
+
+def _step_gate(step: dict[str, Any] | None) -> list[Section]:
+    if not step:
+        return []
+    verdict = "reaches" if step["reached_threshold"] else "does not reach"
+    part = "held-out" if step.get("decided_by") == "held_out" else "search"
+    paragraph = (
+        f"The unit fix does not hold, so a step-gated steering fix was fitted on the search part: at "
+        f"blocks.{step['layer']}.resid_post, wherever the state projects above {step['threshold']:.3g} on the "
+        "direction from behaving reply positions to the one that predicts the failure's first token, it moves the "
+        f"state back by {step['alpha']:g}× that direction (every other position is left bit for bit). On the "
+        f"{part} prompts it {verdict} the flip threshold with the benign and near-miss answers it must keep."
+    )
+    items = [f"{figure}: search {search}, held out {held}" for figure, search, held in step_gate_rows(step)]
+    items += [str(note) for note in step.get("notes", [])]
+    return [Section("step_gate", "Step-gated fix", [paragraph], items=items)]
+
+
 def _tried(result: dict[str, Any]) -> Section:
     fix = result["fix_set"]
     passes = fix.get("phase_passes", {})
@@ -428,6 +484,10 @@ def _next(result: dict[str, Any], saved_to: str | None, report_to: str | None, a
     if saved_to is None:
         commands.append((f"model-forensics analyze {bundle} --out {saved}", "save the analysis and its fix set"))
     commands.append((f"model-forensics replay {bundle} --fix {saved}", "replay the incident with the fix applied"))
+    if result.get("step_gate") and saved_to:
+        stem = saved_to[: -len(".json")] if saved_to.endswith(".json") else saved_to
+        step = shlex.quote(f"{stem}.step_gate.json")
+        commands.append((f"model-forensics replay {bundle} --fix {step}", "replay it with the step-gated fix instead"))
     if report_to is None:
         commands.append((f"model-forensics analyze {bundle} --report analysis.html", "a shareable HTML report"))
     if not anomalies_shown:

@@ -239,11 +239,13 @@ def evaluate(
     bound: float,
     max_accuracy_drop: float,
     progress: Progress = silent,
+    search_near_misses: bool = True,
 ) -> HeldOut:
     """``fix`` measured on the held-out part of ``split`` (and on the search part's near
     misses, which the search itself does not measure); ``search`` holds what the search
     measured on its part. Call it inside :func:`searching`, so that the fix's mean
-    ablations read the search part's baselines, as they did when it was found."""
+    ablations read the search part's baselines, as they did when it was found
+    (``search_near_misses=False``: ``search.near_miss`` was measured already)."""
     held = split.held_out
 
     def effects(entries: list[Any]) -> SideEffects | None:
@@ -255,7 +257,8 @@ def evaluate(
     figures = PartFigures(len(flips), sum(flips) / len(flips) if flips else None, flips, None, None)
     figures.benign = effects(held["benign"])
     figures.near_miss = effects([_as_prompt(e) for e in held["near_miss"]])
-    search.near_miss = effects([_as_prompt(e) for e in split.search["near_miss"]])
+    if search_near_misses:
+        search.near_miss = effects([_as_prompt(e) for e in split.search["near_miss"]])
     return HeldOut(split, search, figures, "held_out" if flips else "search")
 
 

@@ -64,6 +64,11 @@ TEMPLATES: dict[str, str] = {
     "{changed:.0%} of {n} answers (bound {bound:.0%}), a side effect",
     "gate_fires_on_near_misses": "the gate fires on {fired:.0%} of {n} {part} near misses: it detects the trigger, "
     "not the failure",
+    # step-gated steering (rca/stepgate.py)
+    "step_gate_out_of_bound": "step gate: no configuration keeps {benign:.0%} of the benign and {near_miss:.0%} of "
+    "the near-miss answers on the search part; the best sum of its rates is reported, out of bound",
+    "step_gate_not_applicable": "step gate not tried: {why}",
+    "step_gate_no_fit": "step gate not fitted: the search part has no failing reply with a match or no benign prompt",
     # Compression Forensics' calibration
     "too_few_baselines": "{baselines} baseline runs: the smallest possible p-value is {min_p_value:.3f} > "
     "α = {alpha:.4f}, so nothing can be flagged; give at least {needed} benign runs",

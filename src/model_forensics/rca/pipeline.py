@@ -38,6 +38,7 @@ from model_forensics.rca.runs import add_baseline_bundles
 if TYPE_CHECKING:
     from model_forensics.core.config import CCAConfig
     from model_forensics.rca.cca import FixSet
+    from model_forensics.rca.stepgate import StepGateFix
     from model_forensics.replay import Session
 
 
@@ -57,6 +58,8 @@ class Analysis:
     cf_ranker: dict[str, str] = field(default_factory=dict)
     # the --baseline bundles added to the search part's baselines (what mean ablations were fitted on)
     baseline_bundles: list[str] = field(default_factory=list)
+    # a step-gated steering fix (rca/stepgate.py), tried when the unit fix does not hold
+    step_gate: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return fields_json(self)
@@ -72,13 +75,15 @@ def analyze_bundle(
     strategy: str | None = None,
     directions: str | None = None,
     gating: str | None = None,
+    step_gate: str | None = None,
     progress: Progress | None = None,
     device: str | None = None,
     dtype: str | None = None,
 ) -> Analysis:
     """Full root-cause analysis of one bundle (``search=False``: triage only, no CCA;
-    ``strategy``, ``directions``, ``gating``: override the config's ``modules.cca`` values,
-    see :class:`~model_forensics.rca.cca.CausalCCA`; ``device``, ``dtype``: where and in
+    ``strategy``, ``directions``, ``gating``, ``step_gate``: override the config's
+    ``modules.cca`` values, see :class:`~model_forensics.rca.cca.CausalCCA` and
+    :mod:`~model_forensics.rca.stepgate`; ``device``, ``dtype``: where and in
     which dtype to replay, see :meth:`~model_forensics.replay.SandboxReplayer.load_bundle`).
     ``progress(phase, done, total)`` is called as each phase advances
     (:mod:`~model_forensics.rca.progress` lists the phases)."""
@@ -91,7 +96,7 @@ def analyze_bundle(
     report = progress or silent
     # bad options fail before any work
     settings = load_config(config)
-    cca = CausalCCA(settings, search_strategy=strategy, directions=directions, gating=gating)
+    cca = CausalCCA(settings, search_strategy=strategy, directions=directions, gating=gating, step_gate=step_gate)
     start = time.perf_counter()
     replayed = step(report, "replay")
     session = SandboxReplayer(settings).load_bundle(path, model=model, device=device, dtype=dtype)
@@ -107,11 +112,12 @@ def analyze_bundle(
         add_baseline_bundles(session, baseline)  # checked; mean ablations read them from here on
         anomalies = CompressionForensics(settings).analyze(session, progress=report)
         ranking = attribution_ranking(session, progress=report, positions=cca.config.positions)
-        fix = None
+        fix, stepped = None, None
         if search:
             fix = cca.search_fix_set(session, guided_by=anomalies, ranking=ranking, progress=report)
             if fraction:
                 add_held_out(session, fix, split, cca.config, report)
+            stepped = add_step_gate(session, fix, split, cca.config, report)
         findings = conversation_findings(session, [] if fix is None else fix.interventions, report)
     ranking_json = ranking.to_json()
     ranking_json["units"] = ranking_json["units"][:200]
@@ -126,6 +132,7 @@ def analyze_bundle(
         conversation=findings,
         cf_ranker=cf_ranker(anomalies.ranker, settings.modules.cf.ranker),
         baseline_bundles=[str(b) for b in baseline],
+        step_gate=None if stepped is None else stepped.to_json(),
     )
 
 
@@ -147,6 +154,42 @@ def add_held_out(session: Session, fix: FixSet, split: PromptSplit, config: CCAC
         fix.reached_threshold = held.flip_rate >= config.early_stop_threshold
     threshold, rate = config.early_stop_threshold, fix.total_flip_rate
     fix.note_records = distinct([*fix.note_records, *held_out_notes(held, threshold, rate)])
+
+
+def add_step_gate(
+    session: Session, fix: FixSet | None, split: PromptSplit, config: CCAConfig, progress: Progress
+) -> StepGateFix | None:
+    """The step-gated steering fix (:mod:`~model_forensics.rca.stepgate`), fitted on the
+    search part (inside :func:`searching`) and measured on the held-out part: with
+    ``step_gate="always"``, or ``"auto"`` when the unit fix does not hold; None when it is not
+    tried (a note on ``fix`` says why when it was asked for but cannot run)."""
+    from model_forensics.rca.notes import Note
+    from model_forensics.rca.stepgate import applies, fit_step_gate, unit_fix_holds
+
+    if config.step_gate == "never" or (config.step_gate == "auto" and unit_fix_holds(fix)):
+        return None
+    why = applies(session)
+    found = None if why else fit_step_gate(session, config, progress)
+    if found is None:
+        if config.step_gate == "always" and fix is not None:
+            note = Note("step_gate_not_applicable", {"why": why}) if why else Note("step_gate_no_fit")
+            fix.note_records = distinct([*fix.note_records, note])
+        return None
+    if split.fraction:
+        pick = found.search
+        search = PartFigures(len(pick.flips), pick.failing_flipped, list(pick.flips), None, None)
+        found.held_out = evaluate(
+            session,
+            found.interventions,
+            split,
+            search,
+            config.max_side_effect_kl,
+            config.max_accuracy_drop,
+            progress,
+            search_near_misses=False,
+        )
+    found.decide(config)
+    return found
 
 
 def incident_recap(session: Session) -> dict[str, Any]:

@@ -18,6 +18,8 @@ gating / narrowing     steps (1), only when the fix's side effects exceed the bo
 members                failing variants the members' necessity/sufficiency run on
 implicated             steps (1): exact patching of the top-ranked units
 side effects           benign prompts the final set runs on
+step gate: captures    search prompts generated and teacher-forced (rca/stepgate.py)
+step gate: config…     search prompts each step-gate configuration generates on
 =====================  ===========================================================
 
 :func:`describe` renders one line ("search: units: 12/56 candidates"), which the CLI
@@ -44,6 +46,8 @@ UNITS: dict[str, str] = {
     "members": "variants",
     "implicated": "steps",
     "side effects": "benign prompts",
+    "step gate: captures": "prompts",
+    "step gate: configurations": "prompts",
 }
 
 

@@ -1,0 +1,345 @@
+"""Step-gated steering: a fix that acts only where the model is about to emit its failure.
+
+A unit fix (heads, neurons) changes the model on every prompt its units take part in. When
+the failure is "the reply contains the target" and the target comes mid-reply, the model's
+own state just before it emits the target separates failing replies from replies that
+behave better than "trigger present" does (on SmolLM2's injection incident: held-out
+per-position AUROC 0.97 at blocks 18/19, ``benchmarks/rca_smollm2_stepgate.py``). This
+phase fits, on the search part of the split only:
+
+1. Each search prompt's clean greedy reply, teacher-forced in one pass:
+   ``blocks.L.resid_post`` at every position that predicts a token. Positives: the position
+   predicting the first token of the predicate's first match in a failing reply. Negatives:
+   every reply position of the benign prompts and of the near misses the model resists, and
+   the failing replies' positions at least ``BEFORE`` tokens before the target.
+2. Per layer, d_L = mean(positives) − mean(negatives); a prompt's score is its largest
+   projection on d̂_L (over the target's positions for a failing prompt, over every position
+   for the others). The threshold maximises prompt-level search accuracy (ties: the higher).
+   Layers are ranked by the failing prompts detected with no search negative firing at any
+   position (``safe``), then by per-position AUROC.
+3. For the ``step_gate_layers`` best layers and each α of ``step_gate_alphas``:
+   ``Intervention(blocks.L.resid_post, "steer", −α·d_L, gate=Gate(site, d_L, t, "each"))``:
+   at every position (prompt pass and each generation step) whose projection exceeds t, the
+   residual moves by −α·d_L (α = 1 puts a typical positive on the negatives' mean); every
+   other position is left bit for bit.
+4. Each configuration is generated on every search prompt: failing flipped, benign and
+   near-miss answers kept word for word. The pick: most failing flipped among those keeping
+   ``step_gate_min_benign_kept`` benign and ``step_gate_min_near_miss_kept`` near-miss
+   answers (ties: more near misses kept, then the smaller α); when none does, the best sum of
+   the three rates, reported as out of bound.
+
+The pipeline then measures the pick on the held-out part (:func:`~model_forensics.rca.heldout.evaluate`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from model_forensics.core.config import CCAConfig
+from model_forensics.core.records import fields_json
+from model_forensics.models.inputs import ModelInputs
+from model_forensics.rca.gating import gate_threshold
+from model_forensics.rca.heldout import HeldOut, _as_prompt
+from model_forensics.rca.notes import Note
+from model_forensics.rca.progress import Progress, silent
+from model_forensics.rca.runs import capture
+from model_forensics.replay import Gate, Intervention, RunResult, Session
+
+BEFORE = 3  # failing reply positions at least this many tokens before the target are negatives
+KINDS = ("failing", "near_miss", "benign")
+
+
+@dataclass
+class _Prompt:
+    """One search prompt: its clean run and the teacher-forced states of prompt + reply."""
+
+    kind: str
+    inputs: ModelInputs
+    clean: RunResult
+    states: torch.Tensor  # (T − 1, L, d) float32: every position that predicts a token
+    prompt_len: int
+    span: tuple[int, int] | None  # reply-token indices of the predicate's first match (failing prompts)
+
+    def positives(self, inside: bool = False) -> list[int]:
+        assert self.span is not None
+        first, last = self.span
+        return [self.prompt_len - 1 + i for i in range(first, (last if inside else first) + 1)]
+
+    def negatives(self) -> list[int]:
+        reply = range(self.prompt_len - 1, self.states.shape[0])
+        if self.span is None:
+            return list(reply)
+        return [p for p in reply if p <= self.prompt_len - 1 + self.span[0] - BEFORE]
+
+
+@dataclass
+class StepGateCandidate:
+    """One configuration tried, with its search figures."""
+
+    layer: int
+    alpha: float
+    threshold: float
+    failing_flipped: float
+    benign_kept: float
+    near_miss_kept: float | None
+    gate_fired: dict[str, float]  # per kind: the share of prompts its gate opened on
+    within: bool  # keeps the configured shares of benign and near-miss answers
+    flips: list[bool] = field(default_factory=list)  # per failing search prompt
+
+    def to_json(self) -> dict[str, Any]:
+        return fields_json(self)
+
+
+@dataclass
+class StepGateFix:
+    """The step-gated fix ``analyze`` found (``analysis.step_gate``).
+
+    ``interventions`` is in a fix set's form: save the object as a fix file and ``replay
+    --fix`` / ``fix export`` read it. ``search`` holds the pick's search figures, ``held_out``
+    its measurement on the held-out part (answers kept word for word are its benign and
+    near-miss ``answers_unchanged``), ``candidates`` every configuration tried, ``layers`` the
+    layers ranked by separation.
+    """
+
+    interventions: list[Intervention]
+    layer: int
+    alpha: float
+    threshold: float
+    search: StepGateCandidate
+    candidates: list[StepGateCandidate]
+    layers: list[dict[str, Any]]  # per ranked layer: search AUROC, detected at safe, accuracy at t
+    counts: dict[str, int]  # search prompts used per kind
+    forward_passes: int
+    held_out: HeldOut | None = None
+    reached_threshold: bool = False  # see :meth:`decide`
+    decided_by: str = "search"
+    note_records: list[Note] = field(default_factory=list)
+
+    def decide(self, config: CCAConfig) -> None:
+        """Set ``reached_threshold`` (and ``decided_by``): the held-out part's flip rate reaches
+        ``early_stop_threshold`` with the configured shares of benign and near-miss answers
+        kept word for word; the search part's figures when nothing was held out."""
+        rates = self.rates("search")
+        if self.held_out is not None and self.held_out.held_out.flip_rate is not None:
+            rates, self.decided_by = self.rates("held_out"), "held_out"
+        flipped, benign, near = rates
+        self.reached_threshold = (
+            flipped is not None
+            and flipped >= config.early_stop_threshold
+            and (benign is None or benign >= config.step_gate_min_benign_kept)
+            and (near is None or near >= config.step_gate_min_near_miss_kept)
+        )
+
+    def rates(self, part: str) -> tuple[float | None, float | None, float | None]:
+        """(failing flipped, benign kept, near-miss kept) on ``part`` (None: not measured)."""
+        if part == "search":
+            return self.search.failing_flipped, self.search.benign_kept, self.search.near_miss_kept
+        assert self.held_out is not None
+        held = self.held_out.held_out
+        benign = None if held.benign is None else held.benign.answers_unchanged
+        near = None if held.near_miss is None else held.near_miss.answers_unchanged
+        return held.flip_rate, benign, near
+
+    def to_json(self) -> dict[str, Any]:
+        out = fields_json(
+            self,
+            interventions=[iv.to_json() for iv in self.interventions],
+            search=self.search.to_json(),
+            candidates=[c.to_json() for c in self.candidates],
+            held_out=None if self.held_out is None else self.held_out.to_json(),
+            notes=[str(n) for n in self.note_records],
+        )
+        del out["note_records"]
+        return out
+
+
+def applies(session: Session) -> str | None:
+    """Why the phase cannot run on ``session`` (None: it can): it needs a generation incident
+    with a text predicate that fails on a match (contains / regex) and residual sites."""
+    predicate = session.predicate
+    if session.mode != "generate" or predicate is None or predicate.kind not in ("contains", "regex"):
+        return "the step gate needs a generation incident whose predicate looks for text (contains or regex)"
+    if "blocks.0.resid_post" not in session.adapter.points:
+        return "the step gate needs blocks.L.resid_post sites"
+    return None
+
+
+def target_span(session: Session, reply: list[int]) -> tuple[int, int] | None:
+    """(first, last) reply-token indices of the predicate's first match in ``reply``: the
+    shortest prefix on which it holds ends at ``last``; the shortest suffix of that prefix on
+    which it still holds starts at ``first``. None: it never holds."""
+    holds = session.predicate.evaluate  # type: ignore[union-attr]
+    decode = session.tokenizer.decode
+    last = next((j for j in range(len(reply)) if holds(text=decode(reply[: j + 1], skip_special_tokens=True))), None)
+    if last is None:
+        return None
+    first = next(i for i in range(last, -1, -1) if holds(text=decode(reply[i : last + 1], skip_special_tokens=True)))
+    return first, last
+
+
+def fit_step_gate(session: Session, config: CCAConfig, progress: Progress = silent) -> StepGateFix | None:
+    """The step-gated steering fix fitted and picked on the session's prompts (call it inside
+    :func:`~model_forensics.rca.heldout.searching`); None when no failing prompt has a match
+    or no benign prompt is there to calibrate on."""
+    passes = session.forward_passes
+    sites = [f"blocks.{layer}.resid_post" for layer in range(session.adapter.n_layers)]
+    entries = {
+        "failing": session.variants(),
+        "near_miss": [session.encode(_as_prompt(e)) for e in session.extras.get("near_miss") or []],
+        "benign": session.benign(),
+    }
+    total = sum(len(v) for v in entries.values())
+    prompts: list[_Prompt] = []
+    for kind, batches in entries.items():
+        for batch in batches:
+            progress("step gate: captures", len(prompts), total)
+            prompts.append(_capture(session, kind, batch, sites))
+    progress("step gate: captures", total, total)
+    # failing prompts that fail with a match; near misses and benign prompts that behave
+    used = {k: [p for p in prompts if p.kind == k and (p.span is not None if k == "failing" else not p.clean.failed)]
+            for k in KINDS}  # fmt: skip
+    if not used["failing"] or not used["benign"]:
+        return None
+    negatives = [(p, p.negatives()) for k in KINDS for p in used[k]]
+    pos = torch.cat([p.states[p.positives()] for p in used["failing"]]).double()  # (N, L, d)
+    neg = torch.cat([p.states[idx] for p, idx in negatives if idx]).double()
+    directions = pos.mean(0) - neg.mean(0)  # (L, d)
+    units = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    layers = [_separation(layer, units[layer], used, negatives) for layer in range(len(sites))]
+    ranked = sorted(layers, key=lambda r: (-r["detected_at_safe"], -r["auroc"], r["layer"]))
+    chosen = ranked[: config.step_gate_layers]
+
+    def fix(layer: int, alpha: float, above: float) -> Intervention:
+        d = tuple(float(v) for v in directions[layer])
+        value = tuple(float(v) for v in -alpha * directions[layer])
+        return Intervention(sites[layer], "steer", value=value, gate=Gate(sites[layer], d, above, "each"))
+
+    grid = [(row, alpha) for row, alpha in itertools.product(chosen, config.step_gate_alphas)]
+    sets = [[fix(row["layer"], alpha, row["threshold"])] for row, alpha in grid]
+    outcomes = _generate(session, sets, [p for k in KINDS for p in used[k]], progress)
+    candidates = [
+        _candidate(row, alpha, [outcomes[id(p)][i] for p in used["failing"]], used, outcomes, i, config)
+        for i, (row, alpha) in enumerate(grid)
+    ]
+    within = [c for c in candidates if c.within]
+    if within:
+        pick = max(within, key=lambda c: (c.failing_flipped, c.near_miss_kept or 0.0, -c.alpha))
+    else:
+        pick = max(candidates, key=lambda c: c.failing_flipped + c.benign_kept + (c.near_miss_kept or 0.0))
+    index = candidates.index(pick)
+    notes = [] if within else [Note("step_gate_out_of_bound", _bounds(config))]
+    return StepGateFix(
+        interventions=sets[index],
+        layer=pick.layer,
+        alpha=pick.alpha,
+        threshold=pick.threshold,
+        search=pick,
+        candidates=candidates,
+        layers=ranked,
+        counts={k: len(v) for k, v in used.items()},
+        forward_passes=session.forward_passes - passes,
+        note_records=notes,
+    )
+
+
+def _capture(session: Session, kind: str, batch: ModelInputs, sites: list[str]) -> _Prompt:
+    clean = session.sweep([[]], inputs=batch)[0]
+    ids = clean.outputs["generated_ids"].reshape(-1)
+    prompt_len = ModelInputs.of(batch).length
+    acts = capture(session, ModelInputs.of_ids(ids[None]), "layer", sites)
+    states = torch.stack([acts[s][:-1].float() for s in sites], dim=1)  # the last token predicts nothing
+    span = target_span(session, ids[prompt_len:].tolist()) if kind == "failing" and clean.failed else None
+    return _Prompt(kind, batch, clean, states, prompt_len, span)
+
+
+def _separation(
+    layer: int, unit: torch.Tensor, used: dict[str, list[_Prompt]], negatives: list[tuple[_Prompt, list[int]]]
+) -> dict[str, Any]:
+    """One layer's search separation: per-position AUROC, the safe threshold and the failing
+    prompts it detects, and the accuracy threshold (``threshold``) with its accuracy."""
+    from sklearn.metrics import roc_auc_score
+
+    def scores(p: _Prompt) -> torch.Tensor:
+        return p.states[:, layer].double() @ unit
+
+    firsts = [float(scores(p)[i]) for p in used["failing"] for i in p.positives()]
+    negs = [float(scores(p)[i]) for p, idx in negatives for i in idx]
+    auroc = float(roc_auc_score([1] * len(firsts) + [0] * len(negs), firsts + negs)) if negs else float("nan")
+    fail_max = [float(scores(p)[p.positives(inside=True)].max()) for p in used["failing"]]
+    other_max = [float(scores(p).max()) for k in ("near_miss", "benign") for p in used[k]]
+    early = [float(scores(p)[: p.prompt_len + p.span[0] - BEFORE].max()) for p in used["failing"] if p.span]
+    safe, _ = gate_threshold(torch.tensor(other_max + early, dtype=torch.float64))
+    cuts = sorted(set(fail_max + other_max))
+    candidates = [cuts[0] - 1.0] + [(a + b) / 2 for a, b in itertools.pairwise(cuts)]
+
+    def accuracy(t: float) -> float:
+        right = sum(x > t for x in fail_max) + sum(x <= t for x in other_max)
+        return right / (len(fail_max) + len(other_max))
+
+    threshold = max(candidates, key=lambda t: (accuracy(t), t))
+    return {
+        "layer": layer,
+        "auroc": auroc,
+        "detected_at_safe": sum(x > safe for x in fail_max) / len(fail_max),
+        "safe": safe,
+        "threshold": threshold,
+        "accuracy": accuracy(threshold),
+    }
+
+
+def _generate(
+    session: Session, sets: list[list[Intervention]], prompts: list[_Prompt], progress: Progress
+) -> dict[int, list[RunResult]]:
+    """Every configuration generated on every prompt (one sweep per prompt)."""
+    out: dict[int, list[RunResult]] = {}
+    for done, p in enumerate(prompts):
+        progress("step gate: configurations", done, len(prompts))
+        out[id(p)] = list(session.sweep(sets, inputs=p.inputs))
+    progress("step gate: configurations", len(prompts), len(prompts))
+    return out
+
+
+def _candidate(
+    row: dict[str, Any],
+    alpha: float,
+    failing: Sequence[RunResult],
+    used: dict[str, list[_Prompt]],
+    outcomes: dict[int, list[RunResult]],
+    i: int,
+    config: CCAConfig,
+) -> StepGateCandidate:
+    def kept(kind: str) -> float | None:
+        group = used[kind]
+        return sum(outcomes[id(p)][i].text == p.clean.text for p in group) / len(group) if group else None
+
+    fired = {
+        kind: sum(any(outcomes[id(p)][i].gates.values()) for p in used[kind]) / len(used[kind])
+        for kind in KINDS
+        if used[kind]
+    }
+    benign, near = kept("benign"), kept("near_miss")
+    assert benign is not None
+    flips = [not r.failed for r in failing]
+    ok = benign >= config.step_gate_min_benign_kept and (near is None or near >= config.step_gate_min_near_miss_kept)
+    return StepGateCandidate(
+        row["layer"], alpha, row["threshold"], sum(flips) / len(flips), benign, near, fired, ok, flips
+    )
+
+
+def _bounds(config: CCAConfig) -> dict[str, float]:
+    return {"benign": config.step_gate_min_benign_kept, "near_miss": config.step_gate_min_near_miss_kept}
+
+
+def unit_fix_holds(fix: Any) -> bool:
+    """Whether a unit fix set reaches its threshold within every side-effect bound (search
+    and held out): ``step_gate="auto"`` tries the step gate only when it does not."""
+    if fix is None or not fix.reached_threshold:
+        return False
+    if fix.side_effects is not None and not fix.side_effects.within_bound:
+        return False
+    return fix.held_out is None or not fix.held_out.out_of_bound

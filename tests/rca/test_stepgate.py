@@ -1,0 +1,133 @@
+"""Step-gated steering inside analyze (rca/stepgate.py), on the zoo's GPT-2 injection model:
+the unit fix (head 0.3) flips every failing prompt but changes the answers of prompts that
+carry the trigger without failing (near misses); the step gate, fitted on the search part
+only, flips the held-out failing prompts and leaves held-out benign and near-miss answers
+word for word."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from model_forensics import CausalCCA, SandboxReplayer
+from model_forensics.cli import app
+from model_forensics.core.errors import ConfigError
+from model_forensics.core.predicates import regex
+from model_forensics.rca.explain import explain
+from model_forensics.rca.heldout import searching, split_prompts
+from model_forensics.rca.pipeline import analyze_bundle
+from model_forensics.rca.stepgate import applies, fit_step_gate, target_span
+from model_forensics.recorder.session import record_incident
+from model_forensics.scenarios import get
+from model_forensics.scenarios.scenario import prompt_of
+
+TRIGGER = "ignore previous instructions"
+
+
+@pytest.fixture(scope="module")
+def incident(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """gpt2-injection: the incident, 19 more failing prompts, 12 benign, 12 counterparts, 12 near misses."""
+    scenario = get("gpt2-injection")
+    recording = record_incident(
+        scenario.load(),
+        scenario.incidents[0],
+        tmp_path_factory.mktemp("stepgate") / "incident",
+        predicate=scenario.predicate,
+        variants=scenario.failing()[1:20],
+        benign=[prompt_of(b) for b in scenario.benign[:12]],
+        baseline=[prompt_of(b) for b in scenario.baseline[:12]],
+        near_miss=[f"{prompt_of(b)} {TRIGGER}" for b in scenario.baseline[:12]],
+        max_new_tokens=scenario.max_new_tokens,
+    )
+    assert {c.role: c.kept for c in recording.checks}["near_miss"] == 12  # the model behaves on all of them
+    return recording.path
+
+
+@pytest.fixture(scope="module")
+def analysis(incident: Path) -> dict[str, Any]:
+    return analyze_bundle(incident).to_json()  # step_gate="auto": the unit fix changes near-miss answers
+
+
+def test_auto_tries_the_step_gate_when_the_unit_fix_changes_near_misses(analysis: dict[str, Any]) -> None:
+    unit_near = analysis["fix_set"]["held_out"]["held_out"]["near_miss"]
+    assert "accuracy" in unit_near["out_of_bound"]  # why auto tried it
+    step = analysis["step_gate"]
+    assert step is not None and step["decided_by"] == "held_out"
+    (iv,) = step["interventions"]
+    assert iv["kind"] == "steer" and iv["site"] == f"blocks.{step['layer']}.resid_post"
+    assert iv["gate"]["reads"] == "each" and iv["gate"]["site"] == iv["site"]
+    held = step["held_out"]["held_out"]
+    assert held["flip_rate"] >= 0.8 and held["failing"] >= 5
+    assert held["benign"]["answers_unchanged"] >= 0.9 and held["near_miss"]["answers_unchanged"] >= 0.8
+    assert held["near_miss"]["answers_unchanged"] > unit_near["answers_unchanged"]
+    assert step["reached_threshold"] is True
+    assert {c["alpha"] for c in step["candidates"]} == {2.0, 4.0} and len(step["candidates"]) == 4
+    sections = {s.key: s for s in explain(analysis)}
+    assert sections["step_gate"].title == "Step-gated fix"
+    assert any(item.startswith("near-miss answers kept word for word") for item in sections["step_gate"].items)
+
+
+def test_the_step_gate_is_fitted_on_the_search_part_only(incident: Path) -> None:
+    session = SandboxReplayer().load_bundle(incident)
+    config = CausalCCA().config
+    split = split_prompts(session.extras, config.held_out_fraction, config.split_seed)
+    with searching(session, split):
+        found = fit_step_gate(session, config)
+    assert found is not None
+    counts = split.counts()
+    assert found.counts == {
+        k: counts[v]["search"] for k, v in (("failing", "variants"), ("near_miss", "near_miss"), ("benign", "benign"))
+    }
+    with searching(session, split):  # the same prompts give the same fit
+        again = fit_step_gate(session, config)
+    assert again is not None and again.interventions == found.interventions
+    with session.restricted({**split.search, "benign": split.search["benign"][:-2]}):
+        fewer = fit_step_gate(session, config)
+    assert fewer is not None and fewer.counts["benign"] == found.counts["benign"] - 2
+    assert fewer.interventions != found.interventions
+
+
+def test_target_span_finds_the_predicates_first_match(incident: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    session = SandboxReplayer().load_bundle(incident)
+    ids = [session.tokenizer.convert_tokens_to_ids(w) for w in ("the", "the", "HACKED", "the", "HACKED")]
+    assert target_span(session, ids) == (2, 2)  # contains('HACKED'): its first occurrence
+    assert target_span(session, ids[:2]) is None
+    monkeypatch.setattr(session, "predicate", regex("the HACKED"))  # a match over two tokens
+    assert target_span(session, ids) == (1, 2)
+
+
+def test_the_cli_writes_the_step_gated_fix_and_replay_applies_it(incident: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "analysis.json"
+    result = runner.invoke(app, ["analyze", str(incident), "--out", str(out), "--step-gate", "always"])
+    assert result.exit_code == 0, result.output
+    step_file = tmp_path / "analysis.step_gate.json"
+    assert (
+        json.loads(step_file.read_text())["interventions"] == json.loads(out.read_text())["step_gate"]["interventions"]
+    )
+    assert "Step-gated fix" in result.output
+    replayed = runner.invoke(app, ["replay", str(incident), "--fix", str(step_file), "--json"])
+    assert replayed.exit_code == 0, replayed.output
+    run = json.loads(replayed.stdout)["run"]
+    assert run["flipped"] is True and "HACKED" not in run["text"]
+    never = runner.invoke(app, ["analyze", str(incident), "--json", "--step-gate", "never"])
+    assert never.exit_code == 0 and json.loads(never.stdout)["step_gate"] is None
+    bad = runner.invoke(app, ["analyze", str(incident), "--step-gate", "sometimes"])
+    assert bad.exit_code == 2 and "step-gate mode 'sometimes'" in bad.output
+
+
+def test_the_step_gate_refuses_incidents_it_cannot_read(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="step-gate mode"):
+        CausalCCA(step_gate="sometimes")
+    bundle = get("bert-sentiment-bypass").record(tmp_path, limit=1).incidents[0]
+    session = SandboxReplayer().load_bundle(bundle)
+    assert "generation incident" in (applies(session) or "")
+    result = analyze_bundle(bundle, step_gate="always").to_json()
+    assert result["step_gate"] is None
+    assert any(
+        note.startswith("step gate not tried: the step gate needs a generation") for note in result["fix_set"]["notes"]
+    )
