@@ -325,26 +325,19 @@ def step_gate_rows(step: dict[str, Any]) -> list[tuple[str, str, str]]:
         return (held.get(kind) or {}).get(key)
 
     fired = search.get("gate_fired") or {}
-    rows = [
-        (
-            "failing variants flipped",
-            share(search["failing_flipped"]),
-            share(held.get("flip_rate")),
-        ),
-        (
-            "benign answers kept word for word",
-            share(search["benign_kept"]),
-            share(effects("benign", "answers_unchanged")),
-        ),
-        (
-            "near-miss answers kept word for word",
-            share(search["near_miss_kept"]),
-            share(effects("near_miss", "answers_unchanged")),
-        ),
+    kinds = [("benign", "benign", "benign_kept")]
+    if search.get("near_miss_kept") is not None or held.get("near_miss"):
+        kinds.append(("near_miss", "near-miss", "near_miss_kept"))
+    rows = [("failing variants flipped", share(search["failing_flipped"]), share(held.get("flip_rate")))]
+    rows += [
+        (f"{label} answers kept word for word", share(search[key]), share(effects(kind, "answers_unchanged")))
+        for kind, label, key in kinds
     ]
     rows.append(("gate fires on failing prompts", share(fired.get("failing")), "—"))
-    for kind, label in (("benign", "benign"), ("near_miss", "near-miss")):
-        rows.append((f"gate fires on {label} prompts", share(fired.get(kind)), share(effects(kind, "gate_fired"))))
+    rows += [
+        (f"gate fires on {label} prompts", share(fired.get(kind)), share(effects(kind, "gate_fired")))
+        for kind, label, _ in kinds
+    ]
     return rows
 
 
@@ -353,12 +346,14 @@ def _step_gate(step: dict[str, Any] | None) -> list[Section]:
         return []
     verdict = "reaches" if step["reached_threshold"] else "does not reach"
     part = "held-out" if step.get("decided_by") == "held_out" else "search"
+    tried = "The unit fix does not hold, so a" if step.get("why", "").startswith("the unit") else "Asked for, a"
+    kept = "benign and near-miss answers" if step["search"].get("near_miss_kept") is not None else "benign answers"
     paragraph = (
-        f"The unit fix does not hold, so a step-gated steering fix was fitted on the search part: at "
+        f"{tried} step-gated steering fix was fitted on the search part: at "
         f"blocks.{step['layer']}.resid_post, wherever the state projects above {step['threshold']:.3g} on the "
         "direction from behaving reply positions to the one that predicts the failure's first token, it moves the "
         f"state back by {step['alpha']:g}× that direction (every other position is left bit for bit). On the "
-        f"{part} prompts it {verdict} the flip threshold with the benign and near-miss answers it must keep."
+        f"{part} prompts it {verdict} the flip threshold with the {kept} it must keep."
     )
     items = [f"{figure}: search {search}, held out {held}" for figure, search, held in step_gate_rows(step)]
     items += [str(note) for note in step.get("notes", [])]

@@ -189,6 +189,8 @@ def add_step_gate(
             search_near_misses=False,
         )
     found.decide(config)
+    if unit_fix_holds(fix):
+        found.why = "step_gate: always"
     return found
 
 

@@ -118,6 +118,7 @@ class StepGateFix:
     held_out: HeldOut | None = None
     reached_threshold: bool = False  # see :meth:`decide`
     decided_by: str = "search"
+    why: str = "the unit fix does not hold"  # why it was tried (or "step_gate: always")
     note_records: list[Note] = field(default_factory=list)
 
     def decide(self, config: CCAConfig) -> None:
