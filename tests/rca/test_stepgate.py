@@ -22,6 +22,7 @@ from model_forensics.rca.heldout import searching, split_prompts
 from model_forensics.rca.pipeline import analyze_bundle
 from model_forensics.rca.stepgate import applies, fit_step_gate, target_span
 from model_forensics.recorder.session import record_incident
+from model_forensics.report.analysis import analysis_body
 from model_forensics.scenarios import get
 from model_forensics.scenarios.scenario import prompt_of
 
@@ -69,6 +70,8 @@ def test_auto_tries_the_step_gate_when_the_unit_fix_changes_near_misses(analysis
     sections = {s.key: s for s in explain(analysis)}
     assert sections["step_gate"].title == "Step-gated fix"
     assert any(item.startswith("near-miss answers kept word for word") for item in sections["step_gate"].items)
+    html = analysis_body(analysis)  # the offline report's static analysis
+    assert "<h2>Step-gated fix</h2>" in html and "near-miss answers kept word for word" in html
 
 
 def test_the_step_gate_is_fitted_on_the_search_part_only(incident: Path) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from model_forensics.core import plots
 from model_forensics.core.files import write_text_atomic
-from model_forensics.rca.explain import Section, explain, held_out_rows
+from model_forensics.rca.explain import Section, explain, held_out_rows, step_gate_rows
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
@@ -70,6 +70,7 @@ def analysis_body(result: dict[str, Any], report_to: str | None = None) -> str:
     ]
     if fix is not None:
         parts += _fix_section(fix)
+        parts += _step_gate_section(result.get("step_gate"), sections)
         parts += _explained(sections, ("tried", "uncertain", "next"), notes=False)
     parts += _anomaly_section(result["anomalies"])
     parts += _ranking_section(result["ranking"])
@@ -148,6 +149,17 @@ def _fix_section(fix: dict[str, Any]) -> list[str]:
     if fix.get("phase_passes"):
         out.append("<h2>Forward passes by phase</h2>")
         out.append(_table(["phase", "forward passes"], [[escape(k), str(v)] for k, v in fix["phase_passes"].items()]))
+    return out
+
+
+def _step_gate_section(step: dict[str, Any] | None, sections: dict[str, Section]) -> list[str]:
+    """The step-gated fix (rca/stepgate.py): what it does, then search | held-out figures."""
+    if not step or "step_gate" not in sections:
+        return []
+    section = sections["step_gate"]
+    out = [f"<h2>{escape(section.title)}</h2>", *(f"<p>{escape(p)}</p>" for p in section.paragraphs)]
+    out.append(_table(["figure", "search", "held out"], [[escape(c) for c in row] for row in step_gate_rows(step)]))
+    out += [f'<div class="note">{escape(n)}</div>' for n in step.get("notes", [])]
     return out
 
 
