@@ -42,6 +42,7 @@ the same site, in list order, each one seeing the result of the previous.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import defaultdict
@@ -109,15 +110,21 @@ class Gate:
             raise ForensicsError(f"a gate is {{'site', 'direction', 'above'[, 'reads']}}, got {data!r}")
         return cls(str(data["site"]), tuple(data["direction"]), data["above"], str(data.get("reads", "last")))
 
+    @functools.cached_property
+    def unit(self) -> torch.Tensor:
+        """The direction as a unit float64 tensor on the CPU (made once per gate)."""
+        u = torch.tensor(self.direction, dtype=torch.float64)
+        return u / u.norm()
+
     def projections(self, x: torch.Tensor) -> torch.Tensor:
         """The projection on the unit direction at every position of ``x`` (T, d), float64."""
-        u = torch.tensor(self.direction, dtype=torch.float64, device=x.device)
+        u = self.unit.to(x.device)
         if x.dim() != 2 or x.shape[-1] != u.numel():
             raise ForensicsError(
                 f"the gate at '{self.site}' has a direction of length {u.numel()}, but the site's activation "
                 f"has shape {tuple(x.shape)} per run; gate on a residual or MLP site"
             )
-        return x.double() @ (u / u.norm())
+        return x.double() @ u
 
     def score(self, prompt: torch.Tensor) -> float:
         """What the gate compares with ``above``, from the site's activation over the prompt
