@@ -124,15 +124,9 @@ def main() -> None:
     )
 
 
-def step_gate_report(stepped: Any, grid: SideEffects | None) -> str:
-    """The step-gate phase's section: its pick, search | held-out rows, the held-out targets."""
-    if stepped is None:
-        return "\n## Step gate\n\nNot tried (the unit fix holds, or the phase cannot read this incident).\n"
-    step = stepped.to_json()
-    rows = markdown_table(["figure", "search", "held out"], [list(r) for r in step_gate_rows(step)])
-    flipped, benign, near = stepped.rates("held_out") if stepped.held_out is not None else (None, None, None)
-    reached = {"failing flipped": flipped, "benign kept": benign, "near-miss kept": near}
-    targets = markdown_table(
+def targets_table(reached: dict[str, float | None]) -> str:
+    """The issue's held-out targets beside what a fix reached (None: not measured)."""
+    return markdown_table(
         ["held-out target", "needed", "reached", "met"],
         [
             [
@@ -144,6 +138,17 @@ def step_gate_report(stepped: Any, grid: SideEffects | None) -> str:
             for k, v in reached.items()
         ],
     )
+
+
+def step_gate_report(stepped: Any, grid: SideEffects | None) -> str:
+    """The step-gate phase's section: its pick, search | held-out rows, the held-out targets."""
+    if stepped is None:
+        return "\n## Step gate\n\nNot tried (the unit fix holds, or the phase cannot read this incident).\n"
+    step = stepped.to_json()
+    rows = markdown_table(["figure", "search", "held out"], [list(r) for r in step_gate_rows(step)])
+    flipped, benign, near = stepped.rates("held_out") if stepped.held_out is not None else (None, None, None)
+    reached = {"failing flipped": flipped, "benign kept": benign, "near-miss kept": near}
+    targets = targets_table(reached)
     tried = markdown_table(
         ["layer", "α", "threshold", "failing flipped", "benign kept", "near-miss kept", "within", "pick"],
         [
@@ -182,18 +187,7 @@ def report(args: Any, fix: Any, held: Any, grid: SideEffects, stages: dict[str, 
         "benign kept": (out["benign"] or {}).get("answers_unchanged"),
         "near-miss kept": (out["near_miss"] or {}).get("answers_unchanged"),
     }
-    targets = markdown_table(
-        ["held-out target", "needed", "reached", "met"],
-        [
-            [
-                k,
-                f"≥ {SMOLLM2_TARGETS[k]:.0%}",
-                "—" if v is None else f"{v:.0%}",
-                "—" if v is None else str(v >= SMOLLM2_TARGETS[k]),
-            ]
-            for k, v in reached.items()
-        ],
-    )
+    targets = targets_table(reached)
     members = markdown_table(
         ["member", "intervention", "necessity", "sufficiency", "solo benign KL (nats)"],
         [
