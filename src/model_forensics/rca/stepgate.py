@@ -208,7 +208,10 @@ def fit_step_gate(session: Session, config: CCAConfig, progress: Progress = sile
         return None
     negatives = [(p, p.negatives()) for k in KINDS for p in used[k]]
     pos = torch.cat([p.states[p.positives()] for p in used["failing"]]).double()  # (N, L, d)
-    neg = torch.cat([p.states[idx] for p, idx in negatives if idx]).double()
+    rows = [p.states[idx] for p, idx in negatives if idx]
+    if not rows:  # no reply position to calibrate on (every reply empty)
+        return None
+    neg = torch.cat(rows).double()
     directions = pos.mean(0) - neg.mean(0)  # (L, d)
     units = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-30)
     layers = [_separation(layer, units[layer], used, negatives) for layer in range(len(sites))]
@@ -273,7 +276,9 @@ def _separation(
     auroc = float(roc_auc_score([1] * len(firsts) + [0] * len(negs), firsts + negs)) if negs else float("nan")
     fail_max = [float(scores(p)[p.positives(inside=True)].max()) for p in used["failing"]]
     other_max = [float(scores(p).max()) for k in ("near_miss", "benign") for p in used[k]]
-    early = [float(scores(p)[: p.prompt_len + p.span[0] - BEFORE].max()) for p in used["failing"] if p.span]
+    # failing prompts' positions at least BEFORE tokens ahead of the target (none for a target that close to the start)
+    ahead = [(p, p.prompt_len + p.span[0] - BEFORE) for p in used["failing"] if p.span]
+    early = [float(scores(p)[:end].max()) for p, end in ahead if end > 0]
     safe, _ = gate_threshold(torch.tensor(other_max + early, dtype=torch.float64))
     cuts = sorted(set(fail_max + other_max))
     candidates = [cuts[0] - 1.0] + [(a + b) / 2 for a, b in itertools.pairwise(cuts)]
