@@ -1453,7 +1453,7 @@ def analyze(
         out.write_text(json.dumps(result, indent=1))
         if result.get("step_gate"):
             step_out = step_gate_path(out)
-            step_out.write_text(json.dumps(result["step_gate"], indent=1))
+            step_out.write_text(json.dumps({**result["step_gate"], "bundle": result["bundle"]}, indent=1))
             err.print(f"step-gated fix written to {_safe(step_out)} (a fix file: replay --fix, fix export)")
     if report is not None:
         from model_forensics.report import write_analysis_report

@@ -7,6 +7,7 @@ word for word."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,11 @@ def test_the_cli_writes_the_step_gated_fix_and_replay_applies_it(incident: Path,
     assert replayed.exit_code == 0, replayed.output
     run = json.loads(replayed.stdout)["run"]
     assert run["flipped"] is True and "HACKED" not in run["text"]
+    exported = runner.invoke(app, ["fix", "export", str(step_file), "--out", str(tmp_path / "export")])
+    assert exported.exit_code == 0, exported.output  # the file names its bundle
+    assert "apply_fix.py" in exported.output and (tmp_path / "export" / "apply_fix.py").is_file()
+    diff = re.search(r"largest logit difference to replay ([0-9.e+-]+)", exported.output)
+    assert diff is not None and float(diff.group(1)) <= 1e-5  # the exported module equals hooked replay
     never = runner.invoke(app, ["analyze", str(incident), "--json", "--step-gate", "never"])
     assert never.exit_code == 0 and json.loads(never.stdout)["step_gate"] is None
     bad = runner.invoke(app, ["analyze", str(incident), "--step-gate", "sometimes"])

@@ -293,9 +293,9 @@ def read_analysis(path: str | Path) -> tuple[list[Intervention], dict[str, Any],
     the bundle it names (None: it names none)."""
     data = read_fix_json(path)  # size-capped, strict JSON, read once
     interventions = fix_interventions(data, f"fix file '{Path(path)}'")  # every intervention checked
+    bundle = data.get("bundle") if isinstance(data, dict) else None  # an analysis, or a fix set that names one
     if "fix_set" not in data:
         data = {"fix_set": data}
-    bundle = data.get("bundle") if isinstance(data, dict) else None
     return interventions, data, Path(bundle) if isinstance(bundle, str) and bundle else None
 
 
