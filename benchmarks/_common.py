@@ -160,16 +160,6 @@ def smollm2_split_prompts(tmp: Path, kinds: tuple[str, ...]) -> tuple[Any, Any, 
     return session, split, batches
 
 
-def separation_auroc(pos: list[float], neg: list[float]) -> float:
-    """P(score of a positive > score of a negative), ties counted half (scikit-learn's
-    ROC AUC); NaN when either side is empty."""
-    from sklearn.metrics import roc_auc_score
-
-    if not pos or not neg:
-        return float("nan")
-    return float(roc_auc_score([1] * len(pos) + [0] * len(neg), pos + neg))
-
-
 def first_step_logits(result: Any) -> torch.Tensor:
     """A run's scores at its first generation step (its logits for a forward run)."""
     steps = result.outputs.get("logits")

@@ -47,12 +47,11 @@ from _common import (
     machine,
     markdown_table,
     meets_targets,
-    separation_auroc,
     smollm2_split_prompts,
     stage_figures,
     write_results,
 )
-from model_forensics.core.metrics import kl_divergence
+from model_forensics.core.metrics import kl_divergence, separation_auroc
 from model_forensics.rca.runs import capture
 from model_forensics.replay import Gate, Intervention
 

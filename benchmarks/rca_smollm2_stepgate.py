@@ -43,7 +43,6 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rca_smollm2_stepgate.py
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import re
 import tempfile
@@ -61,12 +60,11 @@ from _common import (
     machine,
     markdown_table,
     meets_targets,
-    separation_auroc,
     smollm2_split_prompts,
     stage_figures,
     write_results,
 )
-from model_forensics.core.metrics import kl_divergence
+from model_forensics.core.metrics import best_accuracy_threshold, kl_divergence, separation_auroc
 from model_forensics.rca.gating import gate_threshold
 from model_forensics.rca.runs import capture
 from model_forensics.replay import Gate, Intervention
@@ -205,14 +203,12 @@ def main() -> None:
                 float(scores(p, layer)[i].max()) for p in group("search", "variants") for i in [p.negatives()] if i
             ]
             reply_t, _ = gate_threshold(torch.tensor(s["near_reply"] + s["ben_reply"] + neg_fail_reply))
-            cuts = sorted(set(s["fail_max"] + s["near_max"] + s["ben_max"]))
-            candidates = [cuts[0] - 1.0] + [(a + b) / 2 for a, b in itertools.pairwise(cuts)]
+            acc_t, _ = best_accuracy_threshold(s["fail_max"], s["near_max"] + s["ben_max"])
 
             def accuracy(t: float, q: dict[str, Any]) -> float:
                 right = sum(x > t for x in q["fail_max"]) + sum(x <= t for x in q["near_max"] + q["ben_max"])
                 return right / (len(q["fail_max"]) + len(q["near_max"]) + len(q["ben_max"]))
 
-            acc_t = max(candidates, key=lambda t: (accuracy(t, s), t))
             row.update(
                 {
                     "negative_mean": float((neg_s[:, layer] @ unit[layer]).mean()),

@@ -166,7 +166,8 @@ def add_step_gate(
     from model_forensics.rca.notes import Note
     from model_forensics.rca.stepgate import applies, fit_step_gate, unit_fix_holds
 
-    if config.step_gate == "never" or (config.step_gate == "auto" and unit_fix_holds(fix)):
+    holds = unit_fix_holds(fix)
+    if config.step_gate == "never" or (config.step_gate == "auto" and holds):
         return None
     why = applies(session)
     found = None if why else fit_step_gate(session, config, progress)
@@ -189,7 +190,7 @@ def add_step_gate(
             search_near_misses=False,
         )
     found.decide(config)
-    if unit_fix_holds(fix):
+    if holds:
         found.why = "step_gate: always"
     return found
 

@@ -34,13 +34,13 @@ The pipeline then measures the pick on the held-out part (:func:`~model_forensic
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from model_forensics.core.config import CCAConfig
+from model_forensics.core.metrics import best_accuracy_threshold, separation_auroc
 from model_forensics.core.records import fields_json
 from model_forensics.models.inputs import ModelInputs
 from model_forensics.rca.gating import gate_threshold
@@ -226,10 +226,7 @@ def fit_step_gate(session: Session, config: CCAConfig, progress: Progress = sile
     grid = [(row, alpha) for row, alpha in itertools.product(chosen, config.step_gate_alphas)]
     sets = [[fix(row["layer"], alpha, row["threshold"])] for row, alpha in grid]
     outcomes = _generate(session, sets, [p for k in KINDS for p in used[k]], progress)
-    candidates = [
-        _candidate(row, alpha, [outcomes[id(p)][i] for p in used["failing"]], used, outcomes, i, config)
-        for i, (row, alpha) in enumerate(grid)
-    ]
+    candidates = [_candidate(row, alpha, used, outcomes, i, config) for i, (row, alpha) in enumerate(grid)]
     within = [c for c in candidates if c.within]
     if within:
         pick = max(within, key=lambda c: (c.failing_flipped, c.near_miss_kept or 0.0, -c.alpha))
@@ -266,35 +263,26 @@ def _separation(
 ) -> dict[str, Any]:
     """One layer's search separation: per-position AUROC, the safe threshold and the failing
     prompts it detects, and the accuracy threshold (``threshold``) with its accuracy."""
-    from sklearn.metrics import roc_auc_score
 
     def scores(p: _Prompt) -> torch.Tensor:
         return p.states[:, layer].double() @ unit
 
     firsts = [float(scores(p)[i]) for p in used["failing"] for i in p.positives()]
     negs = [float(scores(p)[i]) for p, idx in negatives for i in idx]
-    auroc = float(roc_auc_score([1] * len(firsts) + [0] * len(negs), firsts + negs)) if negs else float("nan")
     fail_max = [float(scores(p)[p.positives(inside=True)].max()) for p in used["failing"]]
     other_max = [float(scores(p).max()) for k in ("near_miss", "benign") for p in used[k]]
     # failing prompts' positions at least BEFORE tokens ahead of the target (none for a target that close to the start)
     ahead = [(p, p.prompt_len + p.span[0] - BEFORE) for p in used["failing"] if p.span]
     early = [float(scores(p)[:end].max()) for p, end in ahead if end > 0]
     safe, _ = gate_threshold(torch.tensor(other_max + early, dtype=torch.float64))
-    cuts = sorted(set(fail_max + other_max))
-    candidates = [cuts[0] - 1.0] + [(a + b) / 2 for a, b in itertools.pairwise(cuts)]
-
-    def accuracy(t: float) -> float:
-        right = sum(x > t for x in fail_max) + sum(x <= t for x in other_max)
-        return right / (len(fail_max) + len(other_max))
-
-    threshold = max(candidates, key=lambda t: (accuracy(t), t))
+    threshold, accuracy = best_accuracy_threshold(fail_max, other_max)
     return {
         "layer": layer,
-        "auroc": auroc,
+        "auroc": separation_auroc(firsts, negs),
         "detected_at_safe": sum(x > safe for x in fail_max) / len(fail_max),
         "safe": safe,
         "threshold": threshold,
-        "accuracy": accuracy(threshold),
+        "accuracy": accuracy,
     }
 
 
@@ -313,7 +301,6 @@ def _generate(
 def _candidate(
     row: dict[str, Any],
     alpha: float,
-    failing: Sequence[RunResult],
     used: dict[str, list[_Prompt]],
     outcomes: dict[int, list[RunResult]],
     i: int,
@@ -330,7 +317,7 @@ def _candidate(
     }
     benign, near = kept("benign"), kept("near_miss")
     assert benign is not None
-    flips = [not r.failed for r in failing]
+    flips = [not outcomes[id(p)][i].failed for p in used["failing"]]
     ok = benign >= config.step_gate_min_benign_kept and (near is None or near >= config.step_gate_min_near_miss_kept)
     return StepGateCandidate(
         row["layer"], alpha, row["threshold"], sum(flips) / len(flips), benign, near, fired, ok, flips
