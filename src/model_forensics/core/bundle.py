@@ -51,11 +51,10 @@ import struct
 import tempfile
 import weakref
 import zipfile
-from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cached_property, partial
+from functools import cache, cached_property, partial
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -540,7 +539,9 @@ def _site_digests(site: str, info: dict[str, Any], names: list[str], written: _W
     return out
 
 
+@cache
 def _hash_threads() -> int:
+    """Threads of a verifying (reading) hash pool: asked of the OS once per process."""
     return max(2, min(4, os.cpu_count() or 2))
 
 
@@ -688,7 +689,6 @@ _ST_RANK = {
     code: rank for rank, code in enumerate(("BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64"))
 }
 _PLAIN_NAME = re.compile(r"^[\x20-\x7e]*$")
-_WINDOW_BYTES = 64 * 1024 * 1024  # encoded sites (bytes) that may wait to be written
 WRITEBACK_BYTES = 16 * 1024 * 1024
 """The activations writer starts the disk (``fdatasync`` in a thread) every this many bytes
 written, so writing back overlaps encoding and hashing; 0 leaves it all to the closing fsync."""
@@ -751,7 +751,7 @@ def _save_sites(source: SiteSource, file: Path, algorithm: str) -> _Written:
                 tensors.update(entries)
             _safetensors_save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(file))
             return dataclasses.replace(_hash_written(file, algorithm), exact=exact)
-        sites = ((site, partial(source.load, site), _nbytes(by_site[site])) for site in by_site)
+        sites = ((site, partial(source.load, site)) for site in by_site)
         return _write_entries(file, prefix, spans, specs, sites, algorithm, sync=False)
 
     return _os_errors(file, write)
@@ -795,83 +795,48 @@ Load = Callable[[], tuple[dict[str, torch.Tensor], torch.Tensor | None]]
 tensor to hash (None: none to hash)."""
 
 
-@dataclass
-class _Prepared:
-    """One site, encoded and hashed, waiting to be written: each entry's bytes and digest,
-    and the digest of the exact tensor (None: none was handed over)."""
-
-    data: dict[str, Any]
-    sums: dict[str, bytes]
-    exact: bytes | None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(chunk.nbytes for chunk in self.data.values())
-
-
 def _write_entries(
     file: Path,
     prefix: bytes,
     spans: dict[str, tuple[int, int]],
     specs: dict[str, Spec],
-    sites: Iterator[tuple[str, Load, int]],
+    sites: Iterator[tuple[str, Load]],
     algorithm: str,
     sync: bool = True,
 ) -> _Written:
     """Write a safetensors file whose header is ``prefix``, site by site in order (each
-    ``sites`` item: the site, what loads it, the bytes of its entries). Each site is loaded, encoded and hashed (its entries and its exact tensor) in one task of a
-    thread pool, a few sites ahead of the one being written: one thread reads a site's
-    bytes while they are in its cache, and the sites spread over the cores. At most about
-    ``_WINDOW_BYTES`` of encoded sites wait to be written. fsynced unless the caller does it
-    (``sync=False``)."""
+    ``sites`` item: the site and what loads it). Each site is loaded,
+    encoded, hashed (its entries and its exact tensor) and written by the calling thread,
+    while its bytes are in the cache, then freed; only the disk works in the background.
+    (A pool of encoding threads was slower on 2 cores, in wall and CPU time: a site's many
+    short torch calls hand the GIL back and forth between the threads; see
+    benchmarks/results/bundle_io.md.) fsynced unless the caller does it (``sync=False``)."""
     start = len(prefix)
     entry_sums: dict[str, bytes] = {}
     exact: dict[str, bytes] = {}  # site → digest of its exact tensor
-
-    def prepare(load: Load) -> _Prepared:
-        entries, tensor = load()
-        data = {name: _checked_bytes(name, t, specs, spans) for name, t in entries.items()}
-        sums = {name: digests.digest(chunk, algorithm) for name, chunk in data.items()}
-        return _Prepared(
-            data, sums, None if tensor is None else digests.digest(sketches.tensor_bytes(tensor), algorithm)
-        )
-
     unsynced = 0  # bytes written since the last writeback was started
-
-    def write(site: str, prepared: _Prepared) -> None:
-        nonlocal unsynced
-        for name, chunk in prepared.data.items():
-            _pwrite(fh.fileno(), chunk, start + spans[name][0])
-            unsynced += memoryview(chunk).nbytes
-        entry_sums.update(prepared.sums)
-        if prepared.exact is not None:
-            exact[site] = prepared.exact
-        if WRITEBACK_BYTES and unsynced >= WRITEBACK_BYTES and (not flushes or flushes[-1].done()):
-            # start the disk on what is written while the next sites are encoded and hashed,
-            # so the closing fsync waits for the last piece only (one flush at a time)
-            flushes.append(writeback.submit(os.fdatasync, fh.fileno()))
-            unsynced = 0
-
     flushes: list[Future[None]] = []
     with (
-        ThreadPoolExecutor(max_workers=_hash_threads(), thread_name_prefix="bundle-encode") as pool,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="bundle-writeback") as writeback,
         file.open("wb") as fh,
     ):
-        header = pool.submit(digests.digest, prefix, algorithm)
         _pwrite(fh.fileno(), prefix, 0)
-        ahead: deque[tuple[str, Future[_Prepared], int]] = deque()  # (site, its task, its bytes)
-        waiting = 0
-        for site, load, nbytes in sites:
-            while ahead and (len(ahead) > _hash_threads() or waiting + nbytes > _WINDOW_BYTES):
-                done, future, size = ahead.popleft()
-                write(done, future.result())
-                waiting -= size
-            ahead.append((site, pool.submit(prepare, load), nbytes))
-            waiting += nbytes
-        while ahead:
-            done, future, _size = ahead.popleft()
-            write(done, future.result())
+        header = digests.digest(prefix, algorithm)
+        for site, load in sites:
+            entries, tensor = load()
+            for name, t in entries.items():
+                chunk = _checked_bytes(name, t, specs, spans)
+                entry_sums[name] = digests.digest(chunk, algorithm)
+                _pwrite(fh.fileno(), chunk, start + spans[name][0])
+                unsynced += chunk.nbytes
+            if tensor is not None:
+                exact[site] = digests.digest(sketches.tensor_bytes(tensor), algorithm)
+            del entries, tensor
+            if WRITEBACK_BYTES and unsynced >= WRITEBACK_BYTES and (not flushes or flushes[-1].done()):
+                # start the disk on what is written while the next sites are encoded and hashed,
+                # so the closing fsync waits for the last piece only (one flush at a time)
+                flushes.append(writeback.submit(os.fdatasync, fh.fileno()))
+                unsynced = 0
         missing = set(spans) - set(entry_sums)
         if missing:
             raise ValueError(f"the site source gave no data for the entries {sorted(missing)[:4]}")
@@ -881,11 +846,7 @@ def _write_entries(
         fh.truncate(size)
         if sync:
             os.fsync(fh.fileno())
-        return _Written(size, header.result(), {n: entry_sums[n] for n in spans}, specs, algorithm, exact)
-
-
-def _nbytes(specs: dict[str, Spec]) -> int:
-    return sum(math.prod(shape) * dtype.itemsize for dtype, shape in specs.values())
+        return _Written(size, header, {n: entry_sums[n] for n in spans}, specs, algorithm, exact)
 
 
 def _checked_bytes(name: str, tensor: torch.Tensor, specs: dict[str, Spec], spans: dict[str, Any]) -> Any:
@@ -912,8 +873,8 @@ def _pwrite(fd: int, data: Any, offset: int) -> None:
 
 def save_file(tensors: dict[str, torch.Tensor], filename: str, algorithm: str = "sha256") -> dict[str, Any] | None:
     """``safetensors.torch.save_file`` at disk speed: the same bytes, written straight from
-    the tensors' memory (no copies), each entry hashed (under ``algorithm``) in a thread
-    pool as it is written, then fsynced. Returns the file's table entry
+    the tensors' memory (no copies), each entry hashed (under ``algorithm``) as it is
+    written, then fsynced. Returns the file's table entry
     (``<algorithm>-entries`` digest and size), or None when safetensors itself wrote the
     file (names outside the fast layout)."""
     file = Path(filename)
@@ -923,7 +884,7 @@ def save_file(tensors: dict[str, torch.Tensor], filename: str, algorithm: str = 
     except ValueError:
         _safetensors_save_file(tensors, filename)
         return None
-    sites = iter([("", lambda: (tensors, None), 0)])
+    sites = iter([("", lambda: (tensors, None))])
     return _write_entries(file, prefix, spans, specs, sites, algorithm).describe()
 
 
