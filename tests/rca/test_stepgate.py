@@ -67,9 +67,13 @@ def test_auto_tries_the_step_gate_when_the_unit_fix_changes_near_misses(analysis
     assert held["benign"]["answers_unchanged"] >= 0.9 and held["near_miss"]["answers_unchanged"] >= 0.8
     assert held["near_miss"]["answers_unchanged"] > unit_near["answers_unchanged"]
     assert step["reached_threshold"] is True
+    assert step["reason"] == "unit_fix_fails"
     assert {c["alpha"] for c in step["candidates"]} == {2.0, 4.0} and len(step["candidates"]) == 4
     sections = {s.key: s for s in explain(analysis)}
     assert sections["step_gate"].title == "Step-gated fix"
+    assert sections["step_gate"].paragraphs[0].startswith("The unit fix does not hold, so a")
+    asked = {**analysis, "step_gate": {**step, "reason": "asked"}}  # the code decides, not the wording of "why"
+    assert {s.key: s for s in explain(asked)}["step_gate"].paragraphs[0].startswith("Asked for, a")
     assert any(item.startswith("near-miss answers kept word for word") for item in sections["step_gate"].items)
     html = analysis_body(analysis)  # the offline report's static analysis
     assert "<h2>Step-gated fix</h2>" in html and "near-miss answers kept word for word" in html

@@ -475,7 +475,7 @@ def _write_files(tmp: Path, contents: BundleContents) -> dict[str, Any]:
 
     Each byte is hashed once, from memory, while it is written (format 1.2 on), under the
     manifest's ``hash`` (format 1.3; sha256 when absent): every safetensors entry gets its
-    own digest in a small thread pool, and the file digests (``<hash>-entries``), each
+    own digest as it is written, and the file digests (``<hash>-entries``), each
     site's ``stored_sha256`` and the exact digest of each ``full`` site are derived from
     those entry digests. Activations are written one site at
     a time from a :class:`SiteSource` (a recorder's spool), so the writer holds one site in
@@ -579,7 +579,7 @@ class SiteSource(Protocol):
     before anything is loaded; ``load(site)`` loads and encodes that site now and returns
     its entries and its exact tensor when the writer is to hash that for the manifest's
     ``sha256`` (None: the manifest has it, or it is a ``full`` site, whose entry digest is
-    that sha256). The writer calls ``load`` from its thread pool, a few sites at once.
+    that sha256). The writer calls ``load`` once per site, in site order, from the thread that writes.
     """
 
     def sites(self) -> list[str]: ...

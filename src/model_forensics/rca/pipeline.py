@@ -191,7 +191,7 @@ def add_step_gate(
         )
     found.decide(config)
     if holds:
-        found.why = "step_gate: always"
+        found.why, found.reason = "step_gate: always", "asked"
     return found
 
 

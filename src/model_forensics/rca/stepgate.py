@@ -118,7 +118,8 @@ class StepGateFix:
     held_out: HeldOut | None = None
     reached_threshold: bool = False  # see :meth:`decide`
     decided_by: str = "search"
-    why: str = "the unit fix does not hold"  # why it was tried (or "step_gate: always")
+    why: str = "the unit fix does not hold"  # why it was tried, in words (or "step_gate: always")
+    reason: str = "unit_fix_fails"  # the same as a code: "unit_fix_fails" or "asked"
     note_records: list[Note] = field(default_factory=list)
 
     def decide(self, config: CCAConfig) -> None:
