@@ -809,8 +809,9 @@ def _write_entries(
     encoded, hashed (its entries and its exact tensor) and written by the calling thread,
     while its bytes are in the cache, then freed; only the disk works in the background.
     (A pool of encoding threads was slower on 2 cores, in wall and CPU time: a site's many
-    short torch calls hand the GIL back and forth between the threads; see
-    benchmarks/results/bundle_io.md.) fsynced unless the caller does it (``sync=False``)."""
+    short torch calls hand the GIL back and forth between the threads; so was one hashing
+    thread beside the writer, measured side by side: see the CHANGELOG, 0.2.0.) fsynced
+    unless the caller does it (``sync=False``)."""
     start = len(prefix)
     entry_sums: dict[str, bytes] = {}
     exact: dict[str, bytes] = {}  # site → digest of its exact tensor
