@@ -541,7 +541,8 @@ def _site_digests(site: str, info: dict[str, Any], names: list[str], written: _W
 
 @cache
 def _hash_threads() -> int:
-    """Threads of a verifying (reading) hash pool: asked of the OS once per process."""
+    """Threads of a pool that hashes files already on disk (verification; a file safetensors
+    wrote): asked of the OS once per process."""
     return max(2, min(4, os.cpu_count() or 2))
 
 
@@ -805,8 +806,8 @@ def _write_entries(
     sync: bool = True,
 ) -> _Written:
     """Write a safetensors file whose header is ``prefix``, site by site in order (each
-    ``sites`` item: the site and what loads it). Each site is loaded,
-    encoded, hashed (its entries and its exact tensor) and written by the calling thread,
+    ``sites`` item: the site and what loads it). Each site is loaded, encoded, hashed (its
+    entries and its exact tensor) and written by the calling thread,
     while its bytes are in the cache, then freed; only the disk works in the background.
     (A pool of encoding threads was slower on 2 cores, in wall and CPU time: a site's many
     short torch calls hand the GIL back and forth between the threads; so was one hashing

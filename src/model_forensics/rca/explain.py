@@ -346,10 +346,9 @@ def _step_gate(step: dict[str, Any] | None) -> list[Section]:
         return []
     verdict = "reaches" if step["reached_threshold"] else "does not reach"
     part = "held-out" if step.get("decided_by") == "held_out" else "search"
+    # an analysis written before ``reason`` was kept has only the words of ``why``
     reason = step.get("reason") or ("unit_fix_fails" if str(step.get("why", "")).startswith("the unit") else "asked")
-    tried = (
-        "The unit fix does not hold, so a" if reason == "unit_fix_fails" else "Asked for, a"
-    )  # no reason: written before it was kept
+    tried = "The unit fix does not hold, so a" if reason == "unit_fix_fails" else "Asked for, a"
     kept = "benign and near-miss answers" if step["search"].get("near_miss_kept") is not None else "benign answers"
     paragraph = (
         f"{tried} step-gated steering fix was fitted on the search part: at "

@@ -191,7 +191,7 @@ def add_step_gate(
         )
     found.decide(config)
     if holds:
-        found.why, found.reason = "step_gate: always", "asked"
+        found.reason = "asked"
     return found
 
 

@@ -118,8 +118,7 @@ class StepGateFix:
     held_out: HeldOut | None = None
     reached_threshold: bool = False  # see :meth:`decide`
     decided_by: str = "search"
-    why: str = "the unit fix does not hold"  # why it was tried, in words (or "step_gate: always")
-    reason: str = "unit_fix_fails"  # the same as a code: "unit_fix_fails" or "asked"
+    reason: str = "unit_fix_fails"  # why it was tried: "unit_fix_fails" or "asked" (JSON adds ``why``, in words)
     note_records: list[Note] = field(default_factory=list)
 
     def decide(self, config: CCAConfig) -> None:
@@ -150,6 +149,7 @@ class StepGateFix:
     def to_json(self) -> dict[str, Any]:
         out = fields_json(
             self,
+            why=WHY[self.reason],
             interventions=[iv.to_json() for iv in self.interventions],
             search=self.search.to_json(),
             candidates=[c.to_json() for c in self.candidates],
@@ -158,6 +158,10 @@ class StepGateFix:
         )
         del out["note_records"]
         return out
+
+
+WHY = {"unit_fix_fails": "the unit fix does not hold", "asked": "step_gate: always"}
+"""``StepGateFix.reason`` in words (the analysis JSON's ``why``)."""
 
 
 def applies(session: Session) -> str | None:

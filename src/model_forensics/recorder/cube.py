@@ -24,12 +24,6 @@ from model_forensics.core.sites import block_index
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
-CORE_METRICS: dict[str, Metric] = {
-    "energy": lambda x: x.norm(dim=-1),
-    "mean_activation": lambda x: x.mean(dim=-1),
-    "std_activation": lambda x: _population_std(x),
-}
-
 
 def _population_std(x: torch.Tensor) -> torch.Tensor:
     """Population std over the last dimension, two-pass in float64 (rounded to float32):
@@ -38,6 +32,13 @@ def _population_std(x: torch.Tensor) -> torch.Tensor:
     d = x.double()
     centred = d - d.mean(dim=-1, keepdim=True)
     return centred.square().mean(dim=-1).sqrt().to(x.dtype)
+
+
+CORE_METRICS: dict[str, Metric] = {
+    "energy": lambda x: x.norm(dim=-1),
+    "mean_activation": lambda x: x.mean(dim=-1),
+    "std_activation": _population_std,
+}
 
 
 @dataclass

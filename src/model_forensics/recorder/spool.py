@@ -216,8 +216,8 @@ class SpooledSites(Mapping[str, torch.Tensor]):
 
 class SketchedSites:
     """The bundle writer's :class:`~model_forensics.core.bundle.SiteSource` over a spool:
-    each site is loaded and sketch-encoded when the writer asks for it, handed over with its exact tensor (which the
-    writer hashes, for sketches that do not store it exactly), and freed after."""
+    each site is loaded and sketch-encoded when the writer asks for it, handed over with its
+    exact tensor (which the writer hashes, for sketches that do not store it exactly), and freed after."""
 
     def __init__(self, spool: ActivationSpool, sites: list[str], sketch: str, compression_ratio: float):
         self.spool, self._sites = spool, sites
