@@ -21,8 +21,9 @@ from model_forensics.core.predicates import regex
 from model_forensics.rca.explain import explain
 from model_forensics.rca.heldout import searching, split_prompts
 from model_forensics.rca.pipeline import analyze_bundle
-from model_forensics.rca.stepgate import applies, fit_step_gate, target_span
+from model_forensics.rca.stepgate import applies, fit_step_gate, lowest_threshold_within, target_span
 from model_forensics.recorder.session import record_incident
+from model_forensics.replay import Gate, Intervention
 from model_forensics.report.analysis import analysis_body
 from model_forensics.scenarios import get
 from model_forensics.scenarios.scenario import prompt_of
@@ -68,7 +69,10 @@ def test_auto_tries_the_step_gate_when_the_unit_fix_changes_near_misses(analysis
     assert held["near_miss"]["answers_unchanged"] > unit_near["answers_unchanged"]
     assert step["reached_threshold"] is True
     assert step["reason"] == "unit_fix_fails"
-    assert {c["alpha"] for c in step["candidates"]} == {2.0, 4.0} and len(step["candidates"]) == 4
+    assert {c["alpha"] for c in step["candidates"]} == {2.0, 4.0}
+    for row in step["layers"][:2]:  # each tried layer at its accuracy and its bound threshold, per α
+        tried = {(c["alpha"], c["threshold"]) for c in step["candidates"] if c["layer"] == row["layer"]}
+        assert tried == {(a, t) for a in (2.0, 4.0) for t in (row["threshold"], row["bound_threshold"])}
     sections = {s.key: s for s in explain(analysis)}
     assert sections["step_gate"].title == "Step-gated fix"
     assert sections["step_gate"].paragraphs[0].startswith("The unit fix does not hold, so a")
@@ -97,6 +101,50 @@ def test_the_step_gate_is_fitted_on_the_search_part_only(incident: Path) -> None
         fewer = fit_step_gate(session, config)
     assert fewer is not None and fewer.counts["benign"] == found.counts["benign"] - 2
     assert fewer.interventions != found.interventions
+
+
+def test_bound_thresholds_keep_the_bounds_and_skipped_runs_equal_generated_ones(incident: Path) -> None:
+    session = SandboxReplayer().load_bundle(incident)
+    config = CausalCCA().config
+    split = split_prompts(session.extras, config.held_out_fraction, config.split_seed)
+    with searching(session, split):
+        found = fit_step_gate(session, config)
+        assert found is not None
+        n = found.counts
+        for row in found.layers[: config.step_gate_layers]:
+            at_bound = [
+                c for c in found.candidates if c.layer == row["layer"] and c.threshold == row["bound_threshold"]
+            ]
+            assert len(at_bound) == len(config.step_gate_alphas)
+            for c in at_bound:  # every negative whose gate opens may change, and the bound still holds
+                assert c.gate_fired["near_miss"] * n["near_miss"] <= n["near_miss"] * (1 - 0.8) + 1e-9
+                assert c.gate_fired["benign"] * n["benign"] <= n["benign"] * (1 - 0.9) + 1e-9
+                assert c.within
+        (pick,) = found.interventions
+        assert pick.gate is not None
+        d = pick.gate.direction
+        same_layer = sorted((c for c in found.candidates if c.layer == found.layer), key=lambda c: c.threshold)
+        higher = [c for c in same_layer if c.threshold > same_layer[0].threshold]
+        assert higher  # the pick's layer has two thresholds on this incident
+        c = higher[0]
+        steer = Intervention(
+            pick.site, "steer", value=tuple(-c.alpha * x for x in d), gate=Gate(pick.site, d, c.threshold, "each")
+        )
+        variants = session.variants()
+        direct = [session.sweep([[steer]], inputs=b)[0] for b in variants]
+    assert len(variants) == n["failing"]  # every search variant fails with a match on this model
+    # generated only where the lower threshold's gate opened, reused elsewhere: equal to generating every run
+    assert [not r.failed for r in direct] == c.flips
+
+
+def test_lowest_threshold_within_counts_the_negatives_above_the_cut() -> None:
+    negatives = {"near_miss": [1.0, 2.0, 5.0, 6.0], "benign": [0.5, 3.0]}
+    scores = [4.0, 4.5, 7.0, *negatives["near_miss"], *negatives["benign"]]
+    assert lowest_threshold_within(scores, negatives, {"near_miss": 1, "benign": 0}) == 5.5  # 6 alone above
+    assert lowest_threshold_within(scores, negatives, {"near_miss": 2, "benign": 1}) == 2.5  # 5, 6; and 3
+    assert lowest_threshold_within(scores, negatives, {"near_miss": 4, "benign": 2}) == -0.5  # below every score
+    assert lowest_threshold_within(scores, negatives, {"near_miss": 0, "benign": 0}) == 6.5
+    assert lowest_threshold_within([6.0], {"near_miss": [6.0]}, {"near_miss": 0}) == 7.0  # above them all
 
 
 def test_target_span_finds_the_predicates_first_match(incident: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,19 +14,26 @@ phase fits, on the search part of the split only:
    the failing replies' positions at least ``BEFORE`` tokens before the target.
 2. Per layer, d_L = mean(positives) − mean(negatives); a prompt's score is its largest
    projection on d̂_L (over the target's positions for a failing prompt, over every position
-   for the others). The threshold maximises prompt-level search accuracy (ties: the higher).
-   Layers are ranked by the failing prompts detected with no search negative firing at any
-   position (``safe``), then by per-position AUROC.
-3. For the ``step_gate_layers`` best layers and each α of ``step_gate_alphas``:
-   ``Intervention(blocks.L.resid_post, "steer", −α·d_L, gate=Gate(site, d_L, t, "each"))``:
-   at every position (prompt pass and each generation step) whose projection exceeds t, the
-   residual moves by −α·d_L (α = 1 puts a typical positive on the negatives' mean); every
-   other position is left bit for bit.
+   for the others). Two thresholds per layer: ``threshold`` maximises prompt-level search
+   accuracy (ties: the higher); ``bound_threshold`` is the lowest at which the search
+   near misses and benign prompts whose gate would open (their largest score above it) are
+   few enough to keep ``step_gate_min_near_miss_kept`` / ``step_gate_min_benign_kept`` of
+   their answers even if every one of them changed. Layers are ranked by the failing prompts
+   detected with no search negative firing at any position (``safe``), then by per-position
+   AUROC.
+3. For the ``step_gate_layers`` best layers, each α of ``step_gate_alphas`` and each of the
+   layer's thresholds t: ``Intervention(blocks.L.resid_post, "steer", −α·d_L,
+   gate=Gate(site, d_L, t, "each"))``: at every position (prompt pass and each generation
+   step) whose projection exceeds t, the residual moves by −α·d_L (α = 1 puts a typical
+   positive on the negatives' mean); every other position is left bit for bit.
 4. Each configuration is generated on every search prompt: failing flipped, benign and
-   near-miss answers kept word for word. The pick: most failing flipped among those keeping
-   ``step_gate_min_benign_kept`` benign and ``step_gate_min_near_miss_kept`` near-miss
-   answers (ties: more near misses kept, then the smaller α); when none does, the best sum of
-   the three rates, reported as out of bound.
+   near-miss answers kept word for word. A run whose gate never opened is the clean run, so
+   a configuration's result on a prompt where the same layer and α at the next lower
+   threshold kept its gate shut is that result, not generated again. The pick: most failing
+   flipped among those keeping ``step_gate_min_benign_kept`` benign and
+   ``step_gate_min_near_miss_kept`` near-miss answers (ties: more near misses kept, the
+   smaller α, the higher threshold); when none does, the best sum of the three rates,
+   reported as out of bound.
 
 The pipeline then measures the pick on the held-out part (:func:`~model_forensics.rca.heldout.evaluate`).
 """
@@ -34,6 +41,7 @@ The pipeline then measures the pick on the held-out part (:func:`~model_forensic
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,7 +227,8 @@ def fit_step_gate(session: Session, config: CCAConfig, progress: Progress = sile
     neg = torch.cat(rows).double()
     directions = pos.mean(0) - neg.mean(0)  # (L, d)
     units = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    layers = [_separation(layer, units[layer], used, negatives) for layer in range(len(sites))]
+    allowed = {kind: _allowed(len(used[kind]), _bounds(config)[kind]) for kind in ("near_miss", "benign")}
+    layers = [_separation(layer, units[layer], used, negatives, allowed) for layer in range(len(sites))]
     ranked = sorted(layers, key=lambda r: (-r["detected_at_safe"], -r["auroc"], r["layer"]))
     chosen = ranked[: config.step_gate_layers]
 
@@ -228,13 +237,19 @@ def fit_step_gate(session: Session, config: CCAConfig, progress: Progress = sile
         value = tuple(float(v) for v in -alpha * directions[layer])
         return Intervention(sites[layer], "steer", value=value, gate=Gate(sites[layer], d, above, "each"))
 
-    grid = [(row, alpha) for row, alpha in itertools.product(chosen, config.step_gate_alphas)]
-    sets = [[fix(row["layer"], alpha, row["threshold"])] for row, alpha in grid]
-    outcomes = _generate(session, sets, [p for k in KINDS for p in used[k]], progress)
-    candidates = [_candidate(row, alpha, used, outcomes, i, config) for i, (row, alpha) in enumerate(grid)]
+    grid = [
+        (row, alpha, t)
+        for row, alpha in itertools.product(chosen, config.step_gate_alphas)
+        for t in sorted({row["threshold"], row["bound_threshold"]})
+    ]
+    sets = [[fix(row["layer"], alpha, t)] for row, alpha, t in grid]
+    # the same layer and α at the next lower threshold: where its gate stays shut, so does this one's
+    lower = [i - 1 if i and grid[i - 1][:2] == grid[i][:2] else None for i in range(len(grid))]
+    outcomes = _generate(session, sets, lower, [p for k in KINDS for p in used[k]], progress)
+    candidates = [_candidate(row, alpha, t, used, outcomes, i, config) for i, (row, alpha, t) in enumerate(grid)]
     within = [c for c in candidates if c.within]
     if within:
-        pick = max(within, key=lambda c: (c.failing_flipped, c.near_miss_kept or 0.0, -c.alpha))
+        pick = max(within, key=lambda c: (c.failing_flipped, c.near_miss_kept or 0.0, -c.alpha, c.threshold))
     else:
         pick = max(candidates, key=lambda c: c.failing_flipped + c.benign_kept + (c.near_miss_kept or 0.0))
     index = candidates.index(pick)
@@ -264,10 +279,16 @@ def _capture(session: Session, kind: str, batch: ModelInputs, sites: list[str]) 
 
 
 def _separation(
-    layer: int, unit: torch.Tensor, used: dict[str, list[_Prompt]], negatives: list[tuple[_Prompt, list[int]]]
+    layer: int,
+    unit: torch.Tensor,
+    used: dict[str, list[_Prompt]],
+    negatives: list[tuple[_Prompt, list[int]]],
+    allowed: dict[str, int],
 ) -> dict[str, Any]:
     """One layer's search separation: per-position AUROC, the safe threshold and the failing
-    prompts it detects, and the accuracy threshold (``threshold``) with its accuracy."""
+    prompts it detects, the accuracy threshold (``threshold``) with its accuracy, and the
+    lowest threshold at which at most ``allowed[kind]`` search prompts of each kind of
+    negative would open the gate (``bound_threshold``, with the failing prompts it detects)."""
 
     def scores(p: _Prompt) -> torch.Tensor:
         return p.states[:, layer].double() @ unit
@@ -275,12 +296,14 @@ def _separation(
     firsts = [float(scores(p)[i]) for p in used["failing"] for i in p.positives()]
     negs = [float(scores(p)[i]) for p, idx in negatives for i in idx]
     fail_max = [float(scores(p)[p.positives(inside=True)].max()) for p in used["failing"]]
-    other_max = [float(scores(p).max()) for k in ("near_miss", "benign") for p in used[k]]
+    kind_max = {k: [float(scores(p).max()) for p in used[k]] for k in ("near_miss", "benign")}
+    other_max = kind_max["near_miss"] + kind_max["benign"]
     # failing prompts' positions at least BEFORE tokens ahead of the target (none for a target that close to the start)
     ahead = [(p, p.prompt_len + p.span[0] - BEFORE) for p in used["failing"] if p.span]
     early = [float(scores(p)[:end].max()) for p, end in ahead if end > 0]
     safe, _ = gate_threshold(torch.tensor(other_max + early, dtype=torch.float64))
     threshold, accuracy = best_accuracy_threshold(fail_max, other_max)
+    bound = lowest_threshold_within(fail_max + other_max, kind_max, allowed)
     return {
         "layer": layer,
         "auroc": separation_auroc(firsts, negs),
@@ -288,17 +311,47 @@ def _separation(
         "safe": safe,
         "threshold": threshold,
         "accuracy": accuracy,
+        "bound_threshold": bound,
+        "detected_at_bound": sum(x > bound for x in fail_max) / len(fail_max),
     }
 
 
+def lowest_threshold_within(scores: list[float], negatives: dict[str, list[float]], allowed: dict[str, int]) -> float:
+    """The lowest cut t (one below every score, a midpoint between two distinct ``scores``,
+    or one above them all) at which at most ``allowed[kind]`` of ``negatives[kind]`` exceed t
+    (every negative score is among ``scores``)."""
+    cuts = sorted(set(scores))
+    candidates = [cuts[0] - 1.0] + [(a + b) / 2 for a, b in itertools.pairwise(cuts)] + [cuts[-1] + 1.0]
+    return next(t for t in candidates if all(sum(x > t for x in negatives[k]) <= allowed[k] for k in negatives))
+
+
+def _allowed(n: int, keep: float) -> int:
+    """How many of ``n`` answers may change while ``keep`` of them are kept."""
+    return math.floor(n * (1.0 - keep) + 1e-9)
+
+
 def _generate(
-    session: Session, sets: list[list[Intervention]], prompts: list[_Prompt], progress: Progress
+    session: Session,
+    sets: list[list[Intervention]],
+    lower: list[int | None],
+    prompts: list[_Prompt],
+    progress: Progress,
 ) -> dict[int, list[RunResult]]:
-    """Every configuration generated on every prompt (one sweep per prompt)."""
+    """Every configuration's result on every prompt, one sweep per prompt and threshold
+    rank. Configuration i is generated only where ``lower[i]`` (the same fix at a lower
+    threshold) opened its gate: where that gate stayed shut, its run is the clean run, every
+    score on it is at most the lower threshold, and so configuration i's run is the same."""
     out: dict[int, list[RunResult]] = {}
     for done, p in enumerate(prompts):
         progress("step gate: configurations", done, len(prompts))
-        out[id(p)] = list(session.sweep(sets, inputs=p.inputs))
+        results: dict[int, RunResult] = {}
+        while len(results) < len(sets):
+            ready = [i for i in range(len(sets)) if i not in results and (lower[i] is None or lower[i] in results)]
+            run = [i for i in ready if lower[i] is None or any(results[lower[i]].gates.values())]  # type: ignore[index]
+            if run:
+                results.update(zip(run, session.sweep([sets[i] for i in run], inputs=p.inputs), strict=True))
+            results.update({i: results[lower[i]] for i in ready if i not in results})  # type: ignore[index]
+        out[id(p)] = [results[i] for i in range(len(sets))]
     progress("step gate: configurations", len(prompts), len(prompts))
     return out
 
@@ -306,6 +359,7 @@ def _generate(
 def _candidate(
     row: dict[str, Any],
     alpha: float,
+    threshold: float,
     used: dict[str, list[_Prompt]],
     outcomes: dict[int, list[RunResult]],
     i: int,
@@ -324,9 +378,7 @@ def _candidate(
     assert benign is not None
     flips = [not outcomes[id(p)][i].failed for p in used["failing"]]
     ok = benign >= config.step_gate_min_benign_kept and (near is None or near >= config.step_gate_min_near_miss_kept)
-    return StepGateCandidate(
-        row["layer"], alpha, row["threshold"], sum(flips) / len(flips), benign, near, fired, ok, flips
-    )
+    return StepGateCandidate(row["layer"], alpha, threshold, sum(flips) / len(flips), benign, near, fired, ok, flips)
 
 
 def _bounds(config: CCAConfig) -> dict[str, float]:
