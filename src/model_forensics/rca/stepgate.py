@@ -19,8 +19,9 @@ phase fits, on the search part of the split only:
    near misses and benign prompts whose gate would open (their largest score above it) are
    few enough to keep ``step_gate_min_near_miss_kept`` / ``step_gate_min_benign_kept`` of
    their answers even if every one of them changed. Layers are ranked by the failing prompts
-   detected with no search negative firing at any position (``safe``), then by per-position
-   AUROC.
+   detected at ``bound_threshold`` (the most a gate within the bounds detects), then by
+   per-position AUROC. (``safe``, a hair above every search negative's score, and the failing
+   prompts it detects are reported beside them.)
 3. For the ``step_gate_layers`` best layers, each α of ``step_gate_alphas`` and each of the
    layer's thresholds t: ``Intervention(blocks.L.resid_post, "steer", −α·d_L,
    gate=Gate(site, d_L, t, "each"))``: at every position (prompt pass and each generation
@@ -229,7 +230,7 @@ def fit_step_gate(session: Session, config: CCAConfig, progress: Progress = sile
     units = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-30)
     allowed = {kind: _allowed(len(used[kind]), _bounds(config)[kind]) for kind in ("near_miss", "benign")}
     layers = [_separation(layer, units[layer], used, negatives, allowed) for layer in range(len(sites))]
-    ranked = sorted(layers, key=lambda r: (-r["detected_at_safe"], -r["auroc"], r["layer"]))
+    ranked = sorted(layers, key=lambda r: (-r["detected_at_bound"], -r["auroc"], r["layer"]))
     chosen = ranked[: config.step_gate_layers]
 
     def fix(layer: int, alpha: float, above: float) -> Intervention:
