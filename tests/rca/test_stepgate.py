@@ -19,11 +19,11 @@ from model_forensics.cli import app
 from model_forensics.core.errors import ConfigError
 from model_forensics.core.predicates import regex
 from model_forensics.rca.explain import explain
-from model_forensics.rca.heldout import searching, split_prompts
+from model_forensics.rca.heldout import PromptSplit, searching, split_prompts
 from model_forensics.rca.pipeline import analyze_bundle
-from model_forensics.rca.stepgate import applies, fit_step_gate, lowest_threshold_within, target_span
+from model_forensics.rca.stepgate import StepGateFix, applies, fit_step_gate, lowest_threshold_within, target_span
 from model_forensics.recorder.session import record_incident
-from model_forensics.replay import Gate, Intervention
+from model_forensics.replay import Gate, Intervention, Session
 from model_forensics.report.analysis import analysis_body
 from model_forensics.scenarios import get
 from model_forensics.scenarios.scenario import prompt_of
@@ -83,13 +83,21 @@ def test_auto_tries_the_step_gate_when_the_unit_fix_changes_near_misses(analysis
     assert "<h2>Step-gated fix</h2>" in html and "near-miss answers kept word for word" in html
 
 
-def test_the_step_gate_is_fitted_on_the_search_part_only(incident: Path) -> None:
+@pytest.fixture(scope="module")
+def fitted(incident: Path) -> tuple[Session, PromptSplit, StepGateFix]:
+    """The incident's session, its default split, and the step gate fitted on the search part."""
     session = SandboxReplayer().load_bundle(incident)
     config = CausalCCA().config
     split = split_prompts(session.extras, config.held_out_fraction, config.split_seed)
     with searching(session, split):
         found = fit_step_gate(session, config)
     assert found is not None
+    return session, split, found
+
+
+def test_the_step_gate_is_fitted_on_the_search_part_only(fitted: tuple[Session, PromptSplit, StepGateFix]) -> None:
+    session, split, found = fitted
+    config = CausalCCA().config
     counts = split.counts()
     assert found.counts == {
         k: counts[v]["search"] for k, v in (("failing", "variants"), ("near_miss", "near_miss"), ("benign", "benign"))
@@ -103,38 +111,32 @@ def test_the_step_gate_is_fitted_on_the_search_part_only(incident: Path) -> None
     assert fewer.interventions != found.interventions
 
 
-def test_bound_thresholds_keep_the_bounds_and_skipped_runs_equal_generated_ones(incident: Path) -> None:
-    session = SandboxReplayer().load_bundle(incident)
+def test_bound_thresholds_keep_the_bounds_and_skipped_runs_equal_generated_ones(
+    fitted: tuple[Session, PromptSplit, StepGateFix],
+) -> None:
+    session, split, found = fitted
     config = CausalCCA().config
-    split = split_prompts(session.extras, config.held_out_fraction, config.split_seed)
+    n = found.counts
+    for row in found.layers[: config.step_gate_layers]:
+        at_bound = [c for c in found.candidates if c.layer == row["layer"] and c.threshold == row["bound_threshold"]]
+        assert len(at_bound) == len(config.step_gate_alphas)
+        for c in at_bound:  # every negative whose gate opens may change, and the bound still holds
+            assert c.gate_fired["near_miss"] * n["near_miss"] <= n["near_miss"] * (1 - 0.8) + 1e-9
+            assert c.gate_fired["benign"] * n["benign"] <= n["benign"] * (1 - 0.9) + 1e-9
+            assert c.within
+    (pick,) = found.interventions
+    assert pick.gate is not None
+    d = pick.gate.direction
+    same_layer = sorted((c for c in found.candidates if c.layer == found.layer), key=lambda c: c.threshold)
+    higher = next(c for c in same_layer if c.threshold > same_layer[0].threshold)  # two thresholds on this incident
+    gate = Gate(pick.site, d, higher.threshold, "each")
+    steer = Intervention(pick.site, "steer", value=tuple(-higher.alpha * x for x in d), gate=gate)
     with searching(session, split):
-        found = fit_step_gate(session, config)
-        assert found is not None
-        n = found.counts
-        for row in found.layers[: config.step_gate_layers]:
-            at_bound = [
-                c for c in found.candidates if c.layer == row["layer"] and c.threshold == row["bound_threshold"]
-            ]
-            assert len(at_bound) == len(config.step_gate_alphas)
-            for c in at_bound:  # every negative whose gate opens may change, and the bound still holds
-                assert c.gate_fired["near_miss"] * n["near_miss"] <= n["near_miss"] * (1 - 0.8) + 1e-9
-                assert c.gate_fired["benign"] * n["benign"] <= n["benign"] * (1 - 0.9) + 1e-9
-                assert c.within
-        (pick,) = found.interventions
-        assert pick.gate is not None
-        d = pick.gate.direction
-        same_layer = sorted((c for c in found.candidates if c.layer == found.layer), key=lambda c: c.threshold)
-        higher = [c for c in same_layer if c.threshold > same_layer[0].threshold]
-        assert higher  # the pick's layer has two thresholds on this incident
-        c = higher[0]
-        steer = Intervention(
-            pick.site, "steer", value=tuple(-c.alpha * x for x in d), gate=Gate(pick.site, d, c.threshold, "each")
-        )
         variants = session.variants()
         direct = [session.sweep([[steer]], inputs=b)[0] for b in variants]
     assert len(variants) == n["failing"]  # every search variant fails with a match on this model
     # generated only where the lower threshold's gate opened, reused elsewhere: equal to generating every run
-    assert [not r.failed for r in direct] == c.flips
+    assert [not r.failed for r in direct] == higher.flips
 
 
 def test_lowest_threshold_within_counts_the_negatives_above_the_cut() -> None:
