@@ -30,12 +30,17 @@ def separation_auroc(pos: list[float], neg: list[float]) -> float:
     return float(roc_auc_score([1] * len(pos) + [0] * len(neg), pos + neg))
 
 
+def threshold_cuts(scores: list[float]) -> list[float]:
+    """The thresholds that split ``scores`` differently under "score > t", ascending: one
+    below them all and the midpoints between distinct scores (not one above them all)."""
+    cuts = sorted(set(scores))
+    return [cuts[0] - 1.0] + [(a + b) / 2 for a, b in itertools.pairwise(cuts)]
+
+
 def best_accuracy_threshold(pos: list[float], neg: list[float]) -> tuple[float, float]:
     """The threshold t of "score > t ⇔ positive" with the best accuracy (ties: the higher t;
-    candidates are the midpoints between distinct scores and one below them all), and that
-    accuracy."""
-    cuts = sorted(set(pos + neg))
-    candidates = [cuts[0] - 1.0] + [(a + b) / 2 for a, b in itertools.pairwise(cuts)]
+    candidates: :func:`threshold_cuts`), and that accuracy."""
+    candidates = threshold_cuts(pos + neg)
 
     def accuracy(t: float) -> float:
         return (sum(x > t for x in pos) + sum(x <= t for x in neg)) / (len(pos) + len(neg))

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from model_forensics.core.config import CCAConfig
-from model_forensics.core.metrics import best_accuracy_threshold, separation_auroc
+from model_forensics.core.metrics import best_accuracy_threshold, separation_auroc, threshold_cuts
 from model_forensics.core.records import fields_json
 from model_forensics.models.inputs import ModelInputs
 from model_forensics.rca.gating import gate_threshold
@@ -244,8 +244,8 @@ def fit_step_gate(session: Session, config: CCAConfig, progress: Progress = sile
         for t in sorted({row["threshold"], row["bound_threshold"]})
     ]
     sets = [[fix(row["layer"], alpha, t)] for row, alpha, t in grid]
-    # the same layer and α at the next lower threshold: where its gate stays shut, so does this one's
-    lower = [i - 1 if i and grid[i - 1][:2] == grid[i][:2] else None for i in range(len(grid))]
+    # configuration → the same layer and α at the next lower threshold: where its gate stays shut, so does this one's
+    lower = {i: i - 1 for i in range(1, len(grid)) if grid[i - 1][:2] == grid[i][:2]}
     outcomes = _generate(session, sets, lower, [p for k in KINDS for p in used[k]], progress)
     candidates = [_candidate(row, alpha, t, used, outcomes, i, config) for i, (row, alpha, t) in enumerate(grid)]
     within = [c for c in candidates if c.within]
@@ -321,8 +321,7 @@ def lowest_threshold_within(scores: list[float], negatives: dict[str, list[float
     """The lowest cut t (one below every score, a midpoint between two distinct ``scores``,
     or one above them all) at which at most ``allowed[kind]`` of ``negatives[kind]`` exceed t
     (every negative score is among ``scores``)."""
-    cuts = sorted(set(scores))
-    candidates = [cuts[0] - 1.0] + [(a + b) / 2 for a, b in itertools.pairwise(cuts)] + [cuts[-1] + 1.0]
+    candidates = [*threshold_cuts(scores), max(scores) + 1.0]
     return next(t for t in candidates if all(sum(x > t for x in negatives[k]) <= allowed[k] for k in negatives))
 
 
@@ -334,24 +333,28 @@ def _allowed(n: int, keep: float) -> int:
 def _generate(
     session: Session,
     sets: list[list[Intervention]],
-    lower: list[int | None],
+    lower: dict[int, int],
     prompts: list[_Prompt],
     progress: Progress,
 ) -> dict[int, list[RunResult]]:
     """Every configuration's result on every prompt, one sweep per prompt and threshold
     rank. Configuration i is generated only where ``lower[i]`` (the same fix at a lower
-    threshold) opened its gate: where that gate stayed shut, its run is the clean run, every
-    score on it is at most the lower threshold, and so configuration i's run is the same."""
+    threshold; ``lower[i] < i``) opened its gate: where that gate stayed shut, its run is the
+    clean run, every score on it is at most the lower threshold, and so configuration i's run
+    is the same."""
+    rank: list[int] = []
+    for i in range(len(sets)):
+        rank.append(rank[lower[i]] + 1 if i in lower else 0)
     out: dict[int, list[RunResult]] = {}
     for done, p in enumerate(prompts):
         progress("step gate: configurations", done, len(prompts))
         results: dict[int, RunResult] = {}
-        while len(results) < len(sets):
-            ready = [i for i in range(len(sets)) if i not in results and (lower[i] is None or lower[i] in results)]
-            run = [i for i in ready if lower[i] is None or any(results[lower[i]].gates.values())]  # type: ignore[index]
+        for r in range(max(rank, default=-1) + 1):
+            wave = [i for i in range(len(sets)) if rank[i] == r]
+            run = [i for i in wave if i not in lower or any(results[lower[i]].gates.values())]
             if run:
                 results.update(zip(run, session.sweep([sets[i] for i in run], inputs=p.inputs), strict=True))
-            results.update({i: results[lower[i]] for i in ready if i not in results})  # type: ignore[index]
+            results.update({i: results[lower[i]] for i in wave if i not in results})
         out[id(p)] = [results[i] for i in range(len(sets))]
     progress("step gate: configurations", len(prompts), len(prompts))
     return out
