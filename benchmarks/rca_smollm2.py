@@ -149,18 +149,30 @@ def step_gate_report(stepped: Any, grid: SideEffects | None) -> str:
     flipped, benign, near = stepped.rates("held_out") if stepped.held_out is not None else (None, None, None)
     reached = {"failing flipped": flipped, "benign kept": benign, "near-miss kept": near}
     targets = targets_table(reached)
-    rows_by_layer = {row["layer"]: row for row in stepped.layers}
+    rows_by_layer = {(row["layer"], row["gate"]): row for row in stepped.layers}
 
     def rule(c: Any) -> str:
-        row = rows_by_layer[c.layer]
+        row = rows_by_layer[c.layer, c.gate]
         names = [n for n, key in (("accuracy", "threshold"), ("bound", "bound_threshold")) if row[key] == c.threshold]
         return " = ".join(names)
 
     tried = markdown_table(
-        ["layer", "α", "threshold", "rule", "failing flipped", "benign kept", "near-miss kept", "within", "pick"],
+        [
+            "layer",
+            "gate",
+            "α",
+            "threshold",
+            "rule",
+            "failing flipped",
+            "benign kept",
+            "near-miss kept",
+            "within",
+            "pick",
+        ],
         [
             [
                 c.layer,
+                c.gate,
                 f"{c.alpha:g}",
                 f"{c.threshold:.3g}",
                 rule(c),
@@ -178,10 +190,12 @@ def step_gate_report(stepped: Any, grid: SideEffects | None) -> str:
     )
     return (
         "\n## Step gate (analyze's phase, rca/stepgate.py)\n\n"
-        "Fitted on the search part, picked on search figures only (configurations, search part; thresholds: "
+        "Fitted on the search part, picked on search figures only (configurations, search part; gate: the "
+        "direction the gate reads, `difference` of means or `lda`; thresholds: "
         "`accuracy` maximises the search prompts' accuracy, `bound` is the lowest at which the search near misses "
         f"and benign prompts whose gate would open fit the bounds even if all of them changed):\n\n{tried}\n\n"
-        f"The pick, blocks.{stepped.layer}.resid_post steer {stepped.alpha:g} above {stepped.threshold:.3g}; "
+        f"The pick, blocks.{stepped.layer}.resid_post steer {stepped.alpha:g}, {stepped.gate} gate above "
+        f"{stepped.threshold:.3g}; "
         f"threshold reached (decided by the {stepped.decided_by.replace('_', '-')} part): {stepped.reached_threshold}."
         f"{fresh}\n\n{rows}\n\n{targets}\n" + "".join(f"- {n}\n" for n in step["notes"])
     )

@@ -12,16 +12,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from model_forensics import CausalCCA, SandboxReplayer
 from model_forensics.cli import app
 from model_forensics.core.errors import ConfigError
+from model_forensics.core.metrics import separation_auroc
 from model_forensics.core.predicates import regex
 from model_forensics.rca.explain import explain
 from model_forensics.rca.heldout import PromptSplit, searching, split_prompts
 from model_forensics.rca.pipeline import analyze_bundle
-from model_forensics.rca.stepgate import StepGateFix, applies, fit_step_gate, lowest_threshold_within, target_span
+from model_forensics.rca.stepgate import (
+    StepGateFix,
+    applies,
+    fit_step_gate,
+    gate_directions,
+    lowest_threshold_within,
+    target_span,
+)
 from model_forensics.recorder.session import record_incident
 from model_forensics.replay import Gate, Intervention, Session
 from model_forensics.report.analysis import analysis_body
@@ -70,9 +79,25 @@ def test_auto_tries_the_step_gate_when_the_unit_fix_changes_near_misses(analysis
     assert step["reached_threshold"] is True
     assert step["reason"] == "unit_fix_fails"
     assert {c["alpha"] for c in step["candidates"]} == {2.0, 4.0}
-    for row in step["layers"][:2]:  # each tried layer at its accuracy and its bound threshold, per α
-        tried = {(c["alpha"], c["threshold"]) for c in step["candidates"] if c["layer"] == row["layer"]}
+    assert {row["gate"] for row in step["layers"]} == {"difference", "lda"}  # every layer with both gate directions
+    layers = {row["layer"] for row in step["layers"]}
+    assert len(step["layers"]) == 2 * len(layers)
+    tried_rows = [
+        row
+        for row in step["layers"]
+        if (row["layer"], row["gate"]) in {(c["layer"], c["gate"]) for c in step["candidates"]}
+    ]
+    assert (
+        len(tried_rows) == 2 and len({row["layer"] for row in tried_rows}) == 2
+    )  # two layers, each with its best gate
+    for row in tried_rows:  # each tried (layer, gate) at its accuracy and its bound threshold, per α
+        tried = {
+            (c["alpha"], c["threshold"])
+            for c in step["candidates"]
+            if (c["layer"], c["gate"]) == (row["layer"], row["gate"])
+        }
         assert tried == {(a, t) for a in (2.0, 4.0) for t in (row["threshold"], row["bound_threshold"])}
+    assert step["gate"] == step["search"]["gate"]
     sections = {s.key: s for s in explain(analysis)}
     assert sections["step_gate"].title == "Step-gated fix"
     assert sections["step_gate"].paragraphs[0].startswith("The unit fix does not hold, so a")
@@ -117,8 +142,11 @@ def test_bound_thresholds_keep_the_bounds_and_skipped_runs_equal_generated_ones(
     session, split, found = fitted
     config = CausalCCA().config
     n = found.counts
-    for row in found.layers[: config.step_gate_layers]:
-        at_bound = [c for c in found.candidates if c.layer == row["layer"] and c.threshold == row["bound_threshold"]]
+    pairs = {(c.layer, c.gate) for c in found.candidates}
+    assert len(pairs) == config.step_gate_layers
+    for row in (row for row in found.layers if (row["layer"], row["gate"]) in pairs):
+        tried = [c for c in found.candidates if (c.layer, c.gate) == (row["layer"], row["gate"])]
+        at_bound = [c for c in tried if c.threshold == row["bound_threshold"]]
         assert len(at_bound) == len(config.step_gate_alphas)
         for c in at_bound:  # every negative whose gate opens may change, and the bound still holds
             assert c.gate_fired["near_miss"] <= 1 - config.step_gate_min_near_miss_kept + 1e-9
@@ -126,11 +154,15 @@ def test_bound_thresholds_keep_the_bounds_and_skipped_runs_equal_generated_ones(
             assert c.within
     (pick,) = found.interventions
     assert pick.gate is not None
-    d = pick.gate.direction
-    same_layer = sorted((c for c in found.candidates if c.layer == found.layer), key=lambda c: c.threshold)
-    higher = next(c for c in same_layer if c.threshold > same_layer[0].threshold)  # two thresholds on this incident
-    gate = Gate(pick.site, d, higher.threshold, "each")
-    steer = Intervention(pick.site, "steer", value=tuple(-higher.alpha * x for x in d), gate=gate)
+    same = sorted(
+        (c for c in found.candidates if (c.layer, c.gate, c.alpha) == (found.layer, found.gate, found.alpha)),
+        key=lambda c: c.threshold,
+    )
+    higher = same[-1]
+    assert higher.threshold > same[0].threshold  # two thresholds on this incident
+    steer = Intervention(
+        pick.site, "steer", value=pick.value, gate=Gate(pick.site, pick.gate.direction, higher.threshold, "each")
+    )
     with searching(session, split):
         variants = session.variants()
         direct = [session.sweep([[steer]], inputs=b)[0] for b in variants]
@@ -194,3 +226,26 @@ def test_the_step_gate_refuses_incidents_it_cannot_read(tmp_path: Path) -> None:
     assert any(
         note.startswith("step gate not tried: the step gate needs a generation") for note in result["fix_set"]["notes"]
     )
+
+
+def test_the_lda_gate_direction_discounts_a_dimension_every_position_varies_along() -> None:
+    """Positives sit 1 above the negatives along a quiet dimension (sd 0.1) and 50 above them
+    along a loud one (sd 100, the attention sink's kind): the difference of means points
+    mostly along the loud one and separates poorly; the LDA direction separates."""
+    generator = torch.Generator().manual_seed(0)
+
+    def rows(n: int, shift: tuple[float, float]) -> torch.Tensor:
+        noise = torch.randn(n, 1, 2, generator=generator, dtype=torch.float64) * torch.tensor([0.1, 100.0])
+        return noise + torch.tensor(shift, dtype=torch.float64)
+
+    pos, neg = rows(40, (1.0, 50.0)), rows(400, (0.0, 0.0))
+    difference = pos.mean(0) - neg.mean(0)  # (1, 2)
+    assert torch.equal(gate_directions("difference", pos, neg, difference), difference)
+    lda = gate_directions("lda", pos, neg, difference)
+    assert lda.shape == (1, 2) and lda.dtype == torch.float64
+
+    def auroc(direction: torch.Tensor) -> float:
+        u = direction[0] / direction[0].norm()
+        return separation_auroc((pos[:, 0] @ u).tolist(), (neg[:, 0] @ u).tolist())
+
+    assert auroc(difference) < 0.8 < 0.99 < auroc(lda)

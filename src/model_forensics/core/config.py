@@ -99,6 +99,9 @@ class CCAConfig(_Strict):
     split_seed: int = Field(default=0, ge=0)
     step_gate: Literal["auto", "always", "never"] = "auto"
     step_gate_layers: int = Field(default=2, ge=1)
+    step_gate_directions: list[Literal["difference", "lda"]] = Field(
+        default_factory=lambda: ["difference", "lda"], min_length=1
+    )
     step_gate_alphas: list[Annotated[float, Field(gt=0.0)]] = Field(default_factory=lambda: [2.0, 4.0], min_length=1)
     step_gate_min_benign_kept: float = Field(default=0.9, ge=0.0, le=1.0)
     step_gate_min_near_miss_kept: float = Field(default=0.8, ge=0.0, le=1.0)

@@ -341,6 +341,14 @@ def step_gate_rows(step: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
+GATE_WORDS = {
+    "difference": "the direction from behaving reply positions to the one that predicts the failure's first token",
+    "lda": "the linear discriminant separating that position from behaving reply positions",
+}
+"""What a step gate reads, in words, by ``StepGateFix.gate`` (an analysis written before it
+existed read the difference of means)."""
+
+
 def _step_gate(step: dict[str, Any] | None) -> list[Section]:
     if not step:
         return []
@@ -352,9 +360,10 @@ def _step_gate(step: dict[str, Any] | None) -> list[Section]:
     kept = "benign and near-miss answers" if step["search"].get("near_miss_kept") is not None else "benign answers"
     paragraph = (
         f"{tried} step-gated steering fix was fitted on the search part: at "
-        f"blocks.{step['layer']}.resid_post, wherever the state projects above {step['threshold']:.3g} on the "
-        "direction from behaving reply positions to the one that predicts the failure's first token, it moves the "
-        f"state back by {step['alpha']:g}× that direction (every other position is left bit for bit). On the "
+        f"blocks.{step['layer']}.resid_post, wherever the state projects above {step['threshold']:.3g} on "
+        f"{GATE_WORDS[step.get('gate', 'difference')]}, it moves the state back by {step['alpha']:g}× the "
+        "direction from behaving reply positions to the one that predicts the failure's first token (every other "
+        "position is left bit for bit). On the "
         f"{part} prompts it {verdict} the flip threshold with the {kept} it must keep."
     )
     items = [f"{figure}: search {search}, held out {held}" for figure, search, held in step_gate_rows(step)]

@@ -12,21 +12,28 @@ phase fits, on the search part of the split only:
    predicting the first token of the predicate's first match in a failing reply. Negatives:
    every reply position of the benign prompts and of the near misses the model resists, and
    the failing replies' positions at least ``BEFORE`` tokens before the target.
-2. Per layer, d_L = mean(positives) − mean(negatives); a prompt's score is its largest
-   projection on d̂_L (over the target's positions for a failing prompt, over every position
-   for the others). Two thresholds per layer: ``threshold`` maximises prompt-level search
-   accuracy (ties: the higher); ``bound_threshold`` is the lowest at which the search
-   near misses and benign prompts whose gate would open (their largest score above it) are
-   few enough to keep ``step_gate_min_near_miss_kept`` / ``step_gate_min_benign_kept`` of
-   their answers even if every one of them changed. Layers are ranked by the failing prompts
-   detected at ``bound_threshold`` (the most a gate within the bounds detects), then by
-   per-position AUROC. (``safe``, a hair above every search negative's score, and the failing
-   prompts it detects are reported beside them.)
+2. Per layer, d_L = mean(positives) − mean(negatives), the steering direction; the gate
+   reads a direction of ``step_gate_directions``: ``difference`` (d̂_L itself) or ``lda``
+   (linear discriminant analysis of positives against negatives with Ledoit–Wolf shrinkage,
+   scikit-learn's: Σ⁻¹·d_L with Σ the shrunk within-class covariance, so directions along
+   which every position varies a lot, such as the attention sink's huge dimensions, weigh
+   little). A prompt's score is its largest projection on the gate's unit direction (over
+   the target's positions for a failing prompt, over every position for the others). Two
+   thresholds per layer and gate direction: ``threshold`` maximises prompt-level search
+   accuracy (ties: the higher); ``bound_threshold`` is the lowest at which the search near
+   misses and benign prompts whose gate would open (their largest score above it) are few
+   enough to keep ``step_gate_min_near_miss_kept`` / ``step_gate_min_benign_kept`` of their
+   answers even if every one of them changed. (layer, gate direction) pairs are ranked by the
+   failing prompts detected at ``bound_threshold`` (the most a gate within the bounds
+   detects), then by per-position AUROC; each layer is tried with its best gate direction.
+   (``safe``, a hair above every search negative's score, and the failing prompts it detects
+   are reported beside them.)
 3. For the ``step_gate_layers`` best layers, each α of ``step_gate_alphas`` and each of the
-   layer's thresholds t: ``Intervention(blocks.L.resid_post, "steer", −α·d_L,
-   gate=Gate(site, d_L, t, "each"))``: at every position (prompt pass and each generation
-   step) whose projection exceeds t, the residual moves by −α·d_L (α = 1 puts a typical
-   positive on the negatives' mean); every other position is left bit for bit.
+   pair's thresholds t: ``Intervention(blocks.L.resid_post, "steer", −α·d_L,
+   gate=Gate(site, g_L, t, "each"))`` with g_L the pair's gate direction: at every position
+   (prompt pass and each generation step) whose projection on ĝ_L exceeds t, the residual
+   moves by −α·d_L (α = 1 puts a typical positive on the negatives' mean along d_L); every
+   other position is left bit for bit.
 4. Each configuration is generated on every search prompt: failing flipped, benign and
    near-miss answers kept word for word. A run whose gate never opened is the clean run, so
    a configuration's result on a prompt where the same layer and α at the next lower
@@ -91,6 +98,7 @@ class StepGateCandidate:
     """One configuration tried, with its search figures."""
 
     layer: int
+    gate: str  # the gate's direction: "difference" or "lda"
     alpha: float
     threshold: float
     failing_flipped: float
@@ -117,11 +125,12 @@ class StepGateFix:
 
     interventions: list[Intervention]
     layer: int
+    gate: str  # the gate's direction: "difference" (d_L) or "lda"
     alpha: float
     threshold: float
     search: StepGateCandidate
     candidates: list[StepGateCandidate]
-    layers: list[dict[str, Any]]  # per ranked layer: search AUROC, detected at safe, accuracy at t
+    layers: list[dict[str, Any]]  # per ranked (layer, gate direction): search AUROC, detected at safe, accuracy at t
     counts: dict[str, int]  # search prompts used per kind
     forward_passes: int
     held_out: HeldOut | None = None
@@ -227,24 +236,34 @@ def fit_step_gate(session: Session, config: CCAConfig, progress: Progress = sile
         return None
     neg = torch.cat(rows).double()
     directions = pos.mean(0) - neg.mean(0)  # (L, d)
-    units = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    gates = {kind: gate_directions(kind, pos, neg, directions) for kind in config.step_gate_directions}
+    units = {kind: g / g.norm(dim=-1, keepdim=True).clamp_min(1e-30) for kind, g in gates.items()}
     allowed = {kind: _allowed(len(used[kind]), _bounds(config)[kind]) for kind in ("near_miss", "benign")}
-    layers = [_separation(layer, units[layer], used, negatives, allowed) for layer in range(len(sites))]
-    ranked = sorted(layers, key=lambda r: (-r["detected_at_bound"], -r["auroc"], r["layer"]))
-    chosen = ranked[: config.step_gate_layers]
+    layers = [
+        {**_separation(layer, units[kind][layer], used, negatives, allowed), "gate": kind}
+        for kind in gates
+        for layer in range(len(sites))
+    ]
+    order = {kind: i for i, kind in enumerate(gates)}
+    ranked = sorted(layers, key=lambda r: (-r["detected_at_bound"], -r["auroc"], r["layer"], order[r["gate"]]))
+    best: dict[int, dict[str, Any]] = {}  # each layer's best gate direction, best layers first
+    for row in ranked:
+        best.setdefault(row["layer"], row)
+    chosen = list(best.values())[: config.step_gate_layers]
 
-    def fix(layer: int, alpha: float, above: float) -> Intervention:
-        d = tuple(float(v) for v in directions[layer])
+    def fix(row: dict[str, Any], alpha: float, above: float) -> Intervention:
+        layer = row["layer"]
+        g = tuple(float(v) for v in gates[row["gate"]][layer])
         value = tuple(float(v) for v in -alpha * directions[layer])
-        return Intervention(sites[layer], "steer", value=value, gate=Gate(sites[layer], d, above, "each"))
+        return Intervention(sites[layer], "steer", value=value, gate=Gate(sites[layer], g, above, "each"))
 
     grid = [
         (row, alpha, t)
         for row, alpha in itertools.product(chosen, config.step_gate_alphas)
         for t in sorted({row["threshold"], row["bound_threshold"]})
     ]
-    sets = [[fix(row["layer"], alpha, t)] for row, alpha, t in grid]
-    # configuration → the same layer and α at the next lower threshold: where its gate stays shut, so does this one's
+    sets = [[fix(row, alpha, t)] for row, alpha, t in grid]
+    # configuration → the same gate and α at the next lower threshold: where its gate stays shut, so does this one's
     lower = {i: i - 1 for i in range(1, len(grid)) if grid[i - 1][:2] == grid[i][:2]}
     outcomes = _generate(session, sets, lower, [p for k in KINDS for p in used[k]], progress)
     candidates = [_candidate(row, alpha, t, used, outcomes, i, config) for i, (row, alpha, t) in enumerate(grid)]
@@ -258,6 +277,7 @@ def fit_step_gate(session: Session, config: CCAConfig, progress: Progress = sile
     return StepGateFix(
         interventions=sets[index],
         layer=pick.layer,
+        gate=pick.gate,
         alpha=pick.alpha,
         threshold=pick.threshold,
         search=pick,
@@ -277,6 +297,24 @@ def _capture(session: Session, kind: str, batch: ModelInputs, sites: list[str]) 
     states = torch.stack([acts[s][:-1].float() for s in sites], dim=1)  # the last token predicts nothing
     span = target_span(session, ids[prompt_len:].tolist()) if kind == "failing" and clean.failed else None
     return _Prompt(kind, batch, clean, states, prompt_len, span)
+
+
+def gate_directions(kind: str, pos: torch.Tensor, neg: torch.Tensor, difference: torch.Tensor) -> torch.Tensor:
+    """Per layer, the direction a gate reads ((L, d) float64): ``difference`` is the steering
+    direction d_L itself; ``lda`` is scikit-learn's linear discriminant (lsqr solver,
+    Ledoit–Wolf shrinkage) of the positive rows ``pos`` (N, L, d) against the negative rows
+    ``neg`` (M, L, d), oriented towards the positives."""
+    if kind == "difference":
+        return difference
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    labels = [1] * pos.shape[0] + [0] * neg.shape[0]
+    rows = []
+    for layer in range(pos.shape[1]):
+        x = torch.cat([pos[:, layer], neg[:, layer]]).numpy()
+        lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x, labels)
+        rows.append(torch.from_numpy(lda.coef_[0].copy()))
+    return torch.stack(rows).to(torch.float64)
 
 
 def _separation(
@@ -382,7 +420,8 @@ def _candidate(
     assert benign is not None
     flips = [not outcomes[id(p)][i].failed for p in used["failing"]]
     ok = benign >= config.step_gate_min_benign_kept and (near is None or near >= config.step_gate_min_near_miss_kept)
-    return StepGateCandidate(row["layer"], alpha, threshold, sum(flips) / len(flips), benign, near, fired, ok, flips)
+    flipped = sum(flips) / len(flips)
+    return StepGateCandidate(row["layer"], row["gate"], alpha, threshold, flipped, benign, near, fired, ok, flips)
 
 
 def _bounds(config: CCAConfig) -> dict[str, float]:
