@@ -74,6 +74,11 @@ class CFConfig(_Strict):
     codebook_variance: float = Field(default=0.9, gt=0.0, lt=1.0)
 
 
+GateDirection = Literal["difference", "lda"]
+GATE_DIRECTIONS: tuple[GateDirection, ...] = ("difference", "lda")
+"""What a step gate may read (``modules.cca.step_gate_directions``, rca/stepgate.py)."""
+
+
 class CCAConfig(_Strict):
     enabled: bool = True
     max_fix_set_size: int = Field(default=50, ge=1)
@@ -99,9 +104,7 @@ class CCAConfig(_Strict):
     split_seed: int = Field(default=0, ge=0)
     step_gate: Literal["auto", "always", "never"] = "auto"
     step_gate_layers: int = Field(default=2, ge=1)
-    step_gate_directions: list[Literal["difference", "lda"]] = Field(
-        default_factory=lambda: ["difference", "lda"], min_length=1
-    )
+    step_gate_directions: list[GateDirection] = Field(default_factory=lambda: list(GATE_DIRECTIONS), min_length=1)
     step_gate_alphas: list[Annotated[float, Field(gt=0.0)]] = Field(default_factory=lambda: [2.0, 4.0], min_length=1)
     step_gate_min_benign_kept: float = Field(default=0.9, ge=0.0, le=1.0)
     step_gate_min_near_miss_kept: float = Field(default=0.8, ge=0.0, le=1.0)
