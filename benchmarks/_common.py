@@ -160,6 +160,19 @@ def smollm2_split_prompts(tmp: Path, kinds: tuple[str, ...]) -> tuple[Any, Any, 
     return session, split, batches
 
 
+def smollm2_grid() -> Any:
+    """``scripts/search_smollm2_injection.py`` as a module: the SmolLM2 scenario's prompt grid
+    (``TASKS``, ``TEXTS``, ``build_prompt``, ``build_candidates``)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts/search_smollm2_injection.py"
+    spec = importlib.util.spec_from_file_location("search_smollm2_injection", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def first_step_logits(result: Any) -> torch.Tensor:
     """A run's scores at its first generation step (its logits for a forward run)."""
     steps = result.outputs.get("logits")

@@ -21,7 +21,6 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rca_smollm2.py → benchmarks
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import os
 import tempfile
@@ -29,7 +28,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import SMOLLM2_TARGETS, commit, machine, markdown_table, smollm2_cca, smollm2_cca_arguments, write_results
+from _common import (
+    SMOLLM2_TARGETS,
+    commit,
+    machine,
+    markdown_table,
+    smollm2_cca,
+    smollm2_cca_arguments,
+    smollm2_grid,
+    write_results,
+)
 from model_forensics import CompressionForensics, SandboxReplayer
 from model_forensics.rca.attribution import attribution_ranking
 from model_forensics.rca.explain import held_out_rows, step_gate_rows
@@ -39,17 +47,11 @@ from model_forensics.rca.progress import silent
 from model_forensics.rca.side_effects import SideEffects, measure
 from model_forensics.scenarios import get
 
-ROOT = Path(__file__).resolve().parents[1]
-SEARCH_SCRIPT = ROOT / "scripts/search_smollm2_injection.py"
-
 
 def grid_prompts(seen: list[str]) -> list[str]:
     """Clean prompts of the scenario's own grid (task × text) that are in neither the benign
     set nor the baselines: nothing in the analysis saw them."""
-    spec = importlib.util.spec_from_file_location("search_smollm2_injection", SEARCH_SCRIPT)
-    assert spec is not None and spec.loader is not None
-    grid = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(grid)
+    grid = smollm2_grid()
     prompts = [grid.build_prompt(task, text) for task, text in itertools.product(grid.TASKS, grid.TEXTS)]
     return [p for p in prompts if p not in set(seen)]
 

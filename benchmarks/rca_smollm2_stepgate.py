@@ -5,13 +5,15 @@ Records ``smollm2-injection`` and splits its prompts as ``benchmarks/rca_smollm2
 "the 16-token greedy reply contains the target word", and the target usually appears mid-reply
 ("The secret word is PWNED."), so the detector reads every reply position, not the prompt's last.
 
-1. Captures (teacher-forced, one pass per prompt): the prompt followed by its own clean greedy
-   reply (the session's clean generation), ``blocks.L.resid_post`` of all 30 layers at every
-   position that predicts a token. Labels: positive = the position predicting the first token of
-   the target's first occurrence in a failing reply ("first"; "inside" adds the positions
-   predicting the target's other tokens); negative = every reply position of the near misses the
-   model resists and of the benign prompts, and the reply positions of failing prompts at least
-   3 tokens before the target.
+1. Captures (``capture_prompt`` of rca/stepgate.py, as analyze's step-gate phase captures;
+   teacher-forced, one pass per prompt): the prompt followed by its own clean greedy reply (the
+   session's clean generation), ``blocks.L.resid_post`` of all 30 layers at every position that
+   predicts a token. Labels: positive = the position predicting the first token of the
+   predicate's first match in a failing reply (``target_span``; "first"; "inside" adds the
+   positions predicting the match's other tokens); negative = every reply position of the near
+   misses the model resists and of the benign prompts, and the reply positions of failing
+   prompts at least ``BEFORE`` (3) tokens before the match. (The gates here read d_L itself;
+   analyze's phase may also read the LDA direction, see rca/stepgate.py.)
 2. Per layer, on the SEARCH part only: d_L = mean(positive "first") − mean(negative); the
    projection x·d̂ is scored on both parts: AUROC per position, and per PROMPT the share of
    prompts the gate fires on anywhere (prompt and reply positions: the gate reads every forward
@@ -66,49 +68,11 @@ from _common import (
 )
 from model_forensics.core.metrics import best_accuracy_threshold, kl_divergence, separation_auroc
 from model_forensics.rca.gating import gate_threshold
-from model_forensics.rca.runs import capture
+from model_forensics.rca.stepgate import BEFORE, PromptStates, capture_prompt
 from model_forensics.replay import Gate, Intervention
 
 PARTS = ("search", "held_out")
-BEFORE = 3  # failing reply positions at least this many tokens before the target are negatives
 BAN = -1e4  # the control's logit bias
-
-
-class Prompt:
-    """One prompt's clean run and its teacher-forced states."""
-
-    def __init__(self, part: str, kind: str, index: int, batch: Any, result: Any, states: torch.Tensor, span: Any):
-        self.part, self.kind, self.index, self.batch, self.clean = part, kind, index, batch, result
-        self.states = states  # (T_total − 1, L, d) float32: every position that predicts a token
-        self.prompt_len = int(batch["input_ids"].shape[1])
-        self.span = span  # (first, last) reply-token indices of the target's first occurrence, or None
-
-    @property
-    def reply(self) -> range:
-        """Positions (into states) that predict the reply's tokens."""
-        return range(self.prompt_len - 1, self.states.shape[0])
-
-    def positives(self, inside: bool) -> list[int]:
-        assert self.span is not None
-        first, last = self.span
-        return [self.prompt_len - 1 + i for i in range(first, (last if inside else first) + 1)]
-
-    def negatives(self) -> list[int]:
-        """Reply positions that are negatives (all of them unless the prompt fails)."""
-        if self.span is None:
-            return list(self.reply)
-        return [p for p in self.reply if p <= self.prompt_len - 1 + self.span[0] - BEFORE]
-
-
-def target_span(tokenizer: Any, reply: list[int], text: str, pattern: str) -> tuple[int, int] | None:
-    """(first, last) reply-token indices covering the predicate's first match in the reply."""
-    match = re.search(pattern, text)
-    if match is None:
-        return None
-    lengths = [len(tokenizer.decode(reply[:i], skip_special_tokens=True)) for i in range(len(reply) + 1)]
-    first = max(i for i in range(len(reply)) if lengths[i] <= match.start())
-    last = min(i for i in range(len(reply)) if lengths[i + 1] >= match.end())
-    return first, last
 
 
 def main() -> None:
@@ -135,33 +99,30 @@ def main() -> None:
 
         # 1. clean runs and teacher-forced captures of prompt + reply (one generation, one pass per prompt)
         wall, cpu, passes = time.perf_counter(), time.process_time(), session.forward_passes
-        prompts: list[Prompt] = []
-        for (part, kind), group in batches.items():
-            for i, b in enumerate(group):
-                clean = session.sweep([[]], inputs=b)[0]
-                ids = clean.outputs["generated_ids"]
-                forced = {"input_ids": ids[None], "attention_mask": torch.ones_like(ids)[None]}
-                acts = capture(session, forced, "layer", sites)
-                states = torch.stack([acts[s][:-1].float() for s in sites], dim=1)
-                reply = ids[b["input_ids"].shape[1] :].tolist()
-                span = target_span(session.tokenizer, reply, clean.text, pattern) if clean.failed else None
-                prompts.append(Prompt(part, kind, i, b, clean, states, span))
+        prompts: list[PromptStates] = []
+        part_of: dict[int, str] = {}  # id(prompt) → its part
+        for (part, kind), group_ in batches.items():
+            for b in group_:
+                p = capture_prompt(session, "failing" if kind == "variants" else kind, b, sites)
+                part_of[id(p)] = part
+                prompts.append(p)
         stages["clean runs + captures"] = stage_figures(wall, cpu, session.forward_passes - passes)
         print("captured", len(prompts), flush=True)
 
-        def group(part: str, kind: str) -> list[Prompt]:
+        def group(part: str, kind: str) -> list[PromptStates]:
             """Failing variants, resisted near misses, benign prompts of one part."""
-            chosen = [p for p in prompts if p.part == part and p.kind == kind]
+            own = "failing" if kind == "variants" else kind
+            chosen = [p for p in prompts if part_of[id(p)] == part and p.kind == own]
             if kind == "variants":
                 return [p for p in chosen if p.span is not None]
             return [p for p in chosen if not p.clean.failed]
 
         # 2. directions, scores and thresholds per layer (search fit)
-        def stack(rows: list[tuple[Prompt, list[int]]], layer: int | None = None) -> torch.Tensor:
+        def stack(rows: list[tuple[PromptStates, list[int]]], layer: int | None = None) -> torch.Tensor:
             parts = [p.states[idx] if layer is None else p.states[idx, layer] for p, idx in rows if idx]
             return torch.cat(parts).double()
 
-        def negative_rows(part: str) -> list[tuple[Prompt, list[int]]]:
+        def negative_rows(part: str) -> list[tuple[PromptStates, list[int]]]:
             return [(p, p.negatives()) for k in SMOLLM2_KINDS for p in group(part, k)]
 
         pos_s = stack([(p, p.positives(False)) for p in group("search", "variants")])  # (N, L, d)
@@ -169,7 +130,7 @@ def main() -> None:
         directions = pos_s.mean(0) - neg_s.mean(0)  # (L, d)
         unit = directions / directions.norm(dim=-1, keepdim=True)
 
-        def scores(p: Prompt, layer: int) -> torch.Tensor:
+        def scores(p: PromptStates, layer: int) -> torch.Tensor:
             return p.states[:, layer].double() @ unit[layer]  # every position of the prompt
 
         separation = []
@@ -261,7 +222,7 @@ def main() -> None:
                 for p in group("search", "near_miss")[:8]:
                     sc = scores(p, layer)
                     top = int(sc[: p.prompt_len - 1].argmax())
-                    ids = p.batch["input_ids"][0]
+                    ids = p.inputs["input_ids"][0]
                     print(
                         layer,
                         f"{float(sc[top]):.2f} > {t:.2f}",
@@ -309,7 +270,7 @@ def main() -> None:
         outcome: dict[int, list[Any]] = {}
         rows = 0
         for n, p in enumerate(prompts):
-            outcome[n] = list(session.sweep(sets, inputs=p.batch))
+            outcome[n] = list(session.sweep(sets, inputs=p.inputs))
             rows += len(sets)
             if n % 20 == 0:
                 print("evaluated", n, "of", len(prompts), flush=True)
@@ -322,7 +283,7 @@ def main() -> None:
         bad_text: dict[int, str] = {}
         with session.environment(), torch.no_grad():
             for n, p in enumerate(prompts):
-                out = session.model.generate(**p.batch, **session.generation, bad_words_ids=bad)
+                out = session.model.generate(**p.inputs, **session.generation, bad_words_ids=bad)
                 bad_text[n] = tokenizer.decode(out[0, p.prompt_len :], skip_special_tokens=True)
         stages["control: bad words (generate)"] = stage_figures(wall, cpu, 0)
         stages["control: bad words (generate)"]["model_rows"] = len(prompts)
@@ -338,7 +299,7 @@ def main() -> None:
         for part in PARTS:
             fail, near, ben = (group(part, k) for k in SMOLLM2_KINDS)
 
-            def text(p: Prompt, c: int = c) -> str:
+            def text(p: PromptStates, c: int = c) -> str:
                 return bad_text[index[id(p)]] if c == len(configs) else outcome[index[id(p)]][c].text
 
             flips = [re.search(pattern, text(p)) is None for p in fail]

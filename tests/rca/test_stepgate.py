@@ -249,3 +249,18 @@ def test_the_lda_gate_direction_discounts_a_dimension_every_position_varies_alon
         return separation_auroc((pos[:, 0] @ u).tolist(), (neg[:, 0] @ u).tolist())
 
     assert auroc(difference) < 0.8 < 0.99 < auroc(lda)
+
+
+def test_step_gate_directions_choose_what_the_gate_reads(fitted: tuple[Session, PromptSplit, StepGateFix]) -> None:
+    session, split, found = fitted
+    config = CausalCCA().config.model_copy(update={"step_gate_directions": ["lda"]})
+    with searching(session, split):
+        lda = fit_step_gate(session, config)
+    assert lda is not None and lda.gate == "lda"
+    assert {c.gate for c in lda.candidates} == {row["gate"] for row in lda.layers} == {"lda"}
+    (steer,) = lda.interventions
+    assert steer.gate is not None and steer.value is not None
+    gate, value = torch.tensor(steer.gate.direction), torch.tensor(steer.value)
+    cosine = float(gate @ value / (gate.norm() * value.norm()))
+    assert abs(cosine) < 0.99  # the gate reads the discriminant, the steer moves along −α·d
+    assert lda.threshold == steer.gate.above

@@ -71,8 +71,9 @@ KINDS = ("failing", "near_miss", "benign")
 
 
 @dataclass
-class _Prompt:
-    """One search prompt: its clean run and the teacher-forced states of prompt + reply."""
+class PromptStates:
+    """One prompt (``kind``: failing, near_miss or benign): its clean run and the
+    teacher-forced states of prompt + clean reply (:func:`capture_prompt`)."""
 
     kind: str
     inputs: ModelInputs
@@ -218,11 +219,11 @@ def fit_step_gate(session: Session, config: CCAConfig, progress: Progress = sile
         "benign": session.benign(),
     }
     total = sum(len(v) for v in entries.values())
-    prompts: list[_Prompt] = []
+    prompts: list[PromptStates] = []
     for kind, batches in entries.items():
         for batch in batches:
             progress("step gate: captures", len(prompts), total)
-            prompts.append(_capture(session, kind, batch, sites))
+            prompts.append(capture_prompt(session, kind, batch, sites))
     progress("step gate: captures", total, total)
     # failing prompts that fail with a match; near misses and benign prompts that behave
     used = {k: [p for p in prompts if p.kind == k and (p.span is not None if k == "failing" else not p.clean.failed)]
@@ -289,14 +290,14 @@ def fit_step_gate(session: Session, config: CCAConfig, progress: Progress = sile
     )
 
 
-def _capture(session: Session, kind: str, batch: ModelInputs, sites: list[str]) -> _Prompt:
+def capture_prompt(session: Session, kind: str, batch: ModelInputs, sites: list[str]) -> PromptStates:
     clean = session.sweep([[]], inputs=batch)[0]
     ids = clean.outputs["generated_ids"].reshape(-1)
     prompt_len = ModelInputs.of(batch).length
     acts = capture(session, ModelInputs.of_ids(ids[None]), "layer", sites)
     states = torch.stack([acts[s][:-1].float() for s in sites], dim=1)  # the last token predicts nothing
     span = target_span(session, ids[prompt_len:].tolist()) if kind == "failing" and clean.failed else None
-    return _Prompt(kind, batch, clean, states, prompt_len, span)
+    return PromptStates(kind, batch, clean, states, prompt_len, span)
 
 
 def gate_directions(kind: str, pos: torch.Tensor, neg: torch.Tensor, difference: torch.Tensor) -> torch.Tensor:
@@ -320,8 +321,8 @@ def gate_directions(kind: str, pos: torch.Tensor, neg: torch.Tensor, difference:
 def _separation(
     layer: int,
     unit: torch.Tensor,
-    used: dict[str, list[_Prompt]],
-    negatives: list[tuple[_Prompt, list[int]]],
+    used: dict[str, list[PromptStates]],
+    negatives: list[tuple[PromptStates, list[int]]],
     allowed: dict[str, int],
 ) -> dict[str, Any]:
     """One layer's search separation: per-position AUROC, the safe threshold and the failing
@@ -329,7 +330,7 @@ def _separation(
     lowest threshold at which at most ``allowed[kind]`` search prompts of each kind of
     negative would open the gate (``bound_threshold``, with the failing prompts it detects)."""
 
-    def scores(p: _Prompt) -> torch.Tensor:
+    def scores(p: PromptStates) -> torch.Tensor:
         return p.states[:, layer].double() @ unit
 
     firsts = [float(scores(p)[i]) for p in used["failing"] for i in p.positives()]
@@ -372,7 +373,7 @@ def _generate(
     session: Session,
     sets: list[list[Intervention]],
     lower: dict[int, int],
-    prompts: list[_Prompt],
+    prompts: list[PromptStates],
     progress: Progress,
 ) -> dict[int, list[RunResult]]:
     """Every configuration's result on every prompt, one sweep per prompt and threshold
@@ -402,7 +403,7 @@ def _candidate(
     row: dict[str, Any],
     alpha: float,
     threshold: float,
-    used: dict[str, list[_Prompt]],
+    used: dict[str, list[PromptStates]],
     outcomes: dict[int, list[RunResult]],
     i: int,
     config: CCAConfig,
