@@ -27,7 +27,7 @@ from model_forensics.rca.stepgate import (
     StepGateFix,
     applies,
     fit_step_gate,
-    gate_directions,
+    lda_direction,
     lowest_threshold_within,
     target_span,
 )
@@ -235,24 +235,23 @@ def test_the_lda_gate_direction_discounts_a_dimension_every_position_varies_alon
     generator = torch.Generator().manual_seed(0)
 
     def rows(n: int, shift: tuple[float, float]) -> torch.Tensor:
-        noise = torch.randn(n, 1, 2, generator=generator, dtype=torch.float64) * torch.tensor([0.1, 100.0])
+        noise = torch.randn(n, 2, generator=generator, dtype=torch.float64) * torch.tensor([0.1, 100.0])
         return noise + torch.tensor(shift, dtype=torch.float64)
 
     pos, neg = rows(40, (1.0, 50.0)), rows(400, (0.0, 0.0))
-    difference = pos.mean(0) - neg.mean(0)  # (1, 2)
-    assert torch.equal(gate_directions("difference", pos, neg, difference), difference)
-    lda = gate_directions("lda", pos, neg, difference)
-    assert lda.shape == (1, 2) and lda.dtype == torch.float64
+    difference = pos.mean(0) - neg.mean(0)
+    lda = lda_direction(pos, neg)
+    assert lda.shape == (2,) and lda.dtype == torch.float64
 
     def auroc(direction: torch.Tensor) -> float:
-        u = direction[0] / direction[0].norm()
-        return separation_auroc((pos[:, 0] @ u).tolist(), (neg[:, 0] @ u).tolist())
+        u = direction / direction.norm()
+        return separation_auroc((pos @ u).tolist(), (neg @ u).tolist())
 
     assert auroc(difference) < 0.8 < 0.99 < auroc(lda)
 
 
 def test_step_gate_directions_choose_what_the_gate_reads(fitted: tuple[Session, PromptSplit, StepGateFix]) -> None:
-    session, split, found = fitted
+    session, split, _ = fitted
     config = CausalCCA().config.model_copy(update={"step_gate_directions": ["lda"]})
     with searching(session, split):
         lda = fit_step_gate(session, config)

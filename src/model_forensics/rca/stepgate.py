@@ -14,9 +14,11 @@ phase fits, on the search part of the split only:
    the failing replies' positions at least ``BEFORE`` tokens before the target.
 2. Per layer, d_L = mean(positives) − mean(negatives), the steering direction; the gate
    reads a direction of ``step_gate_directions``: ``difference`` (d̂_L itself) or ``lda``
-   (linear discriminant analysis of positives against negatives with Ledoit–Wolf shrinkage,
-   scikit-learn's: Σ⁻¹·d_L with Σ the shrunk within-class covariance, so directions along
-   which every position varies a lot, such as the attention sink's huge dimensions, weigh
+   (linear discriminant analysis of the positives against every position that must not open
+   the gate: the negatives and every prompt position of every search prompt, since the gate
+   reads the prompt pass too; Ledoit–Wolf shrinkage, scikit-learn's: Σ⁻¹·Δμ with Σ the
+   shrunk within-class covariance, so directions along which every position varies a lot,
+   such as the attention sink's huge dimensions or the trigger text itself, weigh
    little). A prompt's score is its largest projection on the gate's unit direction (over
    the target's positions for a failing prompt, over every position for the others). Two
    thresholds per layer and gate direction: ``threshold`` maximises prompt-level search
@@ -87,8 +89,10 @@ class PromptStates:
         first, last = self.span
         return [self.prompt_len - 1 + i for i in range(first, (last if inside else first) + 1)]
 
-    def negatives(self) -> list[int]:
-        reply = range(self.prompt_len - 1, self.states.shape[0])
+    def negatives(self, prompt: bool = False) -> list[int]:
+        """Reply positions that behave (a failing reply's up to ``BEFORE`` tokens before its
+        target); with ``prompt``, every prompt position too."""
+        reply = range(0 if prompt else self.prompt_len - 1, self.states.shape[0])
         if self.span is None:
             return list(reply)
         return [p for p in reply if p <= self.prompt_len - 1 + self.span[0] - BEFORE]
@@ -237,7 +241,17 @@ def fit_step_gate(session: Session, config: CCAConfig, progress: Progress = sile
         return None
     neg = torch.cat(rows).double()
     directions = pos.mean(0) - neg.mean(0)  # (L, d)
-    gates = {kind: gate_directions(kind, pos, neg, directions) for kind in config.step_gate_directions}
+    # the LDA gate's negatives: every position that must not open it, the prompt's included
+    everywhere = [(p, p.negatives(prompt=True)) for k in KINDS for p in used[k]]
+
+    def lda(layer: int) -> torch.Tensor:
+        rows = torch.cat([p.states[idx, layer] for p, idx in everywhere if idx]).double()
+        return lda_direction(pos[:, layer], rows)
+
+    gates = {
+        kind: directions if kind == "difference" else torch.stack([lda(layer) for layer in range(len(sites))])
+        for kind in config.step_gate_directions
+    }
     units = {kind: g / g.norm(dim=-1, keepdim=True).clamp_min(1e-30) for kind, g in gates.items()}
     allowed = {kind: _allowed(len(used[kind]), _bounds(config)[kind]) for kind in ("near_miss", "benign")}
     layers = [
@@ -300,22 +314,16 @@ def capture_prompt(session: Session, kind: str, batch: ModelInputs, sites: list[
     return PromptStates(kind, batch, clean, states, prompt_len, span)
 
 
-def gate_directions(kind: str, pos: torch.Tensor, neg: torch.Tensor, difference: torch.Tensor) -> torch.Tensor:
-    """Per layer, the direction a gate reads ((L, d) float64): ``difference`` is the steering
-    direction d_L itself; ``lda`` is scikit-learn's linear discriminant (lsqr solver,
-    Ledoit–Wolf shrinkage) of the positive rows ``pos`` (N, L, d) against the negative rows
-    ``neg`` (M, L, d), oriented towards the positives."""
-    if kind == "difference":
-        return difference
+def lda_direction(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """The linear discriminant ((d,) float64) of the rows ``pos`` (N, d) against the rows
+    ``neg`` (M, d), oriented towards the positives: scikit-learn's
+    ``LinearDiscriminantAnalysis`` (lsqr solver, Ledoit–Wolf shrinkage)."""
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
+    x = torch.cat([pos, neg]).double().numpy()
     labels = [1] * pos.shape[0] + [0] * neg.shape[0]
-    rows = []
-    for layer in range(pos.shape[1]):
-        x = torch.cat([pos[:, layer], neg[:, layer]]).numpy()
-        lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x, labels)
-        rows.append(torch.from_numpy(lda.coef_[0].copy()))
-    return torch.stack(rows).to(torch.float64)
+    lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x, labels)
+    return torch.from_numpy(lda.coef_[0].copy()).to(torch.float64)
 
 
 def _separation(
