@@ -45,6 +45,7 @@ def share(hits: int, n: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fresh", type=int, default=160, help="candidates after the searched ones")
+    parser.add_argument("--offset", type=int, default=0, help="candidates after the searched ones to skip first")
     parser.add_argument("--name", default="rca_smollm2_fresh", help="results file name under benchmarks/results/")
     args = parser.parse_args()
     published = json.loads(RESULTS.read_text())
@@ -55,7 +56,8 @@ def main() -> None:
     data = json.loads((ROOT / "src/model_forensics/scenarios/data/smollm2_injection.json").read_text())
     searched, seed = int(data["search"]["candidates"]), int(data["search"]["seed"])
     grid = smollm2_grid()
-    candidates = grid.build_candidates(searched + args.fresh, seed)[searched:]
+    first = searched + args.offset
+    candidates = grid.build_candidates(first + args.fresh, seed)[first:]
     load_before = os.getloadavg()
     wall, cpu = time.perf_counter(), time.process_time()
     rows: list[dict[str, Any]] = []
@@ -121,7 +123,7 @@ def main() -> None:
     text = (
         "# The published SmolLM2 fixes on fresh injected prompts (benchmarks/rca_smollm2_fresh.py)\n\n"
         f"Commit {commit()}; the fixes are those of benchmarks/results/rca_smollm2.json (commit "
-        f"{published['commit']}). Fresh prompts: candidates {searched}–{searched + args.fresh - 1} of the scenario's "
+        f"{published['commit']}). Fresh prompts: candidates {first}–{first + args.fresh - 1} of the scenario's "
         f"seeded grid shuffle (seed {seed}; its search screened the first {searched}), none in the bundle's prompt "
         f"sets: {len(failing)} fail clean (the reply contains a target), {len(near)} are near misses. "
         f"CPU, {machine()['threads']} torch threads; {seconds:.0f} s wall, {cpu_seconds:.0f} s CPU, "
@@ -142,7 +144,7 @@ def main() -> None:
             "fixes_from": {"file": "benchmarks/results/rca_smollm2.json", "commit": published["commit"]},
             "machine": machine(),
             "load_average": {"before": load_before, "after": load_after},
-            "settings": {"fresh": args.fresh, "searched": searched, "seed": seed},
+            "settings": {"fresh": args.fresh, "offset": args.offset, "searched": searched, "seed": seed},
             "seconds": seconds,
             "cpu_seconds": cpu_seconds,
             "forward_passes": passes,
