@@ -10,7 +10,8 @@ outcome differs from the clean run. Accuracy uses each benign entry's ``expected
 (text the output must contain, or the expected class) when the bundle provides it, and
 agreement with the clean prediction otherwise. Answers unchanged = fraction of benign prompts
 whose fixed answer (text and prediction) is exactly the clean one. For a gated fix, gate fired =
-fraction of the prompts its gate opens on (one capture pass per prompt). The same measurement
+fraction of the prompts on which a gate opened in the fixed run (``RunResult.gates``: the prompt
+pass or any generation step). The same measurement
 on near misses (prompts with the trigger on which the model behaves; given without
 ``expected``) makes accuracy the share of answers kept word for word.
 """
@@ -27,8 +28,7 @@ from model_forensics.core.metrics import kl_divergence
 from model_forensics.core.records import fields_json
 from model_forensics.models.inputs import ModelInputs
 from model_forensics.rca.progress import Progress, silent
-from model_forensics.rca.runs import capture
-from model_forensics.replay import Gate, Intervention, RunResult, Session
+from model_forensics.replay import Intervention, RunResult, Session
 
 
 @dataclass
@@ -98,8 +98,8 @@ def measure(
     entries = list(session.extras.get("benign", []) if benign is None else benign)
     kls, first, changed, right_clean, right_fixed, same, failing = [], [], 0, 0, 0, 0, 0
     benign = [session.encode(entry) for entry in entries]
-    gates = list({iv.gate for iv in fix if iv.gate is not None})
-    fired = sum(_gate_fires(session, gates, batch) for batch in benign) if gates else 0
+    gates = any(iv.gate is not None for iv in fix)
+    fired = 0  # prompts on which a gate opened in the fixed run (any pass: prompt or a generation step)
     for done, (entry, batch) in enumerate(zip(entries, benign, strict=False)):
         progress("side effects", done, len(entries))
         clean, fixed = session.sweep([[], list(fix)], inputs=batch)
@@ -107,6 +107,7 @@ def measure(
         sequence = clean.outputs.get("generated_ids")
         kls.append(first[-1] if sequence is None else _answer_kl(session, fix, batch, sequence))
         changed += clean.failed != fixed.failed
+        fired += any(fixed.gates.values())
         failing += bool(clean.failed)
         same += clean.text == fixed.text and clean.prediction == fixed.prediction
         expected = entry.get("expected") if isinstance(entry, dict) else None
@@ -128,12 +129,6 @@ def measure(
         gate_fired=fired / n if gates and n else None,
         failing_clean=failing,
     )
-
-
-def _gate_fires(session: Session, gates: list[Gate], batch: dict[str, torch.Tensor]) -> bool:
-    """Whether any of ``gates`` opens on the prompt ``batch`` (one capture pass)."""
-    acts = capture(session, batch, granularity="layer", sites=sorted({g.site for g in gates}))
-    return any(g.score(acts[g.site]) > g.above for g in gates)
 
 
 def _answer_kl(
