@@ -103,10 +103,9 @@ def main() -> None:
             "near_miss_kept": kept / len(near) if near else None,
             "counts": {"failing": len(failing), "near_miss": len(near), "flipped": flipped, "kept": kept},
         }
-    fired = {k: sum(r["step gate"]["fired"] for r in group) for k, group in (("failing", failing), ("near_miss", near))}
-    figures["step gate"]["gate_fired"] = {
-        k: fired[k] / len(g) for k, g in (("failing", failing), ("near_miss", near)) if g
-    }
+    groups = {"failing": failing, "near_miss": near}
+    fired = {k: sum(r["step gate"]["fired"] for r in group) for k, group in groups.items()}
+    figures["step gate"]["gate_fired"] = {k: fired[k] / len(g) for k, g in groups.items() if g}
     table = markdown_table(
         ["fix", "fitted at", "fresh failing flipped", "fresh near-miss answers kept word for word"],
         [

@@ -343,7 +343,8 @@ def step_gate_rows(step: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 GATE_WORDS = {
     "difference": "the direction from behaving reply positions to the one that predicts the failure's first token",
-    "lda": "the linear discriminant separating that position from behaving reply positions",
+    "lda": "the linear discriminant separating the position that predicts the failure's first token from "
+    "positions that behave",
 }
 """What a step gate reads, in words, by ``StepGateFix.gate`` (an analysis written before it
 existed read the difference of means)."""

@@ -17,9 +17,9 @@ phase fits, on the search part of the split only:
    (linear discriminant analysis of the positives against every position that must not open
    the gate: the negatives and every prompt position of every search prompt, since the gate
    reads the prompt pass too; Ledoit–Wolf shrinkage, scikit-learn's: Σ⁻¹·Δμ with Σ the
-   shrunk within-class covariance, so directions along which every position varies a lot,
-   such as the attention sink's huge dimensions or the trigger text itself, weigh
-   little). A prompt's score is its largest projection on the gate's unit direction (over
+   shrunk within-class covariance, so that directions along which every position varies a
+   lot, such as the attention sink's huge dimensions, weigh little, and so do directions
+   that the trigger text moves in near misses too). A prompt's score is its largest projection on the gate's unit direction (over
    the target's positions for a failing prompt, over every position for the others). Two
    thresholds per layer and gate direction: ``threshold`` maximises prompt-level search
    accuracy (ties: the higher); ``bound_threshold`` is the lowest at which the search near
@@ -305,6 +305,8 @@ def fit_step_gate(session: Session, config: CCAConfig, progress: Progress = sile
 
 
 def capture_prompt(session: Session, kind: str, batch: ModelInputs, sites: list[str]) -> PromptStates:
+    """``batch``'s clean run, then its prompt + clean reply teacher-forced in one pass with
+    ``sites`` captured; for a failing ``kind`` whose reply fails, the predicate's first match."""
     clean = session.sweep([[]], inputs=batch)[0]
     ids = clean.outputs["generated_ids"].reshape(-1)
     prompt_len = ModelInputs.of(batch).length
