@@ -70,3 +70,22 @@ def test_largest_indices_on_a_site_sized_tensor_matches_topk() -> None:
     x = torch.randn(128 * 1536, generator=torch.Generator().manual_seed(1)).abs()
     k = math.ceil(x.numel() * 0.1)
     assert torch.equal(sketches.largest_indices(x, k), x.topk(k).indices.sort().values)
+
+
+def test_largest_indices_selects_among_the_entries_above_the_sampled_guess() -> None:
+    x = torch.randn(128 * 1536, generator=torch.Generator().manual_seed(2)).abs()
+    k = math.ceil(x.numel() * 0.1)
+    guess = sketches._below_kth(x.numpy(), k)
+    assert guess is not None and k <= int((x >= guess).sum()) < 2 * k  # the guess path, with few candidates
+    assert torch.equal(sketches.largest_indices(x, k), x.topk(k).indices.sort().values)
+
+
+def test_largest_indices_when_the_sample_guesses_above_the_kth_largest() -> None:
+    # every sampled position holds a large value: the guess lands above the k-th largest, so
+    # too few entries pass it and the selection runs over all of them
+    x = torch.rand(16 * 4096, generator=torch.Generator().manual_seed(3))
+    x[torch.from_numpy(sketches._sample_index(x.numel()))] = 10.0 + torch.rand(4096)
+    k = math.ceil(x.numel() * 0.2)
+    guess = sketches._below_kth(x.numpy(), k)
+    assert guess is not None and int((x >= guess).sum()) < k
+    assert torch.equal(sketches.largest_indices(x, k), x.topk(k).indices.sort().values)

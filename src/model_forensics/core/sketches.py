@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -89,20 +90,60 @@ def largest_indices(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     """The flat indices (int64, ascending) of the ``k`` largest entries of a 1-D float
     tensor: exactly ``magnitude.topk(k).indices.sort().values``.
 
-    One O(n) selection (numpy's introselect) finds the k-th largest value v; when exactly
-    k entries are ≥ v and none is NaN, they are the set topk picks, and their indices come
-    out ascending. Otherwise (ties straddle v, a NaN, a tensor off the CPU) topk itself
-    decides which of the equal entries it keeps, as before."""
+    The k-th largest value v comes from one O(n) selection (numpy's introselect), over only
+    the entries above a guess below v when a sample gives one (:func:`_below_kth`); when
+    exactly k entries are ≥ v and none is NaN, they are the set topk picks, and their
+    indices come out ascending. Otherwise (ties straddle v, a NaN, a tensor off the CPU)
+    topk itself decides which of the equal entries it keeps, as before."""
     n = magnitude.numel()
     if 0 < k <= n and magnitude.device.type == "cpu":
         values = magnitude.numpy()
-        top = np.partition(values, n - k)[n - k :]  # the k largest, NaN last, v first
-        threshold = top[0]
-        if not np.isnan(top).any():
-            chosen = np.flatnonzero(values >= threshold)
+        if not np.isnan(values.max()):
+            chosen = _at_least_kth(values, k)
             if chosen.size == k:
                 return torch.from_numpy(chosen.astype(np.int64, copy=False))
     return magnitude.topk(k).indices.sort().values
+
+
+_SAMPLE = 4096  # entries a guess of the k-th largest value is read from
+
+
+def _at_least_kth(values: Any, k: int) -> Any:
+    """The ascending indices of the entries of ``values`` (1-D, no NaN) that are ≥ its k-th
+    largest value. The selection runs over the candidates ≥ a guess when at least k are (then
+    the k-th largest of the candidates is the k-th largest of all), else over every entry."""
+    candidates = None
+    guess = _below_kth(values, k)
+    if guess is not None:
+        candidates = np.flatnonzero(values >= guess)
+        if candidates.size < k:  # the guess was above v: select over everything
+            candidates = None
+    pool = values if candidates is None else values[candidates]
+    threshold = np.partition(pool, pool.size - k)[pool.size - k]
+    if candidates is None:
+        return np.flatnonzero(values >= threshold)
+    return candidates[pool >= threshold]
+
+
+def _below_kth(values: Any, k: int) -> Any:
+    """A value likely below the k-th largest of ``values``, read from a fixed sample of
+    :data:`_SAMPLE` entries with a margin of four standard deviations (None: the tensor is
+    small, or k too large a share of it, for a guess to save work). Only the speed depends
+    on it: a guess above the k-th largest sends :func:`_at_least_kth` to the full selection."""
+    n = values.size
+    if n < 8 * _SAMPLE or k > n // 4:
+        return None
+    sample = values[_sample_index(n)]
+    expected = _SAMPLE * k / n
+    want = min(_SAMPLE, math.ceil(expected + 4 * math.sqrt(expected) + 8))
+    return np.partition(sample, _SAMPLE - want)[_SAMPLE - want]
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_index(n: int) -> Any:
+    """A fixed pseudo-random sample of positions in ``range(n)`` (the same for every tensor
+    of ``n`` entries, so a guess does not depend on the run)."""
+    return np.random.default_rng(n).integers(0, n, _SAMPLE)
 
 
 def decode(
