@@ -246,6 +246,37 @@ def test_gated_fix_is_verified_by_replay(tmp_path_factory: pytest.TempPathFactor
     assert kl_gated <= kl_plain
 
 
+def test_a_gate_that_opens_on_too_few_failing_variants_is_not_run(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # gpt2-toxic, the fix blocks.1.mlp: the best gate below it opens on 3 of the 12 failing
+    # variants. Measured, the gated set flips no more than that (a prompt-read gate that stays
+    # shut leaves the failing run as it was), so a fix that needs more is kept ungated
+    # without running the gated set; one that needs less runs it.
+    from model_forensics.rca import gating
+    from model_forensics.rca.attribution import UnitScore
+    from model_forensics.rca.candidates import Ablation
+    from model_forensics.rca.search import FixChoice, FixSearch
+
+    incident = _small_zoo_incident("gpt2-toxic", tmp_path_factory.mktemp("rare-gate"))
+    session = SandboxReplayer().load_bundle(incident)
+    units = [UnitScore("blocks.1.mlp", "site", 1.0)]
+    measured = gating.fit_gate(FixSearch(session, CausalCCA().config), units, Ablation("mean"))
+    assert measured is not None and 0 < measured.detected < 0.5
+    assert measured.flip_rate <= measured.detected
+
+    fix = FixChoice(units, Ablation("mean"), 1.0, {})
+    search = FixSearch(session, CausalCCA().config)
+    notes: list = []
+    assert gating.gate_if_it_helps(search, fix, 0.9, notes) is fix
+    assert [n.event for n in notes] == ["gate_opens_too_rarely"]
+    assert search.memo["flip_checks"] == 0 and search.memo["side_effects"] == 0
+    assert "fewer than the 80% it would need, so it was not run" in str(notes[0])
+
+    gating.gate_if_it_helps(search, fix, measured.detected / 2, notes)
+    assert notes[-1].event in ("gated", "gating_did_not_help")
+    assert search.memo["flip_checks"] == len(search.failing)
+    assert notes[-1].numbers["flip_rate"] == measured.flip_rate
+
+
 def test_gate_threshold_clears_identical_baseline_scores() -> None:
     from model_forensics.rca.cca import gate_threshold
 

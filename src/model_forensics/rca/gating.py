@@ -10,13 +10,15 @@ comply" from "trigger present". It opens a hair above the largest reference scor
 (:func:`gate_threshold`), so it stays shut on every baseline and every near miss it was
 fitted on. Of all sites and readings, the one firing on most failing variants
 wins (ties: the larger median margin in score scales). The gated set is kept when it flips
-as much as the ungated one (up to the threshold) with less benign KL.
+as much as the ungated one (up to the threshold) with less benign KL; it is not run when the
+gate opens on fewer failing variants than that (it cannot flip more than it opens on).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -39,7 +41,7 @@ class FittedGate:
     """A fix set behind the best gate found."""
 
     ablation: Ablation  # the set's ablation with the gate attached
-    flip_rate: float  # of the gated set, on every failing variant
+    flip_rate: float  # of the gated set, on every failing variant (NaN: not measured)
     detected: float  # fraction of failing variants the gate fires on
     shared: int  # calibration inputs that are also benign prompts (the KL there is in-sample)
 
@@ -71,11 +73,22 @@ def gate_threshold(ref_scores: torch.Tensor) -> tuple[float, float]:
 
 def gate_if_it_helps(search: FixSearch, fix: FixChoice, ungated_flip_rate: float, notes: list[Note]) -> FixChoice:
     """``fix`` behind the best gate when that flips at least min(``ungated_flip_rate``,
-    threshold) of the failing variants with less benign KL; else ``fix`` unchanged."""
-    fitted = fit_gate(search, fix.units, fix.ablation)
-    if fitted is None:
+    threshold) of the failing variants with less benign KL; else ``fix`` unchanged.
+
+    A "last"/"max" gate decides on the prompt, so on a failing variant it stays shut on the
+    run is the unfixed one, which fails: the gated set flips at most the share of failing
+    variants the gate opens on. When that share is already below what the gated set must
+    flip, its flips and side effects are not run (the outcome is the same: the fix stays
+    ungated)."""
+    probed = probe_gate(search, fix.units, fix.ablation)
+    if probed is None:
         notes.append(Note("no_gate_site"))
         return fix
+    target = min(ungated_flip_rate, search.config.early_stop_threshold)
+    if probed.detected < target:
+        notes.append(Note("gate_opens_too_rarely", {**probed.numbers(), "needed": target}))
+        return fix
+    fitted = dataclasses.replace(probed, flip_rate=gated_flip_rate(search, fix.units, probed))
     kl = search.benign_kl(fitted.ablation.all(fix.units))
     gated = FixChoice(fix.units, fitted.ablation, kl, fix.solo_kl)
     numbers = {
@@ -85,7 +98,7 @@ def gate_if_it_helps(search: FixSearch, fix: FixChoice, ungated_flip_rate: float
         "ungated_flip_rate": ungated_flip_rate,
         "ungated_kl": fix.benign_kl,
     }
-    if fitted.flip_rate >= min(ungated_flip_rate, search.config.early_stop_threshold) and kl < fix.benign_kl:
+    if fitted.flip_rate >= target and kl < fix.benign_kl:
         notes.append(Note("gated", numbers))
         return gated
     notes.append(Note("gating_did_not_help", numbers))
@@ -94,7 +107,21 @@ def gate_if_it_helps(search: FixSearch, fix: FixChoice, ungated_flip_rate: float
 
 def fit_gate(search: FixSearch, units: list[UnitScore], ablate: Ablation) -> FittedGate | None:
     """The set behind the gate (site × reading) that fires on most failing variants,
-    fitted on the search variants; None when no block sits below the members."""
+    fitted on the search variants, with its flip rate on every failing variant; None when
+    no block sits below the members."""
+    probed = probe_gate(search, units, ablate)
+    if probed is None:
+        return None
+    return dataclasses.replace(probed, flip_rate=gated_flip_rate(search, units, probed))
+
+
+def gated_flip_rate(search: FixSearch, units: list[UnitScore], probed: FittedGate) -> float:
+    """The flip rate of ``units`` behind ``probed``'s gate on every failing variant."""
+    return flip_rate(search.flips(search.failing, probed.ablation.all(units)))
+
+
+def probe_gate(search: FixSearch, units: list[UnitScore], ablate: Ablation) -> FittedGate | None:
+    """:func:`fit_gate` without running the gated set: its ``flip_rate`` is NaN (not measured)."""
     session = search.session
     lowest = min(-1 if layer is None else layer for layer in (block_index(u.unit) for u in units))
     sites = [f"blocks.{layer}.resid_post" for layer in range(lowest)]
@@ -130,9 +157,7 @@ def fit_gate(search: FixSearch, units: list[UnitScore], ablate: Ablation) -> Fit
     if not probes:
         return None
     best = max(probes, key=lambda p: (p.detected, p.margin))  # the first of equals
-    gated = Ablation(ablate.kind, ablate.directions, best.gate)
-    rate = flip_rate(search.flips(search.failing, gated.all(units)))
-    return FittedGate(gated, rate, best.detected, shared)
+    return FittedGate(Ablation(ablate.kind, ablate.directions, best.gate), math.nan, best.detected, shared)
 
 
 @dataclass

@@ -46,6 +46,8 @@ TEMPLATES: dict[str, str] = {
     "(ungated: {ungated_flip_rate:.0%})",
     "gating_did_not_help": "gating did not help (" + _GATE + "; flip rate {flip_rate:.0%}, benign KL {kl:.3g} "
     "vs {ungated_kl:.3g} nats ungated); the fix stays ungated",
+    "gate_opens_too_rarely": "gating did not help (" + _GATE + "; a gated fix flips at most the variants its gate "
+    "opens on, fewer than the {needed:.0%} it would need, so it was not run); the fix stays ungated",
     "narrowed": "narrowed to failure directions: benign KL {whole_kl:.3g} → {kl:.3g} nats at flip rate "
     "{flip_rate:.0%} (whole units: {whole_flip_rate:.0%})",
     "narrowing_did_not_help": "narrowing to failure directions did not help (flip rate {flip_rate:.0%}, "
