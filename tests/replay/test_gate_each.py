@@ -95,6 +95,34 @@ def test_generation_steps_are_gated_one_by_one(sessions):
     assert swept[0].text == run.text and swept[1].text == clean.text
 
 
+def test_side_effects_count_a_gate_that_opens_only_during_the_reply(sessions):
+    # A gate shut at every prompt position that opens at a generated one: side_effects.measure
+    # counts the prompt as one the gate fired on (it reads RunResult.gates of the fixed run,
+    # every generation step included; a capture of the prompt alone would count none).
+    from model_forensics.rca.side_effects import measure
+
+    s = sessions["generate"]
+    prompt_len = int(s.inputs["input_ids"].shape[1])
+    ids = s.run([]).outputs["generated_ids"]
+    batch = {"input_ids": ids[None], "attention_mask": torch.ones_like(ids)[None]}
+    states = capture(s, batch, "layer", [SITE])[SITE][:-1].double()  # the positions that predict a token
+    prompt, reply = states[:prompt_len], states[prompt_len:]
+    assert len(reply) > 0
+    units = reply / reply.norm(dim=-1, keepdim=True)  # candidate directions: each reply state's own
+    gaps = (reply * units).sum(-1) - (prompt @ units.T).max(0).values  # own projection above the prompt's max
+    j = int(gaps.argmax())
+    assert gaps[j] > 0
+    u = units[j]
+    above = float((prompt @ u).max() + gaps[j] / 2)
+    gate = Gate(SITE, tuple(u.tolist()), above, "each")
+    assert gate.score(prompt) < above  # shut over the whole prompt
+    fix = Intervention("blocks.1.mlp", "scale", value=0.0, gate=gate)
+    effects = measure(s, [fix], 0.05, benign=[s.inputs["input_ids"][0].tolist()])
+    assert effects.n_benign == 1 and effects.gate_fired == 1.0
+    never = Intervention("blocks.1.mlp", "scale", value=0.0, gate=Gate(SITE, gate.direction, above + 1e6, "each"))
+    assert measure(s, [never], 0.05, benign=[s.inputs["input_ids"][0].tolist()]).gate_fired == 0.0
+
+
 def test_each_gates_round_trip_and_must_be_read_first(sessions):
     gate = Gate("blocks.0.resid_post", (1.0, -0.5), 2.5, "each")
     iv = Intervention("blocks.1.attn.head.2", "mean", gate=gate)
