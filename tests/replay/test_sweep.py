@@ -68,6 +68,27 @@ def test_generation_sweep_equals_serial_runs(sessions):
     assert swept.forward_passes == steps and swept.batches == 1
 
 
+def test_a_verdicts_only_sweep_stops_once_every_verdict_is_settled(sessions):
+    # The generate incident fails when its reply contains the clean reply's first two tokens'
+    # text, which a reply that keeps them shows after two steps: a batch of such rows stops
+    # there, with the full runs' verdicts and the start of their tokens.
+    s = sessions["generate"]
+    assert s.predicate is not None and s.predicate.settles
+    steps = s.generation["max_new_tokens"]
+    sets = [*head_sets(s), [Intervention("embed", "scale", value=-3.0)], []]
+    full, quick = s.sweep(sets), s.sweep(sets, verdicts_only=True)
+    assert [(r.failed, r.flipped) for r in quick] == [(r.failed, r.flipped) for r in full]
+    assert len({r.failed for r in full}) == 2  # some rows fail, some do not: the batch runs on
+    for a, b in zip(quick, full, strict=True):
+        ids, whole = a.outputs["generated_ids"], b.outputs["generated_ids"]
+        assert torch.equal(ids, whole[: len(ids)])
+    failing = [r.interventions for r in full if r.failed]
+    settled, unsettled = s.sweep(failing, verdicts_only=True), s.sweep(failing)
+    assert all(r.failed for r in settled)
+    assert settled.forward_passes < unsettled.forward_passes == steps
+    assert all(len(r.text) < len(u.text) for r, u in zip(settled, unsettled, strict=True) if u.text != r.text)
+
+
 def test_classifier_sweep_equals_serial_runs(sessions):
     s = sessions["bert"]
     diff, _, swept = compare(s, [*head_sets(s), [Intervention("blocks.0.resid_post", "scale", value=-1.0)]])

@@ -27,6 +27,8 @@ from model_forensics.core.errors import ForensicsError
 _TEXT_KINDS = ("contains", "not_contains", "regex")
 _LOGIT_KINDS = ("token_is", "class_is", "logit_diff")
 _NAMED = {"token_is": "token", "class_is": "label"}  # kinds that may name their target: kind → id arg
+# a regex of literal alternatives: no metacharacter but "|", escapes of punctuation only
+_LITERAL_ALTERNATIVES = regex_engine.compile(r"(?:[^\\^$.?*+()\[\]{}]|\\[^0-9A-Za-z])*")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,27 @@ class Predicate:
         if logits is None:
             raise ForensicsError(f"predicate {self.describe()} reads logits, but the output has none")
         return bool(self.evaluate_logits(logits.reshape(1, -1))[0])
+
+    @property
+    def settles(self) -> bool:
+        """Whether a reply's verdict can be settled before the reply ends: ``contains``,
+        ``not_contains``, and a ``regex`` of literal alternatives (``A|B``, escapes of
+        punctuation only: what ``re.escape`` gives), whose match in a text is a match in
+        every continuation of it. Anchors, classes and lookarounds can depend on what follows."""
+        if self.kind == "regex":
+            return _LITERAL_ALTERNATIVES.fullmatch(str(self.args.get("pattern", ""))) is not None
+        return self.kind in ("contains", "not_contains")
+
+    def settled(self, text: str) -> bool:
+        """True when the verdict on ``text`` (a reply so far) is the verdict on every reply that
+        continues it: once the text or pattern appears (failing for ``contains`` and a literal
+        ``regex``, behaving for ``not_contains``). Assumes, as a tokenizer's decoding gives,
+        that the text of a longer reply extends the text of its start."""
+        if not self.settles:
+            return False
+        if self.kind == "regex":
+            return self._search(text)
+        return str(self.args["text"]) in text
 
     def _search(self, text: str) -> bool:
         # The pattern may come from a bundle someone sent: a catastrophic-backtracking

@@ -130,7 +130,9 @@ def variant_flips(session: Session, batch: Inputs, sets: Sequence[Sequence[Inter
     out = [not clean.failed] * len(sets)
     rest = [i for i, k in enumerate(kept) if not k]
     if rest:
-        for i, result in zip(rest, session.sweep([sets[i] for i in rest], inputs=batch), strict=True):
+        for i, result in zip(
+            rest, session.sweep([sets[i] for i in rest], inputs=batch, verdicts_only=True), strict=True
+        ):
             out[i] = not result.failed
     return out
 

@@ -103,7 +103,7 @@ def failing_variants(session: Session, progress: Progress = silent) -> list[Inpu
     failing: list[Inputs] = []
     for done, variant in enumerate(variants):
         progress("failing variants", done, len(variants))
-        if session.sweep([[]], inputs=variant)[0].failed:
+        if session.sweep([[]], inputs=variant, verdicts_only=True)[0].failed:
             failing.append(variant)
     progress("failing variants", len(variants), len(variants))
     if not failing:
@@ -121,7 +121,7 @@ def flip_table(
     variant, from one batched sweep per variant (``tick(variants done, variants)`` after each)."""
     flips: list[list[bool]] = [[] for _ in sets]
     for done, batch in enumerate(variants, 1):
-        for i, result in enumerate(session.sweep(sets, inputs=batch)):
+        for i, result in enumerate(session.sweep(sets, inputs=batch, verdicts_only=True)):
             flips[i].append(not result.failed)
         if tick is not None:
             tick(done, len(variants))

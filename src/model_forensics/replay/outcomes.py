@@ -2,7 +2,9 @@
 the failure predicate on them.
 
 A batched generation pads rows that finished early, so a row's outcome ends at its first
-EOS token; a forward pass's text is its decoded next token (for token models).
+EOS token; a forward pass's text is its decoded next token (for token models). A
+generation whose verdicts are all that is wanted may stop once every row's is settled
+(:func:`settled_stop`).
 """
 
 from __future__ import annotations
@@ -76,3 +78,31 @@ class Readout:
         eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         ids = eos if isinstance(eos, list | tuple) else [eos]
         return {int(i) for i in ids if i is not None}
+
+
+def settled_stop(readout: Readout, prompt_len: int) -> Any:
+    """A ``StoppingCriteriaList`` that ends a batched greedy generation once every row is
+    settled: finished (an EOS token) or with a verdict no continuation can change
+    (:meth:`~model_forensics.core.predicates.Predicate.settled`). All rows stop together,
+    so no row is padded early: each row's tokens, and so its verdict, are those of the full
+    generation; only its text and scores end sooner. None when the predicate cannot settle
+    before a reply ends, or there is no text to read."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    predicate = readout.predicate
+    if predicate is None or not predicate.settles or readout.tokenizer is None:
+        return None
+    eos = readout.eos_ids()
+
+    def settled(new: torch.Tensor) -> bool:
+        if any(int(t) in eos for t in new.tolist()):
+            return True
+        text = readout.decode(new)
+        return text is not None and predicate.settled(text)
+
+    class Settled(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            done = all(settled(row) for row in input_ids[:, prompt_len:])
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Settled()])

@@ -47,7 +47,7 @@ from model_forensics.replay.interventions import (
     intervening,
     resolve,
 )
-from model_forensics.replay.outcomes import Readout
+from model_forensics.replay.outcomes import Readout, settled_stop
 from model_forensics.replay.results import RunResult, SiteCheck, VerifyReport
 from model_forensics.replay.sweep import PrefixCache, SweepResult, run_sweep
 from model_forensics.replay.verification import check_weights, verify
@@ -255,18 +255,35 @@ class Session:
         return self._prefixes
 
     def sweep(
-        self, sets: Sequence[Sequence[InterventionLike]], *, inputs: InputLike = None, share_prefix: bool = True
+        self,
+        sets: Sequence[Sequence[InterventionLike]],
+        *,
+        inputs: InputLike = None,
+        share_prefix: bool = True,
+        verdicts_only: bool = False,
     ) -> SweepResult:
         """Run many intervention sets in few forward passes (see :mod:`model_forensics.replay.sweep`).
+
+        Args:
+            verdicts_only: a generation stops once every run's verdict is settled
+                (:func:`~model_forensics.replay.outcomes.settled_stop`: every reply has
+                ended or already shows what the predicate looks for): each result's
+                ``failed`` and ``flipped`` are those of the full run, its text, scores and
+                gates end where the batch stopped. For flip checks.
 
         Returns:
             A :class:`~model_forensics.replay.sweep.SweepResult` with one RunResult per set,
             equal to what :meth:`run` gives for each set alone.
         """
-        return run_sweep(self, sets, inputs=inputs, share_prefix=share_prefix, prefixes=self._prefixes)
+        return run_sweep(
+            self, sets, inputs=inputs, share_prefix=share_prefix, prefixes=self._prefixes, verdicts_only=verdicts_only
+        )
 
-    def execute(self, batch: Inputs, rows: Sequence[Sequence[Prepared]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run ``len(rows)`` copies of ``batch`` in one batch, row i with ``rows[i]`` applied.
+    def execute(
+        self, batch: Inputs, rows: Sequence[Sequence[Prepared]], verdicts_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run ``len(rows)`` copies of ``batch`` in one batch, row i with ``rows[i]`` applied
+        (``verdicts_only``: see :meth:`sweep`).
 
         Returns:
             (step_logits (N, S, V) last-position scores per forward call, S = 1 for a forward
@@ -277,7 +294,9 @@ class Session:
         logits: list[torch.Tensor] = []
         with self.environment(), _stepping(self.adapter, clock, logits), intervening(self.adapter, rows, clock):
             if self.mode == "generate":
-                out = self.model.generate(**inputs.expand(len(rows)), **self.generation)  # type: ignore[operator]
+                stop = settled_stop(self.readout, inputs.length) if verdicts_only else None
+                options = self.generation if stop is None else {**self.generation, "stopping_criteria": stop}
+                out = self.model.generate(**inputs.expand(len(rows)), **options)  # type: ignore[operator]
                 sequences = out if isinstance(out, torch.Tensor) else out.sequences
             else:
                 self.model(**inputs.expand(len(rows)), **self.kwargs)

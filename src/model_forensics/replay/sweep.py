@@ -87,6 +87,7 @@ def run_sweep(
     inputs: InputLike = None,
     share_prefix: bool = True,
     prefixes: PrefixCache | None = None,
+    verdicts_only: bool = False,
 ) -> SweepResult:
     """Run every intervention set of ``sets``; results equal :meth:`Session.run` on each.
 
@@ -98,6 +99,8 @@ def run_sweep(
             intervention (forward incidents on decoder LMs).
         prefixes: the clean prefixes earlier sweeps of the session captured (None: a cache
             for this sweep alone).
+        verdicts_only: generations stop once every row's verdict is settled
+            (:meth:`Session.sweep`).
     """
     start = time.perf_counter()
     before = session.forward_passes
@@ -124,7 +127,7 @@ def run_sweep(
                 batches += 1
     for chunk in _chunks(full, per_batch):
         used = session.forward_passes
-        step_logits, seqs = session.execute(batch, [rows[i] for i in chunk])
+        step_logits, seqs = session.execute(batch, [rows[i] for i in chunk], verdicts_only)
         used = session.forward_passes - used
         for j, i in enumerate(chunk):
             logits[i], passes[i] = step_logits[j], used
