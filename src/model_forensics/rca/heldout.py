@@ -266,11 +266,12 @@ def held_out_flips(
     session: Session, fix: Sequence[Intervention], variants: list[Any], progress: Progress = silent
 ) -> list[bool]:
     """For each of ``variants`` on which the model fails without ``fix``: whether the fix
-    flips it (one sweep of two rows per variant; those that do not fail are left out)."""
+    flips it (one sweep of two rows per variant, stopped once both verdicts are settled:
+    ``verdicts_only``; those that do not fail are left out)."""
     flips: list[bool] = []
     for done, entry in enumerate(variants):
         progress("held-out variants", done, len(variants))
-        clean, fixed = session.sweep([[], list(fix)], inputs=session.encode(entry))
+        clean, fixed = session.sweep([[], list(fix)], inputs=session.encode(entry), verdicts_only=True)
         if clean.failed:
             flips.append(not fixed.failed)
     progress("held-out variants", len(variants), len(variants))
