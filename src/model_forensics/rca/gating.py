@@ -75,8 +75,8 @@ def gate_if_it_helps(search: FixSearch, fix: FixChoice, ungated_flip_rate: float
     """``fix`` behind the best gate when that flips at least min(``ungated_flip_rate``,
     threshold) of the failing variants with less benign KL; else ``fix`` unchanged.
 
-    A "last"/"max" gate decides on the prompt, so on a failing variant it stays shut on the
-    run is the unfixed one, which fails: the gated set flips at most the share of failing
+    A "last"/"max" gate decides on the prompt: on a failing variant where it stays shut, the
+    run is the unfixed one, which fails. So the gated set flips at most the share of failing
     variants the gate opens on. When that share is already below what the gated set must
     flip, its flips and side effects are not run (the outcome is the same: the fix stays
     ungated)."""
