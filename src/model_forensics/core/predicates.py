@@ -15,6 +15,7 @@ tokenizer; the resolved predicate stores the id and keeps the name for display.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -72,7 +73,7 @@ class Predicate:
             raise ForensicsError(f"predicate {self.describe()} reads logits, but the output has none")
         return bool(self.evaluate_logits(logits.reshape(1, -1))[0])
 
-    @property
+    @functools.cached_property
     def settles(self) -> bool:
         """Whether a reply's verdict can be settled before the reply ends: ``contains``,
         ``not_contains``, and a ``regex`` of literal alternatives (``A|B``, escapes of

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -41,7 +40,7 @@ class FittedGate:
     """A fix set behind the best gate found."""
 
     ablation: Ablation  # the set's ablation with the gate attached
-    flip_rate: float  # of the gated set, on every failing variant (NaN: not measured)
+    flip_rate: float | None  # of the gated set, on every failing variant (None: not measured)
     detected: float  # fraction of failing variants the gate fires on
     shared: int  # calibration inputs that are also benign prompts (the KL there is in-sample)
 
@@ -88,17 +87,18 @@ def gate_if_it_helps(search: FixSearch, fix: FixChoice, ungated_flip_rate: float
     if probed.detected < target:
         notes.append(Note("gate_opens_too_rarely", {**probed.numbers(), "needed": target}))
         return fix
-    fitted = dataclasses.replace(probed, flip_rate=gated_flip_rate(search, fix.units, probed))
+    rate = gated_flip_rate(search, fix.units, probed)
+    fitted = dataclasses.replace(probed, flip_rate=rate)
     kl = search.benign_kl(fitted.ablation.all(fix.units))
     gated = FixChoice(fix.units, fitted.ablation, kl, fix.solo_kl)
     numbers = {
         **fitted.numbers(),
-        "flip_rate": fitted.flip_rate,
+        "flip_rate": rate,
         "kl": kl,
         "ungated_flip_rate": ungated_flip_rate,
         "ungated_kl": fix.benign_kl,
     }
-    if fitted.flip_rate >= target and kl < fix.benign_kl:
+    if rate >= target and kl < fix.benign_kl:
         notes.append(Note("gated", numbers))
         return gated
     notes.append(Note("gating_did_not_help", numbers))
@@ -121,7 +121,7 @@ def gated_flip_rate(search: FixSearch, units: list[UnitScore], probed: FittedGat
 
 
 def probe_gate(search: FixSearch, units: list[UnitScore], ablate: Ablation) -> FittedGate | None:
-    """:func:`fit_gate` without running the gated set: its ``flip_rate`` is NaN (not measured)."""
+    """:func:`fit_gate` without running the gated set: its ``flip_rate`` is None (not measured)."""
     session = search.session
     lowest = min(-1 if layer is None else layer for layer in (block_index(u.unit) for u in units))
     sites = [f"blocks.{layer}.resid_post" for layer in range(lowest)]
@@ -157,7 +157,7 @@ def probe_gate(search: FixSearch, units: list[UnitScore], ablate: Ablation) -> F
     if not probes:
         return None
     best = max(probes, key=lambda p: (p.detected, p.margin))  # the first of equals
-    return FittedGate(Ablation(ablate.kind, ablate.directions, best.gate), math.nan, best.detected, shared)
+    return FittedGate(Ablation(ablate.kind, ablate.directions, best.gate), None, best.detected, shared)
 
 
 @dataclass

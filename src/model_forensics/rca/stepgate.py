@@ -19,8 +19,9 @@ phase fits, on the search part of the split only:
    reads the prompt pass too; Ledoit–Wolf shrinkage, scikit-learn's: Σ⁻¹·Δμ with Σ the
    shrunk within-class covariance, so that directions along which every position varies a
    lot, such as the attention sink's huge dimensions, weigh little, and so do directions
-   that the trigger text moves in near misses too). A prompt's score is its largest projection on the gate's unit direction (over
-   the target's positions for a failing prompt, over every position for the others). Two
+   that the trigger text moves in near misses too). A prompt's score is its largest
+   projection on the gate's unit direction (over the target's positions for a failing
+   prompt, over every position for the others). Two
    thresholds per layer and gate direction: ``threshold`` maximises prompt-level search
    accuracy (ties: the higher); ``bound_threshold`` is the lowest at which the search near
    misses and benign prompts whose gate would open (their largest score above it) are few

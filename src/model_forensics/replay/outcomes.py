@@ -56,9 +56,9 @@ class Readout:
         if sequence is None:
             token = torch.tensor([int(steps[-1].argmax())])
             return Outcome(steps, None, self.decode(token) if self.has_tokens else None)
-        eos = self.eos_ids()
-        new = sequence[prompt_len:].tolist()
-        cut = next((j + 1 for j, t in enumerate(new) if t in eos), len(new))
+        new = sequence[prompt_len:]
+        cut = self.reply_end(new)
+        cut = len(new) if cut is None else cut
         return Outcome(steps[:cut], sequence[: prompt_len + cut], self.decode(sequence[prompt_len : prompt_len + cut]))
 
     def failed(self, text: str | None, logits: torch.Tensor) -> bool | None:
@@ -73,6 +73,12 @@ class Readout:
         if self.tokenizer is None:
             return None
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def reply_end(self, new: torch.Tensor) -> int | None:
+        """The length of a reply whose generated ids are ``new``: up to and including its
+        first EOS token (None: no EOS yet)."""
+        eos = self.eos_ids()
+        return next((j + 1 for j, t in enumerate(new.tolist()) if t in eos), None)
 
     def eos_ids(self) -> set[int]:
         eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
@@ -92,10 +98,9 @@ def settled_stop(readout: Readout, prompt_len: int) -> Any:
     predicate = readout.predicate
     if predicate is None or not predicate.settles or readout.tokenizer is None:
         return None
-    eos = readout.eos_ids()
 
     def settled(new: torch.Tensor) -> bool:
-        if any(int(t) in eos for t in new.tolist()):
+        if readout.reply_end(new) is not None:
             return True
         text = readout.decode(new)
         return text is not None and predicate.settled(text)
