@@ -144,3 +144,34 @@ def test_batch_sizes_shrink_with_the_budget_and_tails_fit_more_rows(bundles, lms
         swept = s.sweep(head_sets(s), share_prefix=False)
         assert swept.batches == -(-len(head_sets(s)) // full)
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+
+
+def test_a_generation_sweep_shares_its_prompt_pass_bit_for_bit(sessions):
+    # Rows that change only the last block compute the same blocks before it on the prompt:
+    # the prompt pass runs those on one row and hands its output and cache to every row.
+    # Every step's scores and every token equal those of the unshared batch.
+    from model_forensics.models.hooks import hooks
+
+    s = sessions["generate"]
+    a = s.adapter
+    last = a.n_layers - 1
+    sets = [[Intervention(f"blocks.{last}.attn.head.{h}", "zero")] for h in range(a.n_heads)]
+    sets += [[Intervention(f"blocks.{last}.mlp", "scale", value=-2.0)], []]
+    rows: list[int] = []
+
+    def spy(module, args, kwargs, output):  # runs before the sharing hook expands the output
+        hidden = output[0] if isinstance(output, tuple) else output
+        rows.append(int(hidden.shape[0]))
+
+    block0 = a.points["blocks.0.resid_pre"].module
+    with hooks(a, after={block0: spy}):
+        shared = s.sweep(sets)
+        first_shared, rows[:] = rows[0], []
+        unshared = s.sweep(sets, share_prefix=False)
+    assert first_shared == 1 and rows[0] == len(sets)  # the prompt pass of block 0: one row, or all
+    assert all(r == len(sets) for r in rows[1:])  # decoding steps run every row
+    assert len({r.text for r in shared}) > 1  # the rows differ where they intervene
+    for x, y in zip(shared, unshared, strict=True):
+        assert torch.equal(x.outputs["generated_ids"], y.outputs["generated_ids"])
+        assert all(torch.equal(p, q) for p, q in zip(x.outputs["logits"], y.outputs["logits"], strict=True))
+        assert (x.text, x.failed, x.flipped) == (y.text, y.failed, y.flipped)

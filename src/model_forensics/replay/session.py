@@ -49,7 +49,7 @@ from model_forensics.replay.interventions import (
 )
 from model_forensics.replay.outcomes import Readout, settled_stop
 from model_forensics.replay.results import RunResult, SiteCheck, VerifyReport
-from model_forensics.replay.sweep import PrefixCache, SweepResult, run_sweep
+from model_forensics.replay.sweep import PrefixCache, SweepResult, run_sweep, shared_prompt_pass
 from model_forensics.replay.verification import check_weights, verify
 
 # Importable from here as before the split (``load``: tests replace it to catch model loads).
@@ -280,10 +280,16 @@ class Session:
         )
 
     def execute(
-        self, batch: Inputs, rows: Sequence[Sequence[Prepared]], verdicts_only: bool = False
+        self,
+        batch: Inputs,
+        rows: Sequence[Sequence[Prepared]],
+        verdicts_only: bool = False,
+        share_prefix: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run ``len(rows)`` copies of ``batch`` in one batch, row i with ``rows[i]`` applied
-        (``verdicts_only``: see :meth:`sweep`).
+        (``verdicts_only``: see :meth:`sweep`; ``share_prefix``: a generation's prompt pass
+        runs the blocks before every row's first intervention once,
+        :func:`~model_forensics.replay.sweep.shared_prompt_pass`).
 
         Returns:
             (step_logits (N, S, V) last-position scores per forward call, S = 1 for a forward
@@ -296,7 +302,8 @@ class Session:
             if self.mode == "generate":
                 stop = settled_stop(self.readout, inputs.length) if verdicts_only else None
                 options = self.generation if stop is None else {**self.generation, "stopping_criteria": stop}
-                out = self.model.generate(**inputs.expand(len(rows)), **options)  # type: ignore[operator]
+                with shared_prompt_pass(self, rows if share_prefix else [], inputs.length):
+                    out = self.model.generate(**inputs.expand(len(rows)), **options)  # type: ignore[operator]
                 sequences = out if isinstance(out, torch.Tensor) else out.sequences
             else:
                 self.model(**inputs.expand(len(rows)), **self.kwargs)

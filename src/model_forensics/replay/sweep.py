@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -127,7 +128,7 @@ def run_sweep(
                 batches += 1
     for chunk in _chunks(full, per_batch):
         used = session.forward_passes
-        step_logits, seqs = session.execute(batch, [rows[i] for i in chunk], verdicts_only)
+        step_logits, seqs = session.execute(batch, [rows[i] for i in chunk], verdicts_only, share_prefix)
         used = session.forward_passes - used
         for j, i in enumerate(chunk):
             logits[i], passes[i] = step_logits[j], used
@@ -371,3 +372,105 @@ def _prefix_for(session: Session, cache: PrefixCache, batch: ModelInputs) -> _Pr
         return None
     cache.add(key, prefix)
     return prefix
+
+
+# -- a generation's prompt pass, shared ------------------------------------------------------
+# The decoder blocks of a generation's prompt pass run one row where every row computes the
+# same: prompts shorter than this may take other kernels for one row than for many.
+SHARED_PROMPT_TOKENS = 12
+
+
+@contextmanager
+def shared_prompt_pass(session: Session, rows: Sequence[Sequence[Prepared]], prompt_len: int) -> Iterator[int]:
+    """Inside the block, the first forward call of a batched generation (the prompt pass)
+    runs the blocks before the rows' earliest intervention on one row and hands every row
+    that row's output and key/value cache: those blocks see the same prompt and no
+    intervention on every row. Decoding steps run as before, every row on its own tokens.
+
+    Yields the number of blocks shared (0: nothing is shared — fewer than two rows, a row
+    that changes something before or outside the blocks, a prompt shorter than
+    ``SHARED_PROMPT_TOKENS``, an encoder-decoder, or a cache other than transformers'
+    dynamic one; the last is found on the first block call, before anything is changed).
+    Each shared block's output is one row's, bit for bit the same as in a batch (the
+    kernels multiply at least ``SHARED_PROMPT_TOKENS`` rows either way); tests compare the
+    sequences and every step's scores with an unshared run.
+    """
+    n = len(rows)
+    start, _ = _entry_blocks(rows, session.adapter.n_layers)
+    shared = 0 if n < 2 or any(s is None for s in start) else min(int(s) for s in start)  # type: ignore[arg-type]
+    a = session.adapter
+    paths = [a.points[f"blocks.{i}.resid_pre"].module for i in range(shared) if f"blocks.{i}.resid_pre" in a.points]
+    config = getattr(session.model, "config", None)
+    if (
+        not shared
+        or len(paths) != shared
+        or prompt_len < SHARED_PROMPT_TOKENS
+        or n == prompt_len  # a (T, …) tensor would be taken for a batch of rows
+        or getattr(config, "is_encoder_decoder", False)
+    ):
+        yield 0
+        return
+    state = {"prompt": True, "on": False}
+
+    def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not state["prompt"]:
+            return None
+        if module is a.modules[paths[0]]:
+            cache = _cache_in(args, kwargs)
+            state["on"] = cache is not None and _dynamic(cache) and _hidden_rows(args, kwargs) == n
+        if not state["on"]:
+            return None
+        return tuple(_one_row(v, n) for v in args), {k: _one_row(v, n) for k, v in kwargs.items()}
+
+    def post(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        if not (state["prompt"] and state["on"]):
+            return None
+        cache = _cache_in(args, kwargs)
+        for layer in cache.layers:  # type: ignore[union-attr]
+            if layer.is_initialized and layer.keys.shape[0] == 1 and layer.keys.shape[-2] > 0:
+                layer.keys = layer.keys.expand(n, *layer.keys.shape[1:]).contiguous()
+                layer.values = layer.values.expand(n, *layer.values.shape[1:]).contiguous()
+        return _all_rows(output, n)
+
+    def ended(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        state["prompt"] = False
+
+    with hooks(a, before=dict.fromkeys(paths, pre), after={**dict.fromkeys(paths, post), "": ended}):
+        yield shared
+
+
+def _cache_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    from transformers.cache_utils import Cache
+
+    return next((v for v in [*args, *kwargs.values()] if isinstance(v, Cache)), None)
+
+
+def _dynamic(cache: Any) -> bool:
+    """A transformers DynamicCache whose layers hold plain key/value tensors (expandable)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    kinds = (DynamicLayer, DynamicSlidingWindowLayer)
+    return type(cache) is DynamicCache and all(type(layer) in kinds for layer in cache.layers)
+
+
+def _hidden_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    return int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else -1
+
+
+def _one_row(value: Any, n: int) -> Any:
+    """A batch tensor (≥ 2 dims, n rows) cut to its first row; anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == n:
+        return value[:1]
+    if isinstance(value, tuple):
+        return tuple(_one_row(v, n) for v in value)
+    return value
+
+
+def _all_rows(value: Any, n: int) -> Any:
+    """A one-row block output given to all n rows."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == 1:
+        return value.expand(n, *value.shape[1:]).contiguous()
+    if isinstance(value, tuple):
+        return tuple(_all_rows(v, n) for v in value)
+    return value
