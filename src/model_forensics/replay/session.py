@@ -49,7 +49,7 @@ from model_forensics.replay.interventions import (
 )
 from model_forensics.replay.outcomes import Readout, settled_stop
 from model_forensics.replay.results import RunResult, SiteCheck, VerifyReport
-from model_forensics.replay.sweep import PrefixCache, SweepResult, run_sweep, shared_prompt_pass
+from model_forensics.replay.sweep import PrefixCache, SweepResult, prompt_ladder, run_sweep, shared_prompt_pass
 from model_forensics.replay.verification import check_weights, verify
 
 # Importable from here as before the split (``load``: tests replace it to catch model loads).
@@ -298,17 +298,24 @@ class Session:
         inputs = ModelInputs.of(batch)
         clock = Clock(0, inputs.length)
         logits: list[torch.Tensor] = []
-        with self.environment(), _stepping(self.adapter, clock, logits), intervening(self.adapter, rows, clock):
+        starts = prompt_ladder(self, rows, inputs.length) if share_prefix and self.mode == "generate" else None
+        order = list(range(len(rows))) if starts is None else sorted(range(len(rows)), key=starts.__getitem__)
+        ordered = [rows[i] for i in order]  # a shared prompt pass wants rows by first changed block
+        with self.environment(), _stepping(self.adapter, clock, logits), intervening(self.adapter, ordered, clock):
             if self.mode == "generate":
                 stop = settled_stop(self.readout, inputs.length) if verdicts_only else None
                 options = self.generation if stop is None else {**self.generation, "stopping_criteria": stop}
-                with shared_prompt_pass(self, rows if share_prefix else [], inputs.length):
+                with shared_prompt_pass(self, [] if starts is None else [starts[i] for i in order]):
                     out = self.model.generate(**inputs.expand(len(rows)), **options)  # type: ignore[operator]
                 sequences = out if isinstance(out, torch.Tensor) else out.sequences
             else:
                 self.model(**inputs.expand(len(rows)), **self.kwargs)
                 sequences = None
-        return torch.stack(logits, dim=1), sequences
+        step_logits = torch.stack(logits, dim=1)
+        if starts is None:
+            return step_logits, sequences
+        back = torch.tensor(order).argsort()
+        return step_logits[back], None if sequences is None else sequences[back]
 
     def forced(self, batch: Inputs, rows: Sequence[Sequence[Prepared]], prompt_len: int | None = None) -> torch.Tensor:
         """Teacher-forced: one forward pass (no generation) of ``len(rows)`` copies of

@@ -375,68 +375,86 @@ def _prefix_for(session: Session, cache: PrefixCache, batch: ModelInputs) -> _Pr
 
 
 # -- a generation's prompt pass, shared ------------------------------------------------------
-# The decoder blocks of a generation's prompt pass run one row where every row computes the
-# same: prompts shorter than this may take other kernels for one row than for many.
+# The decoder blocks of a generation's prompt pass run fewer rows than the batch: prompts
+# shorter than this may take other kernels for few rows than for many.
 SHARED_PROMPT_TOKENS = 12
 
 
-@contextmanager
-def shared_prompt_pass(session: Session, rows: Sequence[Sequence[Prepared]], prompt_len: int) -> Iterator[int]:
-    """Inside the block, the first forward call of a batched generation (the prompt pass)
-    runs the blocks before the rows' earliest intervention on one row and hands every row
-    that row's output and key/value cache: those blocks see the same prompt and no
-    intervention on every row. Decoding steps run as before, every row on its own tokens.
-
-    Yields the number of blocks shared (0: nothing is shared — fewer than two rows, a row
-    that changes something before or outside the blocks, a prompt shorter than
-    ``SHARED_PROMPT_TOKENS``, an encoder-decoder, or a cache other than transformers'
-    dynamic one; the last is found on the first block call, before anything is changed).
-    Each shared block's output is one row's, bit for bit the same as in a batch (the
-    kernels multiply at least ``SHARED_PROMPT_TOKENS`` rows either way); tests compare the
-    sequences and every step's scores with an unshared run.
-    """
-    n = len(rows)
-    start, _ = _entry_blocks(rows, session.adapter.n_layers)
-    shared = 0 if n < 2 or any(s is None for s in start) else min(int(s) for s in start)  # type: ignore[arg-type]
+def prompt_ladder(session: Session, rows: Sequence[Sequence[Prepared]], prompt_len: int) -> list[int] | None:
+    """Each row's first changed block, when a batched generation's prompt pass can share the
+    blocks before it (:func:`shared_prompt_pass`); None when it cannot: fewer than two rows,
+    a row that changes something before or outside the blocks, a prompt shorter than
+    ``SHARED_PROMPT_TOKENS``, an encoder-decoder, or blocks the adapter cannot name."""
     a = session.adapter
-    paths = [a.points[f"blocks.{i}.resid_pre"].module for i in range(shared) if f"blocks.{i}.resid_pre" in a.points]
+    starts, _ = _entry_blocks(rows, a.n_layers)
     config = getattr(session.model, "config", None)
     if (
-        not shared
-        or len(paths) != shared
+        len(rows) < 2
+        or not a.n_layers
+        or any(s is None for s in starts)
+        or not any(starts)
         or prompt_len < SHARED_PROMPT_TOKENS
-        or n == prompt_len  # a (T, …) tensor would be taken for a batch of rows
+        or len(rows) == prompt_len  # a (T, …) tensor would be taken for a batch of rows
         or getattr(config, "is_encoder_decoder", False)
+        or not all(f"blocks.{i}.resid_pre" in a.points for i in range(a.n_layers))
     ):
+        return None
+    return [int(s) for s in starts]  # type: ignore[arg-type]
+
+
+@contextmanager
+def shared_prompt_pass(session: Session, starts: Sequence[int]) -> Iterator[int]:
+    """Inside the block, the first forward call of a batched generation (its prompt pass) runs
+    each decoder block only on the rows that change it or an earlier block, plus one clean
+    row; the rows that join later are copies of that clean row, in the block outputs and in
+    the key/value cache. Decoding steps run every row on its own tokens, as before.
+
+    ``starts``: the first changed block of each batch row, ascending
+    (:func:`prompt_ladder`). Yields the blocks run on fewer rows than the batch. Nothing is
+    shared where transformers' cache is not a plain ``DynamicCache``; that is found on the
+    first block call, before anything is changed. A shared block's rows are bit for bit
+    what the whole batch computes there (the kernels multiply at least
+    ``SHARED_PROMPT_TOKENS`` rows either way); tests compare the sequences and every step's
+    scores with an unshared run.
+    """
+    n = len(starts)
+    assert list(starts) == sorted(starts)
+    a = session.adapter
+    live = [min(n, sum(s <= m for s in starts) + 1) for m in range(a.n_layers)]  # rows block m runs
+    blocks = [a.points[f"blocks.{m}.resid_pre"].module for m in range(a.n_layers)]
+    shared = {blocks[m]: live[m] for m in range(a.n_layers) if live[m] < n}
+    if not shared:
         yield 0
         return
     state = {"prompt": True, "on": False}
+    first = a.modules[blocks[0]]
 
     def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not state["prompt"]:
             return None
-        if module is a.modules[paths[0]]:
+        if module is first:
             cache = _cache_in(args, kwargs)
             state["on"] = cache is not None and _dynamic(cache) and _hidden_rows(args, kwargs) == n
         if not state["on"]:
             return None
-        return tuple(_one_row(v, n) for v in args), {k: _one_row(v, n) for k, v in kwargs.items()}
+        k = rows_of[id(module)]
+        return tuple(_first_rows(v, n, k) for v in args), {key: _first_rows(v, n, k) for key, v in kwargs.items()}
 
     def post(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         if not (state["prompt"] and state["on"]):
             return None
-        cache = _cache_in(args, kwargs)
-        for layer in cache.layers:  # type: ignore[union-attr]
-            if layer.is_initialized and layer.keys.shape[0] == 1 and layer.keys.shape[-2] > 0:
-                layer.keys = layer.keys.expand(n, *layer.keys.shape[1:]).contiguous()
-                layer.values = layer.values.expand(n, *layer.values.shape[1:]).contiguous()
-        return _all_rows(output, n)
+        k = rows_of[id(module)]
+        for layer in _cache_in(args, kwargs).layers:
+            if layer.is_initialized and layer.keys.shape[0] == k and layer.keys.shape[-2] > 0:
+                layer.keys, layer.values = _all_rows(layer.keys, n, k), _all_rows(layer.values, n, k)
+        return _all_rows(output, n, k)
 
     def ended(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         state["prompt"] = False
 
-    with hooks(a, before=dict.fromkeys(paths, pre), after={**dict.fromkeys(paths, post), "": ended}):
-        yield shared
+    rows_of = {id(a.modules[path]): k for path, k in shared.items()}  # block 0 is shared: live is ascending
+    with hooks(a, before=dict.fromkeys(shared, pre), after={**dict.fromkeys(shared, post), "": ended}):
+        yield len(shared)
 
 
 def _cache_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -458,19 +476,20 @@ def _hidden_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     return int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else -1
 
 
-def _one_row(value: Any, n: int) -> Any:
-    """A batch tensor (≥ 2 dims, n rows) cut to its first row; anything else as it is."""
-    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == n:
-        return value[:1]
+def _first_rows(value: Any, n: int, k: int) -> Any:
+    """A batch tensor (≥ 2 dims, n rows) cut to its first k rows; anything else as it is."""
+    if k < n and isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == n:
+        return value[:k]
     if isinstance(value, tuple):
-        return tuple(_one_row(v, n) for v in value)
+        return tuple(_first_rows(v, n, k) for v in value)
     return value
 
 
-def _all_rows(value: Any, n: int) -> Any:
-    """A one-row block output given to all n rows."""
-    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == 1:
-        return value.expand(n, *value.shape[1:]).contiguous()
+def _all_rows(value: Any, n: int, k: int) -> Any:
+    """A block output of the first k rows given to all n: the rows after k copy row k − 1
+    (the clean row)."""
+    if k < n and isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == k:
+        return torch.cat([value, value[-1:].expand(n - k, *value.shape[1:])])
     if isinstance(value, tuple):
-        return tuple(_all_rows(v, n) for v in value)
+        return tuple(_all_rows(v, n, k) for v in value)
     return value
