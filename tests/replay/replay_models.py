@@ -27,35 +27,43 @@ def save_tokenizer(out: Path) -> None:
     fast.save_pretrained(out)
 
 
-def make_models(root: Path) -> dict[str, Path]:
-    """Save tiny random llama (GQA), gpt2 and bert-classifier models with the word tokenizer."""
-    from transformers import (
-        BertConfig,
-        BertForSequenceClassification,
-        GPT2Config,
-        GPT2LMHeadModel,
-        LlamaConfig,
-        LlamaForCausalLM,
+SPECIAL = {"eos_token_id": 1, "bos_token_id": 0, "pad_token_id": 1}
+
+
+def tiny_llama(layers: int = 2):
+    """A random llama (GQA: 4 query heads, 2 key/value heads) over WORDS."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        num_hidden_layers=layers,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(WORDS),
+        max_position_embeddings=64,
+        **SPECIAL,
+    )
+    return LlamaForCausalLM(config)
+
+
+def tiny_gpt2(layers: int = 2):
+    """A random GPT-2 over WORDS."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(
+        GPT2Config(n_layer=layers, n_embd=32, n_head=4, vocab_size=len(WORDS), n_positions=64, **SPECIAL)
     )
 
-    special = {"eos_token_id": 1, "bos_token_id": 0, "pad_token_id": 1}
+
+def make_models(root: Path) -> dict[str, Path]:
+    """Save tiny random llama (GQA), gpt2 and bert-classifier models with the word tokenizer."""
+    from transformers import BertConfig, BertForSequenceClassification
+
     torch.manual_seed(0)
     models = {
-        "llama": LlamaForCausalLM(
-            LlamaConfig(
-                num_hidden_layers=2,
-                hidden_size=32,
-                intermediate_size=64,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                vocab_size=len(WORDS),
-                max_position_embeddings=64,
-                **special,
-            )
-        ),
-        "gpt2": GPT2LMHeadModel(
-            GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=len(WORDS), n_positions=64, **special)
-        ),
+        "llama": tiny_llama(),
+        "gpt2": tiny_gpt2(),
         "bert": BertForSequenceClassification(
             BertConfig(
                 num_hidden_layers=2,

@@ -12,7 +12,7 @@ import random
 
 import pytest
 import torch
-from replay_models import WORDS, record, save_tokenizer
+from replay_models import record, save_tokenizer, tiny_gpt2, tiny_llama
 
 from model_forensics import Intervention, SandboxReplayer
 from model_forensics.models.hooks import hooks
@@ -23,29 +23,10 @@ LAYERS = 4
 
 @pytest.fixture(scope="module")
 def sessions(tmp_path_factory):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
     from model_forensics.models.loading import load
 
-    special = {"eos_token_id": 1, "bos_token_id": 0, "pad_token_id": 1}
     torch.manual_seed(1)
-    models = {
-        "llama": LlamaForCausalLM(
-            LlamaConfig(
-                num_hidden_layers=LAYERS,
-                hidden_size=32,
-                intermediate_size=64,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                vocab_size=len(WORDS),
-                max_position_embeddings=64,
-                **special,
-            )
-        ),
-        "gpt2": GPT2LMHeadModel(
-            GPT2Config(n_layer=LAYERS, n_embd=32, n_head=4, vocab_size=len(WORDS), n_positions=64, **special)
-        ),
-    }
+    models = {"llama": tiny_llama(LAYERS), "gpt2": tiny_gpt2(LAYERS)}
     root = tmp_path_factory.mktemp("shared-prompt")
     out = {}
     for name, model in models.items():

@@ -175,3 +175,26 @@ def test_a_generation_sweep_shares_its_prompt_pass_bit_for_bit(sessions):
         assert torch.equal(x.outputs["generated_ids"], y.outputs["generated_ids"])
         assert all(torch.equal(p, q) for p, q in zip(x.outputs["logits"], y.outputs["logits"], strict=True))
         assert (x.text, x.failed, x.flipped) == (y.text, y.failed, y.flipped)
+
+
+def test_sweep_each_batches_prompts_of_one_length_with_the_same_results(sessions):
+    # Three 16-token prompts and a 13-token one, two sets each: the 16-token prompts share
+    # one generation of six rows, the other runs alone; every result equals its own sweep.
+    from replay_models import BASELINES, PROMPT
+
+    s = sessions["generate"]
+    prompts = [PROMPT, BASELINES[0], " ".join(f"w{i}" for i in range(4, 17)), BASELINES[1]]
+    sets = [[], [Intervention("blocks.1.attn.head.2", "zero"), Intervention("blocks.0.mlp", "scale", value=3.0)]]
+    before = s.forward_passes
+    together = dict(s.sweep_each(prompts, sets))
+    passes = s.forward_passes - before
+    assert sorted(together) == [0, 1, 2, 3]
+    before = s.forward_passes
+    alone = [s.sweep(sets, inputs=p, share_prefix=False) for p in prompts]
+    assert passes < s.forward_passes - before  # 2 generations instead of 4
+    assert together[0].batches == 1 and together[0].forward_passes == together[1].forward_passes
+    for i, swept in enumerate(alone):
+        for x, y in zip(together[i], swept, strict=True):
+            assert (x.text, x.failed, x.flipped) == (y.text, y.failed, y.flipped)
+            assert torch.equal(x.outputs["generated_ids"], y.outputs["generated_ids"])
+            assert float((x.outputs["logits"] - y.outputs["logits"]).abs().max()) < 1e-5

@@ -266,16 +266,15 @@ def held_out_flips(
     session: Session, fix: Sequence[Intervention], variants: list[Any], progress: Progress = silent
 ) -> list[bool]:
     """For each of ``variants`` on which the model fails without ``fix``: whether the fix
-    flips it (one sweep of two rows per variant, stopped once both verdicts are settled:
-    ``verdicts_only``; those that do not fail are left out)."""
-    flips: list[bool] = []
-    for done, entry in enumerate(variants):
+    flips it (sweeps of two rows per variant, :meth:`Session.sweep_each`, stopped once both
+    verdicts are settled: ``verdicts_only``; those that do not fail are left out)."""
+    flipped: list[bool | None] = [None] * len(variants)
+    prompts = [session.encode(entry) for entry in variants]
+    for done, (i, (clean, fixed)) in enumerate(session.sweep_each(prompts, [[], list(fix)], verdicts_only=True)):
         progress("held-out variants", done, len(variants))
-        clean, fixed = session.sweep([[], list(fix)], inputs=session.encode(entry), verdicts_only=True)
-        if clean.failed:
-            flips.append(not fixed.failed)
+        flipped[i] = not fixed.failed if clean.failed else None
     progress("held-out variants", len(variants), len(variants))
-    return flips
+    return [f for f in flipped if f is not None]
 
 
 def _as_prompt(entry: Any) -> Any:

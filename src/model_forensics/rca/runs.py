@@ -100,12 +100,12 @@ def failing_variants(session: Session, progress: Progress = silent) -> list[Inpu
             "the bundle has no failure predicate, so there is nothing to fix; record one with --predicate"
         )
     variants = session.variants()
-    failing: list[Inputs] = []
-    for done, variant in enumerate(variants):
+    fails = [False] * len(variants)
+    for done, (i, swept) in enumerate(session.sweep_each(variants, [[]], verdicts_only=True)):
         progress("failing variants", done, len(variants))
-        if session.sweep([[]], inputs=variant, verdicts_only=True)[0].failed:
-            failing.append(variant)
+        fails[i] = bool(swept[0].failed)
     progress("failing variants", len(variants), len(variants))
+    failing: list[Inputs] = [v for v, fails_here in zip(variants, fails, strict=True) if fails_here]
     if not failing:
         raise ForensicsError("the model does not fail on this incident (the predicate does not hold): nothing to fix")
     return failing
@@ -118,11 +118,12 @@ def flip_table(
     tick: Callable[[int, int], None] | None = None,
 ) -> list[list[bool]]:
     """flips[set][variant]: whether each intervention set removes the failure on each
-    variant, from one batched sweep per variant (``tick(variants done, variants)`` after each)."""
-    flips: list[list[bool]] = [[] for _ in sets]
-    for done, batch in enumerate(variants, 1):
-        for i, result in enumerate(session.sweep(sets, inputs=batch, verdicts_only=True)):
-            flips[i].append(not result.failed)
+    variant, from batched sweeps (:meth:`Session.sweep_each`; ``tick(variants done, variants)``
+    after each)."""
+    flips: list[list[bool]] = [[False] * len(variants) for _ in sets]
+    for done, (v, swept) in enumerate(session.sweep_each(variants, sets, verdicts_only=True), 1):
+        for i, result in enumerate(swept):
+            flips[i][v] = not result.failed
         if tick is not None:
             tick(done, len(variants))
     return flips

@@ -96,16 +96,18 @@ def measure(
     bundle's ``extras.benign``: a prompt, or ``{"prompt": …, "expected": …}``), e.g. prompts
     held out from whatever the fix was fitted on (``progress``: ("side effects", done, prompts))."""
     entries = list(session.extras.get("benign", []) if benign is None else benign)
-    kls, first, changed, right_clean, right_fixed, same, failing = [], [], 0, 0, 0, 0, 0
+    changed, right_clean, right_fixed, same, failing = 0, 0, 0, 0, 0
     benign = [session.encode(entry) for entry in entries]
     gates = any(iv.gate is not None for iv in fix)
     fired = 0  # prompts on which a gate opened in the fixed run (any pass: prompt or a generation step)
-    for done, (entry, batch) in enumerate(zip(entries, benign, strict=False)):
+    firsts: list[float] = [0.0] * len(entries)  # per prompt, in the order given (the sums below add in it)
+    answers: list[float] = [0.0] * len(entries)
+    for done, (i, (clean, fixed)) in enumerate(session.sweep_each(benign, [[], list(fix)])):
         progress("side effects", done, len(entries))
-        clean, fixed = session.sweep([[], list(fix)], inputs=batch)
-        first.append(float(kl_divergence(_first_step(clean), _first_step(fixed))))
+        entry, batch = entries[i], benign[i]
+        firsts[i] = float(kl_divergence(_first_step(clean), _first_step(fixed)))
         sequence = clean.outputs.get("generated_ids")
-        kls.append(first[-1] if sequence is None else _answer_kl(session, fix, batch, sequence))
+        answers[i] = firsts[i] if sequence is None else _answer_kl(session, fix, batch, sequence)
         changed += clean.failed != fixed.failed
         fired += any(fixed.gates.values())
         failing += bool(clean.failed)
@@ -114,6 +116,7 @@ def measure(
         right_clean += _correct(clean, expected, clean)
         right_fixed += _correct(fixed, expected, clean)
     progress("side effects", len(entries), len(entries))
+    kls, first = answers, firsts
     n = len(kls)
     return SideEffects(
         mean_kl=sum(kls) / n if n else 0.0,

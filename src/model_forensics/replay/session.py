@@ -49,7 +49,14 @@ from model_forensics.replay.interventions import (
 )
 from model_forensics.replay.outcomes import Readout, settled_stop
 from model_forensics.replay.results import RunResult, SiteCheck, VerifyReport
-from model_forensics.replay.sweep import PrefixCache, SweepResult, prompt_ladder, run_sweep, shared_prompt_pass
+from model_forensics.replay.sweep import (
+    PrefixCache,
+    SweepResult,
+    prompt_ladder,
+    run_sweep,
+    shared_prompt_pass,
+    sweep_each,
+)
 from model_forensics.replay.verification import check_weights, verify
 
 # Importable from here as before the split (``load``: tests replace it to catch model loads).
@@ -279,6 +286,14 @@ class Session:
             self, sets, inputs=inputs, share_prefix=share_prefix, prefixes=self._prefixes, verdicts_only=verdicts_only
         )
 
+    def sweep_each(
+        self, prompts: Sequence[InputLike], sets: Sequence[Sequence[InterventionLike]], *, verdicts_only: bool = False
+    ) -> Iterator[tuple[int, SweepResult]]:
+        """:meth:`sweep` of ``sets`` on each of ``prompts``: yields (index, result) for every
+        prompt, prompts of one token length together; small generation sweeps of such
+        prompts share batches (:func:`~model_forensics.replay.sweep.sweep_each`)."""
+        return sweep_each(self, prompts, sets, verdicts_only=verdicts_only)
+
     def execute(
         self,
         batch: Inputs,
@@ -289,7 +304,8 @@ class Session:
         """Run ``len(rows)`` copies of ``batch`` in one batch, row i with ``rows[i]`` applied
         (``verdicts_only``: see :meth:`sweep`; ``share_prefix``: a generation's prompt pass
         runs the blocks before every row's first intervention once,
-        :func:`~model_forensics.replay.sweep.shared_prompt_pass`).
+        :func:`~model_forensics.replay.sweep.shared_prompt_pass`). A ``batch`` of
+        ``len(rows)`` rows (prompts of one length) runs row i on its own row i.
 
         Returns:
             (step_logits (N, S, V) last-position scores per forward call, S = 1 for a forward
@@ -298,7 +314,9 @@ class Session:
         inputs = ModelInputs.of(batch)
         clock = Clock(0, inputs.length)
         logits: list[torch.Tensor] = []
-        starts = prompt_ladder(self, rows, inputs.length) if share_prefix and self.mode == "generate" else None
+        one_prompt = all(v.shape[0] == 1 for v in inputs.values())  # else one row per run (sweep_each)
+        share = share_prefix and one_prompt and self.mode == "generate"
+        starts = prompt_ladder(self, rows, inputs.length) if share else None
         order = list(range(len(rows))) if starts is None else sorted(range(len(rows)), key=starts.__getitem__)
         ordered = [rows[i] for i in order]  # a shared prompt pass wants rows by first changed block
         with self.environment(), _stepping(self.adapter, clock, logits), intervening(self.adapter, ordered, clock):
