@@ -100,14 +100,14 @@ def measure(
     benign = [session.encode(entry) for entry in entries]
     gates = any(iv.gate is not None for iv in fix)
     fired = 0  # prompts on which a gate opened in the fixed run (any pass: prompt or a generation step)
-    firsts: list[float] = [0.0] * len(entries)  # per prompt, in the order given (the sums below add in it)
-    answers: list[float] = [0.0] * len(entries)
+    first: list[float] = [0.0] * len(entries)  # per prompt, in the order given (the sums below add in it)
+    kls: list[float] = [0.0] * len(entries)
     for done, (i, (clean, fixed)) in enumerate(session.sweep_each(benign, [[], list(fix)])):
         progress("side effects", done, len(entries))
         entry, batch = entries[i], benign[i]
-        firsts[i] = float(kl_divergence(_first_step(clean), _first_step(fixed)))
+        first[i] = float(kl_divergence(_first_step(clean), _first_step(fixed)))
         sequence = clean.outputs.get("generated_ids")
-        answers[i] = firsts[i] if sequence is None else _answer_kl(session, fix, batch, sequence)
+        kls[i] = first[i] if sequence is None else _answer_kl(session, fix, batch, sequence)
         changed += clean.failed != fixed.failed
         fired += any(fixed.gates.values())
         failing += bool(clean.failed)
@@ -116,7 +116,6 @@ def measure(
         right_clean += _correct(clean, expected, clean)
         right_fixed += _correct(fixed, expected, clean)
     progress("side effects", len(entries), len(entries))
-    kls, first = answers, firsts
     n = len(kls)
     return SideEffects(
         mean_kl=sum(kls) / n if n else 0.0,

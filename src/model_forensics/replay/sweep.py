@@ -165,7 +165,12 @@ def sweep_each(
     batches = [session.encode(p) for p in prompts]
     groups: dict[int, list[int]] = {}
     for i, batch in enumerate(batches):
-        groups.setdefault(batch.length if _one_row(batch) else -1 - i, []).append(i)
+        together = (
+            _one_row(batch)
+            and "input_ids" in batch
+            and all(v.shape[1:] == batch["input_ids"].shape[1:] for v in batch.values())
+        )
+        groups.setdefault(batch.length if together else -1 - i, []).append(i)
     for members in groups.values():
         if session.mode != "generate" or len(sets) >= FEW_ROWS or len(members) < 2:
             for i in members:
