@@ -37,6 +37,11 @@ class ModelInputs(dict[str, torch.Tensor]):
         return cls(input_ids=ids, attention_mask=torch.ones_like(ids))
 
     @property
+    def one_row(self) -> bool:
+        """Every tensor holds one row (one prompt; a batch of copies is ``expand``-ed from it)."""
+        return bool(self) and all(v.shape[0] == 1 for v in self.values())
+
+    @property
     def length(self) -> int:
         """Tokens per row (T of ``input_ids``; 0 when there are no ids)."""
         return int(self["input_ids"].shape[1]) if "input_ids" in self else 0

@@ -269,8 +269,7 @@ def held_out_flips(
     flips it (sweeps of two rows per variant, :meth:`Session.sweep_each`, stopped once both
     verdicts are settled: ``verdicts_only``; those that do not fail are left out)."""
     flipped: list[bool | None] = [None] * len(variants)
-    prompts = [session.encode(entry) for entry in variants]
-    for done, (i, (clean, fixed)) in enumerate(session.sweep_each(prompts, [[], list(fix)], verdicts_only=True)):
+    for done, (i, (clean, fixed)) in enumerate(session.sweep_each(variants, [[], list(fix)], verdicts_only=True)):
         progress("held-out variants", done, len(variants))
         flipped[i] = not fixed.failed if clean.failed else None
     progress("held-out variants", len(variants), len(variants))

@@ -314,8 +314,7 @@ class Session:
         inputs = ModelInputs.of(batch)
         clock = Clock(0, inputs.length)
         logits: list[torch.Tensor] = []
-        one_prompt = all(v.shape[0] == 1 for v in inputs.values())  # else one row per run (sweep_each)
-        share = share_prefix and one_prompt and self.mode == "generate"
+        share = share_prefix and inputs.one_row and self.mode == "generate"  # else one row per run (sweep_each)
         starts = prompt_ladder(self, rows, inputs.length) if share else None
         order = list(range(len(rows))) if starts is None else sorted(range(len(rows)), key=starts.__getitem__)
         ordered = [rows[i] for i in order]  # a shared prompt pass wants rows by first changed block

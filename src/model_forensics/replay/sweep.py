@@ -166,7 +166,7 @@ def sweep_each(
     groups: dict[int, list[int]] = {}
     for i, batch in enumerate(batches):
         together = (
-            _one_row(batch)
+            batch.one_row
             and "input_ids" in batch
             and all(v.shape[1:] == batch["input_ids"].shape[1:] for v in batch.values())
         )
@@ -214,10 +214,6 @@ def _sweep_together(
             batch, prepared[p], [logits[k] for k in keys], [sequences[k] for k in keys], [passes[k] for k in keys]
         )
         yield index, SweepResult(results, max(passes[k] for k in keys), chunks, False, seconds)
-
-
-def _one_row(batch: ModelInputs) -> bool:
-    return bool(batch) and all(v.shape[0] == 1 for v in batch.values())
 
 
 def forced_picks(
@@ -484,14 +480,14 @@ def prompt_ladder(session: Session, rows: Sequence[Sequence[Prepared]], prompt_l
 
 
 @contextmanager
-def shared_prompt_pass(session: Session, starts: Sequence[int]) -> Iterator[int]:
+def shared_prompt_pass(session: Session, starts: Sequence[int]) -> Iterator[None]:
     """Inside the block, the first forward call of a batched generation (its prompt pass) runs
     each decoder block only on the rows that change it or an earlier block, plus one clean
     row; the rows that join later are copies of that clean row, in the block outputs and in
     the key/value cache. Decoding steps run every row on its own tokens, as before.
 
     ``starts``: the first changed block of each batch row, ascending
-    (:func:`prompt_ladder`). Yields the blocks run on fewer rows than the batch. Nothing is
+    (:func:`prompt_ladder`; empty: nothing is shared). Nothing is
     shared where transformers' cache is not a plain ``DynamicCache``; that is found on the
     first block call, before anything is changed. A shared block's rows are bit for bit
     what the whole batch computes there (the kernels multiply at least
@@ -505,7 +501,7 @@ def shared_prompt_pass(session: Session, starts: Sequence[int]) -> Iterator[int]
     blocks = [a.points[f"blocks.{m}.resid_pre"].module for m in range(a.n_layers)]
     shared = {blocks[m]: live[m] for m in range(a.n_layers) if live[m] < n}
     if not shared:
-        yield 0
+        yield
         return
     state = {"prompt": True, "on": False}
     first = a.modules[blocks[0]]
@@ -535,7 +531,7 @@ def shared_prompt_pass(session: Session, starts: Sequence[int]) -> Iterator[int]
 
     rows_of = {id(a.modules[path]): k for path, k in shared.items()}  # block 0 is shared: live is ascending
     with hooks(a, before=dict.fromkeys(shared, pre), after={**dict.fromkeys(shared, post), "": ended}):
-        yield len(shared)
+        yield
 
 
 def _cache_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
