@@ -66,6 +66,22 @@ def test_screened_flips_equal_generating_every_set(sessions: dict[str, Session])
     assert clean.screens and kept[0] and 0 < sum(kept) < len(sets)
 
 
+def test_flips_each_gives_every_variant_its_own_sets(sessions: dict[str, Session]) -> None:
+    # Each variant with its own sets (none, one, three, six): generated together or screened,
+    # every variant's flips are those of its own flip table.
+    session = sessions["gpt2-toxic"]
+    failing = runs.failing_variants(session)[:4]
+    fine = [u for u in attribution_ranking(session).units if u.level in ("head", "neuron")]
+    ablate = Ablation("mean")
+    own = [[[]], [ablate.all(fine[:k]) for k in (2, 5, 9)], [], [[ablate(u)] for u in fine[:6]]]
+    work = list(zip(failing, own, strict=True))
+    expected = [[column[0] for column in runs.flip_table(session, [v], sets)] for v, sets in work]
+    assert runs.flips_each(session, work) == expected
+    assert flips.flips_each(session, work, screen=True) == expected
+    assert [len(f) for f in expected] == [1, 3, 0, 6]
+    assert any(any(f) for f in expected) and not all(all(f) for f in expected)  # both verdicts occur
+
+
 def test_screen_stands_aside_where_it_would_not_be_exact(sessions: dict[str, Session]) -> None:
     assert not flips.exact(sessions["bert-sentiment-bypass"])  # a classifier: nothing generated
     session = sessions["gpt2-toxic"]

@@ -198,3 +198,41 @@ def test_sweep_each_batches_prompts_of_one_length_with_the_same_results(sessions
             assert (x.text, x.failed, x.flipped) == (y.text, y.failed, y.flipped)
             assert torch.equal(x.outputs["generated_ids"], y.outputs["generated_ids"])
             assert float((x.outputs["logits"] - y.outputs["logits"]).abs().max()) < 1e-5
+
+
+def test_sweep_each_per_prompt_sets_batches_small_sweeps_and_keeps_each_prompts_sets(sessions):
+    # Per-prompt sets: two 16-token prompts with one and two sets share a generation of three
+    # rows; a 16-token prompt with FEW_ROWS sets runs its own sweep; a prompt with no sets
+    # runs nothing. Each result holds its own prompt's sets, as its own sweep gives them.
+    from replay_models import BASELINES, PROMPT
+
+    from model_forensics.replay.sweep import FEW_ROWS
+
+    s = sessions["generate"]
+    head = Intervention("blocks.1.attn.head.2", "zero")
+    mlp = Intervention("blocks.0.mlp", "scale", value=3.0)
+    prompts = [PROMPT, BASELINES[0], BASELINES[1], " ".join(f"w{i}" for i in range(4, 17))]
+    own = [
+        [[head]],
+        [[], [head, mlp]],
+        [[]] + [[Intervention(f"blocks.1.attn.head.{h}", "zero")] for h in range(FEW_ROWS - 1)],
+        [],
+    ]
+    assert [len(s.encode(p)["input_ids"][0]) for p in prompts[:3]] == [16, 16, 16]  # and a 13-token one
+    before = s.forward_passes
+    got = dict(s.sweep_each(prompts, own, per_prompt=True))
+    passes = s.forward_passes - before
+    assert sorted(got) == [0, 1, 2, 3] and [len(got[i]) for i in range(4)] == [1, 2, FEW_ROWS, 0]
+    assert got[0].batches == got[1].batches == 1 and got[0].forward_passes == got[1].forward_passes
+    assert got[3].forward_passes == 0 and got[3].batches == 0
+    before = s.forward_passes
+    alone = {i: s.sweep(own[i], inputs=prompts[i]) for i in range(3)}
+    assert passes < s.forward_passes - before  # 2 generations instead of 3
+    for i, swept in alone.items():
+        for x, y in zip(got[i], swept, strict=True):
+            assert x.interventions == y.interventions
+            assert (x.text, x.failed, x.flipped) == (y.text, y.failed, y.flipped)
+            assert torch.equal(x.outputs["generated_ids"], y.outputs["generated_ids"])
+            assert float((x.outputs["logits"] - y.outputs["logits"]).abs().max()) < 1e-5
+    with pytest.raises(ValueError, match="one list of sets per prompt"):
+        list(s.sweep_each(prompts, own[:2], per_prompt=True))

@@ -93,14 +93,40 @@ def flip_table(
     """flips[set][variant], as :func:`~model_forensics.rca.runs.flip_table` gives it, with
     the sets that keep a variant's clean answer screened out by one teacher-forced pass
     (``screen``: None, where :func:`screens` says so; True, wherever it is exact)."""
+    per_variant = flips_each(session, [(v, sets) for v in variants], tick, screen=screen)
+    return [list(column) for column in zip(*per_variant, strict=True)] if variants else [[] for _ in sets]
+
+
+def flips_each(
+    session: Session,
+    work: Sequence[tuple[Inputs, Sequence[Sequence[Intervention]]]],
+    tick: Callable[[int, int], None] | None = None,
+    *,
+    screen: bool | None = None,
+) -> list[list[bool]]:
+    """flips[variant][set] for (variant, its own sets) pairs, as
+    :func:`~model_forensics.rca.runs.flips_each` gives them, screened as :func:`flip_table`
+    is: each variant's screen runs first, then the sets no screen decided are generated,
+    every variant's in one :meth:`Session.sweep_each`."""
     if not (screens(session) if screen is None else screen and exact(session)):
-        return runs.flip_table(session, variants, sets, tick)
-    flips: list[list[bool]] = [[] for _ in sets]
-    for done, batch in enumerate(variants, 1):
-        for i, flipped in enumerate(variant_flips(session, batch, sets)):
-            flips[i].append(flipped)
-        if tick is not None:
-            tick(done, len(variants))
+        return runs.flips_each(session, work, tick)
+    flips: list[list[bool]] = []
+    rest: list[list[int]] = []
+    for batch, sets in work:
+        if not sets:  # nothing asked of this variant (the search measured it all before)
+            flips.append([])
+            rest.append([])
+            continue
+        clean = _clean(session, batch)
+        kept = keeps_answer(session, batch, clean.ids, sets) if clean.screens else [not s for s in sets]
+        flips.append([not clean.failed] * len(sets))
+        rest.append([i for i, k in enumerate(kept) if not k])
+    generated = runs.flips_each(
+        session, [(batch, [sets[i] for i in todo]) for (batch, sets), todo in zip(work, rest, strict=True)], tick
+    )
+    for v, todo in enumerate(rest):
+        for i, flipped in zip(todo, generated[v], strict=True):
+            flips[v][i] = flipped
     return flips
 
 
@@ -120,21 +146,6 @@ def exact(session: Session) -> bool:
     config = getattr(session.model, "generation_config", None)
     values = {**({} if config is None else config.to_dict()), **session.generation}
     return all(values.get(key) in allowed for key, allowed in _NEUTRAL.items())
-
-
-def variant_flips(session: Session, batch: Inputs, sets: Sequence[Sequence[Intervention]]) -> list[bool]:
-    """Whether each set flips one variant: screened sets keep the clean verdict, the rest
-    are generated in one sweep."""
-    clean = _clean(session, batch)
-    kept = keeps_answer(session, batch, clean.ids, sets) if clean.screens else [not s for s in sets]
-    out = [not clean.failed] * len(sets)
-    rest = [i for i, k in enumerate(kept) if not k]
-    if rest:
-        for i, result in zip(
-            rest, session.sweep([sets[i] for i in rest], inputs=batch, verdicts_only=True), strict=True
-        ):
-            out[i] = not result.failed
-    return out
 
 
 def keeps_answer(

@@ -120,12 +120,24 @@ def flip_table(
     """flips[set][variant]: whether each intervention set removes the failure on each
     variant, from batched sweeps (:meth:`Session.sweep_each`; ``tick(variants done, variants)``
     after each)."""
-    flips: list[list[bool]] = [[False] * len(variants) for _ in sets]
-    for done, (v, swept) in enumerate(session.sweep_each(variants, sets, verdicts_only=True), 1):
-        for i, result in enumerate(swept):
-            flips[i][v] = not result.failed
+    per_variant = flips_each(session, [(v, sets) for v in variants], tick)
+    return [list(column) for column in zip(*per_variant, strict=True)] if variants else [[] for _ in sets]
+
+
+def flips_each(
+    session: Session,
+    work: Sequence[tuple[Inputs, Sequence[Sequence[Intervention]]]],
+    tick: Callable[[int, int], None] | None = None,
+) -> list[list[bool]]:
+    """flips[variant][set] for (variant, its own sets) pairs: whether each set removes the
+    failure on its variant, the variants' sweeps batched together where they are small
+    (:meth:`Session.sweep_each` with ``per_prompt``; ``tick(variants done, variants)``)."""
+    flips = [[False] * len(sets) for _, sets in work]
+    swept = session.sweep_each([v for v, _ in work], [s for _, s in work], verdicts_only=True, per_prompt=True)
+    for done, (v, results) in enumerate(swept, 1):
+        flips[v] = [not result.failed for result in results]
         if tick is not None:
-            tick(done, len(variants))
+            tick(done, len(work))
     return flips
 
 

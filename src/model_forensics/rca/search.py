@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from model_forensics.core.config import CCAConfig
 from model_forensics.rca.attribution import UnitScore
 from model_forensics.rca.candidates import Ablation, fine_candidates
-from model_forensics.rca.flips import flip_table
+from model_forensics.rca.flips import flips_each
 from model_forensics.rca.members import solo_kls
 from model_forensics.rca.notes import Note
 from model_forensics.rca.progress import Progress, silent
@@ -119,20 +119,20 @@ class FixSearch:
         sets: Sequence[Sequence[Intervention]],
         tick: Callable[[int, int], None] | None = None,
     ) -> list[list[bool]]:
-        """flips[set][variant] (:func:`~model_forensics.rca.flips.flip_table`, one batched
-        sweep per variant); a set already measured on a variant is not run again."""
+        """flips[set][variant] (:func:`~model_forensics.rca.flips.flips_each`: every
+        variant's sets in batched sweeps); a set already measured on a variant is not run again."""
         keys = [set_key(s) for s in sets]
-        for done, variant in enumerate(variants, 1):
+        first = {k: s for k, s in zip(keys, sets, strict=True)}
+        todo: list[list[str]] = []
+        for variant in variants:
             self._variants[id(variant)] = variant
-            todo = list(dict.fromkeys(k for k in keys if (id(variant), k) not in self._flipped))
+            todo.append(list(dict.fromkeys(k for k in keys if (id(variant), k) not in self._flipped)))
             self.memo["flip_checks"] += len(keys)
-            self.memo["flip_checks_reused"] += len(keys) - len(todo)
-            if todo:
-                first = {k: sets[keys.index(k)] for k in todo}
-                for k, (flipped,) in zip(todo, flip_table(self.session, [variant], list(first.values())), strict=True):
-                    self._flipped[(id(variant), k)] = flipped
-            if tick is not None:
-                tick(done, len(variants))
+            self.memo["flip_checks_reused"] += len(keys) - len(todo[-1])
+        work = [(v, [first[k] for k in ks]) for v, ks in zip(variants, todo, strict=True)]
+        for variant, ks, flipped in zip(variants, todo, flips_each(self.session, work, tick), strict=True):
+            for k, f in zip(ks, flipped, strict=True):
+                self._flipped[(id(variant), k)] = f
         return [[self._flipped[(id(v), k)] for v in variants] for k in keys]
 
     def side_effects(self, fix: Sequence[Intervention], progress: Progress = silent) -> SideEffects:

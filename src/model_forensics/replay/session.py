@@ -287,12 +287,18 @@ class Session:
         )
 
     def sweep_each(
-        self, prompts: Sequence[InputLike], sets: Sequence[Sequence[InterventionLike]], *, verdicts_only: bool = False
+        self,
+        prompts: Sequence[InputLike],
+        sets: Sequence[Sequence[InterventionLike]] | Sequence[Sequence[Sequence[InterventionLike]]],
+        *,
+        verdicts_only: bool = False,
+        per_prompt: bool = False,
     ) -> Iterator[tuple[int, SweepResult]]:
-        """:meth:`sweep` of ``sets`` on each of ``prompts``: yields (index, result) for every
-        prompt, prompts of one token length together; small generation sweeps of such
-        prompts share batches (:func:`~model_forensics.replay.sweep.sweep_each`)."""
-        return sweep_each(self, prompts, sets, verdicts_only=verdicts_only)
+        """:meth:`sweep` of ``sets`` on each of ``prompts`` (``per_prompt``: ``sets[i]`` are
+        prompt i's own sets): yields (index, result) for every prompt, prompts of one token
+        length together; small generation sweeps of such prompts share batches
+        (:func:`~model_forensics.replay.sweep.sweep_each`)."""
+        return sweep_each(self, prompts, sets, verdicts_only=verdicts_only, per_prompt=per_prompt)
 
     def execute(
         self,

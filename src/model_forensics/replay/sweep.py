@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 # differently) than the same rows inside a larger product; pad the last-position logits
 # product to at least this many rows so single runs and batches agree exactly.
 GEMM_ROWS = 64
+
+Set = Sequence[Intervention | str | dict[str, Any]]  # one intervention set, as Session.sweep takes it
 
 
 @dataclass
@@ -83,7 +85,7 @@ class SweepResult(Sequence["RunResult"]):
 
 def run_sweep(
     session: Session,
-    sets: Sequence[Sequence[Intervention | str | dict[str, Any]]],
+    sets: Sequence[Set],
     *,
     inputs: InputLike = None,
     share_prefix: bool = True,
@@ -147,52 +149,73 @@ FEW_ROWS = 4
 def sweep_each(
     session: Session,
     prompts: Sequence[InputLike],
-    sets: Sequence[Sequence[Intervention | str | dict[str, Any]]],
+    sets: Sequence[Set] | Sequence[Sequence[Set]],
     *,
     verdicts_only: bool = False,
+    per_prompt: bool = False,
 ) -> Iterator[tuple[int, SweepResult]]:
     """``session.sweep(sets, inputs=prompt)`` for every prompt of ``prompts``: yields
-    (index, result), every index once, prompts of one token length together.
+    (index, result), every index once, prompts of one token length together. With
+    ``per_prompt``, ``sets[i]`` is prompt i's own list of sets (as many lists as prompts).
 
-    Generation sweeps of fewer than ``FEW_ROWS`` sets batch the rows of every prompt of one
-    length in one generation (micro-batched to the memory budget), because a decoding step
-    of few rows costs nearly what one of many does (SmolLM2, one thread: 73 ms for one row,
-    148 ms for eight). Each row sees the same operations as in its own prompt's sweep: same
-    length, no padding, interventions and gates placed for that length. Such batches do not
-    share a prompt pass (their rows hold different prompts). Anything else runs one sweep
-    per prompt.
+    A prompt whose generation sweep has fewer than ``FEW_ROWS`` sets is batched with the
+    other such prompts of its length in one generation (micro-batched to the memory budget),
+    because a decoding step of few rows costs nearly what one of many does (SmolLM2, one
+    thread: 73 ms for one row, 148 ms for eight). Each row sees the same operations as in its
+    own prompt's sweep: same length, no padding, interventions and gates placed for that
+    length. Such batches do not share a prompt pass (their rows hold different prompts).
+    Anything else runs one sweep per prompt.
     """
+    sets_of: list[list[Set]] = (
+        [list(s) for s in cast("Sequence[Sequence[Set]]", sets)]
+        if per_prompt
+        else [list(cast("Sequence[Set]", sets))] * len(prompts)
+    )
+    if len(sets_of) != len(prompts):
+        raise ValueError(
+            f"per_prompt sweeps need one list of sets per prompt: {len(sets_of)} lists, {len(prompts)} prompts"
+        )
     batches = [session.encode(p) for p in prompts]
     groups: dict[int, list[int]] = {}
     for i, batch in enumerate(batches):
         together = (
-            batch.one_row
+            session.mode == "generate"
+            and 0 < len(sets_of[i]) < FEW_ROWS
+            and batch.one_row
             and "input_ids" in batch
             and all(v.shape[1:] == batch["input_ids"].shape[1:] for v in batch.values())
         )
         groups.setdefault(batch.length if together else -1 - i, []).append(i)
     for members in groups.values():
-        if session.mode != "generate" or len(sets) >= FEW_ROWS or len(members) < 2:
-            for i in members:
-                yield (
-                    i,
-                    run_sweep(session, sets, inputs=batches[i], prefixes=session.prefixes, verdicts_only=verdicts_only),
-                )
+        if len(members) > 1:
+            yield from _sweep_together(
+                session, [batches[i] for i in members], members, [sets_of[i] for i in members], verdicts_only
+            )
             continue
-        yield from _sweep_together(session, [batches[i] for i in members], members, sets, verdicts_only)
+        (i,) = members
+        if not sets_of[i]:
+            yield i, SweepResult([], 0, 0, False, 0.0)
+            continue
+        yield (
+            i,
+            run_sweep(session, sets_of[i], inputs=batches[i], prefixes=session.prefixes, verdicts_only=verdicts_only),
+        )
 
 
 def _sweep_together(
     session: Session,
     batches: list[ModelInputs],
     indices: list[int],
-    sets: Sequence[Sequence[Intervention | str | dict[str, Any]]],
+    sets_of: list[list[Set]],
     verdicts_only: bool,
 ) -> Iterator[tuple[int, SweepResult]]:
-    """Sweeps of prompts of one length in shared batches; row (prompt p, set j) runs set j on p."""
+    """Sweeps of prompts of one length in shared batches; row (prompt p, set j) runs set j
+    of prompt p's sets on p."""
     start = time.perf_counter()
-    prepared = [session.prepare_sets(sets, b) for b in batches]  # per prompt: each row keeps its own gate state
-    units = [(p, j) for p in range(len(batches)) for j in range(len(sets))]
+    prepared = [
+        session.prepare_sets(s, b) for s, b in zip(sets_of, batches, strict=True)
+    ]  # each row keeps its own gate state
+    units = [(p, j) for p, s in enumerate(sets_of) for j in range(len(s))]
     logits: dict[tuple[int, int], torch.Tensor] = {}
     sequences: dict[tuple[int, int], torch.Tensor | None] = {}
     passes: dict[tuple[int, int], int] = {}
@@ -209,7 +232,7 @@ def _sweep_together(
         chunks += 1
     seconds = (time.perf_counter() - start) / len(batches)
     for p, (index, batch) in enumerate(zip(indices, batches, strict=True)):
-        keys = [(p, j) for j in range(len(sets))]
+        keys = [(p, j) for j in range(len(sets_of[p]))]
         results = session.results(
             batch, prepared[p], [logits[k] for k in keys], [sequences[k] for k in keys], [passes[k] for k in keys]
         )
