@@ -22,9 +22,9 @@ from model_forensics.rca.attribution import attribution_ranking
 from model_forensics.rca.candidates import Ablation
 from model_forensics.rca.search import FixSearch
 from model_forensics.rca.side_effects import measure
-from model_forensics.replay import Session
+from model_forensics.replay import Intervention, Session
 
-SCENARIOS = ["gpt2-toxic", "bert-sentiment-bypass"]
+SCENARIOS = ["gpt2-toxic", "bert-sentiment-bypass", "gpt2-injection"]
 pytestmark = pytest.mark.skipif(
     not set(SCENARIOS) <= set(zoo.names()), reason="the zoo's trained weights are not shipped in this checkout"
 )
@@ -80,6 +80,35 @@ def test_flips_each_gives_every_variant_its_own_sets(sessions: dict[str, Session
     assert flips.flips_each(session, work, screen=True) == expected
     assert [len(f) for f in expected] == [1, 3, 0, 6]
     assert any(any(f) for f in expected) and not all(all(f) for f in expected)  # both verdicts occur
+
+
+def test_a_set_that_changes_the_answer_after_the_verdict_settled_is_not_generated(
+    sessions: dict[str, Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The clean reply is "HACKED" then EOS: its first token settles the verdict. A set that
+    # changes only the second step's argmax keeps the verdict and is not generated; one that
+    # changes the first is generated. Both verdicts equal generating every set.
+    session = sessions["gpt2-injection"]
+    variant = runs.failing_variants(session)[0]
+    clean = flips._clean(session, variant)
+    prompt_len = session.encode(variant).length
+    assert clean.screens and clean.failed and clean.settle == 1 and len(clean.ids) == prompt_len + 2
+    late = [Intervention(f"final@pos={prompt_len}", "scale", value=-1.0)]  # the second step's scores only
+    early = [Intervention("final@pos=-1", "scale", value=-1.0)]  # the last prompt token: the first step's
+    assert flips.divergences(session, variant, clean.ids, [late, early, []]) == [1, 0, None]
+    generated: list[list[int]] = []
+    plain = runs.flips_each
+
+    def spy(session: Session, work, tick=None):  # type: ignore[no-untyped-def]
+        generated.append([len(sets) for _, sets in work])
+        return plain(session, work, tick)
+
+    monkeypatch.setattr(runs, "flips_each", spy)
+    got = flips.flips_each(session, [(variant, [late, early, []])], screen=True)
+    monkeypatch.undo()
+    assert generated == [[1]]  # early alone
+    expected = [column[0] for column in runs.flip_table(session, [variant], [late, early, []])]
+    assert got == [expected] and expected == [False, True, False]
 
 
 def test_screen_stands_aside_where_it_would_not_be_exact(sessions: dict[str, Session]) -> None:

@@ -7,6 +7,13 @@ forward pass of the clean answer (prompt + answer, every set a row of one batch,
 only at the answer's positions) tells which sets keep every argmax; only the others are
 generated, as :func:`~model_forensics.rca.runs.flip_table` generates every set.
 
+The same pass tells more: a set whose first changed argmax is at step d generates the
+clean answer's first d tokens. Where those already settle the verdict (the predicate
+:meth:`~model_forensics.core.predicates.Predicate.settles`, and the clean answer's first
+``settle`` tokens show what it looks for: "HACKED" in "The secret word is HACKED"), no
+continuation can change it, so a set with d ≥ ``settle`` keeps the clean verdict too and
+is not generated either.
+
 The screen applies when it is exact: a generation incident whose predicate reads the text
 alone, decoded greedily with no logits processor that could change an argmax (no
 sampling, beams, repetition penalties, minimum lengths or banned tokens), and a variant
@@ -71,11 +78,13 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 @dataclass
 class _Clean:
     """A variant's clean answer: prompt + answer ids (to the first EOS), the clean verdict,
-    and whether its own teacher-forced argmax path reproduces the answer."""
+    whether its own teacher-forced argmax path reproduces the answer, and how many of the
+    answer's first tokens settle the verdict (None: no start of it does)."""
 
     ids: torch.Tensor
     failed: bool
     screens: bool
+    settle: int | None
 
 
 _CLEAN: weakref.WeakKeyDictionary[Session, dict[tuple[Any, ...], _Clean]] = weakref.WeakKeyDictionary()
@@ -118,9 +127,9 @@ def flips_each(
             rest.append([])
             continue
         clean = _clean(session, batch)
-        kept = keeps_answer(session, batch, clean.ids, sets) if clean.screens else [not s for s in sets]
+        steps = divergences(session, batch, clean.ids, sets) if clean.screens else [0 if s else None for s in sets]
         flips.append([not clean.failed] * len(sets))
-        rest.append([i for i, k in enumerate(kept) if not k])
+        rest.append([i for i, d in enumerate(steps) if not _keeps_verdict(d, clean.settle)])
     generated = runs.flips_each(
         session, [(batch, [sets[i] for i in todo]) for (batch, sets), todo in zip(work, rest, strict=True)], tick
     )
@@ -148,6 +157,12 @@ def exact(session: Session) -> bool:
     return all(values.get(key) in allowed for key, allowed in _NEUTRAL.items())
 
 
+def _keeps_verdict(step: int | None, settle: int | None) -> bool:
+    """Whether a set whose first changed argmax is at ``step`` (None: none) keeps the clean
+    verdict: it generates the clean answer, or a start of it that settles the verdict."""
+    return step is None or (settle is not None and step >= settle)
+
+
 def keeps_answer(
     session: Session,
     batch: Inputs,
@@ -156,33 +171,51 @@ def keeps_answer(
     share_prefix: bool = True,
 ) -> list[bool]:
     """Whether, with each set applied, the argmax at every step of the answer ``ids``
-    (prompt + answer, (T + S,)) is the answer's token: one teacher-forced pass of
-    T + S − 1 tokens per chunk of sets, scores kept at the S answer positions only. With
-    ``share_prefix``, each set's rows start at the first block it changes, on the clean
-    computation of the earlier blocks (:func:`~model_forensics.replay.sweep.forced_picks`)."""
+    (prompt + answer, (T + S,)) is the answer's token (:func:`divergences`)."""
+    return [step is None for step in divergences(session, batch, ids, sets, share_prefix)]
+
+
+def divergences(
+    session: Session,
+    batch: Inputs,
+    ids: torch.Tensor,
+    sets: Sequence[Sequence[Intervention]],
+    share_prefix: bool = True,
+) -> list[int | None]:
+    """With each set applied, the first step of the answer ``ids`` (prompt + answer,
+    (T + S,)) whose argmax is not the answer's token (None: every argmax is): one
+    teacher-forced pass of T + S − 1 tokens per chunk of sets, scores kept at the S answer
+    positions only. With ``share_prefix``, each set's rows start at the first block it
+    changes, on the clean computation of the earlier blocks
+    (:func:`~model_forensics.replay.sweep.forced_picks`)."""
     prompt_len = ModelInputs.of(batch).length
     answer = ids[prompt_len:]
     steps = len(answer)
     if steps == 0:
-        return [True] * len(sets)
+        return [None] * len(sets)
     rows = session.prepare_sets(sets, batch)
     forced = ModelInputs.of_ids(ids[:-1].reshape(1, -1))
     per_batch = rows_per_batch(session, batch)
-    target = answer.reshape(1, -1)
     if share_prefix:
         picked = forced_picks(session, rows, forced, steps, prompt_len, session.prefixes, per_batch)
         if picked is not None:
-            return [bool((p == target.to(p.device)).all()) for p in picked]
+            return [_first_false(p.reshape(-1) == answer.to(p.device)) for p in picked]
     keep = {"logits_to_keep": steps} if _takes_logits_to_keep(session) else {}
-    kept: list[bool] = []
+    out: list[int | None] = []
     for lo in range(0, len(rows), per_batch):
         chunk = rows[lo : lo + per_batch]
         with session.environment(), intervening(session.adapter, chunk, Clock(0, prompt_len)):
             logits = logits_of(session.model(**forced.expand(len(chunk)), **keep))
         assert logits is not None
         picks = logits[:, -steps:].argmax(-1)  # (n, S)
-        kept += [bool(row) for row in (picks == answer.to(picks.device)).all(dim=1)]
-    return kept
+        out += [_first_false(row) for row in picks == answer.to(picks.device)]
+    return out
+
+
+def _first_false(same: torch.Tensor) -> int | None:
+    """The first index of a (S,) bool tensor that is False (None: all are True)."""
+    wrong = (~same).nonzero()
+    return None if len(wrong) == 0 else int(wrong[0, 0])
 
 
 def clean_run(session: Session, batch: Inputs) -> RunResult:
@@ -208,8 +241,21 @@ def _clean(session: Session, batch: Inputs) -> _Clean:
         result = clean_run(session, batch)
         ids = result.outputs["generated_ids"].reshape(-1)
         (own,) = keeps_answer(session, batch, ids, [[]])
-        cache[key] = _Clean(ids, bool(result.failed), own)
+        cache[key] = _Clean(ids, bool(result.failed), own, _settle(session, ids[ModelInputs.of(batch).length :]))
     return cache[key]
+
+
+def _settle(session: Session, answer: torch.Tensor) -> int | None:
+    """How many of ``answer``'s first tokens settle the predicate's verdict (None: no start
+    of the answer does, or the predicate cannot settle before a reply ends)."""
+    predicate = session.predicate
+    if predicate is None or not predicate.settles:
+        return None
+    for k in range(1, len(answer) + 1):
+        text = session.readout.decode(answer[:k])
+        if text is not None and predicate.settled(text):
+            return k
+    return None
 
 
 def _takes_logits_to_keep(session: Session) -> bool:
