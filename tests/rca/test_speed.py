@@ -99,14 +99,23 @@ def test_a_set_that_changes_the_answer_after_the_verdict_settled_is_not_generate
     generated: list[list[int]] = []
     plain = runs.flips_each
 
-    def spy(session: Session, work, tick=None):  # type: ignore[no-untyped-def]
+    def spy(session: Session, work, tick=None):
         generated.append([len(sets) for _, sets in work])
         return plain(session, work, tick)
 
+    screened: list[int] = []
+    divergences = flips.divergences
+
+    def screen_spy(session: Session, batch, ids, sets, share_prefix=True):
+        screened.append(len(ids))
+        return divergences(session, batch, ids, sets, share_prefix)
+
     monkeypatch.setattr(runs, "flips_each", spy)
+    monkeypatch.setattr(flips, "divergences", screen_spy)
     got = flips.flips_each(session, [(variant, [late, early, []])], screen=True)
     monkeypatch.undo()
     assert generated == [[1]]  # early alone
+    assert screened == [prompt_len + 1]  # the screen stops at the settle point
     expected = [column[0] for column in runs.flip_table(session, [variant], [late, early, []])]
     assert got == [expected] and expected == [False, True, False]
 

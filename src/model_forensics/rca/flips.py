@@ -127,7 +127,9 @@ def flips_each(
             rest.append([])
             continue
         clean = _clean(session, batch)
-        steps = divergences(session, batch, clean.ids, sets) if clean.screens else [0 if s else None for s in sets]
+        # only steps before the settle point can change the verdict: the screen stops there
+        ids = clean.ids if clean.settle is None else clean.ids[: ModelInputs.of(batch).length + clean.settle]
+        steps = divergences(session, batch, ids, sets) if clean.screens else [0 if s else None for s in sets]
         flips.append([not clean.failed] * len(sets))
         rest.append([i for i, d in enumerate(steps) if not _keeps_verdict(d, clean.settle)])
     generated = runs.flips_each(
