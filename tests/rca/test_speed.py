@@ -62,7 +62,7 @@ def test_screened_flips_equal_generating_every_set(sessions: dict[str, Session])
     assert any(any(f) for f in expected) and not all(all(f) for f in expected)  # both verdicts occur
     # the screen settles some sets without generating them, not all
     clean = flips._clean(session, failing[0])
-    kept = flips.keeps_answer(session, failing[0], clean.ids, sets)
+    kept = [step is None for step in flips.divergences(session, failing[0], clean.ids, sets)]
     assert clean.screens and kept[0] and 0 < sum(kept) < len(sets)
 
 
@@ -194,9 +194,9 @@ def test_shared_prefix_screen_equals_whole_model_passes(sessions: dict[str, Sess
     ]
     for batch in failing:
         clean = flips._clean(session, batch)
-        shared = flips.keeps_answer(session, batch, clean.ids, sets, share_prefix=True)
-        whole = flips.keeps_answer(session, batch, clean.ids, sets, share_prefix=False)
-        assert shared == whole and shared[0] and not all(shared)
+        shared = flips.divergences(session, batch, clean.ids, sets, share_prefix=True)
+        whole = flips.divergences(session, batch, clean.ids, sets, share_prefix=False)
+        assert shared == whole and shared[0] is None and not all(step is None for step in shared)
         # the shared path really ran (it returns None where it stands aside)
         rows = session.prepare_sets(sets, batch)
         prompt_len = ModelInputs.of(batch).length
@@ -207,6 +207,6 @@ def test_shared_prefix_screen_equals_whole_model_passes(sessions: dict[str, Sess
         # a set that changes the embedding cannot enter at a block: whole-model passes
         embed = session.prepare_sets([[Intervention("embed", "scale", value=0.5)]], batch)
         assert forced_picks(session, embed, forced, steps, prompt_len, session.prefixes, per_batch) is None
-        assert flips.keeps_answer(session, batch, clean.ids, [[Intervention("embed", "scale", value=0.5)]]) == (
-            flips.keeps_answer(session, batch, clean.ids, [[Intervention("embed", "scale", value=0.5)]], False)
+        assert flips.divergences(session, batch, clean.ids, [[Intervention("embed", "scale", value=0.5)]]) == (
+            flips.divergences(session, batch, clean.ids, [[Intervention("embed", "scale", value=0.5)]], False)
         )

@@ -165,18 +165,6 @@ def _keeps_verdict(step: int | None, settle: int | None) -> bool:
     return step is None or (settle is not None and step >= settle)
 
 
-def keeps_answer(
-    session: Session,
-    batch: Inputs,
-    ids: torch.Tensor,
-    sets: Sequence[Sequence[Intervention]],
-    share_prefix: bool = True,
-) -> list[bool]:
-    """Whether, with each set applied, the argmax at every step of the answer ``ids``
-    (prompt + answer, (T + S,)) is the answer's token (:func:`divergences`)."""
-    return [step is None for step in divergences(session, batch, ids, sets, share_prefix)]
-
-
 def divergences(
     session: Session,
     batch: Inputs,
@@ -242,8 +230,10 @@ def _clean(session: Session, batch: Inputs) -> _Clean:
     if key not in cache:
         result = clean_run(session, batch)
         ids = result.outputs["generated_ids"].reshape(-1)
-        (own,) = keeps_answer(session, batch, ids, [[]])
-        cache[key] = _Clean(ids, bool(result.failed), own, _settle(session, ids[ModelInputs.of(batch).length :]))
+        (own,) = divergences(session, batch, ids, [[]])
+        cache[key] = _Clean(
+            ids, bool(result.failed), own is None, _settle(session, ids[ModelInputs.of(batch).length :])
+        )
     return cache[key]
 
 
