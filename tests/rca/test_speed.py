@@ -177,7 +177,7 @@ def test_fix_set_figures_equal_measuring_afresh(sessions: dict[str, Session], na
 def test_shared_prefix_screen_equals_whole_model_passes(sessions: dict[str, Session]) -> None:
     from model_forensics.models.inputs import ModelInputs
     from model_forensics.replay import Gate, Intervention
-    from model_forensics.replay.sweep import forced_picks, rows_per_batch
+    from model_forensics.replay.sweep import PrefixCache, forced_picks, rows_per_batch
 
     session = sessions["gpt2-toxic"]
     failing = runs.failing_variants(session)[:3]
@@ -204,6 +204,11 @@ def test_shared_prefix_screen_equals_whole_model_passes(sessions: dict[str, Sess
         steps = len(clean.ids) - prompt_len
         per_batch = rows_per_batch(session, batch)
         assert forced_picks(session, rows, forced, steps, prompt_len, session.prefixes, per_batch) is not None
+        # one set skips less than two rows' worth of blocks: shared only when the prefix is held already
+        one = session.prepare_sets([sets[1]], batch)
+        assert forced_picks(session, one, forced, steps, prompt_len, PrefixCache(), per_batch) is None
+        assert forced_picks(session, one, forced, steps, prompt_len, session.prefixes, per_batch) is not None
+        assert flips.divergences(session, batch, clean.ids, [sets[1]]) == [shared[1]]
         # a set that changes the embedding cannot enter at a block: whole-model passes
         embed = session.prepare_sets([[Intervention("embed", "scale", value=0.5)]], batch)
         assert forced_picks(session, embed, forced, steps, prompt_len, session.prefixes, per_batch) is None

@@ -254,9 +254,10 @@ def forced_picks(
     clean computation of the blocks before it (the clean prefix of ``forced``, captured once
     into ``prefixes``). None, for the caller to run whole models, where a row changes
     something outside the blocks (``embed``, ``logits``), where sharing would not save two
-    rows' worth of blocks, or where the model's blocks cannot be re-entered."""
+    rows' worth of blocks (unless ``prefixes`` holds it already: then sharing is free), or
+    where the model's blocks cannot be re-entered."""
     starts, worth = _entry_blocks(rows, session.adapter.n_layers)
-    if any(s is None for s in starts) or not worth:
+    if any(s is None for s in starts) or not (worth or (prefixes.usable and prefixes.get(forced.key) is not None)):
         return None
     prefix = _prefix_for(session, prefixes, forced)
     if prefix is None:
