@@ -102,8 +102,7 @@ def flip_table(
     """flips[set][variant], as :func:`~model_forensics.rca.runs.flip_table` gives it, with
     the sets that keep a variant's clean answer screened out by one teacher-forced pass
     (``screen``: None, where :func:`screens` says so; True, wherever it is exact)."""
-    per_variant = flips_each(session, [(v, sets) for v in variants], tick, screen=screen)
-    return [list(column) for column in zip(*per_variant, strict=True)] if variants else [[] for _ in sets]
+    return runs.by_set(flips_each(session, [(v, sets) for v in variants], tick, screen=screen), len(sets))
 
 
 def flips_each(

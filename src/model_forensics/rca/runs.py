@@ -120,8 +120,12 @@ def flip_table(
     """flips[set][variant]: whether each intervention set removes the failure on each
     variant, from batched sweeps (:meth:`Session.sweep_each`; ``tick(variants done, variants)``
     after each)."""
-    per_variant = flips_each(session, [(v, sets) for v in variants], tick)
-    return [list(column) for column in zip(*per_variant, strict=True)] if variants else [[] for _ in sets]
+    return by_set(flips_each(session, [(v, sets) for v in variants], tick), len(sets))
+
+
+def by_set(per_variant: Sequence[Sequence[bool]], n_sets: int) -> list[list[bool]]:
+    """flips[variant][set] turned into flips[set][variant] (``n_sets`` sets, whatever the variants)."""
+    return [[flips[i] for flips in per_variant] for i in range(n_sets)]
 
 
 def flips_each(
