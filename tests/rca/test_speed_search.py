@@ -63,3 +63,24 @@ def test_narrowing_tries_the_fix_s_own_heads_first(session: Session) -> None:
     (flips,) = runs.flip_table(session, search.failing, [got.interventions])
     assert notes[0].numbers["flip_rate"] == runs.flip_rate(flips)  # by replay
     assert notes[0].numbers["kl"] == got.benign_kl < 1e9
+
+
+def test_reaching_rates_stop_measuring_a_set_once_it_cannot_reach(session: Session) -> None:
+    cfg = load_config(None).modules.cca
+    units = attribution_ranking(session).units
+    ablate = Ablation("mean")
+    sets = [ablate.all(units[:k]) for k in (1, 2, 3)] + [ablate.all([u]) for u in units[3:8]]
+    every = FixSearch(session, cfg)
+    rates = [runs.flip_rate(f) for f in every.flip_table(every.failing, sets)]
+    search = FixSearch(session, cfg)
+    got = search.reaching_rates(search.failing, sets)
+    assert got == [r if search.reaches(r) else None for r in rates]  # as measuring everything
+    assert None in got and any(r is not None for r in got)
+    measured = [sum((id(v), set_key(s)) in search._flipped for v in search.failing) for s in sets]
+    n = len(search.failing)
+    assert all(m == n for m, r in zip(measured, got, strict=True) if r is not None)  # reaching: every variant
+    assert all(m < n for m, r in zip(measured, got, strict=True) if r is None)  # the others stopped early
+    # what was measured first is used first: a second call measures nothing
+    passes = session.forward_passes
+    assert search.reaching_rates(search.failing, sets) == got
+    assert session.forward_passes == passes

@@ -34,6 +34,7 @@ from model_forensics.replay import Intervention, Session
 MAX_EXHAUSTIVE = 12
 SEQUENTIAL_FROM = 12  # larger sets get a sequential removal pass before the batched rounds
 GREEDY_CHUNK = 8  # prefixes per batched sweep
+REACH_CHUNK = 4  # variants per round of :meth:`FixSearch.reaching_rates`
 
 
 @dataclass
@@ -134,6 +135,37 @@ class FixSearch:
             for k, f in zip(ks, flipped, strict=True):
                 self._flipped[(id(variant), k)] = f
         return [[self._flipped[(id(v), k)] for v in variants] for k in keys]
+
+    def reaching_rates(self, variants: Sequence[Inputs], sets: Sequence[Sequence[Intervention]]) -> list[float | None]:
+        """Each set's flip rate on ``variants`` when it reaches the threshold, else None.
+
+        The variants are measured in rounds, those already measured for the most sets first,
+        and a set is not measured further once its misses so far keep it below the threshold
+        even if it flipped every variant left. A round takes as many variants as the live set
+        nearest to that needs misses to get there, at least :data:`REACH_CHUNK`. A set that
+        reaches is measured on every variant, so the rates returned, and which sets get None,
+        are those of :meth:`flip_table` on all of them (the same count over the same total)."""
+        n = len(variants)
+        keys = [set_key(s) for s in sets]
+        misses = [0] * len(sets)
+        allowed = -1  # the most misses a set may have and still reach (-1: none reaches)
+        while allowed < n and self.reaches((n - allowed - 1) / n):
+            allowed += 1
+        live = [i for i in range(len(sets)) if allowed >= 0]
+
+        def held(j: int) -> int:
+            return sum((id(variants[j]), keys[i]) in self._flipped for i in live)
+
+        order = sorted(range(n), key=lambda j: -held(j))
+        done = 0
+        while live and done < n:
+            size = max(REACH_CHUNK, min(allowed + 1 - misses[i] for i in live))
+            chunk = [variants[j] for j in order[done : done + size]]
+            done += len(chunk)
+            for i, flips in zip(live, self.flip_table(chunk, [sets[i] for i in live]), strict=True):
+                misses[i] += len(flips) - sum(flips)
+            live = [i for i in live if misses[i] <= allowed]
+        return [(n - m) / n if m <= allowed else None for m in misses]
 
     def side_effects(self, fix: Sequence[Intervention], progress: Progress = silent) -> SideEffects:
         """The set's side effects on the benign set (:func:`~model_forensics.rca.side_effects.measure`),

@@ -9,9 +9,10 @@ ranks below a redundant MLP) is never tried alone. So, before the greedy search:
 2. pairs, when no single unit reaches ``early_stop_threshold`` within the side-effect bound:
    every pair of the top ``sweep_pairs`` units, ordered by their solo flip rate (then rank);
 3. the sets reaching the threshold on the search variants are re-measured on every failing
-   variant, and their solo benign KL (first decoding step) is measured; sets above
-   ``max_side_effect_kl`` are dropped. The best of the smallest size wins (highest flip
-   rate, then lowest KL, then rank).
+   variant (:meth:`~model_forensics.rca.search.FixSearch.reaching_rates`: a few variants at
+   a time, each set only until its misses keep it below the threshold), and their solo
+   benign KL (first decoding step) is measured; sets above ``max_side_effect_kl`` are
+   dropped. The best of the smallest size wins (highest flip rate, then lowest KL, then rank).
 
 :func:`smaller_wins` decides against the greedy set: the sweep's set replaces it when it is
 smaller (or the greedy set misses the threshold) and its benign KL, as reported, stays
@@ -121,8 +122,8 @@ def _best(search: FixSearch, tried: _Tried, ablate: Ablation) -> tuple[list[Unit
     reaching = [s for s, r in zip(tried.sets, tried.rates, strict=True) if search.reaches(r)]
     if not reaching:
         return None
-    rates = [flip_rate(f) for f in search.flip_table(search.failing, [ablate.all(s) for s in reaching])]
-    confirmed = [(s, r) for s, r in zip(reaching, rates, strict=True) if search.reaches(r)]
+    rates = search.reaching_rates(search.failing, [ablate.all(s) for s in reaching])
+    confirmed = [(s, r) for s, r in zip(reaching, rates, strict=True) if r is not None]
     if not confirmed:
         return None
     if search.session.benign():
