@@ -36,7 +36,6 @@ nodes / receivers, H = query heads, G = key/value heads, dh = d_head.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +46,7 @@ from torch import nn
 from model_forensics.circuits.subject import Subject
 from model_forensics.core.errors import ForensicsError
 from model_forensics.models.hooks import SiteCall, SiteFn, hooks, logits_of
+from model_forensics.models.inputs import last_logits_only
 
 INPUT, OUTPUT = "embed", "logits"
 
@@ -206,8 +206,7 @@ class EdgeRunner:
         self.group = self.n_heads // self.n_groups
         self.passes = 0
         # only the last position's scores are read: where the model can, it computes no others
-        forward = inspect.signature(subject.model.forward).parameters
-        self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
+        self.last_only = last_logits_only(subject.model)
 
     # -- one pass ---------------------------------------------------------------------------
     def run(

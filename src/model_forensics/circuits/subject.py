@@ -22,7 +22,7 @@ from torch import nn
 from model_forensics.core.errors import ForensicsError
 from model_forensics.models.adapters import Adapter, adapter_for
 from model_forensics.models.hooks import SiteCall, hooks, logits_of
-from model_forensics.models.inputs import ModelInputs
+from model_forensics.models.inputs import ModelInputs, last_logits_only
 from model_forensics.replay.interventions import Clock, Prepared, intervening
 from model_forensics.replay.session import Session
 
@@ -53,7 +53,7 @@ class Subject:
         forward can skip the others (``logits_to_keep``). The caller sets hooks, the
         environment and autograd."""
         self.passes += 1
-        keep = {"logits_to_keep": 1} if last_only and "logits_to_keep" in _parameters(self.model) else {}
+        keep = last_logits_only(self.model) if last_only else {}
         logits = logits_of(self.model(**inputs.expand(rows), **keep))
         if logits is None:
             raise ForensicsError(f"{type(self.model).__name__} returned no scores to explain")
@@ -138,15 +138,6 @@ class Subject:
         if self.tokenizer is None:
             return [str(i) for i in values]
         return [str(t) for t in self.tokenizer.convert_ids_to_tokens(values)]
-
-
-def _parameters(model: nn.Module) -> Any:
-    import inspect
-
-    try:
-        return inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
 
 
 def incident_prompt_set(model: nn.Module | Session) -> tuple[list[str], int | None]:

@@ -11,10 +11,12 @@ that knows its prompt length, its cache key and the subset ``generate()`` takes:
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from model_forensics.core.errors import ForensicsError
 
@@ -158,3 +160,14 @@ def pixel_values(value: Any) -> torch.Tensor:
     while pixels.dim() < 4:
         pixels = pixels.unsqueeze(0)
     return pixels
+
+
+def last_logits_only(model: nn.Module, steps: int = 1) -> dict[str, int]:
+    """``{"logits_to_keep": steps}`` when ``model.forward`` takes it, so that the model
+    computes scores for the last ``steps`` positions only (the activations before them are
+    the same); {} when it does not."""
+    try:
+        takes = "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return {"logits_to_keep": steps} if takes else {}

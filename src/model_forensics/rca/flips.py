@@ -27,7 +27,6 @@ Everywhere else :func:`flip_table` is the straightforward one.
 
 from __future__ import annotations
 
-import inspect
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 
 from model_forensics.models.hooks import logits_of
-from model_forensics.models.inputs import ModelInputs
+from model_forensics.models.inputs import ModelInputs, last_logits_only
 from model_forensics.rca import runs
 from model_forensics.rca.runs import Inputs
 from model_forensics.replay import Intervention, RunResult, Session
@@ -189,7 +188,7 @@ def divergences(
         picked = forced_picks(session, rows, forced, steps, prompt_len, session.prefixes, per_batch)
         if picked is not None:
             return [_first_false(p.reshape(-1) == answer.to(p.device)) for p in picked]
-    keep = {"logits_to_keep": steps} if _takes_logits_to_keep(session) else {}
+    keep = last_logits_only(session.model, steps)
     out: list[int | None] = []
     for lo in range(0, len(rows), per_batch):
         chunk = rows[lo : lo + per_batch]
@@ -242,15 +241,4 @@ def _settle(session: Session, answer: torch.Tensor) -> int | None:
     predicate = session.predicate
     if predicate is None or not predicate.settles:
         return None
-    for k in range(1, len(answer) + 1):
-        text = session.readout.decode(answer[:k])
-        if text is not None and predicate.settled(text):
-            return k
-    return None
-
-
-def _takes_logits_to_keep(session: Session) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(session.model.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    return next((k for k in range(1, len(answer) + 1) if session.readout.settled(answer[:k])), None)

@@ -74,6 +74,16 @@ class Readout:
             return None
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
+    def settled(self, new: torch.Tensor) -> bool:
+        """Whether the reply start ``new`` (generated ids) already has a verdict no continuation
+        can change (:meth:`~model_forensics.core.predicates.Predicate.settled`; False when the
+        predicate cannot settle before a reply ends, or there is no text to read)."""
+        predicate = self.predicate
+        if predicate is None or not predicate.settles:
+            return False
+        text = self.decode(new)
+        return text is not None and predicate.settled(text)
+
     def reply_end(self, new: torch.Tensor) -> int | None:
         """The length of a reply whose generated ids are ``new``: up to and including its
         first EOS token (None: no EOS yet)."""
@@ -99,15 +109,10 @@ def settled_stop(readout: Readout, prompt_len: int) -> Any:
     if predicate is None or not predicate.settles or readout.tokenizer is None:
         return None
 
-    def settled(new: torch.Tensor) -> bool:
-        if readout.reply_end(new) is not None:
-            return True
-        text = readout.decode(new)
-        return text is not None and predicate.settled(text)
-
     class Settled(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            done = all(settled(row) for row in input_ids[:, prompt_len:])
+            rows = input_ids[:, prompt_len:]
+            done = all(readout.reply_end(row) is not None or readout.settled(row) for row in rows)
             return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([Settled()])
