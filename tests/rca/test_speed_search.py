@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from model_forensics import SandboxReplayer
 from model_forensics.core.config import load_config
+from model_forensics.core.sites import block_index
 from model_forensics.models import zoo
 from model_forensics.rca import runs
 from model_forensics.rca.attribution import attribution_ranking
@@ -84,3 +86,28 @@ def test_reaching_rates_stop_measuring_a_set_once_it_cannot_reach(session: Sessi
     passes = session.forward_passes
     assert search.reaching_rates(search.failing, sets) == got
     assert session.forward_passes == passes
+
+
+def test_a_capture_runs_no_further_than_the_sites_it_reads(session: Session) -> None:
+    sites = ["blocks.0.resid_post"]
+    full = runs.capture(session, session.inputs, "layer", sites)
+    adapter = session.adapter
+    blocks = [adapter.modules[adapter.point(f"blocks.{i}.resid_post").module] for i in range(adapter.n_layers)]
+    ran: list[object] = []
+    handles = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(blocks)]
+    unembed = session.model.get_output_embeddings()
+    handles.append(unembed.register_forward_hook(lambda m, a, o: ran.append(("unembed", a[0].shape[1]))))
+    try:
+        cut = runs.capture(session, session.inputs, "layer", sites, through=runs.last_block(sites))
+        assert ran == [0]  # block 0 only: neither the later blocks nor the unembedding ran
+        ran.clear()
+        again = runs.capture(session, session.inputs, "layer", sites)
+        assert ran == [*range(adapter.n_layers), ("unembed", 1)]  # scores at the last position only
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert adapter.n_layers > 1 and session.inputs["input_ids"].shape[1] > 1
+    assert set(cut) == {s for s in full if block_index(s) in (None, 0)} and "blocks.1.resid_post" in full
+    assert all(torch.equal(cut[s], full[s]) for s in cut) and all(torch.equal(again[s], full[s]) for s in full)
+    assert runs.last_block(["blocks.2.attn.z", "blocks.0.mlp"]) == 2
+    assert runs.last_block(["blocks.*.attn.z"]) is None and runs.last_block(["embed"]) is None

@@ -4,14 +4,17 @@ interventions flips."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from model_forensics.core.bundle import Bundle
 from model_forensics.core.errors import BundleError, ForensicsError
-from model_forensics.models.inputs import GENERATE_KEYS
+from model_forensics.core.sites import block_index
+from model_forensics.models.inputs import GENERATE_KEYS, last_logits_only
 from model_forensics.rca.progress import Progress, silent
 from model_forensics.recorder.hooks import RecorderHooks
 from model_forensics.replay import Intervention, Session
@@ -20,19 +23,63 @@ Inputs = dict[str, torch.Tensor]
 
 
 def capture(
-    session: Session, batch: Inputs, granularity: str = "head", sites: list[str] | None = None
+    session: Session,
+    batch: Inputs,
+    granularity: str = "head",
+    sites: list[str] | None = None,
+    through: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every site of ``granularity`` for one input, batch dim dropped: (T, …) per site.
 
     Runs one forward pass of the prompt (no generation) inside the session's sandboxed,
-    deterministic environment and counts it in ``session.forward_passes``.
+    deterministic environment and counts it in ``session.forward_passes``. Nothing reads
+    its scores, so the model computes them at the last position only where it can
+    (``logits_to_keep``). With ``through`` (a block number: :func:`last_block`) the pass
+    ends after that block, and the sites after it are not recorded. Neither changes a
+    recorded tensor.
     """
     if not session.adapter.n_layers:
-        sites = None  # canonical selectors (blocks.*.attn.z) name nothing on a generic model
+        sites, through = None, None  # canonical selectors (blocks.*.attn.z) name nothing on a generic model
     recorder = RecorderHooks(granularity=granularity, sites=sites, sketch="full", max_bundle_size_mb=1e9)
-    with session.environment(), recorder.install_hooks(session.model), torch.no_grad():
-        session.model(**batch)
+    with (
+        session.environment(),
+        recorder.install_hooks(session.model),
+        torch.no_grad(),
+        _ending_after(session, through),  # after the recorder's hooks, so its hook on the block runs first
+    ):
+        session.model(**{**last_logits_only(session.model), **batch})
     return {site: t[0] for site, t in recorder.recorded().items() if site != "final"}
+
+
+def last_block(sites: Sequence[str]) -> int | None:
+    """The last block ``sites`` sit in (None: one sits outside the blocks, or there are none)."""
+    blocks = [block_index(site) for site in sites]
+    return None if not blocks or None in blocks else max(b for b in blocks if b is not None)
+
+
+class _Captured(Exception):
+    """Ends a capture's forward pass after the last block it reads."""
+
+
+@contextmanager
+def _ending_after(session: Session, block: int | None) -> Iterator[None]:
+    """Raise :class:`_Captured` once block ``block`` has run, and swallow it (no block, or
+    one the adapter has no output point for: the pass runs to its end)."""
+    point = session.adapter.points.get(f"blocks.{block}.resid_post") if block is not None else None
+    if point is None or point.io != "output":
+        yield
+        return
+
+    def end(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        raise _Captured
+
+    handle = session.adapter.modules[point.module].register_forward_hook(end)
+    try:
+        yield
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
 
 
 def bundle_inputs(session: Session, bundles: Sequence[str | Path]) -> list[Inputs]:
