@@ -141,17 +141,18 @@ class FixSearch:
 
         The variants are measured in rounds, those already measured for the most sets first,
         and a set is not measured further once its misses so far keep it below the threshold
-        even if it flipped every variant left. A round takes as many variants as the live set
-        nearest to that needs misses to get there, at least :data:`REACH_CHUNK`. A set that
-        reaches is measured on every variant, so the rates returned, and which sets get None,
-        are those of :meth:`flip_table` on all of them (the same count over the same total)."""
+        even if it flipped every variant left. A round takes at least :data:`REACH_CHUNK`
+        variants, and as many as the set closest to being dropped still needs misses for that
+        (no set can be dropped sooner). A set that reaches is measured on every variant, so
+        the rates returned, and which sets get None, are those of :meth:`flip_table` on all of
+        them (the same count over the same total)."""
         n = len(variants)
         keys = [set_key(s) for s in sets]
         misses = [0] * len(sets)
         allowed = -1  # the most misses a set may have and still reach (-1: none reaches)
         while allowed < n and self.reaches((n - allowed - 1) / n):
             allowed += 1
-        live = [i for i in range(len(sets)) if allowed >= 0]
+        live = list(range(len(sets))) if allowed >= 0 else []
 
         def held(j: int) -> int:
             return sum((id(variants[j]), keys[i]) in self._flipped for i in live)
