@@ -5,7 +5,7 @@ interventions flips."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import torch
 from model_forensics.core.bundle import Bundle
 from model_forensics.core.errors import BundleError, ForensicsError
 from model_forensics.core.sites import block_index
+from model_forensics.models.hooks import hooks
 from model_forensics.models.inputs import GENERATE_KEYS, last_logits_only
 from model_forensics.rca.progress import Progress, silent
 from model_forensics.recorder.hooks import RecorderHooks
@@ -70,16 +71,11 @@ def _ending_after(session: Session, block: int | None) -> Iterator[None]:
         yield
         return
 
-    def end(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def end(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         raise _Captured
 
-    handle = session.adapter.modules[point.module].register_forward_hook(end)
-    try:
+    with hooks(session.adapter, after={point.module: end}), suppress(_Captured):
         yield
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
 
 
 def bundle_inputs(session: Session, bundles: Sequence[str | Path]) -> list[Inputs]:
