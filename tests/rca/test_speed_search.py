@@ -98,7 +98,7 @@ def test_a_capture_runs_no_further_than_the_sites_it_reads(session: Session) -> 
     unembed = session.model.get_output_embeddings()
     handles.append(unembed.register_forward_hook(lambda m, a, o: ran.append(("unembed", a[0].shape[1]))))
     try:
-        cut = runs.capture(session, session.inputs, "layer", sites, through=runs.last_block(sites))
+        cut = runs.capture(session, session.inputs, "layer", sites, only_sites=True)
         assert ran == [0]  # block 0 only: neither the later blocks nor the unembedding ran
         ran.clear()
         again = runs.capture(session, session.inputs, "layer", sites)

@@ -238,7 +238,4 @@ def _clean(session: Session, batch: Inputs) -> _Clean:
 def _settle(session: Session, answer: torch.Tensor) -> int | None:
     """How many of ``answer``'s first tokens settle the predicate's verdict (None: no start
     of the answer does, or the predicate cannot settle before a reply ends)."""
-    predicate = session.predicate
-    if predicate is None or not predicate.settles:
-        return None
     return next((k for k in range(1, len(answer) + 1) if session.readout.settled(answer[:k])), None)

@@ -27,7 +27,7 @@ from model_forensics.core.sites import block_index
 from model_forensics.rca.attribution import UnitScore
 from model_forensics.rca.candidates import Ablation
 from model_forensics.rca.notes import Note
-from model_forensics.rca.runs import Inputs, capture, flip_rate, last_block
+from model_forensics.rca.runs import Inputs, capture, flip_rate
 from model_forensics.rca.search import FixChoice, FixSearch, among
 from model_forensics.replay import Gate
 from model_forensics.replay.interventions import GATE_READS
@@ -133,7 +133,7 @@ def probe_gate(search: FixSearch, units: list[UnitScore], ablate: Ablation) -> F
     shared = sum(any(torch.equal(r["input_ids"], b["input_ids"]) for b in session.benign()) for r in reference)
 
     def prompts(batches: Sequence[Inputs]) -> dict[str, list[torch.Tensor]]:
-        rows = [capture(session, batch, "layer", sites, through=last_block(sites)) for batch in batches]
+        rows = [capture(session, batch, "layer", sites, only_sites=True) for batch in batches]
         return {site: [r[site] for r in rows] for site in sites}  # (T, d) per input
 
     # The search variants are among the failing variants: capture each input once.

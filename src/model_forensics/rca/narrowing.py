@@ -28,7 +28,7 @@ from model_forensics.rca.attribution import UnitScore
 from model_forensics.rca.candidates import Ablation
 from model_forensics.rca.members import solo_kls
 from model_forensics.rca.notes import Note
-from model_forensics.rca.runs import Inputs, capture, flip_rate, last_block
+from model_forensics.rca.runs import Inputs, capture, flip_rate
 from model_forensics.rca.search import FixChoice, FixSearch, Found
 from model_forensics.replay import Session
 
@@ -94,7 +94,7 @@ def failure_directions(
     def mean_last(batches: Sequence[Inputs]) -> dict[str, torch.Tensor]:
         total: dict[str, torch.Tensor] = {}
         for batch in batches:
-            got = capture(session, batch, "layer", sites, through=last_block(sites))  # z: (T, H, d_head)
+            got = capture(session, batch, "layer", sites, only_sites=True)  # z: (T, H, d_head)
             for site in sites:
                 total[site] = total.get(site, 0) + got[site][-1].double()
         return {site: t / len(batches) for site, t in total.items()}  # (H, d_head)

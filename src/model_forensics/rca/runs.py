@@ -28,19 +28,20 @@ def capture(
     batch: Inputs,
     granularity: str = "head",
     sites: list[str] | None = None,
-    through: int | None = None,
+    only_sites: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Every site of ``granularity`` for one input, batch dim dropped: (T, …) per site.
 
     Runs one forward pass of the prompt (no generation) inside the session's sandboxed,
     deterministic environment and counts it in ``session.forward_passes``. Nothing reads
     its scores, so the model computes them at the last position only where it can
-    (``logits_to_keep``). With ``through`` (a block number: :func:`last_block`) the pass
-    ends after that block, and the sites after it are not recorded. Neither changes a
-    recorded tensor.
+    (``logits_to_keep``). With ``only_sites`` (the caller reads ``sites`` and nothing else)
+    the pass ends after the last block they sit in (:func:`last_block`), and the sites after
+    it are not recorded. Neither changes a recorded tensor.
     """
     if not session.adapter.n_layers:
-        sites, through = None, None  # canonical selectors (blocks.*.attn.z) name nothing on a generic model
+        sites = None  # canonical selectors (blocks.*.attn.z) name nothing on a generic model
+    through = last_block(sites) if only_sites and sites else None
     recorder = RecorderHooks(granularity=granularity, sites=sites, sketch="full", max_bundle_size_mb=1e9)
     with (
         session.environment(),

@@ -66,7 +66,7 @@ from model_forensics.rca.gating import gate_threshold
 from model_forensics.rca.heldout import HeldOut, _as_prompt
 from model_forensics.rca.notes import Note
 from model_forensics.rca.progress import Progress, silent
-from model_forensics.rca.runs import capture, last_block
+from model_forensics.rca.runs import capture
 from model_forensics.replay import Gate, Intervention, RunResult, Session
 
 BEFORE = 3  # failing reply positions at least this many tokens before the target are negatives
@@ -311,7 +311,7 @@ def capture_prompt(session: Session, kind: str, batch: ModelInputs, sites: list[
     clean = session.sweep([[]], inputs=batch)[0]
     ids = clean.outputs["generated_ids"].reshape(-1)
     prompt_len = ModelInputs.of(batch).length
-    acts = capture(session, ModelInputs.of_ids(ids[None]), "layer", sites, through=last_block(sites))
+    acts = capture(session, ModelInputs.of_ids(ids[None]), "layer", sites, only_sites=True)
     states = torch.stack([acts[s][:-1].float() for s in sites], dim=1)  # the last token predicts nothing
     span = target_span(session, ids[prompt_len:].tolist()) if kind == "failing" and clean.failed else None
     return PromptStates(kind, batch, clean, states, prompt_len, span)
