@@ -51,7 +51,7 @@ def test_screened_flips_equal_generating_every_set(sessions: dict[str, Session])
     # single units (most keep the clean answer) and growing rank-order prefixes (some flip)
     sets = [[], *([ablate(u)] for u in fine[:24]), *(ablate.all(fine[:k]) for k in range(2, 10))]
     for batch in failing:
-        flips._clean(session, batch)  # the clean answers, once per variant (the search has them)
+        flips.clean_answer(session, batch)  # the clean answers, once per variant (the search has them)
     before = session.counter.rows
     expected = runs.flip_table(session, failing, sets)
     generating = session.counter.rows - before
@@ -61,7 +61,7 @@ def test_screened_flips_equal_generating_every_set(sessions: dict[str, Session])
     assert screened < generating  # fewer model rows (prompt × set, every forward call)
     assert any(any(f) for f in expected) and not all(all(f) for f in expected)  # both verdicts occur
     # the screen settles some sets without generating them, not all
-    clean = flips._clean(session, failing[0])
+    clean = flips.clean_answer(session, failing[0])
     kept = [step is None for step in flips.divergences(session, failing[0], clean.ids, sets)]
     assert clean.screens and kept[0] and 0 < sum(kept) < len(sets)
 
@@ -90,7 +90,7 @@ def test_a_set_that_changes_the_answer_after_the_verdict_settled_is_not_generate
     # changes the first is generated. Both verdicts equal generating every set.
     session = sessions["gpt2-injection"]
     variant = runs.failing_variants(session)[0]
-    clean = flips._clean(session, variant)
+    clean = flips.clean_answer(session, variant)
     prompt_len = session.encode(variant).length
     assert clean.screens and clean.failed and clean.settle == 1 and len(clean.ids) == prompt_len + 2
     late = [Intervention(f"final@pos={prompt_len}", "scale", value=-1.0)]  # the second step's scores only
@@ -193,7 +193,7 @@ def test_shared_prefix_screen_equals_whole_model_passes(sessions: dict[str, Sess
         [Intervention("blocks.1.mlp", "scale", value=0.0, gate=gate)],
     ]
     for batch in failing:
-        clean = flips._clean(session, batch)
+        clean = flips.clean_answer(session, batch)
         shared = flips.divergences(session, batch, clean.ids, sets, share_prefix=True)
         whole = flips.divergences(session, batch, clean.ids, sets, share_prefix=False)
         assert shared == whole and shared[0] is None and not all(step is None for step in shared)
@@ -215,3 +215,64 @@ def test_shared_prefix_screen_equals_whole_model_passes(sessions: dict[str, Sess
         assert flips.divergences(session, batch, clean.ids, [[Intervention("embed", "scale", value=0.5)]]) == (
             flips.divergences(session, batch, clean.ids, [[Intervention("embed", "scale", value=0.5)]], False)
         )
+
+
+def test_screened_side_effects_equal_generating_every_answer(sessions: dict[str, Session]) -> None:
+    # Side effects with the teacher-forced screen (a fixed answer generated only where the KL's
+    # pass shows it changes) equal generating every fixed answer, on fixes that keep most
+    # benign answers, change many, and open a gate on some prompts only.
+    from model_forensics.replay import Gate
+
+    session = sessions["gpt2-toxic"]
+    d = session.model.config.n_embd
+    gate = Gate("blocks.0.resid_post", tuple([1.0] + [0.0] * (d - 1)), 0.5, "each")
+    fixes = [
+        [Intervention("blocks.0.mlp", "scale", value=0.5)],
+        [Intervention("blocks.0.mlp", "scale", value=0.3)],
+        [Intervention("blocks.0.resid_post", "steer", value=tuple((-5.0, 5.0)[k % 2] for k in range(d)), gate=gate)],
+    ]
+    bound = load_config(None).modules.cca.max_side_effect_kl
+    for fix in fixes:
+        for batch in session.benign():
+            flips.clean_run(session, batch)  # the clean answers, once per prompt (earlier phases have them)
+        before = session.counter.rows
+        generated = measure(session, fix, bound, screen=False)
+        generating = session.counter.rows - before
+        screened = measure(session, fix, bound, screen=True)
+        assert session.counter.rows - before - generating < generating  # fewer model rows
+        got, expected = screened.to_json(), generated.to_json()
+        # the first step's KL is read from the teacher-forced pass there: float rounding apart
+        assert got.pop("first_step_kl") == pytest.approx(expected.pop("first_step_kl"), rel=1e-4, abs=1e-9)
+        assert got == expected
+    kept = [measure(session, fix, bound, screen=True).answers_unchanged for fix in fixes]
+    assert all(0 < k < 1 for k in kept) and kept[0] > kept[1]  # some answers kept, some changed
+    fired = measure(session, fixes[2], bound, screen=True).gate_fired
+    assert fired is not None and 0 < fired < 1  # the gate opens on some prompts only
+
+
+def test_screened_held_out_flips_equal_generating_them(
+    sessions: dict[str, Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Held-out flips where the screen pays (each variant's clean run once, one teacher-forced
+    # pass deciding the variants the fix keeps failing) equal two-row sweeps per variant; prompts
+    # on which the model does not fail (benign ones here) are left out either way.
+    from model_forensics.rca.heldout import held_out_flips
+
+    session = sessions["gpt2-toxic"]
+    fine = [u for u in attribution_ranking(session).units if u.level in ("head", "neuron")]
+    fix = Ablation("mean").all(fine[:2])
+    prompts = [*session.extras["variants"][:10], *session.extras["benign"][:3]]
+    expected = held_out_flips(session, fix, prompts)
+    monkeypatch.setattr(flips, "SCREEN_MIN_PARAMS", 0)
+    assert flips.screens(session)
+    generated: list[int] = []
+    plain = runs.flips_each
+
+    def spy(session: Session, work, tick=None):
+        generated.append(sum(len(sets) for _, sets in work))
+        return plain(session, work, tick)
+
+    monkeypatch.setattr(runs, "flips_each", spy)
+    assert held_out_flips(session, fix, prompts) == expected
+    assert len(expected) == 10 and 0 < sum(expected) < 10  # the benign prompts left out; both verdicts
+    assert generated == [sum(expected)]  # the variants the fix keeps failing were not generated

@@ -20,9 +20,11 @@ from model_forensics.cli import app
 from model_forensics.core.errors import ConfigError
 from model_forensics.core.metrics import separation_auroc
 from model_forensics.core.predicates import regex
+from model_forensics.rca import stepgate
 from model_forensics.rca.explain import explain
 from model_forensics.rca.heldout import PromptSplit, searching, split_prompts
 from model_forensics.rca.pipeline import analyze_bundle
+from model_forensics.rca.side_effects import measure
 from model_forensics.rca.stepgate import (
     StepGateFix,
     applies,
@@ -263,3 +265,39 @@ def test_step_gate_directions_choose_what_the_gate_reads(fitted: tuple[Session, 
     cosine = float(gate @ value / (gate.norm() * value.norm()))
     assert abs(cosine) < 0.99  # the gate reads the discriminant, the steer moves along −α·d
     assert lda.threshold == steer.gate.above
+
+
+def test_screened_configurations_equal_generating_them(
+    fitted: tuple[Session, PromptSplit, StepGateFix], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The teacher-forced screen (configurations that keep a prompt's clean answer are not
+    # generated) gives every configuration the figures generating it gives, and generates
+    # fewer; so do the pick's side effects measured on held-out prompts, near misses and
+    # failing prompts, where its gate opens on some.
+    session, split, found = fitted
+    config = CausalCCA().config
+    generated: list[int] = []
+    plain = stepgate._generated
+
+    def spy(session: Session, sets: list[list[Intervention]], inputs: Any) -> list[Any]:
+        generated.append(len(sets))
+        return plain(session, sets, inputs)
+
+    monkeypatch.setattr(stepgate, "_generated", spy)
+    fits = {}
+    for screen in (False, True):
+        generated.clear()
+        with searching(session, split):
+            fits[screen] = (fit_step_gate(session, config, screen=screen), sum(generated))
+    (unscreened, slow), (screened, fast) = fits[False], fits[True]
+    assert unscreened is not None and screened is not None
+    assert screened.candidates == unscreened.candidates == found.candidates
+    assert 0 < fast < slow
+    held = [prompt_of(e) for e in [*split.held_out["near_miss"], *split.held_out["variants"]]]
+    effects = [
+        measure(session, found.interventions, config.max_side_effect_kl, benign=held, screen=s).to_json()
+        for s in (False, True)
+    ]
+    first = [e.pop("first_step_kl") for e in effects]
+    assert effects[0] == effects[1] and first[1] == pytest.approx(first[0], rel=1e-4, abs=1e-9)
+    assert 0 < effects[1]["gate_fired"] < 1 and effects[1]["answers_unchanged"] < 1

@@ -39,7 +39,7 @@ from model_forensics.models.inputs import ModelInputs, last_logits_only
 from model_forensics.rca import runs
 from model_forensics.rca.runs import Inputs
 from model_forensics.replay import Intervention, RunResult, Session
-from model_forensics.replay.interventions import Clock, intervening
+from model_forensics.replay.interventions import Clock, gates_opened, intervening
 from model_forensics.replay.sweep import forced_picks, rows_per_batch
 
 # Below this, a forward call costs about the same whatever its rows (the zoo's 0.3M-parameter
@@ -75,7 +75,7 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 
 
 @dataclass
-class _Clean:
+class CleanAnswer:
     """A variant's clean answer: prompt + answer ids (to the first EOS), the clean verdict,
     whether its own teacher-forced argmax path reproduces the answer, and how many of the
     answer's first tokens settle the verdict (None: no start of it does)."""
@@ -86,7 +86,22 @@ class _Clean:
     settle: int | None
 
 
-_CLEAN: weakref.WeakKeyDictionary[Session, dict[tuple[Any, ...], _Clean]] = weakref.WeakKeyDictionary()
+@dataclass(frozen=True)
+class Answer:
+    """What the measurements read of one generation: its text, the predicate's verdict, its
+    prediction (the last step's argmax) and whether any gate of its set opened."""
+
+    text: str | None
+    failed: bool | None
+    prediction: int
+    opened: bool
+
+    @staticmethod
+    def of(result: RunResult) -> Answer:
+        return Answer(result.text, result.failed, result.prediction, any(result.gates.values()))
+
+
+_CLEAN: weakref.WeakKeyDictionary[Session, dict[tuple[Any, ...], CleanAnswer]] = weakref.WeakKeyDictionary()
 _RUNS: weakref.WeakKeyDictionary[Session, dict[tuple[Any, ...], RunResult]] = weakref.WeakKeyDictionary()
 
 
@@ -124,7 +139,7 @@ def flips_each(
             flips.append([])
             rest.append([])
             continue
-        clean = _clean(session, batch)
+        clean = clean_answer(session, batch)
         # only steps before the settle point can change the verdict: the screen stops there
         ids = clean.ids if clean.settle is None else clean.ids[: ModelInputs.of(batch).length + clean.settle]
         steps = divergences(session, batch, ids, sets) if clean.screens else [0 if s else None for s in sets]
@@ -171,39 +186,71 @@ def divergences(
     share_prefix: bool = True,
 ) -> list[int | None]:
     """With each set applied, the first step of the answer ``ids`` (prompt + answer,
-    (T + S,)) whose argmax is not the answer's token (None: every argmax is): one
-    teacher-forced pass of T + S − 1 tokens per chunk of sets, scores kept at the S answer
-    positions only. With ``share_prefix``, each set's rows start at the first block it
-    changes, on the clean computation of the earlier blocks
+    (T + S,)) whose argmax is not the answer's token (None: every argmax is): the steps of
+    :func:`forced_answers`."""
+    return [step for step, _ in forced_answers(session, batch, ids, sets, share_prefix)]
+
+
+def forced_answers(
+    session: Session,
+    batch: Inputs,
+    ids: torch.Tensor,
+    sets: Sequence[Sequence[Intervention]],
+    share_prefix: bool = True,
+) -> list[tuple[int | None, bool]]:
+    """With each set applied along the answer ``ids`` (prompt + answer, (T + S,)): the first
+    step whose argmax is not the answer's token (None: every argmax is), and whether any of
+    the set's gates opened along it. One teacher-forced pass of T + S − 1 tokens per chunk
+    of sets, scores kept at the S answer positions only. With ``share_prefix``, each set's
+    rows start at the first block it changes, on the clean computation of the earlier blocks
     (:func:`~model_forensics.replay.sweep.forced_picks`)."""
     prompt_len = ModelInputs.of(batch).length
     answer = ids[prompt_len:]
     steps = len(answer)
     if steps == 0:
-        return [None] * len(sets)
+        return [(None, False)] * len(sets)
     rows = session.prepare_sets(sets, batch)
     forced = ModelInputs.of_ids(ids[:-1].reshape(1, -1))
     per_batch = rows_per_batch(session, batch)
-    if share_prefix:
-        picked = forced_picks(session, rows, forced, steps, prompt_len, session.prefixes, per_batch)
-        if picked is not None:
-            return [_first_false(p.reshape(-1) == answer.to(p.device)) for p in picked]
-    keep = last_logits_only(session.model, steps)
-    out: list[int | None] = []
-    for lo in range(0, len(rows), per_batch):
-        chunk = rows[lo : lo + per_batch]
-        with session.environment(), intervening(session.adapter, chunk, Clock(0, prompt_len)):
-            logits = logits_of(session.model(**forced.expand(len(chunk)), **keep))
-        assert logits is not None
-        picks = logits[:, -steps:].argmax(-1)  # (n, S)
-        out += [_first_false(row) for row in picks == answer.to(picks.device)]
-    return out
+    picked = (
+        forced_picks(session, rows, forced, steps, prompt_len, session.prefixes, per_batch) if share_prefix else None
+    )
+    if picked is None:
+        keep = last_logits_only(session.model, steps)
+        picked = []
+        for lo in range(0, len(rows), per_batch):
+            chunk = rows[lo : lo + per_batch]
+            with session.environment(), intervening(session.adapter, chunk, Clock(0, prompt_len)):
+                logits = logits_of(session.model(**forced.expand(len(chunk)), **keep))
+            assert logits is not None
+            picked += list(logits[:, -steps:].argmax(-1))  # (S,) per row
+    return [
+        (_first_false(p.reshape(-1) == answer.to(p.device)), any(gates_opened(r).values()))
+        for p, r in zip(picked, rows, strict=True)
+    ]
 
 
 def _first_false(same: torch.Tensor) -> int | None:
     """The first index of a (S,) bool tensor that is False (None: all are True)."""
     wrong = (~same).nonzero()
     return None if len(wrong) == 0 else int(wrong[0, 0])
+
+
+def kept_answers(session: Session, batch: Inputs, sets: Sequence[Sequence[Intervention]]) -> list[Answer | None] | None:
+    """Per set, its answer on ``batch`` where one teacher-forced pass of the clean answer
+    (:func:`forced_answers`) shows it is the clean answer word for word: every argmax is the
+    clean token, so greedy decoding generates that answer again (its gates: whether they
+    opened along it); None where it is not (generate that set). None instead of the list,
+    where the clean answer's own teacher-forced path does not reproduce it
+    (:func:`clean_answer`): the pass decides nothing there."""
+    clean = clean_answer(session, batch)
+    if not clean.screens:
+        return None
+    result = clean_run(session, batch)
+    return [
+        Answer(result.text, result.failed, result.prediction, opened) if step is None else None
+        for step, opened in forced_answers(session, batch, clean.ids, sets)
+    ]
 
 
 def clean_run(session: Session, batch: Inputs) -> RunResult:
@@ -220,7 +267,7 @@ def _key(session: Session, batch: Inputs) -> tuple[Any, ...]:
     return ModelInputs.of(batch).key, tuple(sorted((k, repr(v)) for k, v in session.generation.items()))
 
 
-def _clean(session: Session, batch: Inputs) -> _Clean:
+def clean_answer(session: Session, batch: Inputs) -> CleanAnswer:
     """The variant's clean answer (:func:`clean_run`) and whether the screen reproduces it
     (one teacher-forced pass), computed once per session, variant and generation options."""
     cache = _CLEAN.setdefault(session, {})
@@ -229,7 +276,7 @@ def _clean(session: Session, batch: Inputs) -> _Clean:
         result = clean_run(session, batch)
         ids = result.outputs["generated_ids"].reshape(-1)
         (own,) = divergences(session, batch, ids, [[]])
-        cache[key] = _Clean(
+        cache[key] = CleanAnswer(
             ids, bool(result.failed), own is None, _settle(session, ids[ModelInputs.of(batch).length :])
         )
     return cache[key]

@@ -27,8 +27,11 @@ import torch
 from model_forensics.core.metrics import kl_divergence
 from model_forensics.core.records import fields_json
 from model_forensics.models.inputs import ModelInputs
+from model_forensics.rca import flips
+from model_forensics.rca.flips import Answer
 from model_forensics.rca.progress import Progress, silent
 from model_forensics.replay import Intervention, RunResult, Session
+from model_forensics.replay.interventions import gates_opened
 
 
 @dataclass
@@ -91,60 +94,131 @@ def measure(
     benign: Sequence[Any] | None = None,
     progress: Progress = silent,
     max_accuracy_drop: float = 0.02,
+    *,
+    screen: bool | None = None,
 ) -> SideEffects:
     """Side effects of ``fix`` on the session's benign set, or on ``benign`` (entries as in a
     bundle's ``extras.benign``: a prompt, or ``{"prompt": …, "expected": …}``), e.g. prompts
-    held out from whatever the fix was fitted on (``progress``: ("side effects", done, prompts))."""
+    held out from whatever the fix was fitted on (``progress``: ("side effects", done, prompts)).
+
+    ``screen`` (None: where :func:`~model_forensics.rca.flips.screens` says it pays; True:
+    wherever it is exact): the fixed answer is generated only where the teacher-forced pass
+    the KL reads shows it is not the clean answer word for word (:func:`_screened`)."""
     entries = list(session.extras.get("benign", []) if benign is None else benign)
-    changed, right_clean, right_fixed, same, failing = 0, 0, 0, 0, 0
-    benign = [session.encode(entry) for entry in entries]
-    gates = any(iv.gate is not None for iv in fix)
-    fired = 0  # prompts on which a gate opened in the fixed run (any pass: prompt or a generation step)
-    first: list[float] = [0.0] * len(entries)  # per prompt, in the order given (the sums below add in it)
-    kls: list[float] = [0.0] * len(entries)
-    for done, (i, (clean, fixed)) in enumerate(session.sweep_each(benign, [[], list(fix)])):
-        progress("side effects", done, len(entries))
-        entry, batch = entries[i], benign[i]
-        first[i] = float(kl_divergence(_first_step(clean), _first_step(fixed)))
-        sequence = clean.outputs.get("generated_ids")
-        kls[i] = first[i] if sequence is None else _answer_kl(session, fix, batch, sequence)
-        changed += clean.failed != fixed.failed
-        fired += any(fixed.gates.values())
-        failing += bool(clean.failed)
-        same += clean.text == fixed.text and clean.prediction == fixed.prediction
-        expected = entry.get("expected") if isinstance(entry, dict) else None
-        right_clean += _correct(clean, expected, clean)
-        right_fixed += _correct(fixed, expected, clean)
-    progress("side effects", len(entries), len(entries))
-    n = len(kls)
+    prompts = [session.encode(entry) for entry in entries]
+    if flips.screens(session) if screen is None else screen and flips.exact(session):
+        pairs = _screened(session, fix, prompts, progress)
+    else:
+        pairs = _generated(session, fix, prompts, progress)
+    expected = [entry.get("expected") if isinstance(entry, dict) else None for entry in entries]
+    n = len(pairs)
+
+    def share(counts: Any, empty: float) -> float:
+        return sum(counts) / n if n else empty
+
+    kls = [p.kl for p in pairs]
     return SideEffects(
-        mean_kl=sum(kls) / n if n else 0.0,
-        max_kl=max(kls) if kls else 0.0,
-        predicate_changed=changed / n if n else 0.0,
-        accuracy_clean=right_clean / n if n else 1.0,
-        accuracy_fixed=right_fixed / n if n else 1.0,
+        mean_kl=share(kls, 0.0),
+        max_kl=max(kls, default=0.0),
+        predicate_changed=share((p.clean.failed != p.fixed.failed for p in pairs), 0.0),
+        accuracy_clean=share((_correct(p.clean, e, p.clean) for p, e in zip(pairs, expected, strict=True)), 1.0),
+        accuracy_fixed=share((_correct(p.fixed, e, p.clean) for p, e in zip(pairs, expected, strict=True)), 1.0),
         n_benign=n,
         bound=bound,
-        first_step_kl=sum(first) / n if n and session.mode == "generate" else None,
-        answers_unchanged=same / n if n else 1.0,
+        first_step_kl=share((p.first for p in pairs), 0.0) if n and session.mode == "generate" else None,
+        answers_unchanged=share(
+            (p.clean.text == p.fixed.text and p.clean.prediction == p.fixed.prediction for p in pairs), 1.0
+        ),
         max_accuracy_drop=max_accuracy_drop,
-        gate_fired=fired / n if gates and n else None,
-        failing_clean=failing,
+        gate_fired=share((p.fixed.opened for p in pairs), 0.0)
+        if n and any(iv.gate is not None for iv in fix)
+        else None,
+        failing_clean=sum(bool(p.clean.failed) for p in pairs),
     )
 
 
-def _answer_kl(
-    session: Session, fix: Sequence[Intervention], batch: dict[str, torch.Tensor], sequence: torch.Tensor
-) -> float:
-    """Mean KL(clean ‖ fixed) over the steps of the clean answer ``sequence`` (prompt +
-    generated ids), teacher-forced: one forward pass of two rows (clean, fixed)."""
-    prompt_len = ModelInputs.of(batch).length
-    ids = sequence.reshape(1, -1)[:, :-1]  # (1, T_prompt + S − 1): the answer's last token predicts nothing
-    if ids.shape[1] < prompt_len:
-        return 0.0
-    forced = ModelInputs.of_ids(ids)
-    logits = session.forced(forced, [[], session.prepare(list(fix), forced)], prompt_len)  # (2, T, V)
-    return float(kl_divergence(logits[0, prompt_len - 1 :], logits[1, prompt_len - 1 :]).mean())
+@dataclass(frozen=True)
+class _Pair:
+    """One prompt's clean and fixed answers, the KL at the first decoding step and the mean
+    KL over the clean answer's steps (nats)."""
+
+    clean: Answer
+    fixed: Answer
+    first: float
+    kl: float
+
+
+def _generated(
+    session: Session, fix: Sequence[Intervention], prompts: list[ModelInputs], progress: Progress
+) -> list[_Pair]:
+    """Each prompt's clean and fixed runs generated side by side (one sweep of two rows), the
+    answer KL teacher-forced along the clean answer (:func:`_forced`)."""
+    pairs: list[_Pair | None] = [None] * len(prompts)
+    for done, (i, (clean, fixed)) in enumerate(session.sweep_each(prompts, [[], list(fix)])):
+        progress("side effects", done, len(prompts))
+        first = float(kl_divergence(_first_step(clean), _first_step(fixed)))
+        if clean.outputs.get("generated_ids") is None:
+            pairs[i] = _Pair(Answer.of(clean), Answer.of(fixed), first, first)
+        else:
+            pairs[i] = _Pair(
+                Answer.of(clean), Answer.of(fixed), first, _mean(_forced(session, fix, prompts[i], clean)[0])
+            )
+    progress("side effects", len(prompts), len(prompts))
+    return pairs  # type: ignore[return-value]
+
+
+def _screened(
+    session: Session, fix: Sequence[Intervention], prompts: list[ModelInputs], progress: Progress
+) -> list[_Pair]:
+    """Each prompt's clean run (once per session: :func:`~model_forensics.rca.flips.clean_run`),
+    then one teacher-forced pass of two rows (clean, fixed) along its answer: the KL at every
+    step, the first step's included, and where every argmax of both rows is the clean token,
+    the fixed answer, which greedy decoding would generate word for word again. Only the other
+    prompts' fixed answers are generated (:meth:`Session.sweep_each`)."""
+    pairs: list[_Pair | None] = [None] * len(prompts)
+    kls: dict[int, torch.Tensor] = {}
+    for i, batch in enumerate(prompts):
+        progress("side effects", sum(p is not None for p in pairs), len(prompts))
+        clean = flips.clean_run(session, batch)
+        kls[i], kept = _forced(session, fix, batch, clean)
+        if kept is not None:
+            pairs[i] = _kl_pair(Answer.of(clean), kept, kls[i])
+    todo = [i for i, p in enumerate(pairs) if p is None]
+    for done, (j, (fixed,)) in enumerate(session.sweep_each([prompts[i] for i in todo], [list(fix)])):
+        progress("side effects", len(prompts) - len(todo) + done, len(prompts))
+        i = todo[j]
+        pairs[i] = _kl_pair(Answer.of(flips.clean_run(session, prompts[i])), Answer.of(fixed), kls[i])
+    progress("side effects", len(prompts), len(prompts))
+    return pairs  # type: ignore[return-value]
+
+
+def _kl_pair(clean: Answer, fixed: Answer, kl: torch.Tensor) -> _Pair:
+    return _Pair(clean, fixed, float(kl[0]) if len(kl) else 0.0, _mean(kl))
+
+
+def _mean(kl: torch.Tensor) -> float:
+    """The mean of the per-step KLs (0 for an empty answer)."""
+    return float(kl.mean()) if len(kl) else 0.0
+
+
+def _forced(
+    session: Session, fix: Sequence[Intervention], batch: ModelInputs, clean: RunResult
+) -> tuple[torch.Tensor, Answer | None]:
+    """KL(clean ‖ fixed) at each step of ``clean``'s answer, teacher-forced (one forward pass
+    of two rows, (S,)), and the fixed answer where that pass shows it is the clean one word
+    for word (None: it may not be)."""
+    prompt_len = batch.length
+    ids = clean.outputs["generated_ids"].reshape(-1)
+    answer = ids[prompt_len:]
+    if len(answer) == 0:
+        return torch.zeros(0), None
+    forced = ModelInputs.of_ids(ids[None, :-1])
+    rows = [[], session.prepare(list(fix), forced)]
+    logits = session.forced(forced, rows, prompt_len)[:, prompt_len - 1 :]  # (2, S, V)
+    kl = kl_divergence(logits[0], logits[1])
+    if not bool((logits.argmax(-1) == answer.to(logits.device)).all()):
+        return kl, None
+    return kl, Answer(clean.text, clean.failed, clean.prediction, any(gates_opened(rows[1]).values()))
 
 
 def _first_step(result: RunResult) -> torch.Tensor:
@@ -154,7 +228,7 @@ def _first_step(result: RunResult) -> torch.Tensor:
     return result.logits
 
 
-def _correct(result: RunResult, expected: Any, clean: RunResult) -> bool:
+def _correct(result: Answer, expected: Any, clean: Answer) -> bool:
     if expected is None:
         return bool(result.prediction == clean.prediction and result.text == clean.text)
     if isinstance(expected, int):

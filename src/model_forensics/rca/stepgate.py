@@ -37,10 +37,14 @@ phase fits, on the search part of the split only:
    (prompt pass and each generation step) whose projection on ĝ_L exceeds t, the residual
    moves by −α·d_L (α = 1 puts a typical positive on the negatives' mean along d_L); every
    other position is left bit for bit.
-4. Each configuration is generated on every search prompt: failing flipped, benign and
-   near-miss answers kept word for word. A run whose gate never opened is the clean run, so
-   a configuration's result on a prompt where the same layer and α at the next lower
-   threshold kept its gate shut is that result, not generated again. The pick: most failing
+4. Each configuration is measured on every search prompt: failing flipped, benign and
+   near-miss answers kept word for word. One teacher-forced pass of the prompt's clean
+   answer, every configuration a row, tells which configurations keep every argmax of it
+   (greedy decoding: they generate the clean answer again, :func:`~model_forensics.rca.flips.kept_answers`);
+   only the others are generated. Where that screen is not exact (sampling, a logits
+   processor, a clean answer the pass does not reproduce), a run whose gate never opened
+   is the clean run, so a configuration's result on a prompt where the same layer and α at
+   the next lower threshold kept its gate shut is that result, not generated again. The pick: most failing
    flipped among those keeping ``step_gate_min_benign_kept`` benign and
    ``step_gate_min_near_miss_kept`` near-miss answers (ties: more near misses kept, the
    smaller α, the higher threshold); when none does, the best sum of the three rates,
@@ -62,6 +66,8 @@ from model_forensics.core.config import CCAConfig
 from model_forensics.core.metrics import best_accuracy_threshold, separation_auroc, threshold_cuts
 from model_forensics.core.records import fields_json
 from model_forensics.models.inputs import ModelInputs
+from model_forensics.rca import flips
+from model_forensics.rca.flips import Answer
 from model_forensics.rca.gating import gate_threshold
 from model_forensics.rca.heldout import HeldOut, _as_prompt
 from model_forensics.rca.notes import Note
@@ -212,11 +218,17 @@ def target_span(session: Session, reply: list[int]) -> tuple[int, int] | None:
     return first, last
 
 
-def fit_step_gate(session: Session, config: CCAConfig, progress: Progress = silent) -> StepGateFix | None:
+def fit_step_gate(
+    session: Session, config: CCAConfig, progress: Progress = silent, *, screen: bool | None = None
+) -> StepGateFix | None:
     """The step-gated steering fix fitted and picked on the session's prompts (call it inside
     :func:`~model_forensics.rca.heldout.searching`); None when no failing prompt has a match
-    or no benign prompt is there to calibrate on."""
+    or no benign prompt is there to calibrate on. ``screen`` (None: where
+    :func:`~model_forensics.rca.flips.screens` says it pays; True: wherever it is exact):
+    configurations that keep a prompt's clean answer are told by one teacher-forced pass
+    instead of generated."""
     passes = session.forward_passes
+    screen = flips.screens(session) if screen is None else screen and flips.exact(session)
     sites = [f"blocks.{layer}.resid_post" for layer in range(session.adapter.n_layers)]
     entries = {
         "failing": session.variants(),
@@ -281,7 +293,7 @@ def fit_step_gate(session: Session, config: CCAConfig, progress: Progress = sile
     sets = [[fix(row, alpha, t)] for row, alpha, t in grid]
     # configuration → the same gate and α at the next lower threshold: where its gate stays shut, so does this one's
     lower = {i: i - 1 for i in range(1, len(grid)) if grid[i - 1][:2] == grid[i][:2]}
-    outcomes = _generate(session, sets, lower, [p for k in KINDS for p in used[k]], progress)
+    outcomes = _outcomes(session, sets, lower, [p for k in KINDS for p in used[k]], progress, screen)
     candidates = [_candidate(row, alpha, t, used, outcomes, i, config) for i, (row, alpha, t) in enumerate(grid)]
     within = [c for c in candidates if c.within]
     if within:
@@ -308,7 +320,7 @@ def fit_step_gate(session: Session, config: CCAConfig, progress: Progress = sile
 def capture_prompt(session: Session, kind: str, batch: ModelInputs, sites: list[str]) -> PromptStates:
     """``batch``'s clean run, then its prompt + clean reply teacher-forced in one pass with
     ``sites`` captured; for a failing ``kind`` whose reply fails, the predicate's first match."""
-    clean = session.sweep([[]], inputs=batch)[0]
+    clean = flips.clean_run(session, batch)  # run once per session: the other phases' measurements read it too
     ids = clean.outputs["generated_ids"].reshape(-1)
     prompt_len = ModelInputs.of(batch).length
     acts = capture(session, ModelInputs.of_ids(ids[None]), "layer", sites, only_sites=True)
@@ -380,34 +392,48 @@ def _allowed(n: int, keep: float) -> int:
     return math.floor(n * (1.0 - keep) + 1e-9)
 
 
-def _generate(
+def _outcomes(
     session: Session,
     sets: list[list[Intervention]],
     lower: dict[int, int],
     prompts: list[PromptStates],
     progress: Progress,
-) -> dict[int, list[RunResult]]:
-    """Every configuration's result on every prompt, one sweep per prompt and threshold
-    rank. Configuration i is generated only where ``lower[i]`` (the same fix at a lower
-    threshold; ``lower[i] < i``) opened its gate: where that gate stayed shut, its run is the
-    clean run, every score on it is at most the lower threshold, and so configuration i's run
-    is the same."""
+    screen: bool,
+) -> dict[int, list[Answer]]:
+    """Every configuration's answer on every prompt. With ``screen``, one teacher-forced pass
+    per prompt (:func:`~model_forensics.rca.flips.kept_answers`) tells which configurations
+    keep the clean answer word for word (and whether their gates opened along it), and the
+    others are generated in one sweep. Where the screen decides nothing, one sweep per
+    threshold rank: configuration i is generated only where ``lower[i]`` (the same fix at a
+    lower threshold; ``lower[i] < i``) opened its gate: where that gate stayed shut, its run
+    is the clean run, every score on it is at most the lower threshold, and so configuration
+    i's run is the same."""
     rank: list[int] = []
     for i in range(len(sets)):
         rank.append(rank[lower[i]] + 1 if i in lower else 0)
-    out: dict[int, list[RunResult]] = {}
+    out: dict[int, list[Answer]] = {}
     for done, p in enumerate(prompts):
         progress("step gate: configurations", done, len(prompts))
-        results: dict[int, RunResult] = {}
+        kept = flips.kept_answers(session, p.inputs, sets) if screen else None
+        if kept is not None:
+            todo = [i for i, answer in enumerate(kept) if answer is None]
+            generated = dict(zip(todo, _generated(session, [sets[i] for i in todo], p.inputs), strict=True))
+            out[id(p)] = [generated[i] if answer is None else answer for i, answer in enumerate(kept)]
+            continue
+        answers: dict[int, Answer] = {}
         for r in range(max(rank, default=-1) + 1):
             wave = [i for i in range(len(sets)) if rank[i] == r]
-            run = [i for i in wave if i not in lower or any(results[lower[i]].gates.values())]
-            if run:
-                results.update(zip(run, session.sweep([sets[i] for i in run], inputs=p.inputs), strict=True))
-            results.update({i: results[lower[i]] for i in wave if i not in results})
-        out[id(p)] = [results[i] for i in range(len(sets))]
+            run = [i for i in wave if i not in lower or answers[lower[i]].opened]
+            answers.update(zip(run, _generated(session, [sets[i] for i in run], p.inputs), strict=True))
+            answers.update({i: answers[lower[i]] for i in wave if i not in answers})
+        out[id(p)] = [answers[i] for i in range(len(sets))]
     progress("step gate: configurations", len(prompts), len(prompts))
     return out
+
+
+def _generated(session: Session, sets: list[list[Intervention]], inputs: ModelInputs) -> list[Answer]:
+    """The answers of ``sets`` generated on ``inputs`` (one sweep; none for no sets)."""
+    return [Answer.of(result) for result in session.sweep(sets, inputs=inputs)] if sets else []
 
 
 def _candidate(
@@ -415,7 +441,7 @@ def _candidate(
     alpha: float,
     threshold: float,
     used: dict[str, list[PromptStates]],
-    outcomes: dict[int, list[RunResult]],
+    outcomes: dict[int, list[Answer]],
     i: int,
     config: CCAConfig,
 ) -> StepGateCandidate:
@@ -423,11 +449,7 @@ def _candidate(
         group = used[kind]
         return sum(outcomes[id(p)][i].text == p.clean.text for p in group) / len(group) if group else None
 
-    fired = {
-        kind: sum(any(outcomes[id(p)][i].gates.values()) for p in used[kind]) / len(used[kind])
-        for kind in KINDS
-        if used[kind]
-    }
+    fired = {kind: sum(outcomes[id(p)][i].opened for p in used[kind]) / len(used[kind]) for kind in KINDS if used[kind]}
     benign, near = kept("benign"), kept("near_miss")
     assert benign is not None
     flips = [not outcomes[id(p)][i].failed for p in used["failing"]]

@@ -442,6 +442,13 @@ class Prepared:
     gate_open: bool | None = None
 
 
+def gates_opened(prepared: Sequence[Prepared]) -> dict[str, bool]:
+    """Per gated intervention of ``prepared`` (keyed by its site), whether its gate opened in
+    the latest run that applied it (interventions whose run never reached the gate's site
+    are left out)."""
+    return {p.target.intervention.site: p.gate_open for p in prepared if p.gate_open is not None}
+
+
 @dataclass
 class Clock:
     """Where the current forward call sits in the sequence (generation steps advance it)."""

@@ -44,6 +44,7 @@ from model_forensics.replay.interventions import (
     Intervention,
     Prepared,
     Target,
+    gates_opened,
     intervening,
     resolve,
 )
@@ -386,9 +387,18 @@ class Session:
                 outputs["generated_ids"] = outcome.ids
             interventions = [p.target.intervention for p in prepared]
             prediction = int(logits.argmax())
-            gates = {p.target.intervention.site: p.gate_open for p in prepared if p.gate_open is not None}
             results.append(
-                RunResult(interventions, failed, flipped, outcome.text, prediction, logits, outputs, used, gates)
+                RunResult(
+                    interventions,
+                    failed,
+                    flipped,
+                    outcome.text,
+                    prediction,
+                    logits,
+                    outputs,
+                    used,
+                    gates_opened(prepared),
+                )
             )
         return results
 
