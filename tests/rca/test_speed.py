@@ -206,7 +206,16 @@ def test_shared_prefix_screen_equals_whole_model_passes(sessions: dict[str, Sess
         assert forced_picks(session, rows, forced, steps, prompt_len, session.prefixes, per_batch) is not None
         # one set skips less than two rows' worth of blocks: shared only when the prefix is held already
         one = session.prepare_sets([sets[1]], batch)
-        assert forced_picks(session, one, forced, steps, prompt_len, PrefixCache(), per_batch) is None
+        fresh = PrefixCache()
+        assert forced_picks(session, one, forced, steps, prompt_len, fresh, per_batch) is None
+        # asked for again: a repeated screen pays for the capture, which later calls share
+        again = forced_picks(session, one, forced, steps, prompt_len, fresh, per_batch)
+        assert (
+            again is not None
+            and len(fresh) == 1
+            and [p.tolist() for p in again]
+            == [p.tolist() for p in forced_picks(session, one, forced, steps, prompt_len, session.prefixes, per_batch)]
+        )
         assert forced_picks(session, one, forced, steps, prompt_len, session.prefixes, per_batch) is not None
         assert flips.divergences(session, batch, clean.ids, [sets[1]]) == [shared[1]]
         # a set that changes the embedding cannot enter at a block: whole-model passes
@@ -250,29 +259,35 @@ def test_screened_side_effects_equal_generating_every_answer(sessions: dict[str,
     assert fired is not None and 0 < fired < 1  # the gate opens on some prompts only
 
 
-def test_screened_held_out_flips_equal_generating_them(
+def test_where_the_screen_pays_the_failing_variants_come_from_the_clean_runs(
     sessions: dict[str, Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Held-out flips where the screen pays (each variant's clean run once, one teacher-forced
-    # pass deciding the variants the fix keeps failing) equal two-row sweeps per variant; prompts
-    # on which the model does not fail (benign ones here) are left out either way.
-    from model_forensics.rca.heldout import held_out_flips
+    # The screen reads every variant's full clean run; the search's failing variants are read
+    # from those runs there (no batched verdict sweep besides), and they are the same variants.
+    session = sessions["gpt2-injection"]
+    cfg = load_config(None).modules.cca
+    expected = [v.key for v in FixSearch(session, cfg).failing]
+    monkeypatch.setattr(flips, "SCREEN_MIN_PARAMS", 0)
+    for variant in session.variants():
+        flips.clean_run(session, variant)
+    passes = session.forward_passes
+    assert [v.key for v in FixSearch(session, cfg).failing] == expected
+    assert session.forward_passes == passes  # every verdict read from a kept clean run
+    assert 0 < len(expected) <= len(session.variants())
+
+
+def test_the_prefix_cache_holds_the_latest_prefixes_that_fit_its_budget(sessions: dict[str, Session]) -> None:
+    from model_forensics.replay.sweep import PrefixCache, _prefix_for
 
     session = sessions["gpt2-toxic"]
-    fine = [u for u in attribution_ranking(session).units if u.level in ("head", "neuron")]
-    fix = Ablation("mean").all(fine[:2])
-    prompts = [*session.extras["variants"][:10], *session.extras["benign"][:3]]
-    expected = held_out_flips(session, fix, prompts)
-    monkeypatch.setattr(flips, "SCREEN_MIN_PARAMS", 0)
-    assert flips.screens(session)
-    generated: list[int] = []
-    plain = runs.flips_each
-
-    def spy(session: Session, work, tick=None):
-        generated.append(sum(len(sets) for _, sets in work))
-        return plain(session, work, tick)
-
-    monkeypatch.setattr(runs, "flips_each", spy)
-    assert held_out_flips(session, fix, prompts) == expected
-    assert len(expected) == 10 and 0 < sum(expected) < 10  # the benign prompts left out; both verdicts
-    assert generated == [sum(expected)]  # the variants the fix keeps failing were not generated
+    a, b, c = (session.encode(v) for v in session.extras["variants"][:3])
+    held = PrefixCache()
+    prefixes = [_prefix_for(session, held, x) for x in (a, b, c)]
+    assert all(p is not None for p in prefixes) and len(held) == 3  # the default budget holds them all
+    sizes = [p.nbytes for p in prefixes if p is not None]
+    assert all(size > 0 for size in sizes)
+    tight = PrefixCache(max_mb=(sizes[1] + sizes[2]) / 2**20)
+    for x, p in zip((a, b, c), prefixes, strict=True):
+        assert p is not None
+        tight.add(x.key, p)
+    assert [tight.get(x.key) is not None for x in (a, b, c)] == [False, True, True]  # the oldest went first

@@ -263,6 +263,34 @@ def clean_run(session: Session, batch: Inputs) -> RunResult:
     return cache[key]
 
 
+def known_run(session: Session, batch: Inputs) -> RunResult | None:
+    """The clean run of ``batch`` this session holds already (:func:`clean_run`,
+    :func:`clean_runs`, :func:`keep_run`); None: none yet."""
+    return _RUNS.setdefault(session, {}).get(_key(session, batch))
+
+
+def keep_run(session: Session, batch: Inputs, result: RunResult) -> None:
+    """Keep ``result``, the clean row of a sweep on ``batch`` (generated to its end, not
+    stopped at the verdict), as ``batch``'s :func:`clean_run`."""
+    _RUNS.setdefault(session, {}).setdefault(_key(session, batch), result)
+
+
+def clean_runs(session: Session, batches: Sequence[Inputs]) -> list[RunResult]:
+    """:func:`clean_run` of each of ``batches``; those not run yet are generated together
+    (:meth:`Session.sweep_each`: prompts of one length share a generation, same tokens and
+    verdicts, scores to float tolerance)."""
+    cache = _RUNS.setdefault(session, {})
+    keys = [_key(session, batch) for batch in batches]
+    first: dict[tuple[Any, ...], int] = {}  # each input not run yet → the first of batches that holds it
+    for i, key in enumerate(keys):
+        if key not in cache:
+            first.setdefault(key, i)
+    todo = list(first.values())
+    for j, (result,) in session.sweep_each([batches[i] for i in todo], [[]]):
+        cache[keys[todo[j]]] = result
+    return [cache[key] for key in keys]
+
+
 def _key(session: Session, batch: Inputs) -> tuple[Any, ...]:
     return ModelInputs.of(batch).key, tuple(sorted((k, repr(v)) for k, v in session.generation.items()))
 

@@ -26,11 +26,9 @@ import random
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 from model_forensics.core.records import fields_json
-from model_forensics.rca import flips
 from model_forensics.rca.notes import Note
 from model_forensics.rca.progress import Progress, silent
 from model_forensics.rca.side_effects import SideEffects, measure
@@ -268,18 +266,8 @@ def held_out_flips(
     session: Session, fix: Sequence[Intervention], variants: list[Any], progress: Progress = silent
 ) -> list[bool]:
     """For each of ``variants`` on which the model fails without ``fix``: whether the fix
-    flips it (those that do not fail are left out). Where the flip screen pays
-    (:func:`~model_forensics.rca.flips.screens`), each variant's clean run is run once per
-    session and one teacher-forced pass decides the variants the fix keeps failing
-    (:func:`~model_forensics.rca.flips.flips_each`); elsewhere, sweeps of two rows per
-    variant (:meth:`Session.sweep_each`), stopped once both verdicts are settled
-    (``verdicts_only``)."""
-    if flips.screens(session):
-        encoded = [session.encode(v) for v in variants]
-        failing = [v for v in encoded if flips.clean_answer(session, v).failed]
-        table = flips.flips_each(session, [(v, [list(fix)]) for v in failing], partial(progress, "held-out variants"))
-        progress("held-out variants", len(failing), len(failing))
-        return [flipped for (flipped,) in table]
+    flips it (sweeps of two rows per variant, :meth:`Session.sweep_each`, stopped once both
+    verdicts are settled: ``verdicts_only``; those that do not fail are left out)."""
     flipped: list[bool | None] = [None] * len(variants)
     for done, (i, (clean, fixed)) in enumerate(session.sweep_each(variants, [[], list(fix)], verdicts_only=True)):
         progress("held-out variants", done, len(variants))

@@ -15,10 +15,10 @@ from model_forensics.core.bundle import Bundle
 from model_forensics.core.errors import BundleError, ForensicsError
 from model_forensics.core.sites import block_index
 from model_forensics.models.hooks import hooks
-from model_forensics.models.inputs import GENERATE_KEYS, last_logits_only
+from model_forensics.models.inputs import GENERATE_KEYS, ModelInputs, last_logits_only
 from model_forensics.rca.progress import Progress, silent
 from model_forensics.recorder.hooks import RecorderHooks
-from model_forensics.replay import Intervention, Session
+from model_forensics.replay import Intervention, RunResult, Session
 
 Inputs = dict[str, torch.Tensor]
 
@@ -132,9 +132,15 @@ def baseline_inputs(session: Session, bundles: Sequence[str | Path] = (), limit:
     return found[:limit] if limit else found
 
 
-def failing_variants(session: Session, progress: Progress = silent) -> list[Inputs]:
+def failing_variants(
+    session: Session,
+    progress: Progress = silent,
+    clean_runs: Callable[[Session, list[ModelInputs]], list[RunResult]] | None = None,
+) -> list[Inputs]:
     """The incident's variants on which the model fails (the incident first), one clean run
-    each (``progress``: ("failing variants", done, variants)).
+    each (``progress``: ("failing variants", done, variants)): batched sweeps stopped once
+    the verdicts are settled, or ``clean_runs(session, variants)`` where given (the full
+    clean runs the caller keeps for other uses: :func:`~model_forensics.rca.flips.clean_runs`).
 
     Raises:
         ForensicsError: the bundle has no predicate, or nothing fails (nothing to fix).
@@ -145,9 +151,13 @@ def failing_variants(session: Session, progress: Progress = silent) -> list[Inpu
         )
     variants = session.variants()
     fails = [False] * len(variants)
-    for done, (i, swept) in enumerate(session.sweep_each(variants, [[]], verdicts_only=True)):
-        progress("failing variants", done, len(variants))
-        fails[i] = bool(swept[0].failed)
+    if clean_runs is not None:
+        progress("failing variants", 0, len(variants))
+        fails = [bool(run.failed) for run in clean_runs(session, variants)]
+    else:
+        for done, (i, swept) in enumerate(session.sweep_each(variants, [[]], verdicts_only=True)):
+            progress("failing variants", done, len(variants))
+            fails[i] = bool(swept[0].failed)
     progress("failing variants", len(variants), len(variants))
     failing: list[Inputs] = [v for v, fails_here in zip(variants, fails, strict=True) if fails_here]
     if not failing:

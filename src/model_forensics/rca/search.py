@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from model_forensics.core.config import CCAConfig
 from model_forensics.rca.attribution import UnitScore
 from model_forensics.rca.candidates import Ablation, fine_candidates
-from model_forensics.rca.flips import flips_each
+from model_forensics.rca.flips import clean_runs, flips_each, screens
 from model_forensics.rca.members import solo_kls
 from model_forensics.rca.notes import Note
 from model_forensics.rca.progress import Progress, silent
@@ -97,7 +97,8 @@ class FixSearch:
         self.session = session
         self.config = config
         self.progress = progress
-        self.failing = failing_variants(session, progress)
+        # where the screen pays it reads every variant's full clean run: the verdicts come from those
+        self.failing = failing_variants(session, progress, clean_runs if screens(session) else None)
         self.search_variants = self.failing[: config.search_variants]
         # every measurement made, so that none runs twice: (variant, set) → flipped; set → side effects
         self._flipped: dict[tuple[int, str], bool] = {}

@@ -102,14 +102,14 @@ def measure(
     held out from whatever the fix was fitted on (``progress``: ("side effects", done, prompts)).
 
     ``screen`` (None: where :func:`~model_forensics.rca.flips.screens` says it pays; True:
-    wherever it is exact): the fixed answer is generated only where the teacher-forced pass
-    the KL reads shows it is not the clean answer word for word (:func:`_screened`)."""
+    wherever it is exact): on a prompt whose clean run the session holds, the fixed answer is
+    generated only where the teacher-forced pass the KL reads shows it is not the clean answer
+    word for word (:func:`_pairs`)."""
     entries = list(session.extras.get("benign", []) if benign is None else benign)
     prompts = [session.encode(entry) for entry in entries]
-    if flips.screens(session) if screen is None else screen and flips.exact(session):
-        pairs = _screened(session, fix, prompts, progress)
-    else:
-        pairs = _generated(session, fix, prompts, progress)
+    pairs = _pairs(
+        session, fix, prompts, progress, flips.screens(session) if screen is None else screen and flips.exact(session)
+    )
     expected = [entry.get("expected") if isinstance(entry, dict) else None for entry in entries]
     n = len(pairs)
 
@@ -148,47 +148,45 @@ class _Pair:
     kl: float
 
 
-def _generated(
-    session: Session, fix: Sequence[Intervention], prompts: list[ModelInputs], progress: Progress
+def _pairs(
+    session: Session, fix: Sequence[Intervention], prompts: list[ModelInputs], progress: Progress, screen: bool
 ) -> list[_Pair]:
-    """Each prompt's clean and fixed runs generated side by side (one sweep of two rows), the
-    answer KL teacher-forced along the clean answer (:func:`_forced`)."""
-    pairs: list[_Pair | None] = [None] * len(prompts)
-    for done, (i, (clean, fixed)) in enumerate(session.sweep_each(prompts, [[], list(fix)])):
-        progress("side effects", done, len(prompts))
-        first = float(kl_divergence(_first_step(clean), _first_step(fixed)))
-        if clean.outputs.get("generated_ids") is None:
-            pairs[i] = _Pair(Answer.of(clean), Answer.of(fixed), first, first)
-        else:
-            pairs[i] = _Pair(
-                Answer.of(clean), Answer.of(fixed), first, _mean(_forced(session, fix, prompts[i], clean)[0])
-            )
-    progress("side effects", len(prompts), len(prompts))
-    return pairs  # type: ignore[return-value]
-
-
-def _screened(
-    session: Session, fix: Sequence[Intervention], prompts: list[ModelInputs], progress: Progress
-) -> list[_Pair]:
-    """Each prompt's clean run (once per session: :func:`~model_forensics.rca.flips.clean_run`),
-    then one teacher-forced pass of two rows (clean, fixed) along its answer: the KL at every
-    step, the first step's included, and where every argmax of both rows is the clean token,
-    the fixed answer, which greedy decoding would generate word for word again. Only the other
-    prompts' fixed answers are generated (:meth:`Session.sweep_each`)."""
-    pairs: list[_Pair | None] = [None] * len(prompts)
+    """Each prompt's clean and fixed answers and KLs. A prompt whose clean run the session
+    holds already (with ``screen``: :func:`~model_forensics.rca.flips.known_run`) gets one
+    teacher-forced pass of two rows (clean, fixed) along its answer: the KL at every step,
+    the first step's included, and, where every argmax of both rows is the clean token, the
+    fixed answer, which greedy decoding would generate word for word again. The other
+    prompts are generated (:meth:`Session.sweep_each`): the fixed run alone where the clean
+    run is held, both side by side elsewhere (with ``screen``, the clean run is kept for
+    later measurements, and its KLs read from the forced pass too; without, the first
+    step's KL is that of the generated scores)."""
+    n = len(prompts)
+    pairs: list[_Pair | None] = [None] * n
+    known = [flips.known_run(session, batch) if screen else None for batch in prompts]
     kls: dict[int, torch.Tensor] = {}
-    for i, batch in enumerate(prompts):
-        progress("side effects", sum(p is not None for p in pairs), len(prompts))
-        clean = flips.clean_run(session, batch)
-        kls[i], kept = _forced(session, fix, batch, clean)
-        if kept is not None:
-            pairs[i] = _kl_pair(Answer.of(clean), kept, kls[i])
-    todo = [i for i, p in enumerate(pairs) if p is None]
-    for done, (j, (fixed,)) in enumerate(session.sweep_each([prompts[i] for i in todo], [list(fix)])):
-        progress("side effects", len(prompts) - len(todo) + done, len(prompts))
+    for i, clean in enumerate(known):
+        if clean is not None:
+            progress("side effects", sum(p is not None for p in pairs), n)
+            kls[i], kept = _forced(session, fix, prompts[i], clean)
+            if kept is not None:
+                pairs[i] = _kl_pair(Answer.of(clean), kept, kls[i])
+    todo = [i for i in range(n) if pairs[i] is None]
+    sets = [[list(fix)] if known[i] is not None else [[], list(fix)] for i in todo]
+    swept = session.sweep_each([prompts[i] for i in todo], sets, per_prompt=True)
+    for done, (j, results) in enumerate(swept):
+        progress("side effects", n - len(todo) + done, n)
         i = todo[j]
-        pairs[i] = _kl_pair(Answer.of(flips.clean_run(session, prompts[i])), Answer.of(fixed), kls[i])
-    progress("side effects", len(prompts), len(prompts))
+        clean, fixed = known[i] or results[0], results[-1]
+        if screen:
+            flips.keep_run(session, prompts[i], clean)
+            kl = kls[i] if i in kls else _forced(session, fix, prompts[i], clean)[0]
+            pairs[i] = _kl_pair(Answer.of(clean), Answer.of(fixed), kl)
+            continue
+        first = float(kl_divergence(_first_step(clean), _first_step(fixed)))
+        generated = clean.outputs.get("generated_ids") is not None
+        mean = _mean(_forced(session, fix, prompts[i], clean)[0]) if generated else first
+        pairs[i] = _Pair(Answer.of(clean), Answer.of(fixed), first, mean)
+    progress("side effects", n, n)
     return pairs  # type: ignore[return-value]
 
 

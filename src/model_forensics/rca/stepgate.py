@@ -236,6 +236,8 @@ def fit_step_gate(
         "benign": session.benign(),
     }
     total = sum(len(v) for v in entries.values())
+    progress("step gate: captures", 0, total)
+    flips.clean_runs(session, [batch for batches in entries.values() for batch in batches])  # generated together
     prompts: list[PromptStates] = []
     for kind, batches in entries.items():
         for batch in batches:

@@ -254,10 +254,15 @@ def forced_picks(
     clean computation of the blocks before it (the clean prefix of ``forced``, captured once
     into ``prefixes``). None, for the caller to run whole models, where a row changes
     something outside the blocks (``embed``, ``logits``), where sharing would not save two
-    rows' worth of blocks (unless ``prefixes`` holds it already: then sharing is free), or
+    rows' worth of blocks the first time ``forced`` is asked for (from the second time on, the
+    capture is shared by every later call; once ``prefixes`` holds it, sharing is free), or
     where the model's blocks cannot be re-entered."""
     starts, worth = _entry_blocks(rows, session.adapter.n_layers)
-    if any(s is None for s in starts) or not (worth or (prefixes.usable and prefixes.get(forced.key) is not None)):
+    if any(s is None for s in starts):
+        return None
+    held = bool(prefixes.usable) and prefixes.get(forced.key) is not None
+    again = prefixes.asked(forced.key)
+    if not (worth or held or again):
         return None
     prefix = _prefix_for(session, prefixes, forced)
     if prefix is None:
@@ -359,6 +364,14 @@ class _Prefix:
         args, kwargs = self.calls[layer]
         return args[0] if args else kwargs["hidden_states"]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the block inputs held (the blocks' other arguments are shared or small)."""
+        held = [self._hidden(layer) for layer in range(len(self.calls))]
+        if self.final_input is not None:
+            held.append(self.final_input)
+        return sum(t.numel() * t.element_size() for t in held)
+
     def tail(self, rows: Sequence[Sequence[Prepared]], starts: Sequence[int]) -> torch.Tensor:
         """Last-position scores (N, V) of the rows, row i entering at block ``starts[i]``
         (sorted ascending; ``n_layers`` = only the final norm and head). Counts as one
@@ -420,8 +433,12 @@ class _Prefix:
 
 
 class PrefixCache:
-    """The clean prefixes a session's sweeps share: one per input, for the last ``size``
-    inputs (first in, first out), and whether the model's blocks can be re-entered at all.
+    """The clean prefixes a session's sweeps share: one per input, the latest inputs whose
+    prefixes fit in ``max_mb`` (first in, first out), and whether the model's blocks can be
+    re-entered at all. It also remembers which inputs were asked for and not captured
+    (:meth:`asked`): a screen repeated on an input pays for its capture even when one call
+    alone would not (SmolLM2's prefixes are about 5 MB each, so the default holds the 30
+    search variants of its injection incident and more).
 
     Attributes:
         usable: None until the first capture is checked against the clean run; then
@@ -429,10 +446,11 @@ class PrefixCache:
             decoder LMs, and after a capture failed).
     """
 
-    def __init__(self, size: int = 16):
-        self.size = size
+    def __init__(self, max_mb: float = 256.0):
+        self.max_bytes = int(max_mb * 2**20)
         self.usable: bool | None = None
         self._prefixes: dict[tuple[int, ...], _Prefix] = {}
+        self._asked: set[tuple[int, ...]] = set()
 
     def __len__(self) -> int:
         return len(self._prefixes)
@@ -440,9 +458,16 @@ class PrefixCache:
     def get(self, key: tuple[int, ...]) -> _Prefix | None:
         return self._prefixes.get(key)
 
+    def asked(self, key: tuple[int, ...]) -> bool:
+        """Whether ``key``'s prefix was asked for before (True from the second time on)."""
+        seen = key in self._asked
+        self._asked.add(key)
+        return seen
+
     def add(self, key: tuple[int, ...], prefix: _Prefix) -> None:
-        while len(self._prefixes) >= self.size:
-            self._prefixes.pop(next(iter(self._prefixes)))
+        held = sum(p.nbytes for p in self._prefixes.values())
+        while self._prefixes and held + prefix.nbytes > self.max_bytes:
+            held -= self._prefixes.pop(next(iter(self._prefixes))).nbytes
         self._prefixes[key] = prefix
 
 
