@@ -1,14 +1,16 @@
-"""The sweep's prefix cache: the last inputs' clean prefixes, first in, first out."""
+"""The sweep's prefix cache: the last inputs' clean prefixes that fit its budget, first in, first out."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 from model_forensics import Intervention, SandboxReplayer
 from model_forensics.replay.sweep import PrefixCache
 
 
 def test_the_cache_keeps_the_last_inputs_first_in_first_out():
-    cache = PrefixCache(size=2)
-    a, b, c = object(), object(), object()
+    cache = PrefixCache(max_mb=2.5)  # room for two prefixes of 1 MB
+    a, b, c = (SimpleNamespace(nbytes=2**20) for _ in range(3))
     cache.add((1,), a)  # type: ignore[arg-type]
     cache.add((2,), b)  # type: ignore[arg-type]
     assert cache.get((1,)) is a  # a hit does not make an entry younger

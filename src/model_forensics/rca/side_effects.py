@@ -176,7 +176,8 @@ def _pairs(
     for done, (j, results) in enumerate(swept):
         progress("side effects", n - len(todo) + done, n)
         i = todo[j]
-        clean, fixed = known[i] or results[0], results[-1]
+        held = known[i]
+        clean, fixed = (results[0] if held is None else held), results[-1]
         if screen:
             flips.keep_run(session, prompts[i], clean)
             kl = kls[i] if i in kls else _forced(session, fix, prompts[i], clean)[0]
