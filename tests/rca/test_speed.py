@@ -2,7 +2,9 @@
 
 * the teacher-forced screen (:mod:`~model_forensics.rca.flips`): flips equal generating
   every set (:func:`model_forensics.rca.runs.flip_table`), and it stands aside where it
-  would not be exact;
+  would not be exact; the same screen for answers kept word for word (side effects) equals
+  generating every fixed answer, and the failing variants read from kept clean runs are the
+  same;
 * no set is measured twice (:class:`~model_forensics.rca.search.FixSearch` keeps every
   flip and side-effect measurement): a repeat runs nothing, and a found fix set's flips,
   members' necessity/sufficiency and side effects equal measuring them afresh.

@@ -450,6 +450,7 @@ class PrefixCache:
         self.max_bytes = int(max_mb * 2**20)
         self.usable: bool | None = None
         self._prefixes: dict[tuple[int, ...], _Prefix] = {}
+        self._bytes: dict[tuple[int, ...], int] = {}  # each held prefix's size, taken when it was added
         self._asked: set[tuple[int, ...]] = set()
 
     def __len__(self) -> int:
@@ -465,10 +466,16 @@ class PrefixCache:
         return seen
 
     def add(self, key: tuple[int, ...], prefix: _Prefix) -> None:
-        held = sum(p.nbytes for p in self._prefixes.values())
-        while self._prefixes and held + prefix.nbytes > self.max_bytes:
-            held -= self._prefixes.pop(next(iter(self._prefixes))).nbytes
+        self._drop(key)
+        size = prefix.nbytes
+        while self._prefixes and sum(self._bytes.values()) + size > self.max_bytes:
+            self._drop(next(iter(self._prefixes)))
         self._prefixes[key] = prefix
+        self._bytes[key] = size
+
+    def _drop(self, key: tuple[int, ...]) -> None:
+        self._prefixes.pop(key, None)
+        self._bytes.pop(key, None)
 
 
 def _prefix_for(session: Session, cache: PrefixCache, batch: ModelInputs) -> _Prefix | None:
