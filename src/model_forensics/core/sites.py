@@ -16,6 +16,7 @@ import difflib
 import fnmatch
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from model_forensics.core.errors import SiteError
 
@@ -113,8 +114,10 @@ def site_priority(site: str) -> int:
     return _PRIORITY.get(site_kind(site), 6)
 
 
+@lru_cache(maxsize=1 << 16)
 def site_order(site: str) -> tuple[int, int, str]:
-    """Sort key that follows the forward pass: embed, blocks in order, final, logits."""
+    """Sort key that follows the forward pass: embed, blocks in order, final, logits
+    (memoised: every install and site listing sorts hundreds of names by it)."""
     if site == "embed":
         return (-1, 0, site)
     layer = block_index(site)
