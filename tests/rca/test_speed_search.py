@@ -1,9 +1,7 @@
 """The search's and narrowing's shortcuts measure nothing twice and run nothing more than needed.
 
 * set keys are order-free: a set listed in another order is not measured again;
-* narrowing tries the fix's own heads first (:mod:`~model_forensics.rca.narrowing`), and
-  measures its largest set only until it cannot reach;
-* reaching rates stop measuring a set once it cannot reach (at any threshold).
+* narrowing tries the fix's own heads first (:mod:`~model_forensics.rca.narrowing`).
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from model_forensics.models import zoo
 from model_forensics.rca import runs
 from model_forensics.rca.attribution import attribution_ranking
 from model_forensics.rca.candidates import Ablation
-from model_forensics.rca.narrowing import failure_directions, narrow_if_it_helps
+from model_forensics.rca.narrowing import narrow_if_it_helps
 from model_forensics.rca.notes import Note
 from model_forensics.rca.search import FixChoice, FixSearch, set_key
 from model_forensics.replay import Session
@@ -88,32 +86,6 @@ def test_reaching_rates_stop_measuring_a_set_once_it_cannot_reach(session: Sessi
     passes = session.forward_passes
     assert search.reaching_rates(search.failing, sets) == got
     assert session.forward_passes == passes
-    # another threshold: the same rule at that threshold
-    lower = FixSearch(session, cfg)
-    at = sorted(rates)[len(rates) // 2]
-    assert lower.reaching_rates(lower.failing, sets, threshold=at) == [r if r >= at else None for r in rates]
-
-
-def test_narrowing_measures_its_largest_set_only_until_it_cannot_reach(session: Session) -> None:
-    cfg = load_config(None).modules.cca
-    search = FixSearch(session, cfg)
-    heads = [u for u in attribution_ranking(session).units if u.level == "head"]
-    fix = FixChoice(heads[:2], Ablation("mean"), 1e9, {})
-    notes: list[Note] = []
-    got = narrow_if_it_helps(search, heads, fix, 1.0, notes)
-    # the fix's own heads along their directions flip too few (step 1), and so does the
-    # largest set (step 2): the whole-unit fix stays and no search runs
-    assert [note.event for note in notes] == ["narrowing_did_not_help"]
-    assert got is fix
-    n = len(search.failing)
-    assert notes[0].numbers["flip_rate"] < cfg.early_stop_threshold
-    assert n < search.memo["flip_checks"] < 2 * n  # step 1 on every variant, step 2 on fewer
-    # the decision is the one measuring the largest set on every variant gives
-    pool = heads[: cfg.direction_pool]
-    directions = failure_directions(session, search.failing, list(dict.fromkeys(u.unit for u in pool)))
-    largest = [u for u in pool if u.unit in directions][: cfg.max_fix_set_size]
-    (flips,) = runs.flip_table(session, search.failing, [Ablation("mean", directions).all(largest)])
-    assert runs.flip_rate(flips) < min(1.0, cfg.early_stop_threshold)
 
 
 def test_a_capture_runs_no_further_than_the_sites_it_reads(session: Session) -> None:

@@ -9,8 +9,7 @@ whole-unit set (up to the threshold) with less benign KL. Cheapest first:
 1. the fix's own heads, each ablated along its direction (one set; when every member is a
    head): kept when it helps, and nothing else runs;
 2. then the largest set the search could return (the top ``max_fix_set_size`` heads of the
-   pool, along their directions) on the failing variants, measured only until its misses
-   decide (:meth:`~model_forensics.rca.search.FixSearch.reaching_rates`): when even that set flips less
+   pool, along their directions) on every failing variant: when even that set flips less
    than the whole-unit set (up to the threshold), no search runs and the note gives step
    1's figures (a heuristic: flip rates need not grow with the set, but a search whose
    largest candidate falls short rarely ends above it);
@@ -58,8 +57,7 @@ def narrow_if_it_helps(
             notes.append(Note("narrowed", own))
             return FixChoice(fix.units, narrowed, own_kl, solo_kls(search.session, fix.units, narrowed, len(fix.units)))
         largest = [u for u in pool if u.unit in narrowed.directions][: cfg.max_fix_set_size]
-        # only whether it reaches the target decides: measured until it cannot
-        if search.reaching_rates(search.failing, [narrowed.all(largest)], threshold=target) == [None]:
+        if flip_rate(search.flips(search.failing, narrowed.all(largest))) < target:
             notes.append(Note("narrowing_did_not_help", own))
             return fix
     solo_kl = solo_kls(search.session, pool, narrowed, cfg.max_fix_set_size)

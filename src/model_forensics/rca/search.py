@@ -137,11 +137,8 @@ class FixSearch:
                 self._flipped[(id(variant), k)] = f
         return [[self._flipped[(id(v), k)] for v in variants] for k in keys]
 
-    def reaching_rates(
-        self, variants: Sequence[Inputs], sets: Sequence[Sequence[Intervention]], threshold: float | None = None
-    ) -> list[float | None]:
-        """Each set's flip rate on ``variants`` when it reaches ``threshold`` (default
-        ``early_stop_threshold``), else None.
+    def reaching_rates(self, variants: Sequence[Inputs], sets: Sequence[Sequence[Intervention]]) -> list[float | None]:
+        """Each set's flip rate on ``variants`` when it reaches the threshold, else None.
 
         The variants are measured in rounds, those already measured for the most sets first,
         and a set is not measured further once its misses so far keep it below the threshold
@@ -154,8 +151,7 @@ class FixSearch:
         keys = [set_key(s) for s in sets]
         misses = [0] * len(sets)
         allowed = -1  # the most misses a set may have and still reach (-1: none reaches)
-        at = self.config.early_stop_threshold if threshold is None else threshold
-        while allowed < n and (n - allowed - 1) / n >= at:
+        while allowed < n and self.reaches((n - allowed - 1) / n):
             allowed += 1
         live = list(range(len(sets))) if allowed >= 0 else []
 
