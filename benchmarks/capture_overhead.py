@@ -105,11 +105,15 @@ def main() -> None:
     for name, ts in times.items():
         ratios = [t / b for t, b in zip(ts, base, strict=True)]
         cpu_ratios = [t / b for t, b in zip(cpus[name], base_cpu, strict=True)]
+        # what the condition adds to a forward pass, in CPU ms: steadier across machines than
+        # a ratio, whose denominator is the machine's speed that day
+        extra = [t - b for t, b in zip(cpus[name], base_cpu, strict=True)]
         data["conditions"][name] = {
             "median_s": median(ts),
             "median_ratio": median(ratios),
             "median_cpu_s": median(cpus[name]),
             "median_cpu_ratio": median(cpu_ratios),
+            "median_extra_cpu_s": median(extra),
             "times_s": ts,
             "cpu_s": cpus[name],
         }
@@ -120,10 +124,11 @@ def main() -> None:
                 f"{median(ratios):.3f}×",
                 f"{median(cpus[name]) * 1000:.1f}",
                 f"{median(cpu_ratios):.3f}×",
+                f"{median(extra) * 1000:+.1f}",
             ]
         )
     for name, reason in notes.items():
-        rows.append([name, "—", f"not measured: {reason}", "—", "—"])
+        rows.append([name, "—", f"not measured: {reason}", "—", "—", "—"])
 
     write, read = _bundle_throughput(model, tok, ids)
     data["bundle"] = {"write": write, "read": read}
@@ -134,6 +139,7 @@ def main() -> None:
             "wall ratio to plain (median of per-round ratios)",
             "median CPU ms",
             "CPU ratio to plain",
+            "CPU ms added to a forward (median of per-round differences)",
         ],
         rows,
     )
@@ -141,13 +147,14 @@ def main() -> None:
         ["full-precision all-site bundle", "MB", "seconds", "MB/s"],
         [
             [
-                "write (sketch + sha256 + safetensors + fsync)",
+                "first create_bundle of a new recorder (the weights' sha256, taken once per recorder, "
+                "provenance, cube, then the write: bundle_io.py times the write alone)",
                 f"{write['mb']:.1f}",
                 f"{write['s']:.2f}",
                 f"{write['mb_per_s']:.0f}",
             ],
             [
-                "read (open + verify checksums + decode all sites)",
+                "read (open + verify every digest + decode all sites)",
                 f"{read['mb']:.1f}",
                 f"{read['s']:.2f}",
                 f"{read['mb_per_s']:.0f}",
