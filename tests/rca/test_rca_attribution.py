@@ -94,3 +94,35 @@ def test_nothing_to_attribute_without_a_failure(recorded, tiny, tmp_path: Path) 
         path = rec.create_bundle(tmp_path / "no-predicate")
     with pytest.raises(ForensicsError, match="no failure predicate"):
         attribution_ranking(SandboxReplayer().load_bundle(path))
+
+
+def test_exact_effects_entering_at_each_unit_s_block_equal_whole_passes(session, ranking, monkeypatch) -> None:
+    # the zoo's GPT-2 is below the size where rows entering at their blocks pay; force it
+    from model_forensics.rca import attribution
+
+    units = [u.unit for u in [*ranking.level("head"), *ranking.level("neuron")[:8]]]
+    assert len({u.split(".")[1] for u in units}) > 1  # rows enter at several blocks
+    first = session.adapter.modules[session.adapter.points["blocks.0.resid_pre"].module]
+    rows: list[int] = []  # rows block 0 ran, per call
+    handle = first.register_forward_pre_hook(lambda m, a, k: rows.append(_rows(a, k)), with_kwargs=True)
+    try:
+        whole = exact_effects(session, units, "mean", max_variants=VARIANTS)
+        whole_rows, rows[:] = sum(rows), []
+        monkeypatch.setattr(attribution, "rows_cost", lambda s: True)
+        shared = exact_effects(session, units, "mean", max_variants=VARIANTS)
+    finally:
+        handle.remove()
+    assert shared.keys() == whole.keys()
+    scale = max(abs(v) for v in whole.values())
+    assert all(abs(shared[u] - whole[u]) <= 1e-4 * scale for u in units)
+    assert sorted(units, key=lambda u: -shared[u]) == sorted(units, key=lambda u: -whole[u])
+    # block 0 runs every unit's row on the whole path, and on the shared one only the rows
+    # that change it, beside each variant's clean pass and prefix capture (and one check)
+    at_zero = sum(u.startswith("blocks.0.") for u in units)
+    assert whole_rows == VARIANTS * (1 + len(units))
+    assert sum(rows) <= VARIANTS * (2 + at_zero) + 1 < whole_rows
+
+
+def _rows(args: tuple, kwargs: dict) -> int:
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return int(hidden.shape[0])

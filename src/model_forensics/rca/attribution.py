@@ -30,10 +30,12 @@ from model_forensics.core.records import fields_json
 from model_forensics.models.adapters import conv_sites
 from model_forensics.models.hooks import SiteCall, hooks, logits_of
 from model_forensics.models.inputs import ModelInputs
-from model_forensics.rca.flips import clean_run
+from model_forensics.rca.flips import clean_run, rows_cost
 from model_forensics.rca.progress import Progress, silent
 from model_forensics.rca.runs import Inputs, capture
 from model_forensics.replay import Intervention, Session
+from model_forensics.replay.interventions import Prepared
+from model_forensics.replay.sweep import forced_scores
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # logits (1, T, V) or (1, C) → the failure metric m (scalar)
 
@@ -106,7 +108,7 @@ def attribution_ranking(
         prepared = _teacher_forced(session, batch)
         if prepared is None:
             continue
-        ids, metric = prepared
+        ids, metric, _ = prepared
         grads, acts = _grad_pass(session, ids, sites, metric)
         backward += 1
         used += 1
@@ -159,16 +161,18 @@ def _baseline_means(session: Session, sites: list[str]) -> dict[str, torch.Tenso
     return {site: s / count for site, s in sums.items()}
 
 
-def _teacher_forced(session: Session, batch: Inputs) -> tuple[torch.Tensor | Inputs, Metric] | None:
-    """The ids to run with gradients and the failure metric on their logits, or None if
-    the model does not fail on ``batch``."""
+def _teacher_forced(session: Session, batch: Inputs) -> tuple[torch.Tensor | Inputs, Metric, int] | None:
+    """The ids to run with gradients, the failure metric on their logits and how many of
+    the last positions it reads (it reads them counted from the end, so scores kept at those
+    positions only do as well as the full logits), or None if the model does not fail on
+    ``batch``."""
     predicate = session.predicate
     assert predicate is not None  # callers check
     result = clean_run(session, batch)  # run once per input: ranking and exact patching both read it
     if not result.failed:
         return None
     if "input_ids" not in batch:  # a model fed tensors (pixel_values): one forward pass
-        return dict(batch), _logit_metric(predicate, result.prediction)
+        return dict(batch), _logit_metric(predicate, result.prediction), 1
     prompt = batch["input_ids"]  # (1, T)
     if session.mode == "generate":
         length = ModelInputs.of(batch).length
@@ -178,12 +182,12 @@ def _teacher_forced(session: Session, batch: Inputs) -> tuple[torch.Tensor | Inp
         ids = full[:, :end]
         targets = full[0, start:end]
 
-        def metric(logits: torch.Tensor) -> torch.Tensor:  # (1, T, V)
-            logp = logits[0, start - 1 : end - 1].log_softmax(-1)
+        def metric(logits: torch.Tensor) -> torch.Tensor:  # (1, T, V): positions start − 1 … end − 2
+            logp = logits[0, start - 1 - end : -1].log_softmax(-1)
             return logp.gather(-1, targets.unsqueeze(-1)).sum()
 
-        return ids, metric
-    return prompt, _logit_metric(predicate, result.prediction)
+        return ids, metric, end - start + 1
+    return prompt, _logit_metric(predicate, result.prediction), 1
 
 
 def _target_span(session: Session, generated: torch.Tensor, predicate: Predicate) -> tuple[int, int]:
@@ -258,23 +262,45 @@ def exact_effects(
     metric m (teacher-forced on each failing variant's recorded continuation), averaged
     over up to ``max_variants`` failing variants. Positive = the unit carries the failure.
 
-    Each chunk of units runs as one batched forward pass (one row per unit).
+    Each chunk of units runs as one batched forward pass (one row per unit). On a model
+    large enough that a pass costs by its rows (:func:`~model_forensics.rca.flips.rows_cost`),
+    each unit's row enters at its block, on the clean computation of the blocks before it,
+    and the scores are kept at the positions the metric reads
+    (:func:`~model_forensics.replay.sweep.forced_scores`); the effects equal those of whole
+    passes to float tolerance (the kernels see other batch shapes).
     """
     totals = dict.fromkeys(units, 0.0)
     used = 0
     session.prepare_sets([[Intervention(u, kind) for u in units]])  # every baseline site in one pass per input
+    shared = rows_cost(session)
     for batch in session.variants()[:max_variants]:
         prepared = _teacher_forced(session, batch)
         if prepared is None:
             continue
-        ids, metric = prepared
+        ids, metric, keep = prepared
         forced = _inputs(ids)
         with session.environment(), torch.no_grad():
             clean = float(metric(_logits(session.model(**forced))))
         for lo in range(0, len(units), chunk):
             part = units[lo : lo + chunk]
-            logits = session.forced(forced, session.prepare_sets([[Intervention(u, kind)] for u in part], forced))
-            for i, unit in enumerate(part):
-                totals[unit] += clean - float(metric(logits[i : i + 1]))
+            rows = session.prepare_sets([[Intervention(u, kind)] for u in part], forced)
+            for unit, value in zip(part, _forced_metrics(session, forced, rows, metric, keep, shared), strict=True):
+                totals[unit] += clean - value
         used += 1
     return {u: v / max(1, used) for u, v in totals.items()}
+
+
+def _forced_metrics(
+    session: Session, forced: ModelInputs, rows: list[list[Prepared]], metric: Metric, keep: int, shared: bool
+) -> list[float]:
+    """The metric of each row of one teacher-forced pass of ``forced``: rows entering at
+    their blocks where ``shared`` and the prefix can be shared, whole-model rows otherwise."""
+    scores = (
+        forced_scores(session, rows, forced, keep, forced.length, session.prefixes, len(rows))
+        if shared and "input_ids" in forced
+        else None
+    )
+    if scores is not None:
+        return [float(metric(s.unsqueeze(0))) for s in scores]
+    logits = session.forced(forced, rows)
+    return [float(metric(logits[i : i + 1])) for i in range(len(rows))]

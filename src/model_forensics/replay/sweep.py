@@ -20,7 +20,7 @@ float tolerance rather than bit for bit.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -257,6 +257,35 @@ def forced_picks(
     rows' worth of blocks the first time ``forced`` is asked for (from the second time on, the
     capture is shared by every later call; once ``prefixes`` holds it, sharing is free), or
     where the model's blocks cannot be re-entered."""
+    return _forced_rows(session, rows, forced, steps, prompt_len, prefixes, per_batch, lambda s: s.argmax(-1))
+
+
+def forced_scores(
+    session: Session,
+    rows: Sequence[Sequence[Prepared]],
+    forced: ModelInputs,
+    steps: int,
+    prompt_len: int,
+    prefixes: PrefixCache,
+    per_batch: int,
+) -> list[torch.Tensor] | None:
+    """The scores (``steps``, V) at the last ``steps`` positions of ``forced``, per row of
+    ``rows``, each row entering at the first block it changes; None where
+    :func:`forced_picks` would be (the same rules)."""
+    return _forced_rows(session, rows, forced, steps, prompt_len, prefixes, per_batch, lambda s: s)
+
+
+def _forced_rows(
+    session: Session,
+    rows: Sequence[Sequence[Prepared]],
+    forced: ModelInputs,
+    steps: int,
+    prompt_len: int,
+    prefixes: PrefixCache,
+    per_batch: int,
+    reduce: Callable[[torch.Tensor], torch.Tensor],
+) -> list[torch.Tensor] | None:
+    """``reduce`` of each row's scores (``steps``, V), chunk by chunk (see :func:`forced_picks`)."""
     starts, worth = _entry_blocks(rows, session.adapter.n_layers)
     if any(s is None for s in starts):
         return None
@@ -271,7 +300,7 @@ def forced_picks(
     picks: list[torch.Tensor | None] = [None] * len(rows)
     for chunk in _chunks(order, per_batch):
         scores = prefix.scores([rows[i] for i in chunk], [int(starts[i]) for i in chunk], steps, prompt_len)  # type: ignore[arg-type]
-        for i, row in zip(chunk, scores.argmax(-1), strict=True):
+        for i, row in zip(chunk, reduce(scores), strict=True):
             picks[i] = row
     return picks  # type: ignore[return-value]
 
