@@ -257,7 +257,7 @@ def forced_picks(
     rows' worth of blocks the first time ``forced`` is asked for (from the second time on, the
     capture is shared by every later call; once ``prefixes`` holds it, sharing is free), or
     where the model's blocks cannot be re-entered."""
-    return _forced_rows(session, rows, forced, steps, prompt_len, prefixes, per_batch, lambda s: s.argmax(-1))
+    return forced_scores(session, rows, forced, steps, prompt_len, prefixes, per_batch, lambda s: s.argmax(-1))
 
 
 def forced_scores(
@@ -268,24 +268,11 @@ def forced_scores(
     prompt_len: int,
     prefixes: PrefixCache,
     per_batch: int,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[torch.Tensor] | None:
-    """The scores (``steps``, V) at the last ``steps`` positions of ``forced``, per row of
-    ``rows``, each row entering at the first block it changes; None where
-    :func:`forced_picks` would be (the same rules)."""
-    return _forced_rows(session, rows, forced, steps, prompt_len, prefixes, per_batch, lambda s: s)
-
-
-def _forced_rows(
-    session: Session,
-    rows: Sequence[Sequence[Prepared]],
-    forced: ModelInputs,
-    steps: int,
-    prompt_len: int,
-    prefixes: PrefixCache,
-    per_batch: int,
-    reduce: Callable[[torch.Tensor], torch.Tensor],
-) -> list[torch.Tensor] | None:
-    """``reduce`` of each row's scores (``steps``, V), chunk by chunk (see :func:`forced_picks`)."""
+    """The scores (``steps``, V) at the last ``steps`` positions of ``forced`` per row of
+    ``rows`` (``reduce`` of them, taken chunk by chunk, when given), each row entering at the
+    first block it changes; None where :func:`forced_picks` would be (the same rules)."""
     starts, worth = _entry_blocks(rows, session.adapter.n_layers)
     if any(s is None for s in starts):
         return None
@@ -300,7 +287,7 @@ def _forced_rows(
     picks: list[torch.Tensor | None] = [None] * len(rows)
     for chunk in _chunks(order, per_batch):
         scores = prefix.scores([rows[i] for i in chunk], [int(starts[i]) for i in chunk], steps, prompt_len)  # type: ignore[arg-type]
-        for i, row in zip(chunk, reduce(scores), strict=True):
+        for i, row in zip(chunk, scores if reduce is None else reduce(scores), strict=True):
             picks[i] = row
     return picks  # type: ignore[return-value]
 
