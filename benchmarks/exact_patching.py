@@ -29,7 +29,6 @@ import torch
 
 from _common import commit, machine, markdown_table, median, write_results
 from model_forensics import SandboxReplayer
-from model_forensics.rca import attribution
 from model_forensics.rca.attribution import exact_effects
 from model_forensics.scenarios import get
 
@@ -58,29 +57,24 @@ def main() -> None:
     args = parser.parse_args()
     bundle = get("smollm2-injection").record(Path(tempfile.mkdtemp()), limit=1).incidents[0]
     load_before = os.getloadavg()
-    real = attribution.rows_cost
     runs: dict[str, list[dict[str, Any]]] = {"whole": [], "shared": []}
     names: list[str] = []
     for _ in range(args.rounds):
         for name, shared in (("whole", False), ("shared", True)):
-            attribution.rows_cost = lambda s, on=shared: on  # type: ignore[assignment]
-            try:
-                session = SandboxReplayer().load_bundle(bundle)
-                adapter = session.adapter
-                names = units(adapter.n_layers, int(adapter.n_heads or 0), int(session.model.config.intermediate_size))
-                calls = session.forward_passes
-                wall, cpu = time.perf_counter(), time.process_time()
-                effects = exact_effects(session, names, "mean", max_variants=VARIANTS)
-                runs[name].append(
-                    {
-                        "wall_s": time.perf_counter() - wall,
-                        "cpu_s": time.process_time() - cpu,
-                        "forward_calls": session.forward_passes - calls,
-                        "effects": effects,
-                    }
-                )
-            finally:
-                attribution.rows_cost = real
+            session = SandboxReplayer().load_bundle(bundle)
+            adapter = session.adapter
+            names = units(adapter.n_layers, int(adapter.n_heads or 0), int(session.model.config.intermediate_size))
+            calls = session.forward_passes
+            wall, cpu = time.perf_counter(), time.process_time()
+            effects = exact_effects(session, names, "mean", max_variants=VARIANTS, share_prefix=shared)
+            runs[name].append(
+                {
+                    "wall_s": time.perf_counter() - wall,
+                    "cpu_s": time.process_time() - cpu,
+                    "forward_calls": session.forward_passes - calls,
+                    "effects": effects,
+                }
+            )
             print(name, f"{runs[name][-1]['wall_s']:.1f} s", flush=True)
     load_after = os.getloadavg()
     whole, shared = runs["whole"][0]["effects"], runs["shared"][0]["effects"]

@@ -96,20 +96,17 @@ def test_nothing_to_attribute_without_a_failure(recorded, tiny, tmp_path: Path) 
         attribution_ranking(SandboxReplayer().load_bundle(path))
 
 
-def test_exact_effects_entering_at_each_unit_s_block_equal_whole_passes(session, ranking, monkeypatch) -> None:
+def test_exact_effects_entering_at_each_unit_s_block_equal_whole_passes(session, ranking) -> None:
     # the zoo's GPT-2 is below the size where rows entering at their blocks pay; force it
-    from model_forensics.rca import attribution
-
     units = [u.unit for u in [*ranking.level("head"), *ranking.level("neuron")[:8]]]
     assert len({u.split(".")[1] for u in units}) > 1  # rows enter at several blocks
     first = session.adapter.modules[session.adapter.points["blocks.0.resid_pre"].module]
     rows: list[int] = []  # rows block 0 ran, per call
     handle = first.register_forward_pre_hook(lambda m, a, k: rows.append(_rows(a, k)), with_kwargs=True)
     try:
-        whole = exact_effects(session, units, "mean", max_variants=VARIANTS)
+        whole = exact_effects(session, units, "mean", max_variants=VARIANTS)  # the size rule: whole passes
         whole_rows, rows[:] = sum(rows), []
-        monkeypatch.setattr(attribution, "rows_cost", lambda s: True)
-        shared = exact_effects(session, units, "mean", max_variants=VARIANTS)
+        shared = exact_effects(session, units, "mean", max_variants=VARIANTS, share_prefix=True)
     finally:
         handle.remove()
     assert shared.keys() == whole.keys()

@@ -256,7 +256,12 @@ def _logits(output: Any) -> torch.Tensor:
 
 
 def exact_effects(
-    session: Session, units: list[str], kind: str, max_variants: int = 4, chunk: int = 32
+    session: Session,
+    units: list[str],
+    kind: str,
+    max_variants: int = 4,
+    chunk: int = 32,
+    share_prefix: bool | None = None,
 ) -> dict[str, float]:
     """Exact activation patching: how much ablating each unit *alone* lowers the failure
     metric m (teacher-forced on each failing variant's recorded continuation), averaged
@@ -267,12 +272,13 @@ def exact_effects(
     each unit's row enters at its block, on the clean computation of the blocks before it,
     and the scores are kept at the positions the metric reads
     (:func:`~model_forensics.replay.sweep.forced_scores`); the effects equal those of whole
-    passes to float tolerance (the kernels see other batch shapes).
+    passes to float tolerance (the kernels see other batch shapes). ``share_prefix``: None
+    decides by that size rule, True / False force it.
     """
     totals = dict.fromkeys(units, 0.0)
     used = 0
     session.prepare_sets([[Intervention(u, kind) for u in units]])  # every baseline site in one pass per input
-    shared = rows_cost(session)
+    shared = rows_cost(session) if share_prefix is None else share_prefix
     for batch in session.variants()[:max_variants]:
         prepared = _teacher_forced(session, batch)
         if prepared is None:

@@ -467,6 +467,7 @@ class PrefixCache:
         self.usable: bool | None = None
         self._prefixes: dict[tuple[int, ...], _Prefix] = {}
         self._bytes: dict[tuple[int, ...], int] = {}  # each held prefix's size, taken when it was added
+        self._held = 0  # their sum
         self._asked: set[tuple[int, ...]] = set()
 
     def __len__(self) -> int:
@@ -484,14 +485,15 @@ class PrefixCache:
     def add(self, key: tuple[int, ...], prefix: _Prefix) -> None:
         self._drop(key)
         size = prefix.nbytes
-        while self._prefixes and sum(self._bytes.values()) + size > self.max_bytes:
+        while self._prefixes and self._held + size > self.max_bytes:
             self._drop(next(iter(self._prefixes)))
         self._prefixes[key] = prefix
         self._bytes[key] = size
+        self._held += size
 
     def _drop(self, key: tuple[int, ...]) -> None:
         self._prefixes.pop(key, None)
-        self._bytes.pop(key, None)
+        self._held -= self._bytes.pop(key, 0)
 
 
 def _prefix_for(session: Session, cache: PrefixCache, batch: ModelInputs) -> _Prefix | None:
