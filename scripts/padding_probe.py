@@ -30,7 +30,9 @@ def main() -> None:
         session = SandboxReplayer().load_bundle(bundle)
     model = session.model
     prompts = [v["input_ids"].reshape(-1) for v in session.variants()[:16]]
-    options = {"max_new_tokens": 16, "do_sample": False, "pad_token_id": 0}
+    tokenizer = session.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    options = {"max_new_tokens": 16, "do_sample": False, "pad_token_id": pad}
     with torch.no_grad():
         wall, cpu = time.perf_counter(), time.process_time()
         one_each = [
@@ -41,7 +43,7 @@ def main() -> None:
         ]
         each_s, each_cpu = time.perf_counter() - wall, time.process_time() - cpu
         width = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(prompts):
             ids[i, width - len(p) :] = p

@@ -101,10 +101,12 @@ def summary(log: list[dict[str, Any]]) -> str:
         for key in ("prompt_pass_s", "decode_s", "steps"):
             g[key] += e.get(key, 0)
         g["small"] += e["kind"] == "generation" and e["rows"] <= 2
-    lines = [
-        "| module | kind | calls | s | rows | rows per call | prompt pass s | decoding s | decoding steps | sweeps of ≤ 2 rows |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _common import markdown_table
+
+    headers = ["module", "kind", "calls", "s", "rows", "rows per call", "prompt pass s", "decoding s", "decoding steps",
+               "sweeps of ≤ 2 rows"]  # fmt: skip
+    rows = []
     for (phase, kind), g in sorted(groups.items(), key=lambda kv: -kv[1]["s"]):
         gen = kind == "generation"
         cells = (
@@ -112,11 +114,8 @@ def summary(log: list[dict[str, Any]]) -> str:
             if gen
             else ["–"] * 4
         )
-        lines.append(
-            f"| {phase} | {kind} | {g['calls']} | {g['s']:.0f} | {g['rows']} | {g['rows'] / g['calls']:.1f} | "
-            + " | ".join(cells)
-            + " |"
-        )
+        rows.append([phase, kind, g["calls"], f"{g['s']:.0f}", g["rows"], f"{g['rows'] / g['calls']:.1f}", *cells])
+    lines = [markdown_table(headers, rows)]
     gen = [e for e in log if e["kind"] == "generation"]
     steps = sum(e["steps"] for e in gen)
     decode = sum(e["decode_s"] for e in gen)
