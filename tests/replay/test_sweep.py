@@ -236,3 +236,44 @@ def test_sweep_each_per_prompt_sets_batches_small_sweeps_and_keeps_each_prompts_
             assert float((x.outputs["logits"] - y.outputs["logits"]).abs().max()) < 1e-5
     with pytest.raises(ValueError, match="one list of sets per prompt"):
         list(s.sweep_each(prompts, own[:2], per_prompt=True))
+
+
+def test_sweep_each_left_pads_prompts_of_different_lengths_and_each_row_keeps_its_own_positions(sessions):
+    # Prompts of 16, 13 and 9 tokens share one left-padded generation. Every row's
+    # interventions land on its own positions: a position counted from the prompt's end, a
+    # seeded noise (keyed by position), a gate reading the prompt's largest projection and one
+    # deciding per position. Each result equals its prompt's own sweep (same tokens, scores to
+    # float tolerance, same gate decisions); a pad-blind placement moves the last-position edit.
+    from replay_models import PROMPT
+
+    from model_forensics.replay.interventions import Gate
+    from model_forensics.replay.sweep import mixed_lengths
+
+    s = sessions["generate"]
+    assert mixed_lengths(s)
+    d = s.adapter.d_model
+    u = torch.randn(d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    direction = tuple((u / u.norm()).tolist())
+    prompts = [PROMPT, " ".join(f"w{i}" for i in range(4, 17)), " ".join(f"w{i}" for i in range(30, 39))]
+    assert [s.encode(p).length for p in prompts] == [16, 13, 9]
+    sets = [
+        [],
+        [Intervention("blocks.1.resid_pre@pos=-1", "scale", value=-3.0)],
+        [
+            Intervention("blocks.0.mlp", "noise", value=2.0, seed=7),
+            Intervention("blocks.1.mlp", "scale", value=0.0, gate=Gate("blocks.1.resid_pre", direction, 0.0, "max")),
+            Intervention("blocks.1.attn", "scale", value=2.0, gate=Gate("blocks.0.resid_post", direction, 0.0, "each")),
+        ],
+    ]
+    before = s.forward_passes
+    together = dict(s.sweep_each(prompts, sets))
+    passes = s.forward_passes - before
+    assert {r.batches for r in together.values()} == {1}  # one generation of nine rows
+    assert passes == together[0].forward_passes == together[2].forward_passes
+    for i, prompt in enumerate(prompts):
+        alone = s.sweep(sets, inputs=prompt, share_prefix=False)
+        for x, y in zip(together[i], alone, strict=True):
+            assert (x.text, x.failed, x.flipped, x.gates) == (y.text, y.failed, y.flipped, y.gates)
+            assert torch.equal(x.outputs["generated_ids"], y.outputs["generated_ids"])
+            assert float((x.outputs["logits"] - y.outputs["logits"]).abs().max()) < 1e-4
+        assert float((together[i][1].logits - together[i][0].logits).abs().max()) > 1e-3  # the edit matters

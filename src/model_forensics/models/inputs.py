@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -66,6 +66,25 @@ class ModelInputs(dict[str, torch.Tensor]):
         if "attention_mask" not in out and "input_ids" in out:
             out["attention_mask"] = torch.ones_like(out["input_ids"])
         return out
+
+    @classmethod
+    def left_padded(cls, rows: Sequence[ModelInputs], pad_id: int) -> tuple[ModelInputs, list[int]]:
+        """One batch of one-row token inputs of any lengths: ``input_ids`` padded on the left
+        with ``pad_id`` to the longest, ``attention_mask`` 0 on the padding (each row's own
+        mask, or ones, elsewhere); and the pad tokens of each row. Only ``input_ids`` and
+        ``attention_mask`` may be present (a generation's prompt)."""
+        width = max(r.length for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        pads = []
+        for i, r in enumerate(rows):
+            if not r.one_row or set(r) - {"input_ids", "attention_mask"}:
+                raise ValueError(f"left padding takes one-row input_ids and attention_mask, got {sorted(r)}")
+            pad = width - r.length
+            ids[i, pad:] = r["input_ids"][0]
+            mask[i, pad:] = r["attention_mask"][0] if "attention_mask" in r else 1
+            pads.append(pad)
+        return cls(input_ids=ids, attention_mask=mask), pads
 
     def expand(self, n: int) -> ModelInputs:
         """Row 0 repeated ``n`` times (a view; rows of a batch of one)."""

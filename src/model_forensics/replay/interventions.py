@@ -451,10 +451,24 @@ def gates_opened(prepared: Sequence[Prepared]) -> dict[str, bool]:
 
 @dataclass
 class Clock:
-    """Where the current forward call sits in the sequence (generation steps advance it)."""
+    """Where the current forward call sits in the sequence (generation steps advance it).
+
+    ``pads``: per batch row, the pad tokens on its left (prompts of different lengths in one
+    left-padded batch; empty: no padding). ``prompt_len`` is then the padded width, and
+    :meth:`row` gives each row the clock its own prompt would have.
+    """
 
     offset: int = 0
     prompt_len: int = 0
+    pads: tuple[int, ...] = ()
+
+    def row(self, row: int) -> tuple[int, Clock]:
+        """Where batch row ``row``'s own tokens start on this call's token axis, and the
+        clock of that row's unpadded run (``self`` when the row has no padding)."""
+        pad = self.pads[row] if row < len(self.pads) else 0
+        if pad == 0:
+            return 0, self
+        return max(0, pad - self.offset), Clock(max(0, self.offset - pad), self.prompt_len - pad)
 
 
 def _positions(target: Target, steps: int, clock: Clock, device: torch.device) -> torch.Tensor:
@@ -622,22 +636,25 @@ def intervening(adapter: Adapter, rows: Rows, clock: Clock) -> Iterator[None]:
     fired: dict[tuple[int, Gate], tuple[int, torch.Tensor]] = {}  # each gates: (offset, positions) of this call
 
     def decide(site: str, tensor: torch.Tensor) -> None:
-        for row, gate in gates[site]:
-            if gate.reads == GATE_EACH and row < tensor.shape[0] and tensor.dim() >= 3:
-                mask = gate.fires(tensor[row])
-                fired[(row, gate)] = (clock.offset, mask)
-                anywhere = bool(mask.any()) or (clock.offset != 0 and bool(opened.get((row, gate))))
-                opened[(row, gate)] = anywhere  # whether it fired anywhere in this run so far
-                for p in gated[(row, gate)]:
-                    p.gate_open = anywhere
-        # The prompt pass: this call starts at position 0 and holds the whole prompt.
-        if tensor.dim() < 3 or clock.offset != 0 or tensor.shape[1] < clock.prompt_len:
+        if tensor.dim() < 3:
             return
         for row, gate in gates[site]:
-            if row < tensor.shape[0] and gate.reads != GATE_EACH:
-                opened[(row, gate)] = gate.opens(tensor[row, : clock.prompt_len])
-                for p in gated[(row, gate)]:
-                    p.gate_open = opened[(row, gate)]
+            if row >= tensor.shape[0]:
+                continue
+            start, own = clock.row(row)
+            x = tensor[row, start:]  # the row's own positions (no left padding)
+            if gate.reads == GATE_EACH:
+                mask = gate.fires(x)
+                fired[(row, gate)] = (own.offset, mask)
+                anywhere = bool(mask.any()) or (own.offset != 0 and bool(opened.get((row, gate))))
+                opened[(row, gate)] = anywhere  # whether it fired anywhere in this run so far
+            elif own.offset == 0 and x.shape[0] >= own.prompt_len:
+                # The prompt pass: this call starts at position 0 and holds the whole prompt.
+                opened[(row, gate)] = gate.opens(x[: own.prompt_len])
+            else:
+                continue
+            for p in gated[(row, gate)]:
+                p.gate_open = opened[(row, gate)]
 
     def is_open(row: int, p: Prepared) -> bool:
         gate = p.target.intervention.gate
@@ -650,7 +667,7 @@ def intervening(adapter: Adapter, rows: Rows, clock: Clock) -> Iterator[None]:
             )
         return opened[(row, gate)]
 
-    def positions(row: int, p: Prepared, steps: int) -> torch.Tensor | None:
+    def positions(row: int, p: Prepared, steps: int, own: Clock) -> torch.Tensor | None:
         """An each gate's fired positions in this call (None: no each gate)."""
         gate = p.target.intervention.gate
         if gate is None or gate.reads != GATE_EACH:
@@ -658,7 +675,7 @@ def intervening(adapter: Adapter, rows: Rows, clock: Clock) -> Iterator[None]:
         if steps < 0:
             raise SiteError(f"site '{p.target.site}' has no token axis; an 'each' gate needs a token site")
         offset, mask = fired.get((row, gate), (-1, None))
-        if mask is None or offset != clock.offset or mask.numel() != steps:
+        if mask is None or offset != own.offset or mask.numel() != steps:
             raise SiteError(
                 f"the 'each' gate of '{p.target.intervention.site}' reads '{gate.site}', which this forward call "
                 "had not reached when the intervention applied; gate on a token site at or upstream of it"
@@ -672,15 +689,18 @@ def intervening(adapter: Adapter, rows: Rows, clock: Clock) -> Iterator[None]:
         if call.site not in by_site:
             return None
         new = tensor.clone()
+        tokens = new.dim() >= 3
         for row, p in by_site[call.site]:
             if row >= new.shape[0]:
                 continue
-            only = positions(row, p, new.shape[1] if new.dim() >= 3 else -1)
+            start, own = clock.row(row) if tokens else (0, clock)
+            x = new[row, start:] if start else new[row]  # a view: the row's own positions
+            only = positions(row, p, x.shape[0] if tokens else -1, own)
             if only is not None:
                 if bool(only.any()):
-                    apply_row(new[row], p, clock, only)
+                    apply_row(x, p, own, only)
             elif is_open(row, p):
-                apply_row(new[row], p, clock)
+                apply_row(x, p, own)
         return new
 
     with hooks(adapter, dict.fromkeys([*by_site, *gates], edit)):

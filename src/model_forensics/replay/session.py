@@ -307,19 +307,22 @@ class Session:
         rows: Sequence[Sequence[Prepared]],
         verdicts_only: bool = False,
         share_prefix: bool = True,
+        pads: Sequence[int] = (),
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run ``len(rows)`` copies of ``batch`` in one batch, row i with ``rows[i]`` applied
         (``verdicts_only``: see :meth:`sweep`; ``share_prefix``: a generation's prompt pass
         runs the blocks before every row's first intervention once,
         :func:`~model_forensics.replay.sweep.shared_prompt_pass`). A ``batch`` of
-        ``len(rows)`` rows (prompts of one length) runs row i on its own row i.
+        ``len(rows)`` rows (prompts of one length, or left-padded prompts with ``pads[i]``
+        pad tokens on row i, :meth:`~model_forensics.models.inputs.ModelInputs.left_padded`)
+        runs row i on its own row i; interventions and gates see each row's own positions.
 
         Returns:
             (step_logits (N, S, V) last-position scores per forward call, S = 1 for a forward
-            pass; sequences (N, T + S) for generation, else None).
+            pass; sequences (N, T + S) for generation, else None; a padded row keeps its pads).
         """
         inputs = ModelInputs.of(batch)
-        clock = Clock(0, inputs.length)
+        clock = Clock(0, inputs.length, tuple(pads) if any(pads) else ())
         logits: list[torch.Tensor] = []
         share = share_prefix and inputs.one_row and self.mode == "generate"  # else one row per run (sweep_each)
         starts = prompt_ladder(self, rows, inputs.length) if share else None

@@ -19,6 +19,7 @@ float tolerance rather than bit for bit.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -155,16 +156,18 @@ def sweep_each(
     per_prompt: bool = False,
 ) -> Iterator[tuple[int, SweepResult]]:
     """``session.sweep(sets, inputs=prompt)`` for every prompt of ``prompts``: yields
-    (index, result), every index once, prompts of one token length together. With
-    ``per_prompt``, ``sets[i]`` is prompt i's own list of sets (as many lists as prompts).
+    (index, result), every index once, small sweeps batched together. With ``per_prompt``,
+    ``sets[i]`` is prompt i's own list of sets (as many lists as prompts).
 
     A prompt whose generation sweep has fewer than ``FEW_ROWS`` sets is batched with the
-    other such prompts of its length in one generation (micro-batched to the memory budget),
-    because a decoding step of few rows costs nearly what one of many does (SmolLM2, one
-    thread: 73 ms for one row, 148 ms for eight). Each row sees the same operations as in its
-    own prompt's sweep: same length, no padding, interventions and gates placed for that
-    length. Such batches do not share a prompt pass (their rows hold different prompts).
-    Anything else runs one sweep per prompt.
+    other such prompts in one generation (micro-batched to the memory budget, prompts of
+    similar length together), because a decoding step of few rows costs nearly what one of
+    many does (SmolLM2, one thread: 80 ms for one row, 198 ms for sixteen). Prompts of
+    different lengths share a batch left-padded (:func:`mixed_lengths` says where a model
+    allows it): each row's interventions and gates see its own positions only, so a row runs
+    what its own prompt's sweep runs, to float tolerance (the products have other shapes).
+    Elsewhere prompts of one length share batches, unpadded. Such batches do not share a
+    prompt pass (their rows hold different prompts). Anything else runs one sweep per prompt.
     """
     sets_of: list[list[Set]] = (
         [list(s) for s in cast("Sequence[Sequence[Set]]", sets)]
@@ -176,6 +179,7 @@ def sweep_each(
             f"per_prompt sweeps need one list of sets per prompt: {len(sets_of)} lists, {len(prompts)} prompts"
         )
     batches = [session.encode(p) for p in prompts]
+    mixed = mixed_lengths(session)
     groups: dict[int, list[int]] = {}
     for i, batch in enumerate(batches):
         together = (
@@ -185,7 +189,8 @@ def sweep_each(
             and "input_ids" in batch
             and all(v.shape[1:] == batch["input_ids"].shape[1:] for v in batch.values())
         )
-        groups.setdefault(batch.length if together else -1 - i, []).append(i)
+        padded = mixed and set(batch) <= {"input_ids", "attention_mask"} and not _on_patterns(session, sets_of[i])
+        groups.setdefault((0 if padded else batch.length) if together else -1 - i, []).append(i)
     for members in groups.values():
         if len(members) > 1:
             yield from _sweep_together(
@@ -209,26 +214,33 @@ def _sweep_together(
     sets_of: list[list[Set]],
     verdicts_only: bool,
 ) -> Iterator[tuple[int, SweepResult]]:
-    """Sweeps of prompts of one length in shared batches; row (prompt p, set j) runs set j
-    of prompt p's sets on p."""
+    """Sweeps of several prompts in shared batches; row (prompt p, set j) runs set j of
+    prompt p's sets on p. Prompts of one length stack as they are; a batch of several
+    lengths is left-padded (the caller groups only prompts that may be)."""
     start = time.perf_counter()
     prepared = [
         session.prepare_sets(s, b) for s, b in zip(sets_of, batches, strict=True)
     ]  # each row keeps its own gate state
-    units = [(p, j) for p, s in enumerate(sets_of) for j in range(len(s))]
+    lengths = [b.length for b in batches]
+    units = sorted(((p, j) for p, s in enumerate(sets_of) for j in range(len(s))), key=lambda u: lengths[u[0]])
+    longest = max(range(len(batches)), key=lengths.__getitem__)
     logits: dict[tuple[int, int], torch.Tensor] = {}
     sequences: dict[tuple[int, int], torch.Tensor | None] = {}
     passes: dict[tuple[int, int], int] = {}
     chunks = 0
-    for chunk in _chunks(list(range(len(units))), rows_per_batch(session, batches[0])):
+    for chunk in _chunks(list(range(len(units))), rows_per_batch(session, batches[longest])):
         rows = [units[u] for u in chunk]
-        stacked = ModelInputs({k: torch.cat([batches[p][k] for p, _ in rows]) for k in batches[0]})
+        pads: list[int] = []
+        if len({lengths[p] for p, _ in rows}) == 1:
+            stacked = ModelInputs({k: torch.cat([batches[p][k] for p, _ in rows]) for k in batches[rows[0][0]]})
+        else:
+            stacked, pads = ModelInputs.left_padded([batches[p] for p, _ in rows], pad_id(session))
         used = session.forward_passes
-        step_logits, seqs = session.execute(stacked, [prepared[p][j] for p, j in rows], verdicts_only)
+        step_logits, seqs = session.execute(stacked, [prepared[p][j] for p, j in rows], verdicts_only, pads=pads)
         used = session.forward_passes - used
         for r, unit in enumerate(rows):
             logits[unit], passes[unit] = step_logits[r], used
-            sequences[unit] = None if seqs is None else seqs[r]
+            sequences[unit] = None if seqs is None else seqs[r, pads[r] :] if pads else seqs[r]
         chunks += 1
     seconds = (time.perf_counter() - start) / len(batches)
     for p, (index, batch) in enumerate(zip(indices, batches, strict=True)):
@@ -237,6 +249,46 @@ def _sweep_together(
             batch, prepared[p], [logits[k] for k in keys], [sequences[k] for k in keys], [passes[k] for k in keys]
         )
         yield index, SweepResult(results, max(passes[k] for k in keys), chunks, False, seconds)
+
+
+def mixed_lengths(session: Session) -> bool:
+    """Whether prompts of different lengths may share one left-padded generation: a decoder
+    (not encoder-decoder) whose ``forward`` takes an attention mask and position ids (which
+    ``generate`` derives from the mask, so each row keeps its own positions), generating a
+    fixed number of new tokens (``max_new_tokens``; a ``max_length`` would count the pads)."""
+    options = session.generation
+    if "max_new_tokens" not in options or {"max_length", "min_length"} & set(options):
+        return False
+    config = getattr(session.model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    try:
+        taken = inspect.signature(session.model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return {"attention_mask", "position_ids"} <= set(taken)
+
+
+def pad_id(session: Session) -> int:
+    """The token id that fills a left-padded prompt (masked out, so any id in the
+    vocabulary serves): the generation's pad id, else its EOS id, else 0."""
+    config = getattr(session.model, "generation_config", None)
+    for value in (
+        session.generation.get("pad_token_id"),
+        getattr(config, "pad_token_id", None),
+        session.generation.get("eos_token_id"),
+        getattr(config, "eos_token_id", None),
+    ):
+        if isinstance(value, list | tuple):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _on_patterns(session: Session, sets: Sequence[Set]) -> bool:
+    """Whether any set edits an attention pattern (its token axes are not the batch's second)."""
+    return any(t.point.pattern for s in sets for t in session.resolve(s))
 
 
 def forced_picks(
