@@ -283,7 +283,15 @@ def test_screened_configurations_equal_generating_them(
         generated.append(len(sets))
         return plain(session, sets, inputs)
 
+    each = session.sweep_each
+
+    def spy_each(prompts: Any, sets: Any, **kwargs: Any) -> Any:  # the screened prompts' sweeps
+        if kwargs.get("per_prompt"):
+            generated.append(sum(len(s) for s in sets))
+        return each(prompts, sets, **kwargs)
+
     monkeypatch.setattr(stepgate, "_generated", spy)
+    monkeypatch.setattr(session, "sweep_each", spy_each)
     fits = {}
     for screen in (False, True):
         generated.clear()

@@ -95,3 +95,46 @@ def test_a_row_that_changes_the_embedding_runs_the_whole_batch_unshared(sessions
     assert rows[0] == len(sets)
     for x, y in zip(swept, [s.run(x) for x in sets], strict=True):
         assert x.text == y.text and x.failed == y.failed
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_a_batch_of_several_prompts_shares_each_prompts_blocks_bit_for_bit(sessions, name):
+    # Three prompts (16, 16 and 13 tokens: one of them left-padded) with the mixed sets each,
+    # in one batch: block m of the prompt pass runs the rows changing a block ≤ m plus one
+    # clean row per prompt, and every token and step's scores equal the same batch unshared.
+    from model_forensics.models.inputs import ModelInputs
+    from model_forensics.replay.sweep import pad_id
+
+    s = sessions[name]
+    sets = mixed_sets(s)
+    prompts = [
+        s.inputs,
+        s.encode(" ".join(f"w{i}" for i in range(20, 36))),
+        s.encode(" ".join(f"w{i}" for i in range(4, 17))),
+    ]
+    assert [p.length for p in prompts] == [16, 16, 13]
+    rows = [(p, j) for p in range(3) for j in range(len(sets))]
+    stacked, pads = ModelInputs.left_padded([prompts[p] for p, _ in rows], pad_id(s))
+    prepared = [s.prepare_sets(sets, prompts[p]) for p in range(3)]
+    seen: dict[int, list[int]] = {m: [] for m in range(LAYERS)}
+
+    def spy(m):
+        def hook(module, args, kwargs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            seen[m].append(int(hidden.shape[0]))
+
+        return hook
+
+    blocks = {s.adapter.points[f"blocks.{m}.resid_pre"].module: spy(m) for m in range(LAYERS)}
+    run = [prepared[p][j] for p, j in rows]
+    with hooks(s.adapter, after=blocks):
+        shared = s.execute(stacked, run, pads=pads, prompts=[p for p, _ in rows])
+        prompt_rows = {m: r[0] for m, r in seen.items()}
+    unshared = s.execute(stacked, run, pads=pads, prompts=[p for p, _ in rows], share_prefix=False)
+    # per prompt, rows changing block ≤ m: 0, 2, 3, 7 (of 9), plus a clean row each
+    assert prompt_rows == {0: 3, 1: 9, 2: 12, 3: 24}, prompt_rows
+    assert torch.equal(shared[0], unshared[0]) and torch.equal(shared[1], unshared[1])
+    alone = [s.sweep(sets, inputs=p) for p in prompts]  # each prompt's own sweep: same tokens
+    for (p, j), seq in zip(rows, shared[1], strict=True):
+        own = alone[p][j].outputs["generated_ids"]
+        assert torch.equal(seq[pads[rows.index((p, j))] :][: len(own)], own)

@@ -177,12 +177,18 @@ def test_a_generation_sweep_shares_its_prompt_pass_bit_for_bit(sessions):
         assert (x.text, x.failed, x.flipped) == (y.text, y.failed, y.flipped)
 
 
-def test_sweep_each_batches_prompts_of_one_length_with_the_same_results(sessions):
-    # Three 16-token prompts and a 13-token one, two sets each: the 16-token prompts share
-    # one generation of six rows, the other runs alone; every result equals its own sweep.
+def test_sweep_each_batches_prompts_of_one_length_where_padding_would_change_the_run(bundles, lms):
+    # A generation of max_length tokens in all would count left padding, so prompts of
+    # different lengths may not share a batch: three 16-token prompts and a 13-token one, two
+    # sets each; the 16-token prompts share one generation of six rows, the other runs alone;
+    # every result equals its own sweep.
     from replay_models import BASELINES, PROMPT
 
-    s = sessions["generate"]
+    from model_forensics.replay.sweep import mixed_lengths
+
+    s = SandboxReplayer().load_bundle(bundles["generate"], model=lms["llama"])
+    s.generation = {k: v for k, v in s.generation.items() if k != "max_new_tokens"} | {"max_length": 22}
+    assert not mixed_lengths(s)
     prompts = [PROMPT, BASELINES[0], " ".join(f"w{i}" for i in range(4, 17)), BASELINES[1]]
     sets = [[], [Intervention("blocks.1.attn.head.2", "zero"), Intervention("blocks.0.mlp", "scale", value=3.0)]]
     before = s.forward_passes
@@ -193,6 +199,7 @@ def test_sweep_each_batches_prompts_of_one_length_with_the_same_results(sessions
     alone = [s.sweep(sets, inputs=p, share_prefix=False) for p in prompts]
     assert passes < s.forward_passes - before  # 2 generations instead of 4
     assert together[0].batches == 1 and together[0].forward_passes == together[1].forward_passes
+    assert together[2].forward_passes + together[0].forward_passes == passes  # the 13-token prompt alone
     for i, swept in enumerate(alone):
         for x, y in zip(together[i], swept, strict=True):
             assert (x.text, x.failed, x.flipped) == (y.text, y.failed, y.flipped)
@@ -200,34 +207,34 @@ def test_sweep_each_batches_prompts_of_one_length_with_the_same_results(sessions
             assert float((x.outputs["logits"] - y.outputs["logits"]).abs().max()) < 1e-5
 
 
-def test_sweep_each_per_prompt_sets_batches_small_sweeps_and_keeps_each_prompts_sets(sessions):
-    # Per-prompt sets: two 16-token prompts with one and two sets share a generation of three
-    # rows; a 16-token prompt with FEW_ROWS sets runs its own sweep; a prompt with no sets
-    # runs nothing. Each result holds its own prompt's sets, as its own sweep gives them.
+def test_sweep_each_per_prompt_sets_batches_the_sweeps_and_keeps_each_prompts_sets(bundles, lms):
+    # Per-prompt sets: three 16-token prompts with one, two and four sets share a generation
+    # of seven rows; a prompt with no sets runs nothing. Each result holds its own prompt's
+    # sets, as its own sweep gives them.
     from replay_models import BASELINES, PROMPT
 
-    from model_forensics.replay.sweep import FEW_ROWS
-
-    s = sessions["generate"]
+    s = SandboxReplayer().load_bundle(bundles["generate"], model=lms["llama"])  # no clean run held yet
     head = Intervention("blocks.1.attn.head.2", "zero")
     mlp = Intervention("blocks.0.mlp", "scale", value=3.0)
     prompts = [PROMPT, BASELINES[0], BASELINES[1], " ".join(f"w{i}" for i in range(4, 17))]
     own = [
         [[head]],
         [[], [head, mlp]],
-        [[]] + [[Intervention(f"blocks.1.attn.head.{h}", "zero")] for h in range(FEW_ROWS - 1)],
+        [[]] + [[Intervention(f"blocks.1.attn.head.{h}", "zero")] for h in range(3)],
         [],
     ]
     assert [len(s.encode(p)["input_ids"][0]) for p in prompts[:3]] == [16, 16, 16]  # and a 13-token one
     before = s.forward_passes
     got = dict(s.sweep_each(prompts, own, per_prompt=True))
     passes = s.forward_passes - before
-    assert sorted(got) == [0, 1, 2, 3] and [len(got[i]) for i in range(4)] == [1, 2, FEW_ROWS, 0]
-    assert got[0].batches == got[1].batches == 1 and got[0].forward_passes == got[1].forward_passes
+    assert sorted(got) == [0, 1, 2, 3] and [len(got[i]) for i in range(4)] == [1, 2, 4, 0]
+    assert got[0].batches == got[1].batches == got[2].batches == 1
+    assert got[0].forward_passes == got[1].forward_passes == got[2].forward_passes
+    assert passes == 2 * got[0].forward_passes  # and prompt 0's clean run (it has no clean set), for its flips
     assert got[3].forward_passes == 0 and got[3].batches == 0
     before = s.forward_passes
     alone = {i: s.sweep(own[i], inputs=prompts[i]) for i in range(3)}
-    assert passes < s.forward_passes - before  # 2 generations instead of 3
+    assert passes < s.forward_passes - before  # 1 generation instead of 3
     for i, swept in alone.items():
         for x, y in zip(got[i], swept, strict=True):
             assert x.interventions == y.interventions

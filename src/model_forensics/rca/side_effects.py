@@ -76,14 +76,15 @@ class SideEffects:
 
 
 def benign_kls(session: Session, sets: Sequence[Sequence[Intervention]]) -> list[list[float]]:
-    """KL of each intervention set on each benign prompt: [set][benign] (one sweep per prompt)."""
-    out: list[list[float]] = [[] for _ in sets]
-    for batch in session.benign():
-        with session.first_steps(1):  # only the first decoding step is compared
-            results = session.sweep([[], *sets], inputs=batch)
-        clean = _first_step(results[0])
-        for i in range(len(sets)):
-            out[i].append(float(kl_divergence(clean, _first_step(results[i + 1]))))
+    """KL of each intervention set on each benign prompt: [set][benign] (every prompt's sweep
+    batched together, :meth:`Session.sweep_each`)."""
+    benign = session.benign()
+    out: list[list[float]] = [[0.0] * len(benign) for _ in sets]
+    with session.first_steps(1):  # only the first decoding step is compared
+        for j, results in session.sweep_each(benign, [[], *sets]):
+            clean = _first_step(results[0])
+            for i in range(len(sets)):
+                out[i][j] = float(kl_divergence(clean, _first_step(results[i + 1])))
     return out
 
 

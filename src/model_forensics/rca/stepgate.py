@@ -405,7 +405,8 @@ def _outcomes(
     """Every configuration's answer on every prompt. With ``screen``, one teacher-forced pass
     per prompt (:func:`~model_forensics.rca.flips.kept_answers`) tells which configurations
     keep the clean answer word for word (and whether their gates opened along it), and the
-    others are generated in one sweep. Where the screen decides nothing, one sweep per
+    others are generated, every prompt's together (:meth:`Session.sweep_each`). Where the
+    screen decides nothing, one sweep per
     threshold rank: configuration i is generated only where ``lower[i]`` (the same fix at a
     lower threshold; ``lower[i] < i``) opened its gate: where that gate stayed shut, its run
     is the clean run, every score on it is at most the lower threshold, and so configuration
@@ -414,14 +415,32 @@ def _outcomes(
     for i in range(len(sets)):
         rank.append(rank[lower[i]] + 1 if i in lower else 0)
     out: dict[int, list[Answer]] = {}
-    for done, p in enumerate(prompts):
-        progress("step gate: configurations", done, len(prompts))
+    screened: list[tuple[PromptStates, list[Answer | None], list[int]]] = []  # (prompt, kept, to generate)
+    unscreened: list[PromptStates] = []
+    finished = 0  # prompts whose every answer is known
+    progress("step gate: configurations", 0, len(prompts))
+    for p in prompts:
         kept = flips.kept_answers(session, p.inputs, sets) if screen else None
-        if kept is not None:
-            todo = [i for i, answer in enumerate(kept) if answer is None]
-            generated = dict(zip(todo, _generated(session, [sets[i] for i in todo], p.inputs), strict=True))
-            out[id(p)] = [generated[i] if answer is None else answer for i, answer in enumerate(kept)]
+        if kept is None:
+            unscreened.append(p)
             continue
+        screened.append((p, kept, [i for i, answer in enumerate(kept) if answer is None]))
+        finished += not screened[-1][2]
+        progress("step gate: configurations", finished, len(prompts))
+    todo = [s for s in screened if s[2]]
+    swept = session.sweep_each(
+        [p.inputs for p, _, _ in todo], [[sets[i] for i in run] for _, _, run in todo], per_prompt=True
+    )
+    generated: dict[int, dict[int, Answer]] = {}
+    for j, results in swept:
+        generated[id(todo[j][0])] = dict(zip(todo[j][2], map(Answer.of, results), strict=True))
+        finished += 1
+        progress("step gate: configurations", finished, len(prompts))
+    for p, kept, _ in screened:
+        made = generated.get(id(p), {})
+        out[id(p)] = [made[i] if answer is None else answer for i, answer in enumerate(kept)]
+    for done, p in enumerate(unscreened, finished):
+        progress("step gate: configurations", done, len(prompts))
         answers: dict[int, Answer] = {}
         for r in range(max(rank, default=-1) + 1):
             wave = [i for i in range(len(sets)) if rank[i] == r]

@@ -455,12 +455,21 @@ class Clock:
 
     ``pads``: per batch row, the pad tokens on its left (prompts of different lengths in one
     left-padded batch; empty: no padding). ``prompt_len`` is then the padded width, and
-    :meth:`row` gives each row the clock its own prompt would have.
+    :meth:`row` gives each row the clock its own prompt would have. ``held``: while a shared
+    prompt pass runs a block on some batch rows only, where each of them sits in that
+    block's tensors (:meth:`at`; None: every row, in order).
     """
 
     offset: int = 0
     prompt_len: int = 0
     pads: tuple[int, ...] = ()
+    held: dict[int, int] | None = None
+
+    def at(self, row: int, rows: int) -> int | None:
+        """Where batch row ``row`` sits in a site tensor of ``rows`` rows (None: not there)."""
+        if self.held is not None and rows == len(self.held):
+            return self.held.get(row)
+        return row if row < rows else None
 
     def row(self, row: int) -> tuple[int, Clock]:
         """Where batch row ``row``'s own tokens start on this call's token axis, and the
@@ -639,10 +648,11 @@ def intervening(adapter: Adapter, rows: Rows, clock: Clock) -> Iterator[None]:
         if tensor.dim() < 3:
             return
         for row, gate in gates[site]:
-            if row >= tensor.shape[0]:
+            index = clock.at(row, tensor.shape[0])
+            if index is None:
                 continue
             start, own = clock.row(row)
-            x = tensor[row, start:]  # the row's own positions (no left padding)
+            x = tensor[index, start:]  # the row's own positions (no left padding)
             if gate.reads == GATE_EACH:
                 mask = gate.fires(x)
                 fired[(row, gate)] = (own.offset, mask)
@@ -691,10 +701,11 @@ def intervening(adapter: Adapter, rows: Rows, clock: Clock) -> Iterator[None]:
         new = tensor.clone()
         tokens = new.dim() >= 3
         for row, p in by_site[call.site]:
-            if row >= new.shape[0]:
+            index = clock.at(row, new.shape[0])
+            if index is None:
                 continue
             start, own = clock.row(row) if tokens else (0, clock)
-            x = new[row, start:] if start else new[row]  # a view: the row's own positions
+            x = new[index, start:] if start else new[index]  # a view: the row's own positions
             only = positions(row, p, x.shape[0] if tokens else -1, own)
             if only is not None:
                 if bool(only.any()):

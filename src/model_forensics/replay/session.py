@@ -308,6 +308,7 @@ class Session:
         verdicts_only: bool = False,
         share_prefix: bool = True,
         pads: Sequence[int] = (),
+        prompts: Sequence[int] = (),
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run ``len(rows)`` copies of ``batch`` in one batch, row i with ``rows[i]`` applied
         (``verdicts_only``: see :meth:`sweep`; ``share_prefix``: a generation's prompt pass
@@ -316,6 +317,8 @@ class Session:
         ``len(rows)`` rows (prompts of one length, or left-padded prompts with ``pads[i]``
         pad tokens on row i, :meth:`~model_forensics.models.inputs.ModelInputs.left_padded`)
         runs row i on its own row i; interventions and gates see each row's own positions.
+        ``prompts[i]`` says which prompt row i holds (rows of one prompt are equal rows of
+        ``batch``): the prompt pass then shares blocks among the rows of each prompt.
 
         Returns:
             (step_logits (N, S, V) last-position scores per forward call, S = 1 for a forward
@@ -324,15 +327,19 @@ class Session:
         inputs = ModelInputs.of(batch)
         clock = Clock(0, inputs.length, tuple(pads) if any(pads) else ())
         logits: list[torch.Tensor] = []
-        share = share_prefix and inputs.one_row and self.mode == "generate"  # else one row per run (sweep_each)
+        several = len(set(prompts)) > 1  # rows of several prompts (sweep_each)
+        share = share_prefix and (inputs.one_row or several) and self.mode == "generate"
         starts = prompt_ladder(self, rows, inputs.length) if share else None
-        order = list(range(len(rows))) if starts is None else sorted(range(len(rows)), key=starts.__getitem__)
-        ordered = [rows[i] for i in order]  # a shared prompt pass wants rows by first changed block
+        order = list(range(len(rows)))
+        if starts is not None and not several:  # one prompt's ladder: rows by first changed block
+            order.sort(key=starts.__getitem__)
+        ordered = [rows[i] for i in order]
         with self.environment(), _stepping(self.adapter, clock, logits), intervening(self.adapter, ordered, clock):
             if self.mode == "generate":
                 stop = settled_stop(self.readout, inputs.length) if verdicts_only else None
                 options = self.generation if stop is None else {**self.generation, "stopping_criteria": stop}
-                with shared_prompt_pass(self, [] if starts is None else [starts[i] for i in order]):
+                ladder = [] if starts is None else [starts[i] for i in order]
+                with shared_prompt_pass(self, ladder, prompts if several else (), clock):
                     out = self.model.generate(**inputs.expand(len(rows)), **options)  # type: ignore[operator]
                 sequences = out if isinstance(out, torch.Tensor) else out.sequences
             else:

@@ -57,7 +57,7 @@ class SweepResult(Sequence["RunResult"]):
             as one; the one-off capture of the clean prefix is included).
         batches: how many batches the sets were packed into.
         shared_prefix: whether the clean computation of early blocks was shared.
-        seconds: wall time.
+        seconds: wall time (:func:`sweep_each`: a prompt's share of the batches it ran in).
     """
 
     results: list[RunResult]
@@ -142,11 +142,6 @@ def run_sweep(
     return SweepResult(results, session.forward_passes - before, batches, shared, time.perf_counter() - start)
 
 
-# A generation sweep of fewer rows than this decodes mostly fixed per-call costs: prompts of
-# one length are then batched together (each with its own rows) rather than one by one.
-FEW_ROWS = 4
-
-
 def sweep_each(
     session: Session,
     prompts: Sequence[InputLike],
@@ -156,18 +151,19 @@ def sweep_each(
     per_prompt: bool = False,
 ) -> Iterator[tuple[int, SweepResult]]:
     """``session.sweep(sets, inputs=prompt)`` for every prompt of ``prompts``: yields
-    (index, result), every index once, small sweeps batched together. With ``per_prompt``,
-    ``sets[i]`` is prompt i's own list of sets (as many lists as prompts).
+    (index, result), every index once, generation sweeps batched together. With
+    ``per_prompt``, ``sets[i]`` is prompt i's own list of sets (as many lists as prompts).
 
-    A prompt whose generation sweep has fewer than ``FEW_ROWS`` sets is batched with the
-    other such prompts in one generation (micro-batched to the memory budget, prompts of
-    similar length together), because a decoding step of few rows costs nearly what one of
-    many does (SmolLM2, one thread: 80 ms for one row, 198 ms for sixteen). Prompts of
-    different lengths share a batch left-padded (:func:`mixed_lengths` says where a model
-    allows it): each row's interventions and gates see its own positions only, so a row runs
-    what its own prompt's sweep runs, to float tolerance (the products have other shapes).
-    Elsewhere prompts of one length share batches, unpadded. Such batches do not share a
-    prompt pass (their rows hold different prompts). Anything else runs one sweep per prompt.
+    The rows of every prompt's generation sweep run in shared generations, one row per
+    (prompt, set), micro-batched to the memory budget with prompts of similar length
+    together, because a decoding step of few rows costs nearly what one of many does
+    (SmolLM2, one thread: 80 ms for one row, 198 ms for sixteen). The prompt pass still runs
+    the blocks before each row's first change once per prompt (:func:`shared_prompt_pass`).
+    Prompts of different lengths share a batch left-padded (:func:`mixed_lengths` says where
+    a model allows it): each row's interventions and gates see its own positions only, so a
+    row runs what its own prompt's sweep runs, to float tolerance (the products have other
+    shapes). Elsewhere prompts of one length share batches, unpadded. Forward sweeps, and
+    prompts that are not one row of token ids, run one sweep per prompt.
     """
     sets_of: list[list[Set]] = (
         [list(s) for s in cast("Sequence[Sequence[Set]]", sets)]
@@ -184,7 +180,7 @@ def sweep_each(
     for i, batch in enumerate(batches):
         together = (
             session.mode == "generate"
-            and 0 < len(sets_of[i]) < FEW_ROWS
+            and bool(sets_of[i])
             and batch.one_row
             and "input_ids" in batch
             and all(v.shape[1:] == batch["input_ids"].shape[1:] for v in batch.values())
@@ -216,8 +212,8 @@ def _sweep_together(
 ) -> Iterator[tuple[int, SweepResult]]:
     """Sweeps of several prompts in shared batches; row (prompt p, set j) runs set j of
     prompt p's sets on p. Prompts of one length stack as they are; a batch of several
-    lengths is left-padded (the caller groups only prompts that may be)."""
-    start = time.perf_counter()
+    lengths is left-padded (the caller groups only prompts that may be). Each prompt's
+    result is yielded once its last batch has run (shorter prompts first)."""
     prepared = [
         session.prepare_sets(s, b) for s, b in zip(sets_of, batches, strict=True)
     ]  # each row keeps its own gate state
@@ -227,28 +223,47 @@ def _sweep_together(
     logits: dict[tuple[int, int], torch.Tensor] = {}
     sequences: dict[tuple[int, int], torch.Tensor | None] = {}
     passes: dict[tuple[int, int], int] = {}
-    chunks = 0
+    left = [len(s) for s in sets_of]  # per prompt, its rows still to run
+    took = [0] * len(batches)  # per prompt, the batches its rows ran in
+    calls = [0] * len(batches)  # and their forward passes
+    spent = [0.0] * len(batches)  # and its share of their time (split evenly among their prompts)
     for chunk in _chunks(list(range(len(units))), rows_per_batch(session, batches[longest])):
+        start = time.perf_counter()
         rows = [units[u] for u in chunk]
+        owners = [p for p, _ in rows]
         pads: list[int] = []
-        if len({lengths[p] for p, _ in rows}) == 1:
-            stacked = ModelInputs({k: torch.cat([batches[p][k] for p, _ in rows]) for k in batches[rows[0][0]]})
+        if len(set(owners)) == 1:  # one prompt's rows: its own sweep's batch
+            stacked = batches[owners[0]]
+        elif len({lengths[p] for p in owners}) == 1:
+            stacked = ModelInputs({k: torch.cat([batches[p][k] for p in owners]) for k in batches[owners[0]]})
         else:
-            stacked, pads = ModelInputs.left_padded([batches[p] for p, _ in rows], pad_id(session))
+            stacked, pads = ModelInputs.left_padded([batches[p] for p in owners], pad_id(session))
         used = session.forward_passes
-        step_logits, seqs = session.execute(stacked, [prepared[p][j] for p, j in rows], verdicts_only, pads=pads)
+        step_logits, seqs = session.execute(
+            stacked, [prepared[p][j] for p, j in rows], verdicts_only, pads=pads, prompts=owners
+        )
         used = session.forward_passes - used
         for r, unit in enumerate(rows):
             logits[unit], passes[unit] = step_logits[r], used
             sequences[unit] = None if seqs is None else seqs[r, pads[r] :] if pads else seqs[r]
-        chunks += 1
-    seconds = (time.perf_counter() - start) / len(batches)
-    for p, (index, batch) in enumerate(zip(indices, batches, strict=True)):
-        keys = [(p, j) for j in range(len(sets_of[p]))]
-        results = session.results(
-            batch, prepared[p], [logits[k] for k in keys], [sequences[k] for k in keys], [passes[k] for k in keys]
-        )
-        yield index, SweepResult(results, max(passes[k] for k in keys), chunks, False, seconds)
+            left[unit[0]] -= 1
+        held = dict.fromkeys(owners)
+        for p in held:
+            took[p] += 1
+            calls[p] += used
+            spent[p] += (time.perf_counter() - start) / len(held)
+        for p in held:
+            if left[p]:
+                continue
+            keys = [(p, j) for j in range(len(sets_of[p]))]
+            results = session.results(
+                batches[p],
+                prepared[p],
+                [logits[k] for k in keys],
+                [sequences[k] for k in keys],
+                [passes[k] for k in keys],
+            )
+            yield indices[p], SweepResult(results, calls[p], took[p], False, spent[p])
 
 
 def mixed_lengths(session: Session) -> bool:
@@ -606,14 +621,20 @@ def prompt_ladder(session: Session, rows: Sequence[Sequence[Prepared]], prompt_l
 
 
 @contextmanager
-def shared_prompt_pass(session: Session, starts: Sequence[int]) -> Iterator[None]:
+def shared_prompt_pass(
+    session: Session, starts: Sequence[int], prompts: Sequence[int] = (), clock: Clock | None = None
+) -> Iterator[None]:
     """Inside the block, the first forward call of a batched generation (its prompt pass) runs
     each decoder block only on the rows that change it or an earlier block, plus one clean
-    row; the rows that join later are copies of that clean row, in the block outputs and in
-    the key/value cache. Decoding steps run every row on its own tokens, as before.
+    row of each prompt; the rows that join later are copies of their prompt's clean row, in
+    the block outputs and in the key/value cache. Decoding steps run every row on its own
+    tokens, as before.
 
-    ``starts``: the first changed block of each batch row, ascending
-    (:func:`prompt_ladder`; empty: nothing is shared). Nothing is
+    ``starts``: the first changed block of each batch row (:func:`prompt_ladder`; empty:
+    nothing is shared). ``prompts``: which prompt each row holds, for a batch of several
+    prompts (:func:`sweep_each`; empty: every row holds the same prompt). ``clock``: the
+    interventions' clock, told which batch rows each shared block holds (``Clock.held``), so
+    a row's edits inside the block find it. Nothing is
     shared where transformers' cache is not a plain ``DynamicCache``; that is found on the
     first block call, before anything is changed. A shared block's rows are bit for bit
     what the whole batch computes there (the kernels multiply at least
@@ -621,12 +642,11 @@ def shared_prompt_pass(session: Session, starts: Sequence[int]) -> Iterator[None
     scores with an unshared run.
     """
     n = len(starts)
-    assert list(starts) == sorted(starts)
     a = session.adapter
-    live = [min(n, sum(s <= m for s in starts) + 1) for m in range(a.n_layers)]  # rows block m runs
     blocks = [a.points[f"blocks.{m}.resid_pre"].module for m in range(a.n_layers)]
-    shared = {blocks[m]: live[m] for m in range(a.n_layers) if live[m] < n}
-    if not shared:
+    owners = list(prompts) if n and prompts else [0] * n
+    plan = {blocks[m]: rows for m in range(a.n_layers) if (rows := _block_rows(starts, owners, m))}
+    if not plan:
         yield
         return
     state = {"prompt": True, "on": False}
@@ -640,24 +660,45 @@ def shared_prompt_pass(session: Session, starts: Sequence[int]) -> Iterator[None
             state["on"] = cache is not None and _dynamic(cache) and _hidden_rows(args, kwargs) == n
         if not state["on"]:
             return None
-        k = rows_of[id(module)]
-        return tuple(_first_rows(v, n, k) for v in args), {key: _first_rows(v, n, k) for key, v in kwargs.items()}
+        run = rows_of[id(module)][0]
+        if clock is not None:
+            clock.held = {int(row): j for j, row in enumerate(run)}
+        return tuple(_some_rows(v, n, run) for v in args), {key: _some_rows(v, n, run) for key, v in kwargs.items()}
 
     def post(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         if not (state["prompt"] and state["on"]):
             return None
-        k = rows_of[id(module)]
+        run, source = rows_of[id(module)]
+        k = len(run)
+        if clock is not None:
+            clock.held = None
         for layer in _cache_in(args, kwargs).layers:
             if layer.is_initialized and layer.keys.shape[0] == k and layer.keys.shape[-2] > 0:
-                layer.keys, layer.values = _all_rows(layer.keys, n, k), _all_rows(layer.values, n, k)
-        return _all_rows(output, n, k)
+                layer.keys, layer.values = _every_row(layer.keys, k, source), _every_row(layer.values, k, source)
+        return _every_row(output, k, source)
 
     def ended(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         state["prompt"] = False
 
-    rows_of = {id(a.modules[path]): k for path, k in shared.items()}  # block 0 is shared: live is ascending
-    with hooks(a, before=dict.fromkeys(shared, pre), after={**dict.fromkeys(shared, post), "": ended}):
+    rows_of = {id(a.modules[path]): rows for path, rows in plan.items()}
+    with hooks(a, before=dict.fromkeys(plan, pre), after={**dict.fromkeys(plan, post), "": ended}):
         yield
+
+
+def _block_rows(starts: Sequence[int], prompts: Sequence[int], m: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Which batch rows block ``m`` of a shared prompt pass runs (ascending), and for every
+    batch row the index among those of the row its output is (itself, or its prompt's clean
+    row: the first row of that prompt not changed by block ``m``); None where it runs them all."""
+    source = list(range(len(starts)))
+    clean: dict[int, int] = {}
+    for i, (start, prompt) in enumerate(zip(starts, prompts, strict=True)):
+        if start > m:
+            source[i] = clean.setdefault(prompt, i)
+    run = sorted(set(source))
+    if len(run) == len(starts):
+        return None
+    at = {row: j for j, row in enumerate(run)}
+    return torch.tensor(run), torch.tensor([at[row] for row in source])
 
 
 def _cache_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -679,20 +720,19 @@ def _hidden_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     return int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else -1
 
 
-def _first_rows(value: Any, n: int, k: int) -> Any:
-    """A batch tensor (≥ 2 dims, n rows) cut to its first k rows; anything else as it is."""
-    if k < n and isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == n:
-        return value[:k]
+def _some_rows(value: Any, n: int, run: torch.Tensor) -> Any:
+    """A batch tensor (≥ 2 dims, n rows) cut to the rows ``run``; anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == n:
+        return value.index_select(0, run.to(value.device))
     if isinstance(value, tuple):
-        return tuple(_first_rows(v, n, k) for v in value)
+        return tuple(_some_rows(v, n, run) for v in value)
     return value
 
 
-def _all_rows(value: Any, n: int, k: int) -> Any:
-    """A block output of the first k rows given to all n: the rows after k copy row k − 1
-    (the clean row)."""
-    if k < n and isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == k:
-        return torch.cat([value, value[-1:].expand(n - k, *value.shape[1:])])
+def _every_row(value: Any, k: int, source: torch.Tensor) -> Any:
+    """A block output of k rows given to every batch row: row i is row ``source[i]`` of it."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == k:
+        return value.index_select(0, source.to(value.device))
     if isinstance(value, tuple):
-        return tuple(_all_rows(v, n, k) for v in value)
+        return tuple(_every_row(v, k, source) for v in value)
     return value
