@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from model_forensics import CausalCCA, ForensicsConfig, Intervention, SandboxReplayer
+from model_forensics.models.inputs import ModelInputs
 from model_forensics.rca.side_effects import measure
 from model_forensics.scenarios import get
 
@@ -111,3 +112,31 @@ def test_generation_kl_covers_every_step_of_the_clean_answer(tmp_path_factory: p
     # Changing the first step too: both see it, and the whole answer averages it in.
     both = measure(session, [Intervention("blocks.0.mlp", "zero")], bound=0.05)
     assert both.first_step_kl is not None and both.first_step_kl > 0.0 and both.mean_kl > 0.0
+
+
+def test_the_answer_kl_pass_entering_at_the_fixs_block_equals_the_whole_pass(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # The two-row teacher-forced pass of side effects (clean, fixed) entering at the fix's
+    # first block on the shared clean prefix (the clean row: only the final norm and head)
+    # gives the KLs and kept answers the whole two-row pass gives, to float rounding.
+    from model_forensics.rca import flips, side_effects
+
+    scenario = get("gpt2-injection")
+    small = dataclasses.replace(
+        scenario, variants=scenario.variants[:3], benign=scenario.benign[:4], baseline=scenario.baseline[:4]
+    )
+    session = SandboxReplayer().load_bundle(small.record(tmp_path_factory.mktemp("kl"), limit=1).incidents[0])
+    fixes = [[Intervention("blocks.1.attn.head.0", "zero")], [Intervention("blocks.1.mlp", "scale", value=0.5)]]
+    for batch in session.benign():
+        clean = flips.clean_run(session, batch)
+        forced = ModelInputs.of_ids(clean.outputs["generated_ids"].reshape(1, -1)[:, :-1])
+        for fix in fixes:
+            whole_kl, whole_kept = side_effects._forced(session, fix, batch, clean, share=False)
+            for _ in range(2):  # the first ask of an input may run whole; the second shares its prefix
+                kl, kept = side_effects._forced(session, fix, batch, clean, share=True)
+            assert session.prefixes.get(forced.key) is not None
+            assert torch.allclose(kl, whole_kl, rtol=1e-5, atol=1e-7), (kl, whole_kl)
+            assert (kept is None) == (whole_kept is None)
+            if kept is not None and whole_kept is not None:
+                assert (kept.text, kept.failed, kept.opened) == (whole_kept.text, whole_kept.failed, whole_kept.opened)

@@ -283,8 +283,8 @@ def keep_run(session: Session, batch: Inputs, result: RunResult) -> None:
 
 def clean_runs(session: Session, batches: Sequence[Inputs]) -> list[RunResult]:
     """:func:`clean_run` of each of ``batches``; those not run yet are generated together
-    (:meth:`Session.sweep_each`: prompts of one length share a generation, same tokens and
-    verdicts, scores to float tolerance)."""
+    (:meth:`Session.sweep_each`: prompts share generations, same tokens and verdicts,
+    scores to float tolerance)."""
     cache = _RUNS.setdefault(session, {})
     keys = [_key(session, batch) for batch in batches]
     first: dict[tuple[Any, ...], int] = {}  # each input not run yet → the first of batches that holds it

@@ -32,6 +32,7 @@ from model_forensics.rca.flips import Answer
 from model_forensics.rca.progress import Progress, silent
 from model_forensics.replay import Intervention, RunResult, Session
 from model_forensics.replay.interventions import gates_opened
+from model_forensics.replay.sweep import forced_scores
 
 
 @dataclass
@@ -202,11 +203,15 @@ def _mean(kl: torch.Tensor) -> float:
 
 
 def _forced(
-    session: Session, fix: Sequence[Intervention], batch: ModelInputs, clean: RunResult
+    session: Session, fix: Sequence[Intervention], batch: ModelInputs, clean: RunResult, share: bool | None = None
 ) -> tuple[torch.Tensor, Answer | None]:
     """KL(clean ‖ fixed) at each step of ``clean``'s answer, teacher-forced (one forward pass
     of two rows, (S,)), and the fixed answer where that pass shows it is the clean one word
-    for word (None: it may not be)."""
+    for word (None: it may not be). The rows enter at the first block they change, on the
+    clean computation of the blocks before it, where the session shares that prefix on a
+    model whose rows cost time (:func:`~model_forensics.rca.flips.rows_cost`,
+    :func:`~model_forensics.replay.sweep.forced_scores`; the clean row then runs only the
+    final norm and head); elsewhere both run the whole model (``share``: force either)."""
     prompt_len = batch.length
     ids = clean.outputs["generated_ids"].reshape(-1)
     answer = ids[prompt_len:]
@@ -214,7 +219,10 @@ def _forced(
         return torch.zeros(0), None
     forced = ModelInputs.of_ids(ids[None, :-1])
     rows = [[], session.prepare(list(fix), forced)]
-    logits = session.forced(forced, rows, prompt_len)[:, prompt_len - 1 :]  # (2, S, V)
+    steps = len(answer)
+    share = flips.rows_cost(session) if share is None else share
+    shared = forced_scores(session, rows, forced, steps, prompt_len, session.prefixes, 2) if share else None
+    logits = session.forced(forced, rows, prompt_len)[:, prompt_len - 1 :] if shared is None else torch.stack(shared)
     kl = kl_divergence(logits[0], logits[1])
     if not bool((logits.argmax(-1) == answer.to(logits.device)).all()):
         return kl, None
