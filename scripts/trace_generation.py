@@ -46,14 +46,14 @@ def trace() -> None:
     log: list[dict[str, Any]] = []
     execute, scores, forced = session_module.Session.execute, sweep._Prefix.scores, session_module.Session.forced
 
-    def timed_execute(self: Any, batch: Any, rows: Any, verdicts_only: bool = False, share_prefix: bool = True) -> Any:
+    def timed_execute(self: Any, batch: Any, rows: Any, *args: Any, **kwargs: Any) -> Any:
         calls: list[float] = []
         start: dict[str, float] = {}
         before = self.model.register_forward_pre_hook(lambda *_: start.__setitem__("t", time.perf_counter()))
         after = self.model.register_forward_hook(lambda *_: calls.append(time.perf_counter() - start["t"]))
         wall = time.perf_counter()
         try:
-            out = execute(self, batch, rows, verdicts_only, share_prefix)
+            out = execute(self, batch, rows, *args, **kwargs)
         finally:
             before.remove()
             after.remove()
