@@ -1,8 +1,8 @@
 """Would one left-padded generation of prompts of different lengths beat one generation each?
 
 SmolLM2's decoding step costs about the same for 1 row as for 4 (the weights are read once per
-step), and analyze's sweeps hold 6.6 rows on average (benchmarks/results/rca_smollm2_trace.md).
-Prompts of different lengths cannot share a sweep today. This generates the first 16 failing
+step), and analyze's sweeps held 6.6 rows on average (benchmarks/results/rca_smollm2_trace_24ba174.md).
+Prompts of different lengths could not share a sweep then (they can since 885c0db). This generates the first 16 failing
 variants of ``smollm2-injection`` (16 tokens, greedy) one by one and then as one left-padded
 batch with an attention mask, and prints both times and how many of the 16 answers are the
 same token for token. No interventions: it bounds what batching across lengths could save.
