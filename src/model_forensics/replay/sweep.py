@@ -660,22 +660,22 @@ def shared_prompt_pass(
             state["on"] = cache is not None and _dynamic(cache) and _hidden_rows(args, kwargs) == n
         if not state["on"]:
             return None
-        run = rows_of[id(module)][0]
+        run, _, held = rows_of[id(module)]
         if clock is not None:
-            clock.held = {int(row): j for j, row in enumerate(run)}
-        return tuple(_some_rows(v, n, run) for v in args), {key: _some_rows(v, n, run) for key, v in kwargs.items()}
+            clock.held = held
+        return tuple(_rows_of(v, n, run) for v in args), {key: _rows_of(v, n, run) for key, v in kwargs.items()}
 
     def post(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         if not (state["prompt"] and state["on"]):
             return None
-        run, source = rows_of[id(module)]
+        run, source, _ = rows_of[id(module)]
         k = len(run)
         if clock is not None:
             clock.held = None
         for layer in _cache_in(args, kwargs).layers:
             if layer.is_initialized and layer.keys.shape[0] == k and layer.keys.shape[-2] > 0:
-                layer.keys, layer.values = _every_row(layer.keys, k, source), _every_row(layer.values, k, source)
-        return _every_row(output, k, source)
+                layer.keys, layer.values = _rows_of(layer.keys, k, source), _rows_of(layer.values, k, source)
+        return _rows_of(output, k, source)
 
     def ended(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         state["prompt"] = False
@@ -685,10 +685,13 @@ def shared_prompt_pass(
         yield
 
 
-def _block_rows(starts: Sequence[int], prompts: Sequence[int], m: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Which batch rows block ``m`` of a shared prompt pass runs (ascending), and for every
-    batch row the index among those of the row its output is (itself, or its prompt's clean
-    row: the first row of that prompt not changed by block ``m``); None where it runs them all."""
+def _block_rows(
+    starts: Sequence[int], prompts: Sequence[int], m: int
+) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]] | None:
+    """Which batch rows block ``m`` of a shared prompt pass runs (ascending); for every batch
+    row the index among those of the row its output is (itself, or its prompt's clean row:
+    the first row of that prompt not changed by block ``m``); and where each run row sits
+    (``Clock.held``). None where it runs them all."""
     source = list(range(len(starts)))
     clean: dict[int, int] = {}
     for i, (start, prompt) in enumerate(zip(starts, prompts, strict=True)):
@@ -698,7 +701,7 @@ def _block_rows(starts: Sequence[int], prompts: Sequence[int], m: int) -> tuple[
     if len(run) == len(starts):
         return None
     at = {row: j for j, row in enumerate(run)}
-    return torch.tensor(run), torch.tensor([at[row] for row in source])
+    return torch.tensor(run), torch.tensor([at[row] for row in source]), at
 
 
 def _cache_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -720,19 +723,11 @@ def _hidden_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     return int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else -1
 
 
-def _some_rows(value: Any, n: int, run: torch.Tensor) -> Any:
-    """A batch tensor (≥ 2 dims, n rows) cut to the rows ``run``; anything else as it is."""
-    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == n:
-        return value.index_select(0, run.to(value.device))
+def _rows_of(value: Any, rows: int, index: torch.Tensor) -> Any:
+    """A batch tensor (≥ 2 dims, ``rows`` rows) as its rows ``index`` (a cut, or a spread to
+    more rows); anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == rows:
+        return value.index_select(0, index.to(value.device))
     if isinstance(value, tuple):
-        return tuple(_some_rows(v, n, run) for v in value)
-    return value
-
-
-def _every_row(value: Any, k: int, source: torch.Tensor) -> Any:
-    """A block output of k rows given to every batch row: row i is row ``source[i]`` of it."""
-    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == k:
-        return value.index_select(0, source.to(value.device))
-    if isinstance(value, tuple):
-        return tuple(_every_row(v, k, source) for v in value)
+        return tuple(_rows_of(v, rows, index) for v in value)
     return value
